@@ -1,0 +1,77 @@
+// Per-element math of AdaRound (Nagel et al., ICML 2020), shared by the CPU and CUDA kernels.
+//
+//   h(V)  = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1),  zeta = 1.1, gamma = -0.1
+//   soft:   W~ = s * (clamp(floor(W / s) + h(V) + z, qmin, qmax) - z);   hard: h = 1[V >= 0]
+//   R(V)  = sum(1 - |2 h(V) - 1|^beta)
+//   dW~/dV = s * h'(V) * 1[qmin <= floor(W/s) + h + z <= qmax],  dW~/ds = q - z (floor has no slope)
+//   dR/dV  = -2 * beta * |2h - 1|^(beta - 1) * sign(2h - 1) * h'(V)
+// Clamp gradients pass on the closed interval, as torch.clamp's do.
+#pragma once
+
+#include "common.h"
+
+namespace dsg_ext {
+
+constexpr double kAdaRoundZeta = 1.1;
+constexpr double kAdaRoundGamma = -0.1;
+
+template <typename acc_t>
+struct SoftRounding {
+  acc_t h;      // h(V)
+  acc_t dh_dv;  // h'(V), zero where the clamp is active
+};
+
+template <typename acc_t>
+DSG_HD SoftRounding<acc_t> soft_rounding(acc_t v) {
+  const acc_t zeta = static_cast<acc_t>(kAdaRoundZeta), gamma = static_cast<acc_t>(kAdaRoundGamma);
+  const acc_t sig = acc_t(1) / (acc_t(1) + std::exp(-v));
+  const acc_t stretched = sig * (zeta - gamma) + gamma;
+  SoftRounding<acc_t> r;
+  const bool inside = stretched >= acc_t(0) && stretched <= acc_t(1);
+  r.h = stretched < acc_t(0) ? acc_t(0) : (stretched > acc_t(1) ? acc_t(1) : stretched);
+  r.dh_dv = inside ? sig * (acc_t(1) - sig) * (zeta - gamma) : acc_t(0);
+  return r;
+}
+
+// 1 - |2h - 1|^beta and its derivative with respect to h.
+template <typename acc_t>
+DSG_HD void rounding_regularizer(acc_t h, acc_t beta, acc_t* reg, acc_t* dreg_dh) {
+  const acc_t u = acc_t(2) * h - acc_t(1);
+  const acc_t au = u < acc_t(0) ? -u : u;
+  *reg = acc_t(1) - std::pow(au, beta);
+  // d/dh = -beta * |u|^(beta-1) * sign(u) * 2; zero at u == 0 (sign(0) = 0, as torch's abs)
+  *dreg_dh = u == acc_t(0) ? acc_t(0)
+                           : -acc_t(2) * beta * std::pow(au, beta - acc_t(1)) * (u < acc_t(0) ? acc_t(-1) : acc_t(1));
+}
+
+template <typename acc_t>
+struct AdaRoundParams {
+  acc_t scale;
+  acc_t zero_point;
+  acc_t qmin, qmax;
+  bool valid;
+
+  DSG_HD AdaRoundParams(acc_t scale_, acc_t zero_point_, bool zero_point_is_float, int64_t quant_min,
+                        int64_t quant_max) {
+    qmin = static_cast<acc_t>(quant_min);
+    qmax = static_cast<acc_t>(quant_max);
+    scale = scale_;
+    valid = scale_ > acc_t(0) && scale_ - scale_ == acc_t(0) && zero_point_ == zero_point_ &&
+            (zero_point_is_float || (zero_point_ >= qmin && zero_point_ <= qmax));
+    acc_t z = zero_point_ < qmin ? qmin : (zero_point_ > qmax ? qmax : zero_point_);
+    zero_point = std::nearbyint(z);
+  }
+};
+
+// Quantized weight; also reports whether the level clamp is inactive (the gradient passes).
+template <typename acc_t>
+DSG_HD acc_t adaround_weight(acc_t w, acc_t h, const AdaRoundParams<acc_t>& p, acc_t* level_minus_zero,
+                             bool* inside) {
+  const acc_t level = std::floor(w / p.scale) + h + p.zero_point;
+  *inside = level >= p.qmin && level <= p.qmax;
+  const acc_t q = level < p.qmin ? p.qmin : (level > p.qmax ? p.qmax : level);
+  *level_minus_zero = q - p.zero_point;
+  return p.scale * (q - p.zero_point);
+}
+
+}  // namespace dsg_ext

@@ -1,0 +1,187 @@
+#include "checks.h"
+
+#include <c10/util/Exception.h>
+
+#include <sstream>
+
+namespace dsg_ext {
+namespace {
+
+bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+bool is_channels_last(const at::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+void check_float(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(is_float_type(t.scalar_type()), op, ": ", name,
+              " must be a floating tensor (float32, float64, float16 or bfloat16), got ", t.scalar_type());
+}
+
+void check_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
+              "; all tensors must be on the same device");
+}
+
+// A per-channel parameter given as a scalar (numel 1) or one value per channel.
+at::Tensor per_channel(const char* op, const char* name, const at::Tensor& t, int64_t channels,
+                       at::ScalarType dtype, bool allow_scalar) {
+  const bool scalar = allow_scalar && t.numel() == 1 && t.dim() <= 1;
+  TORCH_CHECK(scalar || (t.dim() == 1 && t.size(0) == channels), op, ": ", name, " must have shape (",
+              channels, ")", allow_scalar ? " or be a scalar" : "", " to match the channel dimension of x, got shape ",
+              t.sizes());
+  at::Tensor out = t.to(dtype).reshape({-1});
+  if (scalar) out = out.expand({channels});
+  return out.contiguous();
+}
+
+}  // namespace
+
+void check_same_shape_dtype_device(const char* op, const char* name_a, const at::Tensor& a,
+                                   const char* name_b, const at::Tensor& b) {
+  TORCH_CHECK(a.sizes() == b.sizes(), op, ": ", name_b, " must have the shape of ", name_a, " ", a.sizes(),
+              ", got ", b.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", name_b, " must have the dtype of ", name_a, " (",
+              a.scalar_type(), "), got ", b.scalar_type());
+  TORCH_CHECK(a.device() == b.device(), op, ": ", name_b, " is on ", b.device(), " but ", name_a, " is on ",
+              a.device());
+}
+
+at::Tensor match_layout(const at::Tensor& t, const at::Tensor& like) {
+  return is_channels_last(like) ? t.contiguous(at::MemoryFormat::ChannelsLast) : t.contiguous();
+}
+
+SlackInputs check_slack_inputs(const char* op, const at::Tensor& x, const at::Tensor& mean,
+                               const at::Tensor& std_t, const at::Tensor& delta, const at::Tensor& gamma,
+                               bool per_sample) {
+  check_float(op, "x", x);
+  TORCH_CHECK(x.dim() >= 2, op, ": x must have shape (N, C, *spatial), got shape ", x.sizes());
+  check_float(op, "mean", mean);
+  check_float(op, "std", std_t);
+  check_float(op, "delta", delta);
+  check_float(op, "gamma", gamma);
+  check_device(op, "mean", mean, x);
+  check_device(op, "std", std_t, x);
+  check_device(op, "delta", delta, x);
+  check_device(op, "gamma", gamma, x);
+
+  SlackInputs in;
+  const int64_t n = x.size(0), c = x.size(1);
+  int64_t hw = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) hw *= x.size(d);
+  in.batch = n;
+  in.channels = c;
+  in.count = per_sample ? hw : n * hw;
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  in.target_mean = per_channel(op, "mean", mean, c, acc, false);
+  in.target_std = per_channel(op, "std", std_t, c, acc, false);
+  in.delta = per_channel(op, "delta", delta, c, acc, true);
+  in.gamma = per_channel(op, "gamma", gamma, c, acc, true);
+
+  if (is_channels_last(x)) {
+    in.x = x;
+    in.layout = per_sample ? Layout{n, hw, c, 1} : Layout{1, n * hw, c, 1};
+  } else {
+    in.x = x.contiguous();
+    in.layout = per_sample ? Layout{n, 1, c, hw} : Layout{1, n, c, hw};
+  }
+  if (x.device().is_cpu()) {
+    // Negative slack would reward a statistic gap; checked where it costs no device sync.
+    const bool ok = in.delta.numel() == 0 ||
+                    (in.delta.min().item<double>() >= 0 && in.gamma.min().item<double>() >= 0);
+    TORCH_CHECK(ok, op, ": slack delta and gamma must be >= 0");
+  }
+  return in;
+}
+
+void check_slack_saved(const SlackInputs& in, const at::Tensor& grad_loss, const at::Tensor& stat_mean,
+                       const at::Tensor& stat_std, bool per_sample) {
+  const char* op = "bn_stat_slack_loss_backward";
+  check_float(op, "grad_loss", grad_loss);
+  check_device(op, "grad_loss", grad_loss, in.x);
+  if (per_sample) {
+    TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == in.batch, op,
+                ": grad_loss must have shape (N) = (", in.batch, "), got ", grad_loss.sizes());
+  } else {
+    TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must be a scalar in batch mode, got ",
+                grad_loss.sizes());
+  }
+  const at::ScalarType acc = in.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const at::Tensor* t : {&stat_mean, &stat_std}) {
+    TORCH_CHECK(t->scalar_type() == acc && t->is_contiguous() && t->device() == in.x.device(), op,
+                ": saved statistics must be contiguous ", acc, " tensors on the device of x");
+    TORCH_CHECK(t->numel() == (per_sample ? in.batch * in.channels : in.channels), op,
+                ": saved statistics do not match x (shape ", t->sizes(), ")");
+  }
+}
+
+QuantInputs check_quant_inputs(const char* op, const at::Tensor& x, const at::Tensor& scale,
+                               const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+                               std::optional<int64_t> axis, at::ScalarType param_dtype) {
+  check_float(op, "input", x);
+  check_float(op, "scale", scale);
+  TORCH_CHECK(is_float_type(zero_point.scalar_type()) ||
+                  (at::isIntegralType(zero_point.scalar_type(), /*includeBool=*/false)),
+              op, ": zero_point must be an integer or floating tensor, got ", zero_point.scalar_type());
+  check_device(op, "scale", scale, x);
+  check_device(op, "zero_point", zero_point, x);
+  TORCH_CHECK(quant_min < quant_max, op, ": quant_min (", quant_min, ") must be smaller than quant_max (",
+              quant_max, ")");
+  TORCH_CHECK(quant_min >= -(int64_t(1) << 31) && quant_max <= (int64_t(1) << 31) - 1 &&
+                  quant_max - quant_min <= (int64_t(1) << 16) - 1,
+              op, ": quantization range [", quant_min, ", ", quant_max,
+              "] is not supported: at most 16 bits (quant_max - quant_min < 65536) within int32");
+
+  QuantInputs in;
+  in.zero_point_is_float = is_float_type(zero_point.scalar_type());
+  int64_t channels = 1;
+  if (axis.has_value()) {
+    TORCH_CHECK(x.dim() > 0, op, ": per-channel quantization needs a tensor with at least one dimension");
+    int64_t ax = *axis;
+    TORCH_CHECK(ax >= -x.dim() && ax < x.dim(), op, ": axis ", ax, " is out of range for a tensor of ",
+                x.dim(), " dimensions");
+    if (ax < 0) ax += x.dim();
+    channels = x.size(ax);
+    in.scale = per_channel(op, "scale", scale, channels, param_dtype, false);
+    in.zero_point = per_channel(op, "zero_point", zero_point, channels, param_dtype, false);
+    if (is_channels_last(x) && ax == 1) {
+      in.x = x;
+      in.layout = Layout{1, x.size(0) * x.size(2) * x.size(3), channels, 1};
+    } else {
+      in.x = x.contiguous();
+      int64_t r = 1, b = 1;
+      for (int64_t d = 0; d < ax; ++d) r *= x.size(d);
+      for (int64_t d = ax + 1; d < x.dim(); ++d) b *= x.size(d);
+      in.layout = Layout{1, r, channels, b};
+    }
+  } else {
+    TORCH_CHECK(scale.numel() == 1, op, ": per-tensor quantization (axis=None) needs a single scale, got shape ",
+                scale.sizes());
+    TORCH_CHECK(zero_point.numel() == 1, op,
+                ": per-tensor quantization (axis=None) needs a single zero_point, got shape ", zero_point.sizes());
+    in.scale = scale.to(param_dtype).reshape({1}).contiguous();
+    in.zero_point = zero_point.to(param_dtype).reshape({1}).contiguous();
+    in.x = is_channels_last(x) ? x : x.contiguous();
+    in.layout = Layout{1, 1, 1, x.numel()};
+  }
+  return in;
+}
+
+void check_quant_values_cpu(const char* op, const QuantInputs& in, int64_t quant_min, int64_t quant_max) {
+  if (in.scale.numel() == 0) return;
+  const at::Tensor s_t = in.scale.to(at::kDouble), z_t = in.zero_point.to(at::kDouble);
+  const double* s = s_t.const_data_ptr<double>();
+  const double* z = z_t.const_data_ptr<double>();
+  for (int64_t c = 0; c < in.scale.numel(); ++c) {
+    const std::string where = in.scale.numel() > 1 ? " at channel " + std::to_string(c) : std::string();
+    TORCH_CHECK(s[c] > 0.0 && std::isfinite(s[c]) && std::isfinite(static_cast<float>(s[c])), op,
+                ": scale must be positive and finite, got ", s[c], where);
+    TORCH_CHECK(!std::isnan(z[c]), op, ": zero_point is NaN", where);
+    TORCH_CHECK(in.zero_point_is_float || (z[c] >= quant_min && z[c] <= quant_max), op, ": zero_point ", z[c],
+                " lies outside [quant_min, quant_max] = [", quant_min, ", ", quant_max, "]", where);
+  }
+}
+
+}  // namespace dsg_ext

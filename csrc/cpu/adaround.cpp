@@ -1,0 +1,132 @@
+// AdaRound on the CPU: soft/hard rounding fused with the rounding regularizer (one pass forward,
+// one pass backward).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../adaround.h"
+#include "../checks.h"
+#include "loops.h"
+
+namespace dsg_ext {
+namespace {
+
+template <typename acc_t>
+std::vector<AdaRoundParams<acc_t>> channel_params(const QuantInputs& in, int64_t qmin, int64_t qmax) {
+  const acc_t* s = in.scale.const_data_ptr<acc_t>();
+  const acc_t* z = in.zero_point.const_data_ptr<acc_t>();
+  std::vector<AdaRoundParams<acc_t>> p;
+  p.reserve(in.layout.C);
+  for (int64_t c = 0; c < in.layout.C; ++c) p.emplace_back(s[c], z[c], in.zero_point_is_float, qmin, qmax);
+  return p;
+}
+
+QuantInputs check_adaround(const char* op, const at::Tensor& w, const at::Tensor& v, const at::Tensor& scale,
+                           const at::Tensor& zero_point, int64_t qmin, int64_t qmax, std::optional<int64_t> axis,
+                           double beta) {
+  const auto acc = w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  QuantInputs in = check_quant_inputs(op, w, scale, zero_point, qmin, qmax, axis, acc);
+  check_same_shape_dtype_device(op, "w", w, "v", v);
+  TORCH_CHECK(beta > 0 && std::isfinite(beta), op, ": beta must be positive and finite, got ", beta);
+  return in;
+}
+
+std::tuple<at::Tensor, at::Tensor> adaround_cpu(const at::Tensor& w, const at::Tensor& v, const at::Tensor& scale,
+                                                const at::Tensor& zero_point, int64_t qmin, int64_t qmax,
+                                                std::optional<int64_t> axis, double beta, bool hard) {
+  const QuantInputs in = check_adaround("adaround", w, v, scale, zero_point, qmin, qmax, axis, beta);
+  check_quant_values_cpu("adaround", in, qmin, qmax);
+  const at::Tensor vv = match_layout(v, in.x);
+  at::Tensor out = at::empty_like(in.x);
+  at::Tensor reg = at::empty({}, in.scale.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "adaround_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const auto params = channel_params<acc_t>(in, qmin, qmax);
+    const scalar_t* wp = in.x.const_data_ptr<scalar_t>();
+    const scalar_t* vp = vv.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const acc_t b = static_cast<acc_t>(beta);
+    const auto sums = cpu::reduce_channels<acc_t>(in.layout, [&](int64_t i, int64_t c) {
+      const acc_t vi = static_cast<acc_t>(vp[i]);
+      acc_t h, r, unused;
+      if (hard) {
+        h = vi >= acc_t(0) ? acc_t(1) : acc_t(0);
+        r = acc_t(0);
+      } else {
+        h = soft_rounding<acc_t>(vi).h;
+        rounding_regularizer<acc_t>(h, b, &r, &unused);
+      }
+      acc_t level;
+      bool inside;
+      op[i] = static_cast<scalar_t>(adaround_weight<acc_t>(static_cast<acc_t>(wp[i]), h, params[c], &level, &inside));
+      return Pair<acc_t>(r, acc_t(0));
+    });
+    double total = 0;
+    for (const auto& s : sums) total += s.a;
+    reg.fill_(total);
+  });
+  return {out, reg};
+}
+
+std::tuple<at::Tensor, at::Tensor> adaround_backward_cpu(const at::Tensor& grad_w, const at::Tensor& grad_reg,
+                                                         const at::Tensor& w, const at::Tensor& v,
+                                                         const at::Tensor& scale, const at::Tensor& zero_point,
+                                                         int64_t qmin, int64_t qmax, std::optional<int64_t> axis,
+                                                         double beta, bool hard, bool scale_grad) {
+  const char* op_name = "adaround_backward";
+  const QuantInputs in = check_adaround(op_name, w, v, scale, zero_point, qmin, qmax, axis, beta);
+  check_same_shape_dtype_device(op_name, "w", w, "grad_w", grad_w);
+  TORCH_CHECK(grad_reg.numel() == 1 && grad_reg.device() == w.device(), op_name,
+              ": grad_reg must be a scalar on the device of w");
+  check_quant_values_cpu(op_name, in, qmin, qmax);
+  const at::Tensor vv = match_layout(v, in.x);
+  const at::Tensor dy = match_layout(grad_w, in.x);
+  at::Tensor grad_v = at::empty_like(in.x);
+  at::Tensor grad_scale = at::zeros_like(scale);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "adaround_backward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const auto params = channel_params<acc_t>(in, qmin, qmax);
+    const scalar_t* wp = in.x.const_data_ptr<scalar_t>();
+    const scalar_t* vp = vv.const_data_ptr<scalar_t>();
+    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+    scalar_t* gv = grad_v.data_ptr<scalar_t>();
+    const acc_t b = static_cast<acc_t>(beta);
+    const acc_t dreg = grad_reg.to(at::kDouble).item<double>();
+    const auto sums = cpu::reduce_channels<acc_t>(in.layout, [&](int64_t i, int64_t c) {
+      const AdaRoundParams<acc_t>& p = params[c];
+      const acc_t vi = static_cast<acc_t>(vp[i]);
+      const acc_t g = static_cast<acc_t>(dyp[i]);
+      acc_t level;
+      bool inside;
+      if (hard) {
+        adaround_weight<acc_t>(static_cast<acc_t>(wp[i]), vi >= acc_t(0) ? acc_t(1) : acc_t(0), p, &level, &inside);
+        gv[i] = static_cast<scalar_t>(0);
+      } else {
+        const SoftRounding<acc_t> sr = soft_rounding<acc_t>(vi);
+        acc_t r, dr_dh;
+        rounding_regularizer<acc_t>(sr.h, b, &r, &dr_dh);
+        adaround_weight<acc_t>(static_cast<acc_t>(wp[i]), sr.h, p, &level, &inside);
+        const acc_t through_weight = inside ? g * p.scale : acc_t(0);
+        gv[i] = static_cast<scalar_t>((through_weight + dreg * dr_dh) * sr.dh_dv);
+      }
+      return Pair<acc_t>(scale_grad ? g * level : acc_t(0), acc_t(0));
+    });
+    if (scale_grad) {
+      std::vector<double> ds(in.layout.C);
+      for (int64_t c = 0; c < in.layout.C; ++c) ds[c] = sums[c].a;
+      grad_scale.copy_(at::tensor(ds, at::kDouble).reshape(scale.sizes()));
+    }
+  });
+  return {grad_v, grad_scale};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dsg_ext, CPU, m) {
+  m.impl("adaround", &adaround_cpu);
+  m.impl("adaround_backward", &adaround_backward_cpu);
+}
+
+}  // namespace dsg_ext

@@ -1,0 +1,126 @@
+// Fake quantization on the CPU: per tensor or per channel along any axis; STE backward with the
+// learnable scale / zero-point gradients reduced per channel in the same pass.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../checks.h"
+#include "../fake_quant.h"
+#include "loops.h"
+
+namespace dsg_ext {
+namespace {
+
+template <typename acc_t>
+std::vector<QParams<acc_t>> channel_params(const QuantInputs& in, int64_t qmin, int64_t qmax) {
+  const float* s = in.scale.const_data_ptr<float>();
+  const float* z = in.zero_point.const_data_ptr<float>();
+  std::vector<QParams<acc_t>> p;
+  p.reserve(in.layout.C);
+  for (int64_t c = 0; c < in.layout.C; ++c) p.emplace_back(s[c], z[c], in.zero_point_is_float, qmin, qmax);
+  return p;
+}
+
+template <typename scalar_t>
+void forward_kernel(const QuantInputs& in, int64_t qmin, int64_t qmax, at::Tensor& out) {
+  using acc_t = acc_type<scalar_t>;
+  const auto params = channel_params<acc_t>(in, qmin, qmax);
+  const scalar_t* x = in.x.const_data_ptr<scalar_t>();
+  scalar_t* y = out.data_ptr<scalar_t>();
+  cpu::for_each_run(in.layout, [&](int64_t off, int64_t n, int64_t c) {
+    const scalar_t* xp = x + off;
+    scalar_t* yp = y + off;
+    if (c >= 0) {
+      const QParams<acc_t> p = params[c];
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) yp[i] = static_cast<scalar_t>(fq_forward<acc_t>(static_cast<acc_t>(xp[i]), p));
+    } else {
+      const QParams<acc_t>* p = params.data();
+      for (int64_t i = 0; i < n; ++i) yp[i] = static_cast<scalar_t>(fq_forward<acc_t>(static_cast<acc_t>(xp[i]), p[i]));
+    }
+  });
+}
+
+// STE gradient only.
+template <typename scalar_t>
+void backward_x_kernel(const QuantInputs& in, const at::Tensor& grad, int64_t qmin, int64_t qmax, at::Tensor& dx) {
+  using acc_t = acc_type<scalar_t>;
+  const auto params = channel_params<acc_t>(in, qmin, qmax);
+  const scalar_t* x = in.x.const_data_ptr<scalar_t>();
+  const scalar_t* dy = grad.const_data_ptr<scalar_t>();
+  scalar_t* out = dx.data_ptr<scalar_t>();
+  cpu::for_each_run(in.layout, [&](int64_t off, int64_t n, int64_t c) {
+    for (int64_t i = 0; i < n; ++i) {
+      const auto& p = params[c >= 0 ? c : i];
+      out[off + i] = static_cast<scalar_t>(
+          fq_backward<acc_t>(static_cast<acc_t>(x[off + i]), static_cast<acc_t>(dy[off + i]), p).dx);
+    }
+  });
+}
+
+// STE gradient plus the scale and zero-point gradients, reduced per channel in the same pass.
+template <typename scalar_t>
+void backward_params_kernel(const QuantInputs& in, const at::Tensor& grad, int64_t qmin, int64_t qmax,
+                            double grad_factor, at::Tensor& dx, at::Tensor& dscale, at::Tensor& dzero) {
+  using acc_t = acc_type<scalar_t>;
+  const auto params = channel_params<acc_t>(in, qmin, qmax);
+  const scalar_t* x = in.x.const_data_ptr<scalar_t>();
+  const scalar_t* dy = grad.const_data_ptr<scalar_t>();
+  scalar_t* out = dx.data_ptr<scalar_t>();
+  const auto sums = cpu::reduce_channels<acc_t>(in.layout, [&](int64_t i, int64_t c) {
+    const FqGrad<acc_t> g = fq_backward<acc_t>(static_cast<acc_t>(x[i]), static_cast<acc_t>(dy[i]), params[c]);
+    out[i] = static_cast<scalar_t>(g.dx);
+    return Pair<acc_t>(g.dscale, g.dzero_point);
+  });
+  std::vector<double> ds(in.layout.C), dz(in.layout.C);
+  for (int64_t c = 0; c < in.layout.C; ++c) {
+    ds[c] = sums[c].a * grad_factor;
+    dz[c] = sums[c].b * grad_factor;
+  }
+  dscale.copy_(at::tensor(ds, at::kDouble).reshape(dscale.sizes()));
+  if (dzero.is_floating_point()) dzero.copy_(at::tensor(dz, at::kDouble).reshape(dzero.sizes()));
+}
+
+at::Tensor fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+                          int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis, double grad_factor) {
+  (void)grad_factor;
+  const QuantInputs in = check_quant_inputs("fake_quant", x, scale, zero_point, quant_min, quant_max, axis);
+  check_quant_values_cpu("fake_quant", in, quant_min, quant_max);
+  at::Tensor out = at::empty_like(in.x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quant_cpu",
+                                  [&] { forward_kernel<scalar_t>(in, quant_min, quant_max, out); });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
+    int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis, bool param_grads, double grad_factor) {
+  const QuantInputs in = check_quant_inputs("fake_quant_backward", x, scale, zero_point, quant_min, quant_max, axis);
+  check_same_shape_dtype_device("fake_quant_backward", "x", x, "grad", grad);
+  check_quant_values_cpu("fake_quant_backward", in, quant_min, quant_max);
+  const at::Tensor dy = match_layout(grad, in.x);
+  at::Tensor dx = at::empty_like(in.x);
+  at::Tensor dscale = at::zeros_like(scale);
+  at::Tensor dzero = at::zeros_like(zero_point);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quant_backward_cpu", [&] {
+    if (param_grads) {
+      backward_params_kernel<scalar_t>(in, dy, quant_min, quant_max, grad_factor, dx, dscale, dzero);
+    } else {
+      backward_x_kernel<scalar_t>(in, dy, quant_min, quant_max, dx);
+    }
+  });
+  return {dx, dscale, dzero};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dsg_ext, CPU, m) {
+  m.impl("fake_quant", &fake_quant_cpu);
+  m.impl("fake_quant_backward", &fake_quant_backward_cpu);
+}
+
+}  // namespace dsg_ext

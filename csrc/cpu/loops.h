@@ -1,0 +1,101 @@
+// Parallel loops over the [A][R][C][B] layout shared by the CPU kernels. Work is split into tasks
+// whose boundaries depend on the shape only, and partial sums are merged in task order, so results
+// are bitwise reproducible whatever the thread count.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../common.h"
+
+namespace dsg_ext {
+namespace cpu {
+
+constexpr int64_t kGrain = 32768;
+
+inline bool row_mode(const Layout& L) { return L.B > 1 || L.C == 1; }
+
+// Calls f(offset, length, channel) on contiguous runs sharing one channel (row mode), or on rows of
+// C channels with channel = -1 (column mode, B == 1: element i of the run has channel i).
+template <typename F>
+void for_each_run(const Layout& L, const F& f) {
+  if (row_mode(L)) {
+    const int64_t runs = L.A * L.R * L.C;
+    const int64_t per_run = std::max<int64_t>(L.B, 1);
+    const int64_t pieces = (per_run + kGrain - 1) / kGrain;  // long runs are split across threads
+    at::parallel_for(0, runs * pieces, std::max<int64_t>(1, kGrain / per_run), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t run = i / pieces, piece = i % pieces;
+        const int64_t b0 = piece * kGrain, b1 = std::min(per_run, b0 + kGrain);
+        if (b1 > b0) f(run * L.B + b0, b1 - b0, run % L.C);
+      }
+    });
+  } else {
+    at::parallel_for(0, L.A * L.R, std::max<int64_t>(1, kGrain / L.C), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) f(i * L.C, L.C, int64_t(-1));
+    });
+  }
+}
+
+// Per-channel sums (over A, R and B) of two quantities returned by elem(flat_index, channel), which
+// may also write an output element. Returns sums[c] in double; partials are summed in acc_t over
+// at most kGrain elements.
+template <typename acc_t, typename Elem>
+std::vector<Pair<double>> reduce_channels(const Layout& L, const Elem& elem) {
+  std::vector<Pair<double>> sums(L.C);
+  if (row_mode(L)) {
+    const int64_t per_channel = L.A * L.R * L.B;
+    const int64_t pieces = std::max<int64_t>(1, (per_channel + 4 * kGrain - 1) / (4 * kGrain));
+    const int64_t piece_len = (per_channel + pieces - 1) / pieces;
+    std::vector<Pair<double>> part(L.C * pieces);
+    at::parallel_for(0, L.C * pieces, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t c = t / pieces;
+        const int64_t e1 = std::min(per_channel, (t % pieces + 1) * piece_len);
+        Pair<double> total;
+        for (int64_t e = (t % pieces) * piece_len; e < e1;) {  // e indexes (a, r, b) inside channel c
+          const int64_t ar = e / L.B, b = e % L.B;
+          const int64_t n = std::min({L.B - b, e1 - e, kGrain});
+          const int64_t off = (ar * L.C + c) * L.B + b;
+          acc_t s0 = 0, s1 = 0;
+#pragma omp simd reduction(+ : s0, s1)
+          for (int64_t i = 0; i < n; ++i) {
+            const Pair<acc_t> v = elem(off + i, c);
+            s0 += v.a;
+            s1 += v.b;
+          }
+          total += Pair<double>(s0, s1);
+          e += n;
+        }
+        part[t] = total;
+      }
+    });
+    for (int64_t c = 0; c < L.C; ++c)
+      for (int64_t k = 0; k < pieces; ++k) sums[c] += part[c * pieces + k];
+  } else {
+    const int64_t rows = L.A * L.R;
+    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(64, (rows + 255) / 256));
+    const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
+    std::vector<Pair<double>> part(chunks * L.C);
+    at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+      std::vector<Pair<acc_t>> acc(L.C);
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t r1 = std::min(rows, (k + 1) * rows_per_chunk);
+        for (int64_t rb = k * rows_per_chunk; rb < r1; rb += 256) {
+          std::fill(acc.begin(), acc.end(), Pair<acc_t>());
+          for (int64_t r = rb; r < std::min(r1, rb + 256); ++r)
+            for (int64_t c = 0; c < L.C; ++c) acc[c] += elem(r * L.C + c, c);
+          for (int64_t c = 0; c < L.C; ++c) part[k * L.C + c] += Pair<double>(acc[c].a, acc[c].b);
+        }
+      }
+    });
+    for (int64_t k = 0; k < chunks; ++k)
+      for (int64_t c = 0; c < L.C; ++c) sums[c] += part[k * L.C + c];
+  }
+  return sums;
+}
+
+}  // namespace cpu
+}  // namespace dsg_ext

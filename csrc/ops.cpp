@@ -1,0 +1,42 @@
+// The dsg_ext operator schemas, declared once; CPU and CUDA implementations register themselves in
+// cpu/*.cpp and cuda/*.cu with TORCH_LIBRARY_IMPL. Autograd, fake tensors and the Python API live in
+// dsg_ext/ops.py.
+#include <torch/library.h>
+
+#ifdef DSG_EXT_PYTHON_MODULE
+#include <Python.h>
+
+// An empty Python module: importing dsg_ext._C loads this library, which registers the ops.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+#endif
+
+TORCH_LIBRARY(dsg_ext, m) {
+  // Returns (loss, mean~, std~): loss has shape (N) per sample or () per batch; the statistics,
+  // (N, C) or (C), in float32 (float64 for float64 x), are saved for the backward.
+  m.def(
+      "bn_stat_slack_loss(Tensor x, Tensor mean, Tensor std, Tensor delta, Tensor gamma, float eps, "
+      "bool unbiased, bool per_sample) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "bn_stat_slack_loss_backward(Tensor grad_loss, Tensor x, Tensor mean, Tensor std, Tensor delta, "
+      "Tensor gamma, Tensor stat_mean, Tensor stat_std, bool unbiased, bool per_sample) -> Tensor");
+  // grad_factor only scales the learnable-parameter gradients of the backward (as torch's op).
+  m.def(
+      "fake_quant(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, int? axis, "
+      "float grad_factor) -> Tensor");
+  m.def(
+      "fake_quant_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int quant_min, "
+      "int quant_max, int? axis, bool param_grads, float grad_factor) -> (Tensor, Tensor, Tensor)");
+  // Returns (quantized weight, regularizer R(V, beta)).
+  m.def(
+      "adaround(Tensor w, Tensor v, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "
+      "int? axis, float beta, bool hard) -> (Tensor, Tensor)");
+  m.def(
+      "adaround_backward(Tensor grad_w, Tensor grad_reg, Tensor w, Tensor v, Tensor scale, "
+      "Tensor zero_point, int quant_min, int quant_max, int? axis, float beta, bool hard, "
+      "bool scale_grad) -> (Tensor, Tensor)");
+}

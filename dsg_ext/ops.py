@@ -1,0 +1,274 @@
+"""Typed Python API of the fused dsg_ext ops (torch.ops.dsg_ext.*).
+
+Each op is declared once in C++ (csrc/ops.cpp) and implemented for CPU and CUDA. This module adds
+what the dispatcher needs from Python: fake (meta) implementations so the ops trace under
+torch.compile, and autograd formulas that call the fused backward ops.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loads the library that registers the ops)
+
+_ops = torch.ops.dsg_ext
+
+Number = Union[int, float]
+ADAROUND_ZETA = 1.1
+ADAROUND_GAMMA = -0.1
+
+__all__ = [
+    "bn_stat_slack_loss",
+    "fake_quant",
+    "adaround",
+    "adaround_init",
+    "ADAROUND_ZETA",
+    "ADAROUND_GAMMA",
+]
+
+
+def _as_tensor(value, device, dtype) -> Tensor:
+    if isinstance(value, Tensor):
+        return value
+    return torch.tensor(value, dtype=dtype, device=device)
+
+
+def _empty_in_layout(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """An empty tensor shaped like x in the layout the kernels write (contiguous or channels_last)."""
+    dtype = dtype or x.dtype
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.empty_like(x, dtype=dtype, memory_format=torch.channels_last)
+    return x.new_empty(x.shape, dtype=dtype)
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# 1. BN-statistic slack loss
+# --------------------------------------------------------------------------------------------
+
+_SLACK_MODES = ("per_sample", "batch")
+
+
+def bn_stat_slack_loss(
+    x: Tensor,
+    mean: Tensor,
+    std: Tensor,
+    delta: Union[Number, Tensor] = 0.0,
+    gamma: Union[Number, Tensor] = 0.0,
+    *,
+    eps: float = 1e-5,
+    unbiased: bool = False,
+    mode: str = "per_sample",
+    return_stats: bool = False,
+):
+    """Squared-hinge distance between the channel statistics of x and a BatchNorm's statistics.
+
+    x: (N, C, *spatial) activations (fp32/fp16/bf16/fp64, NCHW or channels_last).
+    mean, std: (C) targets, e.g. ``bn.running_mean`` and ``sqrt(bn.running_var + bn.eps)``.
+    delta, gamma: slack on the mean / std gap, scalar or (C); 0 gives ZeroQ's loss.
+    mode "per_sample": mean~, std~ over H*W for every (n, c), loss of shape (N)
+      L[n] = sum_c max(|mean~ - mean| - delta, 0)^2 + max(|std~ - std| - gamma, 0)^2.
+    mode "batch": statistics over N*H*W, scalar loss.
+    std~ = sqrt(var + eps), var with Bessel's correction when ``unbiased`` (as torch.var).
+    The loss (and the statistics) are float32, float64 for float64 x. Gradients flow to x only.
+    With ``return_stats`` also returns (mean~, std~), which carry no gradient.
+    """
+    if mode not in _SLACK_MODES:
+        raise ValueError(f"bn_stat_slack_loss: mode must be one of {_SLACK_MODES}, got {mode!r}")
+    acc = _acc_dtype(x) if x.is_floating_point() else torch.float32
+    delta = _as_tensor(delta, x.device, acc)
+    gamma = _as_tensor(gamma, x.device, acc)
+    for name, t in (("mean", mean), ("std", std), ("delta", delta), ("gamma", gamma)):
+        if isinstance(t, Tensor) and t.requires_grad:
+            raise ValueError(
+                f"bn_stat_slack_loss: {name} requires grad, but gradients flow to x only; pass {name}.detach()"
+            )
+    loss, stat_mean, stat_std = _ops.bn_stat_slack_loss(
+        x, mean, std, delta, gamma, float(eps), bool(unbiased), mode == "per_sample"
+    )
+    if return_stats:
+        return loss, stat_mean, stat_std
+    return loss
+
+
+@torch.library.register_fake("dsg_ext::bn_stat_slack_loss")
+def _slack_fake(x, mean, std, delta, gamma, eps, unbiased, per_sample):
+    acc = _acc_dtype(x)
+    n, c = x.shape[0], x.shape[1]
+    if per_sample:
+        return x.new_empty((n,), dtype=acc), x.new_empty((n, c), dtype=acc), x.new_empty((n, c), dtype=acc)
+    return x.new_empty((), dtype=acc), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
+
+
+@torch.library.register_fake("dsg_ext::bn_stat_slack_loss_backward")
+def _slack_backward_fake(grad_loss, x, mean, std, delta, gamma, stat_mean, stat_std, unbiased, per_sample):
+    return _empty_in_layout(x)
+
+
+def _slack_setup(ctx, inputs, output):
+    x, mean, std, delta, gamma, _eps, unbiased, per_sample = inputs
+    _loss, stat_mean, stat_std = output
+    ctx.save_for_backward(x, mean, std, delta, gamma, stat_mean, stat_std)
+    ctx.unbiased = unbiased
+    ctx.per_sample = per_sample
+    ctx.mark_non_differentiable(stat_mean, stat_std)
+
+
+def _slack_backward(ctx, grad_loss, _grad_mean, _grad_std):
+    x, mean, std, delta, gamma, stat_mean, stat_std = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _ops.bn_stat_slack_loss_backward(
+            grad_loss, x, mean, std, delta, gamma, stat_mean, stat_std, ctx.unbiased, ctx.per_sample
+        )
+    return grad_x, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("dsg_ext::bn_stat_slack_loss", _slack_backward, setup_context=_slack_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Fake quantization
+# --------------------------------------------------------------------------------------------
+
+
+def fake_quant(
+    x: Tensor,
+    scale: Union[float, Tensor],
+    zero_point: Union[Number, Tensor],
+    quant_min: int,
+    quant_max: int,
+    axis: Optional[int] = None,
+    *,
+    grad_factor: float = 1.0,
+) -> Tensor:
+    """Affine fake quantization, per tensor (axis=None) or per channel along ``axis``.
+
+    out = (clamp(round_half_even(x * (1/scale)) + zero_point, quant_min, quant_max) - zero_point) * scale,
+    bitwise equal to torch.fake_quantize_per_tensor_affine / per_channel_affine for fp32 inputs.
+    Backward: straight-through to x (zero where clamped). When scale (and a floating zero_point)
+    require grad, their gradients follow torch._fake_quantize_learnable_*, times ``grad_factor``,
+    reduced per channel inside the kernel. Floating zero points are rounded half to even and
+    clamped into the range; integer ones must lie inside it. NaN inputs give NaN outputs.
+    On CUDA an invalid scale or zero point gives NaN (checking it would need a device sync).
+    """
+    scale = _as_tensor(scale, x.device, torch.float32)
+    if not isinstance(zero_point, Tensor):
+        zero_point = _as_tensor(zero_point, x.device, torch.float32 if isinstance(zero_point, float) else torch.int32)
+    return _ops.fake_quant(x, scale, zero_point, int(quant_min), int(quant_max), axis, float(grad_factor))
+
+
+@torch.library.register_fake("dsg_ext::fake_quant")
+def _fake_quant_fake(x, scale, zero_point, quant_min, quant_max, axis, grad_factor):
+    return _empty_in_layout(x)
+
+
+@torch.library.register_fake("dsg_ext::fake_quant_backward")
+def _fake_quant_backward_fake(grad, x, scale, zero_point, quant_min, quant_max, axis, param_grads, grad_factor):
+    return _empty_in_layout(x), torch.empty_like(scale), torch.empty_like(zero_point)
+
+
+def _fake_quant_setup(ctx, inputs, output):
+    x, scale, zero_point, quant_min, quant_max, axis, grad_factor = inputs
+    ctx.save_for_backward(x, scale, zero_point)
+    ctx.args = (quant_min, quant_max, axis)
+    ctx.grad_factor = grad_factor
+
+
+def _fake_quant_backward(ctx, grad):
+    x, scale, zero_point = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    param_grads = bool(needs[1] or needs[2])
+    dx, dscale, dzero = _ops.fake_quant_backward(grad, x, scale, zero_point, *ctx.args, param_grads, ctx.grad_factor)
+    return (
+        dx if needs[0] else None,
+        dscale if needs[1] else None,
+        dzero if needs[2] else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd("dsg_ext::fake_quant", _fake_quant_backward, setup_context=_fake_quant_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. AdaRound
+# --------------------------------------------------------------------------------------------
+
+
+def adaround(
+    w: Tensor,
+    v: Tensor,
+    scale: Union[float, Tensor],
+    zero_point: Union[Number, Tensor],
+    quant_min: int,
+    quant_max: int,
+    axis: Optional[int] = None,
+    *,
+    beta: float = 2.0,
+    hard: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """AdaRound rounding of weights w with rounding variables v (same shape and dtype).
+
+    h(v) = clamp(sigmoid(v) * 1.2 - 0.1, 0, 1) (soft) or 1[v >= 0] (hard);
+    w~ = scale * (clamp(floor(w / scale) + h + zero_point, quant_min, quant_max) - zero_point).
+    Returns (w~, R) with R = sum(1 - |2h - 1|^beta) (0 when hard), in one fused pass; the backward
+    gives gradients to v (and to scale when it requires grad) in one pass. scale/zero_point are
+    per tensor (axis=None) or per channel along ``axis`` (usually 0, the output channels).
+    """
+    acc = _acc_dtype(w) if w.is_floating_point() else torch.float32
+    scale = _as_tensor(scale, w.device, acc)
+    if not isinstance(zero_point, Tensor):
+        zero_point = _as_tensor(zero_point, w.device, acc if isinstance(zero_point, float) else torch.int32)
+    return _ops.adaround(w, v, scale, zero_point, int(quant_min), int(quant_max), axis, float(beta), bool(hard))
+
+
+@torch.library.register_fake("dsg_ext::adaround")
+def _adaround_fake(w, v, scale, zero_point, quant_min, quant_max, axis, beta, hard):
+    return _empty_in_layout(w), w.new_empty((), dtype=_acc_dtype(w))
+
+
+@torch.library.register_fake("dsg_ext::adaround_backward")
+def _adaround_backward_fake(grad_w, grad_reg, w, v, scale, zero_point, quant_min, quant_max, axis, beta, hard, sg):
+    return _empty_in_layout(w), torch.empty_like(scale)
+
+
+def _adaround_setup(ctx, inputs, output):
+    w, v, scale, zero_point, quant_min, quant_max, axis, beta, hard = inputs
+    ctx.save_for_backward(w, v, scale, zero_point)
+    ctx.args = (quant_min, quant_max, axis, beta, hard)
+
+
+def _adaround_backward(ctx, grad_w, grad_reg):
+    w, v, scale, zero_point = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grad_v, grad_scale = _ops.adaround_backward(grad_w, grad_reg, w, v, scale, zero_point, *ctx.args, bool(needs[2]))
+    # floor(w / scale) is flat almost everywhere: w receives no gradient.
+    return None, grad_v if needs[1] else None, grad_scale if needs[2] else None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("dsg_ext::adaround", _adaround_backward, setup_context=_adaround_setup)
+
+
+def adaround_init(w: Tensor, scale: Union[float, Tensor], axis: Optional[int] = None) -> Tensor:
+    """Rounding variables V0 with h(V0) = frac(w / scale): AdaRound starts from the float weights."""
+    if not w.is_floating_point():
+        raise TypeError(f"adaround_init: w must be a floating tensor, got {w.dtype}")
+    scale = _as_tensor(scale, w.device, w.dtype).to(w.dtype)
+    if axis is not None and scale.numel() > 1:
+        shape = [1] * w.dim()
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+    scaled = w / scale
+    frac = scaled - torch.floor(scaled)
+    ratio = (ADAROUND_ZETA - ADAROUND_GAMMA) / (frac - ADAROUND_GAMMA) - 1.0
+    return -torch.log(ratio)
