@@ -169,6 +169,16 @@ QuantInputs check_quant_inputs(const char* op, const at::Tensor& x, const at::Te
   return in;
 }
 
+QuantInputs check_adaround_inputs(const char* op, const at::Tensor& w, const at::Tensor& v, const at::Tensor& scale,
+                                  const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+                                  std::optional<int64_t> axis, double beta) {
+  const auto acc = w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  QuantInputs in = check_quant_inputs(op, w, scale, zero_point, quant_min, quant_max, axis, acc);
+  check_same_shape_dtype_device(op, "w", w, "v", v);
+  TORCH_CHECK(beta > 0 && std::isfinite(beta), op, ": beta must be positive and finite, got ", beta);
+  return in;
+}
+
 void check_quant_values_cpu(const char* op, const QuantInputs& in, int64_t quant_min, int64_t quant_max) {
   if (in.scale.numel() == 0) return;
   const at::Tensor s_t = in.scale.to(at::kDouble), z_t = in.zero_point.to(at::kDouble);

@@ -43,6 +43,11 @@ QuantInputs check_quant_inputs(const char* op, const at::Tensor& x, const at::Te
                                const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
                                std::optional<int64_t> axis, at::ScalarType param_dtype = at::kFloat);
 
+// AdaRound: w like x above, v of the shape and dtype of w, parameters in the accumulation dtype of w.
+QuantInputs check_adaround_inputs(const char* op, const at::Tensor& w, const at::Tensor& v, const at::Tensor& scale,
+                                  const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
+                                  std::optional<int64_t> axis, double beta);
+
 // Values can be checked without a device sync only on the CPU; CUDA kernels write NaN instead.
 void check_quant_values_cpu(const char* op, const QuantInputs& in, int64_t quant_min, int64_t quant_max);
 

@@ -49,8 +49,8 @@ struct Pair {
 //   per-channel quantization along axis k of a contiguous tensor: A=1, R=prod(dims<k), B=prod(dims>k)
 struct Layout {
   int64_t A = 1, R = 1, C = 1, B = 1;
-  int64_t numel() const { return A * R * C * B; }
-  int64_t groups() const { return A * C; }
+  DSG_HD int64_t numel() const { return A * R * C * B; }
+  DSG_HD int64_t groups() const { return A * C; }
 };
 
 // x - shift, in the accumulation type, with the shift taken from a value of the same group so the

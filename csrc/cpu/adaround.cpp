@@ -23,20 +23,11 @@ std::vector<AdaRoundParams<acc_t>> channel_params(const QuantInputs& in, int64_t
   return p;
 }
 
-QuantInputs check_adaround(const char* op, const at::Tensor& w, const at::Tensor& v, const at::Tensor& scale,
-                           const at::Tensor& zero_point, int64_t qmin, int64_t qmax, std::optional<int64_t> axis,
-                           double beta) {
-  const auto acc = w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  QuantInputs in = check_quant_inputs(op, w, scale, zero_point, qmin, qmax, axis, acc);
-  check_same_shape_dtype_device(op, "w", w, "v", v);
-  TORCH_CHECK(beta > 0 && std::isfinite(beta), op, ": beta must be positive and finite, got ", beta);
-  return in;
-}
 
 std::tuple<at::Tensor, at::Tensor> adaround_cpu(const at::Tensor& w, const at::Tensor& v, const at::Tensor& scale,
                                                 const at::Tensor& zero_point, int64_t qmin, int64_t qmax,
                                                 std::optional<int64_t> axis, double beta, bool hard) {
-  const QuantInputs in = check_adaround("adaround", w, v, scale, zero_point, qmin, qmax, axis, beta);
+  const QuantInputs in = check_adaround_inputs("adaround", w, v, scale, zero_point, qmin, qmax, axis, beta);
   check_quant_values_cpu("adaround", in, qmin, qmax);
   const at::Tensor vv = match_layout(v, in.x);
   at::Tensor out = at::empty_like(in.x);
@@ -76,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> adaround_backward_cpu(const at::Tensor& grad_
                                                          int64_t qmin, int64_t qmax, std::optional<int64_t> axis,
                                                          double beta, bool hard, bool scale_grad) {
   const char* op_name = "adaround_backward";
-  const QuantInputs in = check_adaround(op_name, w, v, scale, zero_point, qmin, qmax, axis, beta);
+  const QuantInputs in = check_adaround_inputs(op_name, w, v, scale, zero_point, qmin, qmax, axis, beta);
   check_same_shape_dtype_device(op_name, "w", w, "grad_w", grad_w);
   TORCH_CHECK(grad_reg.numel() == 1 && grad_reg.device() == w.device(), op_name,
               ": grad_reg must be a scalar on the device of w");

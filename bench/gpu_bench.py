@@ -1,0 +1,184 @@
+"""GPU check: CUDA results against the CPU implementation, then CUDA-event timings of every fused op
+against plain PyTorch (and torch.compile of it), with the ratio to the memory floor.
+
+Run by bench/gpu_check.sh on a lent GPU machine; writes JSON to --out. Prints a short table last.
+"""
+
+import argparse
+import json
+import sys
+
+import torch
+
+import dsg_ext
+from dsg_ext import benchmarks, ops
+
+
+def _poison():
+    """Fill the allocator's free blocks with NaN so that an output element a kernel forgets shows up."""
+    free, _ = torch.cuda.mem_get_info()
+    n = min(free // 8, 2 << 30) // 4
+    junk = torch.full((n,), float("nan"), device="cuda")
+    del junk
+
+
+def _max_err(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    if a.shape != b.shape:
+        return float("inf")
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    d = (a - b).abs().masked_fill(both_nan, 0)
+    return float(d.max()) if d.numel() else 0.0
+
+
+def correctness():
+    """Each op on CUDA against the same op on the CPU, several shapes, dtypes and layouts."""
+    g = torch.Generator().manual_seed(1)
+    results = []
+
+    def check(name, fn, make_inputs, tol):
+        cpu_in = make_inputs()
+        cuda_in = [t.cuda() if isinstance(t, torch.Tensor) else t for t in cpu_in]
+        for t_cpu, t_cuda in zip(cpu_in, cuda_in):
+            if isinstance(t_cpu, torch.Tensor) and t_cpu.requires_grad:
+                t_cuda.retain_grad()
+        _poison()
+        out_cuda = fn(*cuda_in)
+        out_cpu = fn(*cpu_in)
+        torch.cuda.synchronize()
+        errs = [_max_err(a, b) for a, b in zip(out_cuda, out_cpu)]
+        ok = all(e <= tol for e in errs)
+        results.append({"check": name, "max_abs_err": max(errs) if errs else 0.0, "tol": tol, "ok": ok})
+        print(f"{'ok ' if ok else 'FAIL'} {name}: max abs err {max(errs) if errs else 0:.3g} (tol {tol})", flush=True)
+
+    def slack_case(shape, dtype, channels_last, per_sample, unbiased):
+        def make():
+            x = torch.randn(*shape, generator=g) * 2 + 0.5
+            if channels_last and x.dim() == 4:
+                x = x.to(memory_format=torch.channels_last)
+            x = x.to(dtype).requires_grad_(True)
+            c = shape[1]
+            return [x, torch.randn(c, generator=g) * 0.3, torch.rand(c, generator=g) + 0.5,
+                    torch.rand(c, generator=g) * 0.1, torch.rand(c, generator=g) * 0.1,
+                    torch.randn(shape[0] if per_sample else 1, generator=g).reshape(-1 if per_sample else ())]
+
+        def fn(x, m, s, d, gm, up):
+            loss, sm, ss = ops.bn_stat_slack_loss(x, m, s, d, gm, eps=1e-5, unbiased=unbiased,
+                                                  mode="per_sample" if per_sample else "batch", return_stats=True)
+            (gx,) = torch.autograd.grad(loss, x, up.to(loss.dtype))
+            return [loss, sm, ss, gx]
+
+        tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+        name = f"slack {tuple(shape)} {dtype} {'NHWC' if channels_last else 'NCHW'} {'per_sample' if per_sample else 'batch'}"
+        check(name, fn, make, tol)
+
+    for shape in [(4, 3, 17, 19), (256, 64, 14, 14), (2, 64, 112, 112), (1, 1, 1, 1), (3, 5), (64, 96, 7, 7)]:
+        for per_sample in (True, False):
+            slack_case(shape, torch.float32, False, per_sample, True)
+            if len(shape) == 4:
+                slack_case(shape, torch.float32, True, per_sample, False)
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        slack_case((8, 32, 28, 28), dtype, False, True, False)
+        slack_case((8, 32, 28, 28), dtype, True, False, False)
+
+    def fq_case(shape, axis, dtype, channels_last, learnable):
+        def make():
+            x = torch.randn(*shape, generator=g) * 3
+            if channels_last:
+                x = x.to(memory_format=torch.channels_last)
+            x = x.to(dtype).requires_grad_(True)
+            c = shape[axis] if axis is not None else 1
+            s = (torch.rand(c, generator=g) * 0.05 + 0.01).requires_grad_(learnable)
+            z = torch.randint(0, 16, (c,), generator=g).float().requires_grad_(learnable) if learnable else \
+                torch.randint(0, 16, (c,), generator=g, dtype=torch.int32)
+            return [x, s, z, torch.randn(*shape, generator=g).to(dtype)]
+
+        def fn(x, s, z, dy):
+            y = ops.fake_quant(x, s, z, 0, 15, axis)
+            grads = torch.autograd.grad(y, [x, s, z] if learnable else [x], dy)
+            return [y, *grads]
+
+        tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+        name = f"fake_quant {tuple(shape)} axis={axis} {dtype} {'NHWC' if channels_last else ''} {'learnable' if learnable else 'STE'}"
+        check(name, fn, make, tol if not learnable else 1e-2)
+
+    for shape, axis, cl in [((8, 16, 13, 11), 1, False), ((8, 16, 13, 11), 1, True), ((8, 16, 13, 11), 0, False),
+                            ((8, 16, 13, 11), None, False), ((8, 16, 13, 11), 3, True), ((37, 65), -1, False),
+                            ((64, 64, 56, 56), 1, False)]:
+        for learnable in (False, True):
+            fq_case(shape, axis, torch.float32, cl, learnable)
+    fq_case((8, 16, 13, 11), 1, torch.float16, False, False)
+    fq_case((8, 16, 13, 11), 1, torch.bfloat16, True, False)
+
+    def ada_case(shape, axis, hard, dtype):
+        def make():
+            w = (torch.randn(*shape, generator=g) * 0.1).to(dtype)
+            c = shape[0] if axis == 0 else 1
+            s = (w.float().abs().reshape(c, -1).amax(1) / 7.5 if axis == 0 else w.float().abs().max().reshape(1) / 7.5)
+            s = s.to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_(True)
+            v = ops.adaround_init(w.double(), s.detach().double(), axis=axis if axis == 0 else None)
+            v = (v + torch.randn(*shape, generator=g, dtype=torch.float64) * 0.5).to(dtype).requires_grad_(True)
+            return [w, v, s, torch.randn(*shape, generator=g).to(dtype), torch.tensor(0.3)]
+
+        def fn(w, v, s, dw, lam):
+            wq, reg = ops.adaround(w, v, s, 8, 0, 15, axis, beta=4.0, hard=hard)
+            gv, gs = torch.autograd.grad((wq, reg), (v, s), (dw, lam.to(reg.dtype)), allow_unused=True)
+            return [wq, reg, gv if gv is not None else torch.zeros(()), gs]
+
+        tol = 1e-4 if dtype in (torch.float32, torch.float64) else 5e-2
+        check(f"adaround {tuple(shape)} axis={axis} hard={hard} {dtype}", fn, make, tol if dtype != torch.float32 else 2e-3)
+
+    for shape, axis in [((64, 32, 3, 3), 0), ((512, 512, 3, 3), 0), ((10, 7), None), ((33, 17, 5, 5), 0)]:
+        for hard in (False, True):
+            ada_case(shape, axis, hard, torch.float32)
+    ada_case((64, 32, 3, 3), 0, False, torch.float64)
+    ada_case((64, 32, 3, 3), 0, False, torch.bfloat16)
+    return results
+
+
+def timings(compile_plain):
+    bw = benchmarks.copy_bandwidth("cuda")
+    rows = []
+    for wl in benchmarks.make_workloads("cuda", "gpu", compile_plain=compile_plain):
+        floor = wl.bytes_moved / bw
+        times = {}
+        for name, fn in wl.impls.items():
+            try:
+                times[name] = benchmarks.time_cuda(fn)
+            except Exception as e:  # a failing baseline (e.g. torch.compile) must not hide our figures
+                print(f"{wl.name} {name}: {type(e).__name__}: {e}", file=sys.stderr)
+        for name, t in times.items():
+            rows.append({"workload": wl.name, "shape": wl.description, "impl": name, "median_ms": t * 1e3,
+                         "floor_ms": floor * 1e3, "ratio_to_floor": t / floor,
+                         "speedup_of_dsg_ext": t / times["dsg_ext"] if "dsg_ext" in times else None})
+    return bw, rows
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="gpu_bench.json")
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available() or not dsg_ext.cuda_ops_built():
+        print(f"needs a GPU and the CUDA ops (GPU: {torch.cuda.is_available()}, CUDA ops: {dsg_ext.cuda_ops_built()})")
+        return 2
+    card = torch.cuda.get_device_name()
+    print(f"card: {card}, torch {torch.__version__}", flush=True)
+    checks = correctness()
+    bw, rows = timings(not args.no_compile)
+    with open(args.out, "w") as f:
+        json.dump({"card": card, "torch": torch.__version__, "copy_bandwidth_Bps": bw, "checks": checks,
+                   "timings": rows}, f, indent=2)
+    print(f"\ncard {card}; copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    print(f"{'workload':42s} {'impl':15s} {'median ms':>10s} {'floor ms':>9s} {'x floor':>8s} {'ours faster':>11s}")
+    for r in rows:
+        sp = f"{r['speedup_of_dsg_ext']:.2f}x" if r["speedup_of_dsg_ext"] else "-"
+        print(f"{r['workload']:42s} {r['impl']:15s} {r['median_ms']:10.3f} {r['floor_ms']:9.3f} "
+              f"{r['ratio_to_floor']:7.2f}x {sp:>11s}")
+    failed = [c["check"] for c in checks if not c["ok"]]
+    print(f"correctness: {len(checks) - len(failed)}/{len(checks)} ok" + (f"; FAILED: {failed}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

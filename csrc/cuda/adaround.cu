@@ -1,0 +1,165 @@
+// AdaRound on CUDA: one kernel pass forward (rounding + regularizer partials), one pass backward
+// (gradient to V from the weight and the regularizer; scale gradient reduced per channel).
+// Invalid scales or zero points give NaN instead of a host-side check (which would sync).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "../adaround.h"
+#include "../checks.h"
+#include "loops.cuh"
+
+namespace dsg_ext {
+namespace {
+
+template <typename acc_t>
+struct Params {
+  const acc_t* scale;
+  const acc_t* zero_point;
+  bool zero_point_is_float;
+  int64_t qmin, qmax;
+  __device__ AdaRoundParams<acc_t> operator()(int64_t c) const {
+    return AdaRoundParams<acc_t>(scale[c], zero_point[c], zero_point_is_float, qmin, qmax);
+  }
+};
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t nan_if_invalid(acc_t v, const AdaRoundParams<acc_t>& p) {
+  return p.valid ? v : static_cast<acc_t>(NAN);
+}
+
+template <typename scalar_t, typename acc_t>
+struct Forward {
+  const scalar_t* w;
+  const scalar_t* v;
+  scalar_t* out;
+  Params<acc_t> params;
+  acc_t beta;
+  bool hard;
+  __device__ AdaRoundParams<acc_t> group(int64_t, int64_t c) const { return params(c); }
+  __device__ Pair<acc_t> operator()(int64_t i, const AdaRoundParams<acc_t>& p) const {
+    const acc_t vi = static_cast<acc_t>(v[i]);
+    acc_t h, r = acc_t(0), unused;
+    if (hard) {
+      h = vi >= acc_t(0) ? acc_t(1) : acc_t(0);
+    } else {
+      h = soft_rounding<acc_t>(vi).h;
+      rounding_regularizer<acc_t>(h, beta, &r, &unused);
+    }
+    acc_t level;
+    bool inside;
+    out[i] = static_cast<scalar_t>(nan_if_invalid(adaround_weight<acc_t>(static_cast<acc_t>(w[i]), h, p, &level, &inside), p));
+    return Pair<acc_t>(r, acc_t(0));
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct Backward {
+  const scalar_t* w;
+  const scalar_t* v;
+  const scalar_t* dy;
+  scalar_t* grad_v;
+  const acc_t* grad_reg;
+  Params<acc_t> params;
+  acc_t beta;
+  bool hard;
+  __device__ AdaRoundParams<acc_t> group(int64_t, int64_t c) const { return params(c); }
+  __device__ Pair<acc_t> operator()(int64_t i, const AdaRoundParams<acc_t>& p) const {
+    const acc_t vi = static_cast<acc_t>(v[i]);
+    const acc_t g = static_cast<acc_t>(dy[i]);
+    acc_t level;
+    bool inside;
+    if (hard) {
+      adaround_weight<acc_t>(static_cast<acc_t>(w[i]), vi >= acc_t(0) ? acc_t(1) : acc_t(0), p, &level, &inside);
+      grad_v[i] = static_cast<scalar_t>(0);
+    } else {
+      const SoftRounding<acc_t> sr = soft_rounding<acc_t>(vi);
+      acc_t r, dr_dh;
+      rounding_regularizer<acc_t>(sr.h, beta, &r, &dr_dh);
+      adaround_weight<acc_t>(static_cast<acc_t>(w[i]), sr.h, p, &level, &inside);
+      const acc_t through_weight = inside ? g * p.scale : acc_t(0);
+      grad_v[i] = static_cast<scalar_t>(nan_if_invalid((through_weight + *grad_reg * dr_dh) * sr.dh_dv, p));
+    }
+    return Pair<acc_t>(g * level, acc_t(0));
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+struct BackwardVOnly {
+  Backward<scalar_t, acc_t> inner;
+  __device__ AdaRoundParams<acc_t> group(int64_t a, int64_t c) const { return inner.group(a, c); }
+  __device__ void operator()(int64_t i, const AdaRoundParams<acc_t>& p) const { inner(i, p); }
+};
+
+struct WriteSum {
+  double* out;
+  __device__ void operator()(int64_t g, Pair<double> total) const { out[g] = total.a; }
+};
+
+
+template <typename acc_t>
+Params<acc_t> params_of(const QuantInputs& in, int64_t qmin, int64_t qmax) {
+  return {in.scale.const_data_ptr<acc_t>(), in.zero_point.const_data_ptr<acc_t>(), in.zero_point_is_float, qmin, qmax};
+}
+
+std::tuple<at::Tensor, at::Tensor> adaround_cuda(const at::Tensor& w, const at::Tensor& v, const at::Tensor& scale,
+                                                 const at::Tensor& zero_point, int64_t qmin, int64_t qmax,
+                                                 std::optional<int64_t> axis, double beta, bool hard) {
+  const QuantInputs in = check_adaround_inputs("adaround", w, v, scale, zero_point, qmin, qmax, axis, beta);
+  const c10::cuda::CUDAGuard guard(w.device());
+  const at::Tensor vv = match_layout(v, in.x);
+  at::Tensor out = at::empty_like(in.x);
+  at::Tensor per_channel = at::zeros({in.layout.C}, w.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "adaround_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const Forward<scalar_t, acc_t> op{in.x.const_data_ptr<scalar_t>(), vv.const_data_ptr<scalar_t>(),
+                                      out.data_ptr<scalar_t>(),         params_of<acc_t>(in, qmin, qmax),
+                                      static_cast<acc_t>(beta),         hard};
+    cuda::reduce<acc_t>(in.layout, op, WriteSum{per_channel.data_ptr<double>()}, w);
+  });
+  at::Tensor reg = per_channel.sum().to(in.scale.scalar_type());
+  return {out, reg};
+}
+
+std::tuple<at::Tensor, at::Tensor> adaround_backward_cuda(const at::Tensor& grad_w, const at::Tensor& grad_reg,
+                                                          const at::Tensor& w, const at::Tensor& v,
+                                                          const at::Tensor& scale, const at::Tensor& zero_point,
+                                                          int64_t qmin, int64_t qmax, std::optional<int64_t> axis,
+                                                          double beta, bool hard, bool scale_grad) {
+  const char* op_name = "adaround_backward";
+  const QuantInputs in = check_adaround_inputs(op_name, w, v, scale, zero_point, qmin, qmax, axis, beta);
+  check_same_shape_dtype_device(op_name, "w", w, "grad_w", grad_w);
+  TORCH_CHECK(grad_reg.numel() == 1 && grad_reg.device() == w.device(), op_name,
+              ": grad_reg must be a scalar on the device of w");
+  const c10::cuda::CUDAGuard guard(w.device());
+  const at::Tensor vv = match_layout(v, in.x);
+  const at::Tensor dy = match_layout(grad_w, in.x);
+  at::Tensor grad_v = at::empty_like(in.x);
+  at::Tensor grad_scale;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "adaround_backward_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const at::Tensor dreg = grad_reg.to(in.scale.scalar_type()).reshape({1}).contiguous();
+    const Backward<scalar_t, acc_t> op{in.x.const_data_ptr<scalar_t>(), vv.const_data_ptr<scalar_t>(),
+                                       dy.const_data_ptr<scalar_t>(),   grad_v.data_ptr<scalar_t>(),
+                                       dreg.const_data_ptr<acc_t>(),    params_of<acc_t>(in, qmin, qmax),
+                                       static_cast<acc_t>(beta),        hard};
+    if (scale_grad) {
+      at::Tensor ds = at::empty({in.layout.C}, w.options().dtype(at::kDouble));
+      cuda::reduce<acc_t>(in.layout, op, WriteSum{ds.data_ptr<double>()}, w);
+      grad_scale = ds.to(scale.scalar_type()).reshape(scale.sizes());
+    } else {
+      cuda::apply(in.layout, BackwardVOnly<scalar_t, acc_t>{op});
+    }
+  });
+  if (!scale_grad) grad_scale = at::zeros_like(scale);
+  return {grad_v, grad_scale};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dsg_ext, CUDA, m) {
+  m.impl("adaround", &adaround_cuda);
+  m.impl("adaround_backward", &adaround_backward_cuda);
+}
+
+}  // namespace dsg_ext

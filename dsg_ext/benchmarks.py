@@ -1,0 +1,219 @@
+"""Benchmark workloads: each fused op next to the plain-PyTorch way (and torch.compile of it).
+
+Shared by the pytest-benchmark suite (bench/test_bench_ops.py), the GPU script (bench/gpu_bench.py)
+and ``dsg bench``. A workload knows the bytes its operation must move at least, so a timing can be
+given as a ratio to the memory floor (bytes / measured copy bandwidth).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from . import ops, plain
+
+# Shapes: "gpu" are the issue's goal shapes (H100); "cpu" are small enough for a 2-core machine.
+SHAPES = {
+    "gpu": {"slack": (256, 64, 112, 112), "fq": (256, 64, 56, 56), "adaround": (512, 512, 3, 3)},
+    "cpu": {"slack": (16, 64, 56, 56), "fq": (16, 64, 56, 56), "adaround": (512, 512, 3, 3)},
+    "tiny": {"slack": (2, 8, 9, 9), "fq": (2, 8, 9, 9), "adaround": (16, 8, 3, 3)},
+}
+
+IMPLEMENTATIONS = ("dsg_ext", "plain", "plain_compiled")
+
+
+@dataclasses.dataclass
+class Workload:
+    name: str
+    description: str
+    bytes_moved: int  # the fewest bytes the operation must read + write
+    impls: Dict[str, Callable[[], object]]
+
+
+def _compiled(fn: Callable, enabled: bool) -> Optional[Callable]:
+    return torch.compile(fn) if enabled else None
+
+
+def make_workloads(device: str = "cpu", size: str = "cpu", compile_plain: bool = True) -> List[Workload]:
+    """Builds every workload with fresh random inputs on ``device``."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device)
+
+    shapes = SHAPES[size]
+    workloads: List[Workload] = []
+
+    # 1. BN-statistic slack loss, per-sample statistics over H*W, forward + backward.
+    n, c, h, w = shapes["slack"]
+    x = (randn(n, c, h, w) * 1.5 + 0.3).requires_grad_(True)
+    mean, std = randn(c) * 0.2, randn(c).abs() + 0.5
+    delta, gamma = torch.full((c,), 0.02, device=device), torch.full((c,), 0.02, device=device)
+    elem = x.element_size()
+
+    def slack_ours():
+        loss = ops.bn_stat_slack_loss(x, mean, std, delta, gamma, eps=1e-5).sum()
+        return torch.autograd.grad(loss, x)
+
+    def slack_plain_fn(x_):
+        return plain.slack_loss(x_, mean, std, delta, gamma, eps=1e-5).sum()
+
+    slack_compiled = _compiled(slack_plain_fn, compile_plain)
+    impls = {"dsg_ext": slack_ours, "plain": lambda: torch.autograd.grad(slack_plain_fn(x), x)}
+    if slack_compiled is not None:
+        impls["plain_compiled"] = lambda: torch.autograd.grad(slack_compiled(x), x)
+    workloads.append(
+        Workload("slack_loss_fwd_bwd", f"x {n}x{c}x{h}x{w}", 3 * x.numel() * elem, impls)
+    )
+
+    x_nograd = x.detach()
+    workloads.append(
+        Workload(
+            "slack_loss_fwd",
+            f"x {n}x{c}x{h}x{w}",
+            x.numel() * elem,
+            {
+                "dsg_ext": lambda: ops.bn_stat_slack_loss(x_nograd, mean, std, delta, gamma, eps=1e-5),
+                "plain": lambda: plain.slack_loss(x_nograd, mean, std, delta, gamma, eps=1e-5),
+            },
+        )
+    )
+
+    # 2. Fake quantization, 8-bit asymmetric, per channel along axis 1 and per tensor.
+    n, c, h, w = shapes["fq"]
+    xq = randn(n, c, h, w)
+    scale = (torch.rand(c, generator=gen) * 0.02 + 0.01).to(device)
+    zp = torch.randint(0, 256, (c,), generator=gen, dtype=torch.int32).to(device)
+    s0, z0 = torch.tensor([0.02], device=device), torch.tensor([128], device=device, dtype=torch.int32)
+    elem = xq.element_size()
+    workloads.append(
+        Workload(
+            "fake_quant_per_channel_fwd",
+            f"x {n}x{c}x{h}x{w}",
+            2 * xq.numel() * elem,
+            {
+                "dsg_ext": lambda: ops.fake_quant(xq, scale, zp, 0, 255, axis=1),
+                "plain": lambda: plain.fake_quant(xq, scale, zp, 0, 255, axis=1),
+            },
+        )
+    )
+    workloads.append(
+        Workload(
+            "fake_quant_per_tensor_fwd",
+            f"x {n}x{c}x{h}x{w}",
+            2 * xq.numel() * elem,
+            {
+                "dsg_ext": lambda: ops.fake_quant(xq, s0, z0, 0, 255),
+                "plain": lambda: torch.fake_quantize_per_tensor_affine(xq, s0, z0, 0, 255),
+            },
+        )
+    )
+    xg = xq.clone().requires_grad_(True)
+    dy = randn(n, c, h, w)
+
+    def fq_ste(fn):
+        return lambda: torch.autograd.grad(fn(), xg, dy)
+
+    workloads.append(
+        Workload(
+            "fake_quant_per_channel_fwd_bwd",
+            f"x {n}x{c}x{h}x{w}",
+            4 * xq.numel() * elem,  # read x, write y; read dy, write dx
+            {
+                "dsg_ext": fq_ste(lambda: ops.fake_quant(xg, scale, zp, 0, 255, axis=1)),
+                "plain": fq_ste(lambda: plain.fake_quant(xg, scale, zp, 0, 255, axis=1)),
+            },
+        )
+    )
+    scale_l = scale.clone().requires_grad_(True)
+    zp_l = zp.float().requires_grad_(True)
+
+    def fq_learnable(fn):
+        return lambda: torch.autograd.grad(fn(), (xg, scale_l, zp_l), dy)
+
+    workloads.append(
+        Workload(
+            "fake_quant_learnable_per_channel_fwd_bwd",
+            f"x {n}x{c}x{h}x{w}",
+            4 * xq.numel() * elem,
+            {
+                "dsg_ext": fq_learnable(lambda: ops.fake_quant(xg, scale_l, zp_l, 0, 255, axis=1)),
+                "plain": fq_learnable(lambda: plain.fake_quant_learnable(xg, scale_l, zp_l, 0, 255, axis=1)),
+            },
+        )
+    )
+
+    # 3. AdaRound step: soft rounding + regularizer, forward + backward to V, 4-bit per output channel.
+    o, i_, kh, kw = shapes["adaround"]
+    wt = randn(o, i_, kh, kw) * 0.05
+    s_ch = (wt.abs().amax(dim=(1, 2, 3)) / 7.5).clamp_min(1e-8)
+    z_ch = torch.full((o,), 8.0, device=device)
+    v = ops.adaround_init(wt, s_ch, axis=0).requires_grad_(True)
+    dw = randn(o, i_, kh, kw)
+    lam = torch.tensor(0.01, device=device)
+    s_b, z_b = s_ch.view(-1, 1, 1, 1), z_ch.view(-1, 1, 1, 1)
+    elem = wt.element_size()
+
+    def ada_ours():
+        w_q, reg = ops.adaround(wt, v, s_ch, z_ch, 0, 15, axis=0, beta=10.0)
+        return torch.autograd.grad((w_q, reg), v, (dw, lam))
+
+    def ada_plain_fn(v_):
+        return plain.adaround(wt, v_, s_b, z_b, 0, 15, beta=10.0)
+
+    ada_compiled = _compiled(ada_plain_fn, compile_plain)
+    impls = {"dsg_ext": ada_ours, "plain": lambda: torch.autograd.grad(ada_plain_fn(v), v, (dw, lam))}
+    if ada_compiled is not None:
+        impls["plain_compiled"] = lambda: torch.autograd.grad(ada_compiled(v), v, (dw, lam))
+    workloads.append(
+        Workload(
+            "adaround_step",
+            f"W {o}x{i_}x{kh}x{kw}",
+            7 * wt.numel() * elem,  # fwd: read w, v, write w~; bwd: read w, v, dw, write dv
+            impls,
+        )
+    )
+    return workloads
+
+
+def time_cpu(fn: Callable[[], object], min_run_time: float = 0.5) -> float:
+    """Median seconds per call on the CPU (torch.utils.benchmark, after warm-up)."""
+    from torch.utils import benchmark
+
+    fn()
+    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    return m.median
+
+
+def time_cuda(fn: Callable[[], object], iters: int = 50, warmup: int = 10) -> float:
+    """Median seconds per call on the current CUDA stream, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s, counting bytes read + written."""
+    n = nbytes // 4
+    if device == "cuda":
+        src = torch.empty(n, device=device)
+        dst = torch.empty_like(src)
+        t = time_cuda(lambda: dst.copy_(src), iters=20)
+    else:
+        n = min(n, 64 << 20)
+        src = torch.ones(n)
+        dst = torch.empty_like(src)
+        t = time_cpu(lambda: dst.copy_(src))
+    return 2 * n * 4 / t

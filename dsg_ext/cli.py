@@ -1,0 +1,80 @@
+"""The ``dsg`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from typing import List, Optional
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    import dsg_ext
+
+    print(f"dsg_ext {dsg_ext.__version__}")
+    print(f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'}), Python {platform.python_version()}")
+    print(f"CPU ops: yes; CUDA ops built: {'yes' if dsg_ext.cuda_ops_built() else 'no'}; "
+          f"GPU available: {'yes' if torch.cuda.is_available() else 'no'}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import benchmarks
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("dsg bench: --device cuda but no GPU is available", file=sys.stderr)
+        return 2
+    size = args.size or ("gpu" if args.device == "cuda" else "cpu")
+    workloads = benchmarks.make_workloads(args.device, size, compile_plain=not args.no_compile)
+    timer = benchmarks.time_cuda if args.device == "cuda" else benchmarks.time_cpu
+    bandwidth = benchmarks.copy_bandwidth(args.device)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    print(f"device: {args.device} ({device_name}), threads: {torch.get_num_threads()}, "
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
+    header = f"{'workload':42s} {'shape':20s} {'impl':15s} {'median ms':>10s} {'vs dsg_ext':>10s} {'x floor':>8s}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for wl in workloads:
+        floor = wl.bytes_moved / bandwidth
+        times = {name: timer(fn) for name, fn in wl.impls.items()}
+        for name, t in times.items():
+            rows.append({"workload": wl.name, "shape": wl.description, "impl": name, "median_s": t,
+                         "ratio_to_dsg_ext": t / times["dsg_ext"], "ratio_to_floor": t / floor})
+            print(f"{wl.name:42s} {wl.description:20s} {name:15s} {t * 1e3:10.3f} "
+                  f"{t / times['dsg_ext']:9.2f}x {t / floor:7.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": args.device, "device_name": device_name, "torch": torch.__version__,
+                       "threads": torch.get_num_threads(), "copy_bandwidth_Bps": bandwidth, "rows": rows}, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsg", description="Data-free quantization with Diverse Sample Generation")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="versions and which backends this build has")
+    p.set_defaults(func=_cmd_info)
+    p = sub.add_parser("bench", help="time the fused ops against plain PyTorch (and torch.compile of it)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--size", choices=("cpu", "gpu", "tiny"), default=None,
+                   help="problem sizes: 'gpu' = the issue's H100 goal shapes (default on cuda), 'cpu' = smaller")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines (faster)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

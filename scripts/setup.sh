@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Sets up dsg_ext on a fresh machine: Python dependencies, then the extension built in place.
+# The CUDA ops are compiled whenever torch is a CUDA build and a CUDA toolkit is found
+# (CUDA_HOME, else /usr/local/cuda); no GPU is needed. DSG_EXT_CUDA=0 skips them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+# torch is not pinned: any recent release works (our machines take 2.14.1+cu130 from local disk).
+$PY -m pip install -q --disable-pip-version-check "torch>=2.4" numpy ninja "setuptools>=64" wheel \
+  pytest pytest-benchmark hypothesis expecttest
+
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+$PY -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+$PY -m dsg_ext info
