@@ -9,6 +9,7 @@
 #pragma once
 
 #include "common.h"
+#include "vec_math.h"
 
 namespace dsg_ext {
 
@@ -24,7 +25,7 @@ struct SoftRounding {
 template <typename acc_t>
 DSG_HD SoftRounding<acc_t> soft_rounding(acc_t v) {
   const acc_t zeta = static_cast<acc_t>(kAdaRoundZeta), gamma = static_cast<acc_t>(kAdaRoundGamma);
-  const acc_t sig = acc_t(1) / (acc_t(1) + std::exp(-v));
+  const acc_t sig = acc_t(1) / (acc_t(1) + fast_exp(-v));
   const acc_t stretched = sig * (zeta - gamma) + gamma;
   SoftRounding<acc_t> r;
   const bool inside = stretched >= acc_t(0) && stretched <= acc_t(1);
@@ -33,15 +34,14 @@ DSG_HD SoftRounding<acc_t> soft_rounding(acc_t v) {
   return r;
 }
 
-// 1 - |2h - 1|^beta and its derivative with respect to h.
+// 1 - |2h - 1|^beta and its derivative with respect to h:
+// d/dh = -2 beta |u|^(beta-1) sign(u) = -2 beta |u|^beta / u, and 0 at u == 0 (sign(0) = 0, as torch).
 template <typename acc_t>
 DSG_HD void rounding_regularizer(acc_t h, acc_t beta, acc_t* reg, acc_t* dreg_dh) {
   const acc_t u = acc_t(2) * h - acc_t(1);
-  const acc_t au = u < acc_t(0) ? -u : u;
-  *reg = acc_t(1) - std::pow(au, beta);
-  // d/dh = -beta * |u|^(beta-1) * sign(u) * 2; zero at u == 0 (sign(0) = 0, as torch's abs)
-  *dreg_dh = u == acc_t(0) ? acc_t(0)
-                           : -acc_t(2) * beta * std::pow(au, beta - acc_t(1)) * (u < acc_t(0) ? acc_t(-1) : acc_t(1));
+  const acc_t p = pow_nonneg(u < acc_t(0) ? -u : u, beta);
+  *reg = acc_t(1) - p;
+  *dreg_dh = u == acc_t(0) ? acc_t(0) : acc_t(-2) * beta * p / u;
 }
 
 template <typename acc_t>

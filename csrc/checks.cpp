@@ -3,6 +3,7 @@
 #include <c10/util/Exception.h>
 
 #include <sstream>
+#include <vector>
 
 namespace dsg_ext {
 namespace {
@@ -129,10 +130,10 @@ QuantInputs check_quant_inputs(const char* op, const at::Tensor& x, const at::Te
   check_device(op, "zero_point", zero_point, x);
   TORCH_CHECK(quant_min < quant_max, op, ": quant_min (", quant_min, ") must be smaller than quant_max (",
               quant_max, ")");
-  TORCH_CHECK(quant_min >= -(int64_t(1) << 31) && quant_max <= (int64_t(1) << 31) - 1 &&
-                  quant_max - quant_min <= (int64_t(1) << 16) - 1,
-              op, ": quantization range [", quant_min, ", ", quant_max,
-              "] is not supported: at most 16 bits (quant_max - quant_min < 65536) within int32");
+  // Levels are exact in fp32 and the rounding stays in range for |level| <= 2^16.
+  TORCH_CHECK(quant_min >= -(int64_t(1) << 16) && quant_max <= (int64_t(1) << 16), op,
+              ": quantization range [", quant_min, ", ", quant_max,
+              "] is not supported: quant_min and quant_max must lie in [-65536, 65536] (at most 16 bits)");
 
   QuantInputs in;
   in.zero_point_is_float = is_float_type(zero_point.scalar_type());
@@ -146,16 +147,24 @@ QuantInputs check_quant_inputs(const char* op, const at::Tensor& x, const at::Te
     channels = x.size(ax);
     in.scale = per_channel(op, "scale", scale, channels, param_dtype, false);
     in.zero_point = per_channel(op, "zero_point", zero_point, channels, param_dtype, false);
-    if (is_channels_last(x) && ax == 1) {
-      in.x = x;
-      in.layout = Layout{1, x.size(0) * x.size(2) * x.size(3), channels, 1};
-    } else {
-      in.x = x.contiguous();
-      int64_t r = 1, b = 1;
-      for (int64_t d = 0; d < ax; ++d) r *= x.size(d);
-      for (int64_t d = ax + 1; d < x.dim(); ++d) b *= x.size(d);
-      in.layout = Layout{1, r, channels, b};
+    // Work in memory order so channels_last stays channels_last: [N][H][W][C] for a 4-D channels_last x.
+    const bool cl = is_channels_last(x);
+    in.x = cl ? x : x.contiguous();
+    const std::vector<int64_t> order = cl ? std::vector<int64_t>{0, 2, 3, 1} : [&] {
+      std::vector<int64_t> o(x.dim());
+      for (int64_t d = 0; d < x.dim(); ++d) o[d] = d;
+      return o;
+    }();
+    int64_t r = 1, b = 1;
+    bool before = true;
+    for (const int64_t d : order) {
+      if (d == ax) {
+        before = false;
+      } else {
+        (before ? r : b) *= x.size(d);
+      }
     }
+    in.layout = Layout{1, r, channels, b};
   } else {
     TORCH_CHECK(scale.numel() == 1, op, ": per-tensor quantization (axis=None) needs a single scale, got shape ",
                 scale.sizes());
@@ -188,6 +197,8 @@ void check_quant_values_cpu(const char* op, const QuantInputs& in, int64_t quant
     const std::string where = in.scale.numel() > 1 ? " at channel " + std::to_string(c) : std::string();
     TORCH_CHECK(s[c] > 0.0 && std::isfinite(s[c]) && std::isfinite(static_cast<float>(s[c])), op,
                 ": scale must be positive and finite, got ", s[c], where);
+    TORCH_CHECK(s[c] >= 1.17549435e-38, op, ": scale ", s[c], where,
+                " is below the smallest normal float (1.1754944e-38): 1/scale would overflow");
     TORCH_CHECK(!std::isnan(z[c]), op, ": zero_point is NaN", where);
     TORCH_CHECK(in.zero_point_is_float || (z[c] >= quant_min && z[c] <= quant_max), op, ": zero_point ", z[c],
                 " lies outside [quant_min, quant_max] = [", quant_min, ", ", quant_max, "]", where);

@@ -56,7 +56,7 @@ struct QParams {
   acc_t inv_scale;
   acc_t zero_point;
   acc_t qmin, qmax;
-  bool valid;  // scale > 0 and finite, zero point inside [qmin, qmax]; invalid parameters give NaN
+  bool valid;  // scale a finite normal float > 0 (so 1/scale is finite), zero point in range; else NaN
 
   // Integer zero points must lie in [qmin, qmax]; floating (learnable) ones are rounded half to
   // even and clamped into the range, as torch._fake_quantize_learnable_* does.
@@ -68,7 +68,7 @@ struct QParams {
     inv_scale = static_cast<acc_t>(inv);
     qmin = static_cast<acc_t>(quant_min);
     qmax = static_cast<acc_t>(quant_max);
-    valid = scale_f > 0.0f && scale_f <= 3.4028234663852886e38f && zero_point_f == zero_point_f &&
+    valid = scale_f >= 1.17549435e-38f && scale_f <= 3.4028234663852886e38f && zero_point_f == zero_point_f &&
             (zero_point_is_float || (zero_point_f >= lo && zero_point_f <= hi));
     float z = zero_point_f < lo ? lo : (zero_point_f > hi ? hi : zero_point_f);
     z = round_half_even(z);
@@ -102,6 +102,14 @@ struct FqGrad {
   acc_t dscale;
   acc_t dzero_point;
 };
+
+// Straight-through gradient alone (the common case: no learnable parameters).
+template <typename acc_t>
+DSG_HD acc_t fq_ste_grad(acc_t x, acc_t dy, const QParams<acc_t>& p) {
+  const acc_t q = fq_level(x, p);
+  const acc_t passed = p.valid ? dy : static_cast<acc_t>(NAN);
+  return (q < p.qmin || q > p.qmax) ? acc_t(0) : passed;
+}
 
 template <typename acc_t>
 DSG_HD FqGrad<acc_t> fq_backward(acc_t x, acc_t dy, const QParams<acc_t>& p) {

@@ -54,10 +54,17 @@ void backward_x_kernel(const QuantInputs& in, const at::Tensor& grad, int64_t qm
   const scalar_t* dy = grad.const_data_ptr<scalar_t>();
   scalar_t* out = dx.data_ptr<scalar_t>();
   cpu::for_each_run(in.layout, [&](int64_t off, int64_t n, int64_t c) {
-    for (int64_t i = 0; i < n; ++i) {
-      const auto& p = params[c >= 0 ? c : i];
-      out[off + i] = static_cast<scalar_t>(
-          fq_backward<acc_t>(static_cast<acc_t>(x[off + i]), static_cast<acc_t>(dy[off + i]), p).dx);
+    const scalar_t* xp = x + off;
+    const scalar_t* gp = dy + off;
+    scalar_t* op = out + off;
+    if (c >= 0) {
+      const QParams<acc_t> p = params[c];
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i)
+        op[i] = static_cast<scalar_t>(fq_ste_grad<acc_t>(static_cast<acc_t>(xp[i]), static_cast<acc_t>(gp[i]), p));
+    } else {
+      for (int64_t i = 0; i < n; ++i)
+        op[i] = static_cast<scalar_t>(fq_ste_grad<acc_t>(static_cast<acc_t>(xp[i]), static_cast<acc_t>(gp[i]), params[i]));
     }
   });
 }

@@ -15,7 +15,8 @@ namespace cpu {
 
 constexpr int64_t kGrain = 32768;
 
-inline bool row_mode(const Layout& L) { return L.B > 1 || L.C == 1; }
+// Column mode is for B == 1 with several channels; everything else (B == 0 included) walks runs.
+inline bool row_mode(const Layout& L) { return L.B != 1 || L.C == 1; }
 
 // Calls f(offset, length, channel) on contiguous runs sharing one channel (row mode), or on rows of
 // C channels with channel = -1 (column mode, B == 1: element i of the run has channel i).
@@ -23,12 +24,12 @@ template <typename F>
 void for_each_run(const Layout& L, const F& f) {
   if (row_mode(L)) {
     const int64_t runs = L.A * L.R * L.C;
-    const int64_t per_run = std::max<int64_t>(L.B, 1);
-    const int64_t pieces = (per_run + kGrain - 1) / kGrain;  // long runs are split across threads
-    at::parallel_for(0, runs * pieces, std::max<int64_t>(1, kGrain / per_run), [&](int64_t i0, int64_t i1) {
+    const int64_t pieces = (L.B + kGrain - 1) / kGrain;  // long runs are split across threads
+    if (runs * pieces == 0) return;
+    at::parallel_for(0, runs * pieces, std::max<int64_t>(1, kGrain / std::max<int64_t>(L.B, 1)), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t run = i / pieces, piece = i % pieces;
-        const int64_t b0 = piece * kGrain, b1 = std::min(per_run, b0 + kGrain);
+        const int64_t b0 = piece * kGrain, b1 = std::min(L.B, b0 + kGrain);
         if (b1 > b0) f(run * L.B + b0, b1 - b0, run % L.C);
       }
     });

@@ -10,6 +10,7 @@
 
 #include "../checks.h"
 #include "../slack_loss.h"
+#include "loops.h"
 
 namespace dsg_ext {
 namespace {
@@ -47,7 +48,7 @@ void slack_forward_kernel(const SlackInputs& in, double eps, int64_t correction,
       for (int64_t c = 0; c < L.C; ++c) shift[a * L.C + c] = static_cast<acc_t>(x[(a * L.R * L.C + c) * L.B]);
   }
 
-  if (L.B > 1 || L.C == 1) {
+  if (cpu::row_mode(L)) {
     // Row mode: each (a, r, c) is a contiguous run of B elements.
     at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
       for (int64_t g = g0; g < g1; ++g) {
@@ -146,7 +147,7 @@ void slack_backward_kernel(const SlackInputs& in, const at::Tensor& grad_loss, c
   const scalar_t* x = in.x.const_data_ptr<scalar_t>();
   scalar_t* out = grad.data_ptr<scalar_t>();
   const int64_t rows = L.A * L.R * L.C;
-  if (L.B > 1 || L.C == 1) {
+  if (cpu::row_mode(L)) {
     at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(L.B, 1)), [&](int64_t i0, int64_t i1) {
       for (int64_t row = i0; row < i1; ++row) {
         const int64_t c = row % L.C, a = row / (L.R * L.C);

@@ -49,12 +49,17 @@ struct Backward {
   }
 };
 
-// STE only: the same element function with its reduction discarded.
+// STE only.
 template <typename scalar_t, typename acc_t>
 struct BackwardInputOnly {
-  Backward<scalar_t, acc_t> inner;
-  __device__ QParams<acc_t> group(int64_t a, int64_t c) const { return inner.group(a, c); }
-  __device__ void operator()(int64_t i, const QParams<acc_t>& p) const { inner(i, p); }
+  const scalar_t* x;
+  const scalar_t* dy;
+  scalar_t* dx;
+  ParamSource<acc_t> params;
+  __device__ QParams<acc_t> group(int64_t, int64_t c) const { return params(c); }
+  __device__ void operator()(int64_t i, const QParams<acc_t>& p) const {
+    dx[i] = static_cast<scalar_t>(fq_ste_grad<acc_t>(static_cast<acc_t>(x[i]), static_cast<acc_t>(dy[i]), p));
+  }
 };
 
 struct WriteParamGrads {
@@ -67,7 +72,8 @@ struct WriteParamGrads {
   }
 };
 
-ParamSource<float> float_params(const QuantInputs& in, int64_t qmin, int64_t qmax) {
+template <typename acc_t>
+ParamSource<acc_t> params_of(const QuantInputs& in, int64_t qmin, int64_t qmax) {
   return {in.scale.const_data_ptr<float>(), in.zero_point.const_data_ptr<float>(), in.zero_point_is_float, qmin, qmax};
 }
 
@@ -79,9 +85,8 @@ at::Tensor fake_quant_cuda(const at::Tensor& x, const at::Tensor& scale, const a
   at::Tensor out = at::empty_like(in.x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quant_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    const ParamSource<float> pf = float_params(in, quant_min, quant_max);
-    const ParamSource<acc_t> p{pf.scale, pf.zero_point, pf.zero_point_is_float, pf.qmin, pf.qmax};
-    cuda::apply(in.layout, Forward<scalar_t, acc_t>{in.x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), p});
+    cuda::apply(in.layout, Forward<scalar_t, acc_t>{in.x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                                    params_of<acc_t>(in, quant_min, quant_max)});
   });
   return out;
 }
@@ -97,11 +102,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cuda(
   at::Tensor dscale, dzero;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quant_backward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
-    const ParamSource<float> pf = float_params(in, quant_min, quant_max);
     const Backward<scalar_t, acc_t> op{in.x.const_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(),
-                                       dx.data_ptr<scalar_t>(),
-                                       ParamSource<acc_t>{pf.scale, pf.zero_point, pf.zero_point_is_float, pf.qmin,
-                                                          pf.qmax}};
+                                       dx.data_ptr<scalar_t>(), params_of<acc_t>(in, quant_min, quant_max)};
     if (param_grads) {
       at::Tensor ds = at::empty({in.layout.C}, x.options().dtype(at::kDouble));
       at::Tensor dz = at::empty({in.layout.C}, x.options().dtype(at::kDouble));
@@ -111,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cuda(
       dzero = zero_point.is_floating_point() ? dz.to(zero_point.scalar_type()).reshape(zero_point.sizes())
                                              : at::zeros_like(zero_point);
     } else {
-      cuda::apply(in.layout, BackwardInputOnly<scalar_t, acc_t>{op});
+      cuda::apply(in.layout, BackwardInputOnly<scalar_t, acc_t>{op.x, op.dy, op.dx, op.params});
     }
   });
   if (!param_grads) {

@@ -26,7 +26,8 @@ constexpr int kColX = 32, kColY = 8;
 constexpr int64_t kColRows = 64;  // rows per block (column mode)
 constexpr int64_t kMaxGridY = 65535;
 
-inline bool row_mode(const Layout& L) { return L.B > 1 || L.C == 1; }
+// Column mode is for B == 1 with several channels; everything else (B == 0 included) walks runs.
+inline bool row_mode(const Layout& L) { return L.B != 1 || L.C == 1; }
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -63,10 +64,11 @@ struct RowGrid {
   int64_t nchunks;  // blocks per run
 };
 
+// Runs are cut into equal chunks of about kRowChunk elements (12544 -> 4 x 3136, not 3 x 4096 + 256).
 inline RowGrid row_grid(const Layout& L) {
-  const int64_t b = std::max<int64_t>(L.B, 1);
-  const int64_t chunk = std::max<int64_t>(kRowChunk, (b + kMaxGridY - 1) / kMaxGridY);
-  return {chunk, L.B == 0 ? 0 : (b + chunk - 1) / chunk};
+  if (L.B == 0) return {1, 0};
+  const int64_t nchunks = std::min<int64_t>(kMaxGridY, (L.B + kRowChunk - 1) / kRowChunk);
+  return {(L.B + nchunks - 1) / nchunks, nchunks};
 }
 
 struct ColGrid {
