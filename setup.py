@@ -59,7 +59,9 @@ def _extensions():
     opt = ["-O0", "-g"] if debug else ["-O3"]
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx_flags = opt + ["-fopenmp-simd", "-ffp-contract=off", "-DDSG_EXT_PYTHON_MODULE"]
+    # -fno-trapping-math lets the CPU loops vectorise their selects (no FP exceptions are relied on);
+    # -ffp-contract=off keeps the fake-quant rounding bitwise equal to torch.
+    cxx_flags = opt + ["-fopenmp-simd", "-fno-trapping-math", "-ffp-contract=off", "-DDSG_EXT_PYTHON_MODULE"]
     extra = {"cxx": cxx_flags}
     ext_cls = CppExtension
     if use_cuda:

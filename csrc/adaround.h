@@ -28,9 +28,9 @@ DSG_HD SoftRounding<acc_t> soft_rounding(acc_t v) {
   const acc_t sig = acc_t(1) / (acc_t(1) + fast_exp(-v));
   const acc_t stretched = sig * (zeta - gamma) + gamma;
   SoftRounding<acc_t> r;
-  const bool inside = stretched >= acc_t(0) && stretched <= acc_t(1);
   r.h = stretched < acc_t(0) ? acc_t(0) : (stretched > acc_t(1) ? acc_t(1) : stretched);
-  r.dh_dv = inside ? sig * (acc_t(1) - sig) * (zeta - gamma) : acc_t(0);
+  const acc_t slope = sig * (acc_t(1) - sig) * (zeta - gamma);
+  r.dh_dv = stretched < acc_t(0) ? acc_t(0) : (stretched > acc_t(1) ? acc_t(0) : slope);  // NaN passes
   return r;
 }
 
@@ -63,12 +63,30 @@ struct AdaRoundParams {
   }
 };
 
-// Quantized weight; also reports whether the level clamp is inactive (the gradient passes).
+// floor(v) for |v| < 2^22 without libm (vectorises on any CPU); exact, like std::floor.
+template <typename acc_t>
+DSG_HD acc_t floor_small(acc_t v) {
+#if defined(__CUDA_ARCH__)
+  return floor(v);
+#else
+  const acc_t magic = sizeof(acc_t) == 4 ? acc_t(12582912.0f) : acc_t(6755399441055744.0);
+  const acc_t r = (v + magic) - magic;  // round half to even
+  return r > v ? r - acc_t(1) : r;
+#endif
+}
+
+// Quantized weight; also reports whether the level clamp is inactive (the gradient passes), as 1 or 0
+// in acc_t (a float mask keeps the CPU loops vectorisable where a bool does not).
+// w / s is pre-clamped to [qmin - z - 2, qmax - z + 1]: floor is monotone and every level outside
+// that window is clamped anyway, so results are unchanged and floor_small stays in range.
 template <typename acc_t>
 DSG_HD acc_t adaround_weight(acc_t w, acc_t h, const AdaRoundParams<acc_t>& p, acc_t* level_minus_zero,
-                             bool* inside) {
-  const acc_t level = std::floor(w / p.scale) + h + p.zero_point;
-  *inside = level >= p.qmin && level <= p.qmax;
+                             acc_t* inside) {
+  acc_t ws = w / p.scale;
+  const acc_t lo = p.qmin - p.zero_point - acc_t(2), hi = p.qmax - p.zero_point + acc_t(1);
+  ws = ws < lo ? lo : (ws > hi ? hi : ws);
+  const acc_t level = floor_small(ws) + h + p.zero_point;
+  *inside = level < p.qmin ? acc_t(0) : (level > p.qmax ? acc_t(0) : acc_t(1));
   const acc_t q = level < p.qmin ? p.qmin : (level > p.qmax ? p.qmax : level);
   *level_minus_zero = q - p.zero_point;
   return p.scale * (q - p.zero_point);

@@ -8,7 +8,8 @@
 #if defined(__CUDACC__)
 #define DSG_HD __host__ __device__ __forceinline__
 #else
-#define DSG_HD inline
+// Always inlined: the CPU loops only vectorise when the element math is inlined into them.
+#define DSG_HD __attribute__((always_inline)) inline
 #endif
 
 namespace dsg_ext {

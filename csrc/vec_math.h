@@ -5,23 +5,15 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
+#include <bit>
 
 #include "common.h"
 
 namespace dsg_ext {
 
 namespace detail {
-DSG_HD float bits_to_float(int32_t i) {
-  float f;
-  std::memcpy(&f, &i, sizeof f);
-  return f;
-}
-DSG_HD int32_t float_to_bits(float f) {
-  int32_t i;
-  std::memcpy(&i, &f, sizeof i);
-  return i;
-}
+DSG_HD float bits_to_float(int32_t i) { return std::bit_cast<float>(i); }
+DSG_HD int32_t float_to_bits(float f) { return std::bit_cast<int32_t>(f); }
 }  // namespace detail
 
 // e^x for finite x (saturates at the float range; NaN stays NaN through the arithmetic).

@@ -24,6 +24,75 @@ std::vector<AdaRoundParams<acc_t>> channel_params(const QuantInputs& in, int64_t
 }
 
 
+// One contiguous run with one set of parameters; returns the regularizer summed over the run.
+template <typename scalar_t, typename acc_t, bool kHard>
+acc_t forward_run(const scalar_t* __restrict__ w, const scalar_t* __restrict__ v, scalar_t* __restrict__ out,
+                  int64_t n, const AdaRoundParams<acc_t> p, const acc_t beta) {
+  return cpu::blocked_sum<acc_t>(n, [&](int64_t start, int64_t count, acc_t* reg, acc_t*) {
+    const scalar_t* __restrict__ wb = w + start;
+    const scalar_t* __restrict__ vb = v + start;
+    scalar_t* __restrict__ ob = out + start;
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) {
+      const acc_t vi = static_cast<acc_t>(vb[i]);
+      acc_t h, r = 0, unused;
+      if constexpr (kHard) {
+        h = vi >= acc_t(0) ? acc_t(1) : acc_t(0);
+      } else {
+        h = soft_rounding<acc_t>(vi).h;
+        rounding_regularizer<acc_t>(h, beta, &r, &unused);
+      }
+      acc_t level;
+      acc_t inside;
+      ob[i] = static_cast<scalar_t>(adaround_weight<acc_t>(static_cast<acc_t>(wb[i]), h, p, &level, &inside));
+      reg[i] = r;
+    }
+  }).a;
+}
+
+// Writes dL/dV for one run; returns sum(dW~ * (q - z)), the run's share of dL/ds.
+template <typename scalar_t, typename acc_t, bool kHard>
+acc_t backward_run(const scalar_t* __restrict__ w, const scalar_t* __restrict__ v, const scalar_t* __restrict__ dy,
+                   scalar_t* __restrict__ grad_v, int64_t n, const AdaRoundParams<acc_t> p, const acc_t beta,
+                   const acc_t dreg) {
+  return cpu::blocked_sum<acc_t>(n, [&](int64_t start, int64_t count, acc_t* dscale, acc_t*) {
+    const scalar_t* __restrict__ wb = w + start;
+    const scalar_t* __restrict__ vb = v + start;
+    const scalar_t* __restrict__ gb = dy + start;
+    scalar_t* __restrict__ ob = grad_v + start;
+#pragma omp simd
+    for (int64_t i = 0; i < count; ++i) {
+      const acc_t vi = static_cast<acc_t>(vb[i]);
+      const acc_t g = static_cast<acc_t>(gb[i]);
+      acc_t level;
+      acc_t inside;
+      if constexpr (kHard) {
+        adaround_weight<acc_t>(static_cast<acc_t>(wb[i]), vi >= acc_t(0) ? acc_t(1) : acc_t(0), p, &level, &inside);
+        ob[i] = static_cast<scalar_t>(0);
+      } else {
+        const SoftRounding<acc_t> sr = soft_rounding<acc_t>(vi);
+        acc_t r, dr_dh;
+        rounding_regularizer<acc_t>(sr.h, beta, &r, &dr_dh);
+        adaround_weight<acc_t>(static_cast<acc_t>(wb[i]), sr.h, p, &level, &inside);
+        const acc_t through_weight = inside > acc_t(0) ? g * p.scale : acc_t(0);
+        ob[i] = static_cast<scalar_t>((through_weight + dreg * dr_dh) * sr.dh_dv);
+      }
+      dscale[i] = g * level;
+    }
+  }).a;
+}
+
+// Calls run(offset, length, params) for a row-mode run, or once per element of a column-mode row.
+template <typename acc_t, typename Run>
+void for_runs(const std::vector<AdaRoundParams<acc_t>>& params, int64_t off, int64_t n, int64_t c,
+              Pair<double>* acc, const Run& run) {
+  if (c >= 0) {
+    acc->a += run(off, n, params[c]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) acc[i].a += run(off + i, 1, params[i]);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> adaround_cpu(const at::Tensor& w, const at::Tensor& v, const at::Tensor& scale,
                                                 const at::Tensor& zero_point, int64_t qmin, int64_t qmax,
                                                 std::optional<int64_t> axis, double beta, bool hard) {
@@ -39,20 +108,11 @@ std::tuple<at::Tensor, at::Tensor> adaround_cpu(const at::Tensor& w, const at::T
     const scalar_t* vp = vv.const_data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const acc_t b = static_cast<acc_t>(beta);
-    const auto sums = cpu::reduce_channels<acc_t>(in.layout, [&](int64_t i, int64_t c) {
-      const acc_t vi = static_cast<acc_t>(vp[i]);
-      acc_t h, r, unused;
-      if (hard) {
-        h = vi >= acc_t(0) ? acc_t(1) : acc_t(0);
-        r = acc_t(0);
-      } else {
-        h = soft_rounding<acc_t>(vi).h;
-        rounding_regularizer<acc_t>(h, b, &r, &unused);
-      }
-      acc_t level;
-      bool inside;
-      op[i] = static_cast<scalar_t>(adaround_weight<acc_t>(static_cast<acc_t>(wp[i]), h, params[c], &level, &inside));
-      return Pair<acc_t>(r, acc_t(0));
+    const auto sums = cpu::reduce_channels(in.layout, [&](int64_t off, int64_t n, int64_t c, Pair<double>* acc) {
+      for_runs<acc_t>(params, off, n, c, acc, [&](int64_t o, int64_t m, const AdaRoundParams<acc_t>& p) {
+        return hard ? forward_run<scalar_t, acc_t, true>(wp + o, vp + o, op + o, m, p, b)
+                    : forward_run<scalar_t, acc_t, false>(wp + o, vp + o, op + o, m, p, b);
+      });
     });
     double total = 0;
     for (const auto& s : sums) total += s.a;
@@ -84,25 +144,12 @@ std::tuple<at::Tensor, at::Tensor> adaround_backward_cpu(const at::Tensor& grad_
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     scalar_t* gv = grad_v.data_ptr<scalar_t>();
     const acc_t b = static_cast<acc_t>(beta);
-    const acc_t dreg = grad_reg.to(at::kDouble).item<double>();
-    const auto sums = cpu::reduce_channels<acc_t>(in.layout, [&](int64_t i, int64_t c) {
-      const AdaRoundParams<acc_t>& p = params[c];
-      const acc_t vi = static_cast<acc_t>(vp[i]);
-      const acc_t g = static_cast<acc_t>(dyp[i]);
-      acc_t level;
-      bool inside;
-      if (hard) {
-        adaround_weight<acc_t>(static_cast<acc_t>(wp[i]), vi >= acc_t(0) ? acc_t(1) : acc_t(0), p, &level, &inside);
-        gv[i] = static_cast<scalar_t>(0);
-      } else {
-        const SoftRounding<acc_t> sr = soft_rounding<acc_t>(vi);
-        acc_t r, dr_dh;
-        rounding_regularizer<acc_t>(sr.h, b, &r, &dr_dh);
-        adaround_weight<acc_t>(static_cast<acc_t>(wp[i]), sr.h, p, &level, &inside);
-        const acc_t through_weight = inside ? g * p.scale : acc_t(0);
-        gv[i] = static_cast<scalar_t>((through_weight + dreg * dr_dh) * sr.dh_dv);
-      }
-      return Pair<acc_t>(scale_grad ? g * level : acc_t(0), acc_t(0));
+    const acc_t dreg = static_cast<acc_t>(grad_reg.to(at::kDouble).item<double>());
+    const auto sums = cpu::reduce_channels(in.layout, [&](int64_t off, int64_t n, int64_t c, Pair<double>* acc) {
+      for_runs<acc_t>(params, off, n, c, acc, [&](int64_t o, int64_t m, const AdaRoundParams<acc_t>& p) {
+        return hard ? backward_run<scalar_t, acc_t, true>(wp + o, vp + o, dyp + o, gv + o, m, p, b, dreg)
+                    : backward_run<scalar_t, acc_t, false>(wp + o, vp + o, dyp + o, gv + o, m, p, b, dreg);
+      });
     });
     if (scale_grad) {
       std::vector<double> ds(in.layout.C);

@@ -32,8 +32,8 @@ void forward_kernel(const QuantInputs& in, int64_t qmin, int64_t qmax, at::Tenso
   const scalar_t* x = in.x.const_data_ptr<scalar_t>();
   scalar_t* y = out.data_ptr<scalar_t>();
   cpu::for_each_run(in.layout, [&](int64_t off, int64_t n, int64_t c) {
-    const scalar_t* xp = x + off;
-    scalar_t* yp = y + off;
+    const scalar_t* __restrict__ xp = x + off;
+    scalar_t* __restrict__ yp = y + off;
     if (c >= 0) {
       const QParams<acc_t> p = params[c];
 #pragma omp simd
@@ -54,9 +54,9 @@ void backward_x_kernel(const QuantInputs& in, const at::Tensor& grad, int64_t qm
   const scalar_t* dy = grad.const_data_ptr<scalar_t>();
   scalar_t* out = dx.data_ptr<scalar_t>();
   cpu::for_each_run(in.layout, [&](int64_t off, int64_t n, int64_t c) {
-    const scalar_t* xp = x + off;
-    const scalar_t* gp = dy + off;
-    scalar_t* op = out + off;
+    const scalar_t* __restrict__ xp = x + off;
+    const scalar_t* __restrict__ gp = dy + off;
+    scalar_t* __restrict__ op = out + off;
     if (c >= 0) {
       const QParams<acc_t> p = params[c];
 #pragma omp simd
@@ -78,10 +78,28 @@ void backward_params_kernel(const QuantInputs& in, const at::Tensor& grad, int64
   const scalar_t* x = in.x.const_data_ptr<scalar_t>();
   const scalar_t* dy = grad.const_data_ptr<scalar_t>();
   scalar_t* out = dx.data_ptr<scalar_t>();
-  const auto sums = cpu::reduce_channels<acc_t>(in.layout, [&](int64_t i, int64_t c) {
-    const FqGrad<acc_t> g = fq_backward<acc_t>(static_cast<acc_t>(x[i]), static_cast<acc_t>(dy[i]), params[c]);
-    out[i] = static_cast<scalar_t>(g.dx);
-    return Pair<acc_t>(g.dscale, g.dzero_point);
+  const auto sums = cpu::reduce_channels(in.layout, [&](int64_t off, int64_t n, int64_t c, Pair<double>* acc) {
+    const scalar_t* __restrict__ xp = x + off;
+    const scalar_t* __restrict__ gp = dy + off;
+    scalar_t* __restrict__ op = out + off;
+    if (c >= 0) {
+      const QParams<acc_t> p = params[c];
+      *acc += cpu::blocked_sum<acc_t>(n, [&](int64_t start, int64_t count, acc_t* ds, acc_t* dz) {
+#pragma omp simd
+        for (int64_t i = start; i < start + count; ++i) {
+          const FqGrad<acc_t> g = fq_backward<acc_t>(static_cast<acc_t>(xp[i]), static_cast<acc_t>(gp[i]), p);
+          op[i] = static_cast<scalar_t>(g.dx);
+          ds[i - start] = g.dscale;
+          dz[i - start] = g.dzero_point;
+        }
+      });
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        const FqGrad<acc_t> g = fq_backward<acc_t>(static_cast<acc_t>(xp[i]), static_cast<acc_t>(gp[i]), params[i]);
+        op[i] = static_cast<scalar_t>(g.dx);
+        acc[i] += Pair<double>(g.dscale, g.dzero_point);
+      }
+    }
   });
   std::vector<double> ds(in.layout.C), dz(in.layout.C);
   for (int64_t c = 0; c < in.layout.C; ++c) {

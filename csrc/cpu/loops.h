@@ -40,11 +40,36 @@ void for_each_run(const Layout& L, const F& f) {
   }
 }
 
-// Per-channel sums (over A, R and B) of two quantities returned by elem(flat_index, channel), which
-// may also write an output element. Returns sums[c] in double; partials are summed in acc_t over
-// at most kGrain elements.
-template <typename acc_t, typename Elem>
-std::vector<Pair<double>> reduce_channels(const Layout& L, const Elem& elem) {
+// Sum over [0, n) of values that fill(start, count, out_a, out_b) writes for a block of elements.
+// gcc does not vectorise a simd-reduction loop whose body is as large as the AdaRound or learnable
+// fake-quant element functions, so the element loop writes a small buffer and a second, trivial
+// loop sums it.
+template <typename acc_t, typename Fill>
+Pair<double> blocked_sum(int64_t n, const Fill& fill) {
+  constexpr int64_t kBlock = 256;
+  acc_t buf_a[kBlock] = {}, buf_b[kBlock] = {};  // a fill may leave buf_b unused
+  Pair<double> total;
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int64_t count = std::min(kBlock, n - start);
+    fill(start, count, buf_a, buf_b);
+    acc_t a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+    for (int64_t i = 0; i < count; ++i) {
+      a += buf_a[i];
+      b += buf_b[i];
+    }
+    total += Pair<double>(a, b);
+  }
+  return total;
+}
+
+// Per-channel sums of two quantities (over A, R and B), in double, merged in a fixed order.
+// run(offset, length, channel, acc) processes a contiguous run and adds its sums into acc:
+//   row mode:    channel >= 0, the run has that channel, acc points to one Pair;
+//   column mode: channel == -1, the run is a row of C channels, acc points to C Pairs.
+// The callee keeps its parameters in locals and sums a run in registers, so the loop vectorises.
+template <typename Run>
+std::vector<Pair<double>> reduce_channels(const Layout& L, const Run& run) {
   std::vector<Pair<double>> sums(L.C);
   if (row_mode(L)) {
     const int64_t per_channel = L.A * L.R * L.B;
@@ -59,15 +84,7 @@ std::vector<Pair<double>> reduce_channels(const Layout& L, const Elem& elem) {
         for (int64_t e = (t % pieces) * piece_len; e < e1;) {  // e indexes (a, r, b) inside channel c
           const int64_t ar = e / L.B, b = e % L.B;
           const int64_t n = std::min({L.B - b, e1 - e, kGrain});
-          const int64_t off = (ar * L.C + c) * L.B + b;
-          acc_t s0 = 0, s1 = 0;
-#pragma omp simd reduction(+ : s0, s1)
-          for (int64_t i = 0; i < n; ++i) {
-            const Pair<acc_t> v = elem(off + i, c);
-            s0 += v.a;
-            s1 += v.b;
-          }
-          total += Pair<double>(s0, s1);
+          run((ar * L.C + c) * L.B + b, n, c, &total);
           e += n;
         }
         part[t] = total;
@@ -81,15 +98,9 @@ std::vector<Pair<double>> reduce_channels(const Layout& L, const Elem& elem) {
     const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
     std::vector<Pair<double>> part(chunks * L.C);
     at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
-      std::vector<Pair<acc_t>> acc(L.C);
       for (int64_t k = k0; k < k1; ++k) {
         const int64_t r1 = std::min(rows, (k + 1) * rows_per_chunk);
-        for (int64_t rb = k * rows_per_chunk; rb < r1; rb += 256) {
-          std::fill(acc.begin(), acc.end(), Pair<acc_t>());
-          for (int64_t r = rb; r < std::min(r1, rb + 256); ++r)
-            for (int64_t c = 0; c < L.C; ++c) acc[c] += elem(r * L.C + c, c);
-          for (int64_t c = 0; c < L.C; ++c) part[k * L.C + c] += Pair<double>(acc[c].a, acc[c].b);
-        }
+        for (int64_t r = k * rows_per_chunk; r < r1; ++r) run(r * L.C, L.C, int64_t(-1), &part[k * L.C]);
       }
     });
     for (int64_t k = 0; k < chunks; ++k)

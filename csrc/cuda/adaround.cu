@@ -47,7 +47,7 @@ struct Forward {
       rounding_regularizer<acc_t>(h, beta, &r, &unused);
     }
     acc_t level;
-    bool inside;
+    acc_t inside;
     out[i] = static_cast<scalar_t>(nan_if_invalid(adaround_weight<acc_t>(static_cast<acc_t>(w[i]), h, p, &level, &inside), p));
     return Pair<acc_t>(r, acc_t(0));
   }
@@ -68,7 +68,7 @@ struct Backward {
     const acc_t vi = static_cast<acc_t>(v[i]);
     const acc_t g = static_cast<acc_t>(dy[i]);
     acc_t level;
-    bool inside;
+    acc_t inside;
     if (hard) {
       adaround_weight<acc_t>(static_cast<acc_t>(w[i]), vi >= acc_t(0) ? acc_t(1) : acc_t(0), p, &level, &inside);
       grad_v[i] = static_cast<scalar_t>(0);
@@ -77,7 +77,7 @@ struct Backward {
       acc_t r, dr_dh;
       rounding_regularizer<acc_t>(sr.h, beta, &r, &dr_dh);
       adaround_weight<acc_t>(static_cast<acc_t>(w[i]), sr.h, p, &level, &inside);
-      const acc_t through_weight = inside ? g * p.scale : acc_t(0);
+      const acc_t through_weight = inside > acc_t(0) ? g * p.scale : acc_t(0);
       grad_v[i] = static_cast<scalar_t>(nan_if_invalid((through_weight + *grad_reg * dr_dh) * sr.dh_dv, p));
     }
     return Pair<acc_t>(g * level, acc_t(0));

@@ -31,7 +31,7 @@ struct Forward {
   ParamSource<acc_t> params;
   __device__ QParams<acc_t> group(int64_t, int64_t c) const { return params(c); }
   __device__ void operator()(int64_t i, const QParams<acc_t>& p) const {
-    y[i] = static_cast<scalar_t>(fq_forward<acc_t>(static_cast<acc_t>(x[i]), p));
+    y[i] = static_cast<scalar_t>(p.valid ? fq_forward<acc_t>(static_cast<acc_t>(x[i]), p) : static_cast<acc_t>(NAN));
   }
 };
 
@@ -43,7 +43,8 @@ struct Backward {
   ParamSource<acc_t> params;
   __device__ QParams<acc_t> group(int64_t, int64_t c) const { return params(c); }
   __device__ Pair<acc_t> operator()(int64_t i, const QParams<acc_t>& p) const {
-    const FqGrad<acc_t> g = fq_backward<acc_t>(static_cast<acc_t>(x[i]), static_cast<acc_t>(dy[i]), p);
+    FqGrad<acc_t> g = fq_backward<acc_t>(static_cast<acc_t>(x[i]), static_cast<acc_t>(dy[i]), p);
+    if (!p.valid) g.dx = g.dscale = g.dzero_point = static_cast<acc_t>(NAN);
     dx[i] = static_cast<scalar_t>(g.dx);
     return Pair<acc_t>(g.dscale, g.dzero_point);
   }
@@ -58,7 +59,8 @@ struct BackwardInputOnly {
   ParamSource<acc_t> params;
   __device__ QParams<acc_t> group(int64_t, int64_t c) const { return params(c); }
   __device__ void operator()(int64_t i, const QParams<acc_t>& p) const {
-    dx[i] = static_cast<scalar_t>(fq_ste_grad<acc_t>(static_cast<acc_t>(x[i]), static_cast<acc_t>(dy[i]), p));
+    dx[i] = static_cast<scalar_t>(p.valid ? fq_ste_grad<acc_t>(static_cast<acc_t>(x[i]), static_cast<acc_t>(dy[i]), p)
+                                          : static_cast<acc_t>(NAN));
   }
 };
 
