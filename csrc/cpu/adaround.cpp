@@ -24,61 +24,79 @@ std::vector<AdaRoundParams<acc_t>> channel_params(const QuantInputs& in, int64_t
 }
 
 
+// The AdaRound element math is transcendental-heavy (exp, log, exp per element): on x86-64 the
+// block functions are also compiled for AVX2 and picked at load time (gcc target_clones), so
+// the wheel still runs on any x86-64 CPU.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DSG_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define DSG_CPU_CLONES
+#endif
+
+// One block (at most cpu::kReduceBlock elements) with one set of parameters: writes W~ and the
+// per-element regularizer.
+template <typename scalar_t, typename acc_t, bool kHard>
+DSG_CPU_CLONES void forward_block(const scalar_t* __restrict__ w, const scalar_t* __restrict__ v,
+                                  scalar_t* __restrict__ out, int64_t count, const AdaRoundParams<acc_t> p,
+                                  const acc_t beta, acc_t* __restrict__ reg) {
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) {
+    const acc_t vi = static_cast<acc_t>(v[i]);
+    acc_t h, r = 0, unused;
+    if constexpr (kHard) {
+      h = vi >= acc_t(0) ? acc_t(1) : acc_t(0);
+    } else {
+      h = soft_rounding<acc_t>(vi).h;
+      rounding_regularizer<acc_t>(h, beta, &r, &unused);
+    }
+    acc_t level, inside;
+    out[i] = static_cast<scalar_t>(adaround_weight<acc_t>(static_cast<acc_t>(w[i]), h, p, &level, &inside));
+    reg[i] = r;
+  }
+}
+
+// Writes dL/dV for one block and the per-element share of dL/ds, dW~ * (q - z).
+template <typename scalar_t, typename acc_t, bool kHard>
+DSG_CPU_CLONES void backward_block(const scalar_t* __restrict__ w, const scalar_t* __restrict__ v,
+                                   const scalar_t* __restrict__ dy, scalar_t* __restrict__ grad_v, int64_t count,
+                                   const AdaRoundParams<acc_t> p, const acc_t beta, const acc_t dreg,
+                                   acc_t* __restrict__ dscale) {
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) {
+    const acc_t vi = static_cast<acc_t>(v[i]);
+    const acc_t g = static_cast<acc_t>(dy[i]);
+    acc_t level, inside;
+    if constexpr (kHard) {
+      adaround_weight<acc_t>(static_cast<acc_t>(w[i]), vi >= acc_t(0) ? acc_t(1) : acc_t(0), p, &level, &inside);
+      grad_v[i] = static_cast<scalar_t>(0);
+    } else {
+      const SoftRounding<acc_t> sr = soft_rounding<acc_t>(vi);
+      acc_t r, dr_dh;
+      rounding_regularizer<acc_t>(sr.h, beta, &r, &dr_dh);
+      adaround_weight<acc_t>(static_cast<acc_t>(w[i]), sr.h, p, &level, &inside);
+      const acc_t through_weight = inside > acc_t(0) ? g * p.scale : acc_t(0);
+      grad_v[i] = static_cast<scalar_t>((through_weight + dreg * dr_dh) * sr.dh_dv);
+    }
+    dscale[i] = g * level;
+  }
+}
+
 // One contiguous run with one set of parameters; returns the regularizer summed over the run.
 template <typename scalar_t, typename acc_t, bool kHard>
-acc_t forward_run(const scalar_t* __restrict__ w, const scalar_t* __restrict__ v, scalar_t* __restrict__ out,
-                  int64_t n, const AdaRoundParams<acc_t> p, const acc_t beta) {
+acc_t forward_run(const scalar_t* w, const scalar_t* v, scalar_t* out, int64_t n, const AdaRoundParams<acc_t>& p,
+                  acc_t beta) {
   return cpu::blocked_sum<acc_t>(n, [&](int64_t start, int64_t count, acc_t* reg, acc_t*) {
-    const scalar_t* __restrict__ wb = w + start;
-    const scalar_t* __restrict__ vb = v + start;
-    scalar_t* __restrict__ ob = out + start;
-#pragma omp simd
-    for (int64_t i = 0; i < count; ++i) {
-      const acc_t vi = static_cast<acc_t>(vb[i]);
-      acc_t h, r = 0, unused;
-      if constexpr (kHard) {
-        h = vi >= acc_t(0) ? acc_t(1) : acc_t(0);
-      } else {
-        h = soft_rounding<acc_t>(vi).h;
-        rounding_regularizer<acc_t>(h, beta, &r, &unused);
-      }
-      acc_t level;
-      acc_t inside;
-      ob[i] = static_cast<scalar_t>(adaround_weight<acc_t>(static_cast<acc_t>(wb[i]), h, p, &level, &inside));
-      reg[i] = r;
-    }
+    forward_block<scalar_t, acc_t, kHard>(w + start, v + start, out + start, count, p, beta, reg);
   }).a;
 }
 
-// Writes dL/dV for one run; returns sum(dW~ * (q - z)), the run's share of dL/ds.
+// Returns the run's share of dL/ds.
 template <typename scalar_t, typename acc_t, bool kHard>
-acc_t backward_run(const scalar_t* __restrict__ w, const scalar_t* __restrict__ v, const scalar_t* __restrict__ dy,
-                   scalar_t* __restrict__ grad_v, int64_t n, const AdaRoundParams<acc_t> p, const acc_t beta,
-                   const acc_t dreg) {
+acc_t backward_run(const scalar_t* w, const scalar_t* v, const scalar_t* dy, scalar_t* grad_v, int64_t n,
+                   const AdaRoundParams<acc_t>& p, acc_t beta, acc_t dreg) {
   return cpu::blocked_sum<acc_t>(n, [&](int64_t start, int64_t count, acc_t* dscale, acc_t*) {
-    const scalar_t* __restrict__ wb = w + start;
-    const scalar_t* __restrict__ vb = v + start;
-    const scalar_t* __restrict__ gb = dy + start;
-    scalar_t* __restrict__ ob = grad_v + start;
-#pragma omp simd
-    for (int64_t i = 0; i < count; ++i) {
-      const acc_t vi = static_cast<acc_t>(vb[i]);
-      const acc_t g = static_cast<acc_t>(gb[i]);
-      acc_t level;
-      acc_t inside;
-      if constexpr (kHard) {
-        adaround_weight<acc_t>(static_cast<acc_t>(wb[i]), vi >= acc_t(0) ? acc_t(1) : acc_t(0), p, &level, &inside);
-        ob[i] = static_cast<scalar_t>(0);
-      } else {
-        const SoftRounding<acc_t> sr = soft_rounding<acc_t>(vi);
-        acc_t r, dr_dh;
-        rounding_regularizer<acc_t>(sr.h, beta, &r, &dr_dh);
-        adaround_weight<acc_t>(static_cast<acc_t>(wb[i]), sr.h, p, &level, &inside);
-        const acc_t through_weight = inside > acc_t(0) ? g * p.scale : acc_t(0);
-        ob[i] = static_cast<scalar_t>((through_weight + dreg * dr_dh) * sr.dh_dv);
-      }
-      dscale[i] = g * level;
-    }
+    backward_block<scalar_t, acc_t, kHard>(w + start, v + start, dy + start, grad_v + start, count, p, beta, dreg,
+                                           dscale);
   }).a;
 }
 
