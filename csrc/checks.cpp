@@ -90,9 +90,8 @@ SlackInputs check_slack_inputs(const char* op, const at::Tensor& x, const at::Te
   }
   if (x.device().is_cpu()) {
     // Negative slack would reward a statistic gap; checked where it costs no device sync.
-    const bool ok = in.delta.numel() == 0 ||
-                    (in.delta.min().item<double>() >= 0 && in.gamma.min().item<double>() >= 0);
-    TORCH_CHECK(ok, op, ": slack delta and gamma must be >= 0");
+    const bool ok = in.delta.numel() == 0 || ((in.delta >= 0).all().item<bool>() && (in.gamma >= 0).all().item<bool>());
+    TORCH_CHECK(ok, op, ": slack delta and gamma must be >= 0 (and not NaN)");
   }
   return in;
 }

@@ -56,6 +56,31 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .dataset import DatasetError
+    from .generate import generate
+    from .models import ModelSourceError
+    from .synthesis import NoBatchNormError, NonFiniteLossError, SynthesisConfig
+
+    try:
+        config = SynthesisConfig(
+            method=args.method, iterations=args.iterations, lr=args.lr, batch_size=args.batch_size,
+            image_size=args.image_size or 224, epsilon=args.epsilon, enhancement=args.enhancement, init=args.init,
+            seed=args.seed, tv_weight=args.tv, l2_weight=args.l2, jitter=args.jitter,
+        ).validate()
+        manifest = generate(args.model, args.out, config, args.num_samples, device=args.device, weights=args.weights,
+                            preview=args.preview)
+    except (ValueError, DatasetError, ModelSourceError, NoBatchNormError, NonFiniteLossError) as e:
+        print(f"dsg generate: {e}", file=sys.stderr)
+        return 2
+    if manifest:
+        s = manifest.get("summary", {})
+        print(f"{args.out}: {sum(r['num_samples'] for r in manifest['shards'])} samples in {len(manifest['shards'])} shards"
+              + (f"; per-layer loss {s['layer_loss_initial_mean']:.4g} -> {s['layer_loss_final_mean']:.4g} "
+                 f"(worst layer {s['worst_layer']}: {s['layer_loss_final_max']:.4g})" if s else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsg", description="Data-free quantization with Diverse Sample Generation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +93,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines (faster)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("generate", help="synthesise calibration images from a model's BatchNorm statistics")
+    p.add_argument("--model", required=True, help="torchvision:NAME, timm:NAME, efficientnet-lite0, module:function or a TorchScript file")
+    p.add_argument("--weights", help="state-dict file for torchvision:/timm:/module: sources")
+    p.add_argument("--method", choices=("dsg", "zeroq"), default="dsg")
+    p.add_argument("--num-samples", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--iterations", type=int, default=500)
+    p.add_argument("--lr", type=float, default=0.5)
+    p.add_argument("--epsilon", type=float, default=0.9, help="slack quantile, in (0, 1] (dsg)")
+    p.add_argument("--enhancement", type=float, default=2.0, help="weight of each sample's own layer (dsg)")
+    p.add_argument("--init", choices=("gaussian", "uniform"), default="gaussian")
+    p.add_argument("--image-size", type=int, default=None, help="default: the model's (224 for ImageNet models)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tv", type=float, default=0.0, help="total-variation prior weight (off by default)")
+    p.add_argument("--l2", type=float, default=0.0, help="l2 prior weight (off by default)")
+    p.add_argument("--jitter", type=int, default=0, help="random shift in pixels (off by default)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="dataset directory (re-running the same command resumes it)")
+    p.add_argument("--preview", help="also write a PNG grid of the samples")
+    p.set_defaults(func=_cmd_generate)
     return parser
 
 

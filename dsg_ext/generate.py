@@ -1,0 +1,198 @@
+"""`dsg generate`: synthesise a calibration dataset to disk, resumably, on one process or many.
+
+Under torchrun (torch.distributed: NCCL on GPUs, gloo on the CPU) rank r takes batches b with
+b % world_size == r; batch b is seeded from (seed, b) alone, so the dataset is the same whatever
+the number of processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from . import dataset
+from .models import LoadedModel, load_model
+from .synthesis import SynthesisConfig, batchnorm_layers, per_sample_statistics, synthesize_batch
+
+
+@dataclasses.dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device: str) -> DistInfo:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size())
+
+
+def _barrier(info: DistInfo) -> None:
+    if info.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def dataset_identity(loaded: LoadedModel, config: SynthesisConfig, num_samples: int) -> Dict[str, Any]:
+    """What must match for an existing directory to be resumed (device and preview do not matter)."""
+    return {
+        "method": config.method,
+        "config": dataclasses.asdict(config),
+        "model": {"source": loaded.source, "sha256": loaded.identity},
+        "num_samples": num_samples,
+        "image_shape": [config.channels, config.image_size, config.image_size],
+        "input_normalization": {"mean": list(loaded.input.mean), "std": list(loaded.input.std)},
+    }
+
+
+def homogenization_summary(loaded: LoadedModel, images: torch.Tensor, device: str, unbiased: bool) -> List[Dict[str, Any]]:
+    """Per BN layer: spread across samples of the per-sample channel means (mean over channels of
+    the std over samples). Collapsed, homogeneous samples give small values."""
+    stats = per_sample_statistics(loaded.model, images, unbiased=unbiased, device=device)
+    return [{"layer": name, "sample_spread": float(m.std(0).mean())} for name, m in stats.items()]
+
+
+def write_preview(images: torch.Tensor, spec, path: str, max_images: int = 64) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = images[:max_images].float()
+    mean = torch.tensor(spec.mean[: x.shape[1]]).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std[: x.shape[1]]).view(1, -1, 1, 1)
+    x = (x * std + mean).clamp(0, 1)
+    n = x.shape[0]
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    c, h, w = x.shape[1:]
+    grid = torch.ones(c, rows * (h + 2), cols * (w + 2))
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[:, r * (h + 2) + 1 : r * (h + 2) + 1 + h, q * (w + 2) + 1 : q * (w + 2) + 1 + w] = x[i]
+    img = grid.permute(1, 2, 0).numpy()
+    plt.imsave(path, img[..., 0] if c == 1 else img, cmap="gray" if c == 1 else None)
+
+
+def generate(
+    source: str,
+    out: str,
+    config: SynthesisConfig,
+    num_samples: int,
+    device: str = "cpu",
+    weights: Optional[str] = None,
+    preview: Optional[str] = None,
+    show_progress: bool = True,
+) -> Dict[str, Any]:
+    config.validate()
+    if num_samples <= 0:
+        raise ValueError(f"--num-samples must be > 0, got {num_samples}")
+    info = _init_distributed(device)
+    if device.startswith("cuda") and info.world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', info.rank))}"
+        torch.cuda.set_device(device)
+    loaded = load_model(source, weights=weights, image_size=config.image_size)
+    config = dataclasses.replace(config, channels=loaded.input.channels)
+    layers = batchnorm_layers(loaded.model, source)
+    model = loaded.model.to(device)
+    _check_image_size(model, config, device, source)
+
+    identity = dataset_identity(loaded, config, num_samples)
+    num_batches = math.ceil(num_samples / config.batch_size)
+    if info.main:
+        os.makedirs(out, exist_ok=True)
+    _barrier(info)
+    dataset.check_compatible(out, dataset.load_manifest(out), identity)
+
+    mine = [b for b in range(num_batches) if b % info.world == info.rank]
+    todo = [b for b in mine if dataset.verify_shard(out, b) is None]
+    bar = None
+    if show_progress and info.main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo) * config.iterations, unit="it", desc=f"{config.method} batches", file=sys.stderr)
+    error: Optional[BaseException] = None
+    try:
+        for done, b in enumerate(todo):
+            count = min(config.batch_size, num_samples - b * config.batch_size)
+
+            def progress(it: int, loss: float, _b=b, _done=done) -> None:
+                if bar is not None:
+                    bar.n = _done * config.iterations + it
+                    bar.set_postfix(batch=f"{_done + 1}/{len(todo)}", loss=f"{loss:.4g}", refresh=False)
+                    bar.refresh()
+
+            result = synthesize_batch(model, config, b, count=count, device=device, layers=layers, progress=progress)
+            dataset.write_shard(
+                out,
+                b,
+                result.images,
+                {
+                    "batch": b,
+                    "slack_delta": result.delta,
+                    "slack_gamma": result.gamma,
+                    "initial_loss": result.initial_loss,
+                    "final_loss": result.final_loss,
+                    "initial_layer_losses": result.initial_layer_losses,
+                    "final_layer_losses": result.final_layer_losses,
+                },
+            )
+    except BaseException as e:  # finished shards are on disk already; record them before failing
+        error = e
+    finally:
+        if bar is not None:
+            bar.close()
+    if error is None:
+        _barrier(info)
+    layer_names = [name for name, _ in layers]
+    manifest = dataset.build_manifest(out, identity, num_batches, {"layers": layer_names}) if info.main else {}
+    if error is not None:
+        raise error
+    if info.main and manifest.get("complete"):
+        images = dataset.load_images(out)
+        manifest["summary"] = _summary(manifest, layer_names, loaded, images[:256], device, config.unbiased)
+        dataset.atomic_write_json(os.path.join(out, dataset.MANIFEST), manifest)
+        if preview:
+            write_preview(images, loaded.input, preview)
+    return manifest
+
+
+def _check_image_size(model, config: SynthesisConfig, device: str, source: str) -> None:
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, config.channels, config.image_size, config.image_size, device=device))
+    except RuntimeError as e:
+        raise ValueError(
+            f"{source} does not accept {config.channels}x{config.image_size}x{config.image_size} images: {e}"
+        ) from e
+
+
+def _summary(manifest, layer_names, loaded, images, device, unbiased) -> Dict[str, Any]:
+    final = torch.tensor([s["final_layer_losses"] for s in manifest["shards"]]).mean(0)
+    initial = torch.tensor([s["initial_layer_losses"] for s in manifest["shards"]]).mean(0)
+    spread = homogenization_summary(loaded, images, device, unbiased)
+    return {
+        "layer_loss_initial_mean": float(initial.mean()),
+        "layer_loss_final_mean": float(final.mean()),
+        "layer_loss_final_max": float(final.max()),
+        "worst_layer": layer_names[int(final.argmax())],
+        "per_layer": [
+            {"layer": n, "initial": float(i), "final": float(f), "sample_spread": s["sample_spread"]}
+            for n, i, f, s in zip(layer_names, initial, final, spread)
+        ],
+    }

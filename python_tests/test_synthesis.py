@@ -1,0 +1,182 @@
+"""The DSG/ZeroQ synthesis engine and `dsg generate` on a small BN network (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dsg_ext import dataset
+from dsg_ext.generate import generate
+from dsg_ext.synthesis import (
+    BatchNormTaps,
+    NoBatchNormError,
+    NonFiniteLossError,
+    SynthesisConfig,
+    batchnorm_layers,
+    enhancement_weights,
+    init_images,
+    per_sample_statistics,
+    slack_margins,
+    synthesize_batch,
+)
+from tiny_models import no_bn_net, tiny_bn_net
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = "tiny_models:tiny_bn_net"
+
+
+def small_config(**kw) -> SynthesisConfig:
+    base = dict(method="dsg", iterations=40, lr=0.1, batch_size=6, image_size=12, seed=3)
+    base.update(kw)
+    return SynthesisConfig(**base)
+
+
+@pytest.mark.parametrize("method", ["zeroq", "dsg"])
+def test_loss_decreases(method):
+    result = synthesize_batch(tiny_bn_net(), small_config(method=method), batch_index=0)
+    assert result.final_loss < 0.5 * result.initial_loss, (result.initial_loss, result.final_loss)
+    assert len(result.final_layer_losses) == 3
+    assert result.images.shape == (6, 3, 12, 12)
+
+
+def test_slack_matches_direct_computation():
+    model, config = tiny_bn_net(), small_config()
+    layers = batchnorm_layers(model)
+    images = init_images(config, 0, config.batch_size)
+    taps = BatchNormTaps(layers, unbiased=True)
+    with taps:
+        deltas, gammas = slack_margins(model, taps, images, 0.9)
+    # Direct: capture BN inputs, statistics in float64 with torch.mean / torch.var.
+    inputs = []
+    hooks = [bn.register_forward_pre_hook(lambda m, i: inputs.append(i[0].double())) for _, bn in layers]
+    with torch.no_grad():
+        model(images)
+    for h in hooks:
+        h.remove()
+    for (name, bn), x, d, g in zip(layers, inputs, deltas, gammas):
+        mu = x.mean((2, 3))
+        sd = torch.sqrt(x.var((2, 3), unbiased=True) + bn.eps)
+        d_ref = torch.quantile((mu - bn.running_mean.double()).abs().flatten(), 0.9)
+        g_ref = torch.quantile((sd - torch.sqrt(bn.running_var.double() + bn.eps)).abs().flatten(), 0.9)
+        torch.testing.assert_close(d.double(), d_ref, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_enhancement_weights():
+    w = enhancement_weights(5, 3, 2.0)
+    expected = torch.ones(5, 3)
+    for n in range(5):
+        expected[n, n % 3] = 2.0
+    assert torch.equal(w, expected)
+
+
+def test_dsg_samples_more_diverse_than_zeroq():
+    model = tiny_bn_net()
+    spreads = {}
+    for method in ("zeroq", "dsg"):
+        r = synthesize_batch(model, small_config(method=method, iterations=60, batch_size=8), batch_index=0)
+        stats = per_sample_statistics(model, r.images)
+        spreads[method] = sum(float(m.std(0).mean()) for m in stats.values())
+    assert spreads["dsg"] > spreads["zeroq"], spreads
+
+
+def test_no_batchnorm_named():
+    with pytest.raises(NoBatchNormError, match="MyNet has no BatchNorm2d"):
+        batchnorm_layers(no_bn_net(), "MyNet")
+
+
+@pytest.mark.parametrize(
+    "kw, word", [({"epsilon": 0.0}, "epsilon"), ({"epsilon": 1.5}, "epsilon"), ({"iterations": 0}, "iterations"),
+                 ({"method": "x"}, "method"), ({"batch_size": 0}, "batch size"), ({"lr": -1.0}, "learning rate")]
+)
+def test_bad_options(kw, word):
+    with pytest.raises(ValueError, match=word):
+        small_config(**kw).validate()
+
+
+def test_nan_statistics_name_layer():
+    model = tiny_bn_net()
+    with torch.no_grad():
+        model[4].running_var.fill_(float("nan"))  # the second BN layer
+    with pytest.raises(NonFiniteLossError, match="BN layer '4'"):
+        synthesize_batch(model, small_config(iterations=10), batch_index=0)
+
+
+@pytest.mark.parametrize("method", ["zeroq", "dsg"])
+def test_nonfinite_loss_names_layer(method):
+    model = tiny_bn_net()
+    with torch.no_grad():
+        model[3].weight.fill_(3e38)  # the conv feeding BN layer '4' overflows
+    with pytest.raises(NonFiniteLossError, match="'4'|: 4"):
+        synthesize_batch(model, small_config(method=method, iterations=10), batch_index=0)
+
+
+def _shards(directory):
+    m = dataset.load_manifest(directory)
+    return [dataset.load_images(directory)], m
+
+
+def test_generate_resume_corruption_and_config_guard(tmp_path):
+    out = str(tmp_path / "ds")
+    config = small_config(iterations=15)
+    m = generate(SOURCE, out, config, num_samples=14, show_progress=False)
+    assert m["complete"] and [s["num_samples"] for s in m["shards"]] == [6, 6, 2]
+    images = dataset.load_images(out)
+    assert images.shape == (14, 3, 12, 12)
+    assert "summary" in m and len(m["summary"]["per_layer"]) == 3
+
+    # A killed run: shard 1 never finished (no record), shard 2 was corrupted on disk.
+    os.unlink(os.path.join(out, dataset.record_name(1)))
+    with open(os.path.join(out, dataset.shard_name(2)), "r+b") as f:
+        f.seek(-8, os.SEEK_END)
+        f.write(b"\x00" * 8)
+    mtime0 = os.path.getmtime(os.path.join(out, dataset.shard_name(0)))
+    with pytest.warns(UserWarning, match="checksum mismatch"):
+        m2 = generate(SOURCE, out, config, num_samples=14, show_progress=False)
+    assert m2["complete"]
+    assert os.path.getmtime(os.path.join(out, dataset.shard_name(0))) == mtime0  # kept, not redone
+    assert torch.equal(dataset.load_images(out), images)  # regenerated bitwise identically
+
+    # Another config against the same directory is refused.
+    with pytest.raises(dataset.DatasetError, match="different config"):
+        generate(SOURCE, out, small_config(iterations=16), num_samples=14, show_progress=False)
+
+
+def test_foreign_manifest_refused(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(dataset.DatasetError, match="not a dsg_ext"):
+        generate(SOURCE, str(tmp_path), small_config(iterations=2), num_samples=2, show_progress=False)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(dataset.DatasetError, match="not readable JSON"):
+        generate(SOURCE, str(tmp_path), small_config(iterations=2), num_samples=2, show_progress=False)
+
+
+def test_world_size_invariance_gloo(tmp_path):
+    """torchrun with 2 gloo processes writes bitwise the same shards as 1 process."""
+    env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    args = ["generate", "--model", SOURCE, "--method", "dsg", "--num-samples", "10", "--batch-size", "3",
+            "--iterations", "8", "--lr", "0.1", "--image-size", "12", "--seed", "5"]
+    one = subprocess.run([sys.executable, "-m", "dsg_ext", *args, "--out", str(tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "dsg_ext", *args, "--out", str(tmp_path / "two")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    for b in range(4):
+        a = (tmp_path / "one" / dataset.shard_name(b)).read_bytes()
+        c = (tmp_path / "two" / dataset.shard_name(b)).read_bytes()
+        assert a == c, f"shard {b} differs between 1 and 2 processes"
+
+
+def test_cli_bad_input_exit_code(tmp_path):
+    from dsg_ext.cli import main
+
+    assert main(["generate", "--model", "tiny_models:no_bn_net", "--out", str(tmp_path / "x"),
+                 "--iterations", "2", "--image-size", "12"]) == 2
+    assert main(["generate", "--model", SOURCE, "--out", str(tmp_path / "y"), "--epsilon", "2"]) == 2
