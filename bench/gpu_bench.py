@@ -139,8 +139,10 @@ def correctness():
 def timings(compile_plain):
     bw = benchmarks.copy_bandwidth("cuda")
     rows = []
-    for wl in benchmarks.make_workloads("cuda", "gpu", compile_plain=compile_plain):
-        floor = wl.bytes_moved / bw
+    workloads = benchmarks.make_workloads("cuda", "gpu", compile_plain=compile_plain)
+    workloads += benchmarks.synthesis_workloads("cuda", "gpu")
+    for wl in workloads:
+        floor = wl.bytes_moved / bw if wl.bytes_moved else float("nan")
         times = {}
         for name, fn in wl.impls.items():
             try:

@@ -10,8 +10,11 @@ import pytest
 
 from dsg_ext import benchmarks
 
-WORKLOADS = {wl.name: wl for wl in benchmarks.make_workloads("cpu", "cpu", compile_plain=True)}
-CASES = [(name, impl) for name, wl in WORKLOADS.items() for impl in benchmarks.IMPLEMENTATIONS if impl in wl.impls]
+WORKLOADS = {
+    wl.name: wl
+    for wl in benchmarks.make_workloads("cpu", "cpu", compile_plain=True) + benchmarks.synthesis_workloads("cpu", "cpu")
+}
+CASES = [(name, impl) for name, wl in WORKLOADS.items() for impl in wl.impls]
 
 
 @pytest.mark.parametrize(

@@ -22,9 +22,6 @@ SHAPES = {
     "tiny": {"slack": (2, 8, 9, 9), "fq": (2, 8, 9, 9), "adaround": (16, 8, 3, 3)},
 }
 
-IMPLEMENTATIONS = ("dsg_ext", "plain", "plain_compiled")
-
-
 @dataclasses.dataclass
 class Workload:
     name: str
@@ -32,10 +29,8 @@ class Workload:
     bytes_moved: int  # the fewest bytes the operation must read + write
     impls: Dict[str, Callable[[], object]]
 
-
 def _compiled(fn: Callable, enabled: bool) -> Optional[Callable]:
     return torch.compile(fn) if enabled else None
-
 
 def make_workloads(device: str = "cpu", size: str = "cpu", compile_plain: bool = True) -> List[Workload]:
     """Builds every workload with fresh random inputs on ``device``."""
@@ -178,7 +173,6 @@ def make_workloads(device: str = "cpu", size: str = "cpu", compile_plain: bool =
     )
     return workloads
 
-
 def time_cpu(fn: Callable[[], object], min_run_time: float = 0.5) -> float:
     """Median seconds per call on the CPU (torch.utils.benchmark, after warm-up)."""
     from torch.utils import benchmark
@@ -186,7 +180,6 @@ def time_cpu(fn: Callable[[], object], min_run_time: float = 0.5) -> float:
     fn()
     m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
     return m.median
-
 
 def time_cuda(fn: Callable[[], object], iters: int = 50, warmup: int = 10) -> float:
     """Median seconds per call on the current CUDA stream, timed with CUDA events."""
@@ -203,7 +196,6 @@ def time_cuda(fn: Callable[[], object], iters: int = 50, warmup: int = 10) -> fl
         times.append(start.elapsed_time(end) / 1e3)
     return statistics.median(times)
 
-
 def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
     """Measured device-to-device copy bandwidth in bytes/s, counting bytes read + written."""
     n = nbytes // 4
@@ -217,3 +209,67 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
         dst = torch.empty_like(src)
         t = time_cpu(lambda: dst.copy_(src))
     return 2 * n * 4 / t
+
+def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "resnet18") -> List[Workload]:
+    """One full synthesis iteration (forward with BN taps + statistic loss + backward + Adam step) on a
+    torchvision network: the fused loss against the peers' plain loop, and the network alone.
+
+    Skipped (empty list) when torchvision is not installed."""
+    try:
+        import torchvision
+    except ImportError:
+        return []
+    import copy
+
+    from .synthesis import BatchNormTaps, batchnorm_layers
+
+    batch, image = {"gpu": (256, 224), "cpu": (8, 112), "tiny": (2, 32)}[size]
+    gen = torch.Generator().manual_seed(0)
+    base = torchvision.models.get_model(arch, weights=None).eval()
+    with torch.no_grad():  # non-trivial BN statistics, so that the loss has work to do
+        for m in base.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    start = torch.randn(batch, 3, image, image, generator=gen)
+
+    def make(kind: str) -> Callable[[], object]:
+        model = copy.deepcopy(base).to(device)
+        images = start.clone().to(device).requires_grad_(True)
+        opt = torch.optim.Adam([images], lr=0.1)
+        layers = batchnorm_layers(model)
+        losses: List[torch.Tensor] = []
+        if kind == "dsg_ext":
+            taps = BatchNormTaps(layers, unbiased=True).__enter__()
+        elif kind == "plain":
+            def hook(bn):
+                mean, std = bn.running_mean, torch.sqrt(bn.running_var + bn.eps)
+                return lambda _m, inp: losses.append(plain.slack_loss(inp[0], mean, std, eps=bn.eps, unbiased=True))
+            for _, bn in layers:
+                bn.register_forward_pre_hook(hook(bn))
+
+        def iteration():
+            opt.zero_grad(set_to_none=True)
+            losses.clear()
+            out = model(images)
+            if kind == "dsg_ext":
+                loss = torch.stack(taps.collected(), 1).sum(1).mean()
+            elif kind == "plain":
+                loss = torch.stack(losses, 1).sum(1).mean()
+            else:
+                loss = out.float().mean()
+            loss.backward()
+            opt.step()
+
+        return iteration
+
+    return [
+        Workload(
+            f"synthesis_iteration_{arch}",
+            f"batch {batch}, {image}x{image}",
+            0,
+            {"dsg_ext": make("dsg_ext"), "plain": make("plain"), "network_alone": make("network")},
+        )
+    ]

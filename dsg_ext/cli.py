@@ -31,6 +31,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 2
     size = args.size or ("gpu" if args.device == "cuda" else "cpu")
     workloads = benchmarks.make_workloads(args.device, size, compile_plain=not args.no_compile)
+    workloads += benchmarks.synthesis_workloads(args.device, size)
     timer = benchmarks.time_cuda if args.device == "cuda" else benchmarks.time_cpu
     bandwidth = benchmarks.copy_bandwidth(args.device)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
@@ -44,10 +45,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         floor = wl.bytes_moved / bandwidth
         times = {name: timer(fn) for name, fn in wl.impls.items()}
         for name, t in times.items():
+            to_floor = t / floor if floor else None
             rows.append({"workload": wl.name, "shape": wl.description, "impl": name, "median_s": t,
-                         "ratio_to_dsg_ext": t / times["dsg_ext"], "ratio_to_floor": t / floor})
+                         "ratio_to_dsg_ext": t / times["dsg_ext"], "ratio_to_floor": to_floor})
             print(f"{wl.name:42s} {wl.description:20s} {name:15s} {t * 1e3:10.3f} "
-                  f"{t / times['dsg_ext']:9.2f}x {t / floor:7.2f}x")
+                  f"{t / times['dsg_ext']:9.2f}x " + (f"{to_floor:7.2f}x" if to_floor else "      -"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": args.device, "device_name": device_name, "torch": torch.__version__,
