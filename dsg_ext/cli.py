@@ -69,6 +69,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             method=args.method, iterations=args.iterations, lr=args.lr, batch_size=args.batch_size,
             image_size=args.image_size or 224, epsilon=args.epsilon, enhancement=args.enhancement, init=args.init,
             seed=args.seed, tv_weight=args.tv, l2_weight=args.l2, jitter=args.jitter,
+            layer_weighting=args.layer_weighting, clamp_pixels=args.clamp_pixels,
         ).validate()
         manifest = generate(args.model, args.out, config, args.num_samples, device=args.device, weights=args.weights,
                             preview=args.preview)
@@ -112,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tv", type=float, default=0.0, help="total-variation prior weight (off by default)")
     p.add_argument("--l2", type=float, default=0.0, help="l2 prior weight (off by default)")
     p.add_argument("--jitter", type=int, default=0, help="random shift in pixels (off by default)")
+    p.add_argument("--layer-weighting", choices=("equal", "initial"), default="equal",
+                   help="'initial' divides each BN layer's loss by its value on the initial batch (not in the paper)")
+    p.add_argument("--clamp-pixels", action="store_true",
+                   help="keep images inside the model's valid input range (not in the paper)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="dataset directory (re-running the same command resumes it)")
     p.add_argument("--preview", help="also write a PNG grid of the samples")

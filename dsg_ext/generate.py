@@ -119,6 +119,8 @@ def generate(
     _barrier(info)
     dataset.check_compatible(out, dataset.load_manifest(out), identity)
 
+    spec = loaded.input
+    input_range = ([(0 - m) / s for m, s in zip(spec.mean, spec.std)], [(1 - m) / s for m, s in zip(spec.mean, spec.std)])
     mine = [b for b in range(num_batches) if b % info.world == info.rank]
     todo = [b for b in mine if dataset.verify_shard(out, b) is None]
     bar = None
@@ -137,7 +139,8 @@ def generate(
                     bar.set_postfix(batch=f"{_done + 1}/{len(todo)}", loss=f"{loss:.4g}", refresh=False)
                     bar.refresh()
 
-            result = synthesize_batch(model, config, b, count=count, device=device, layers=layers, progress=progress)
+            result = synthesize_batch(model, config, b, count=count, device=device, layers=layers, progress=progress,
+                                      input_range=input_range)
             dataset.write_shard(
                 out,
                 b,

@@ -50,6 +50,11 @@ class SynthesisConfig:
     jitter: int = 0
     plateau_patience: int = 100
     min_lr: float = 1e-4
+    # Recipe options beyond the paper (off by default): "initial" divides each layer's loss by its
+    # value on the initial batch, so that a few layers cannot dominate; clamp_pixels keeps images
+    # inside the model's valid input range (pixels in [0, 1] before normalisation).
+    layer_weighting: str = "equal"
+    clamp_pixels: bool = False
 
     def validate(self) -> "SynthesisConfig":
         problems = []
@@ -67,6 +72,8 @@ class SynthesisConfig:
             problems.append(f"learning rate must be positive, got {self.lr}")
         if self.image_size <= 0 or self.channels <= 0:
             problems.append(f"image size and channels must be > 0, got {self.image_size}, {self.channels}")
+        if self.layer_weighting not in ("equal", "initial"):
+            problems.append(f"layer weighting must be 'equal' or 'initial', got {self.layer_weighting!r}")
         if self.enhancement < 1.0:
             problems.append(f"enhancement weight must be >= 1, got {self.enhancement}")
         for name in ("tv_weight", "l2_weight", "jitter"):
@@ -237,6 +244,7 @@ def synthesize_batch(
     layers: Optional[Sequence[Tuple[str, nn.BatchNorm2d]]] = None,
     progress: Optional[Callable[[int, float], None]] = None,
     sync_every: int = 10,
+    input_range: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
 ) -> BatchResult:
     """Optimises one batch of images against the model's BN statistics (model frozen, eval mode)."""
     config.validate()
@@ -266,6 +274,15 @@ def synthesize_batch(
         )
         zeros = torch.zeros(config.channels, device=device)
         ones = torch.ones(config.channels, device=device)
+        layer_scale = torch.ones(len(layers), device=device)
+        lo = hi = None
+        if config.clamp_pixels:
+            if input_range is None:
+                raise ValueError("clamp_pixels needs the model's input range")
+            lo = torch.tensor(input_range[0], device=device, dtype=torch.float32).view(1, -1, 1, 1)
+            hi = torch.tensor(input_range[1], device=device, dtype=torch.float32).view(1, -1, 1, 1)
+            with torch.no_grad():
+                images.copy_(torch.maximum(torch.minimum(images, hi), lo))
 
         def step(x: Tensor) -> Tuple[Tensor, Tensor]:
             taps.reset()
@@ -276,7 +293,7 @@ def synthesize_batch(
             model(inp)
             per_layer = torch.stack(taps.collected(), dim=1)  # (N, L)
             input_term = bn_stat_slack_loss(x, zeros, ones, eps=1e-5, unbiased=config.unbiased)
-            loss = (per_layer * weights).sum(1).mean() + input_term.mean()
+            loss = (per_layer * layer_scale * weights).sum(1).mean() + input_term.mean()
             if config.tv_weight:
                 loss = loss + config.tv_weight * _total_variation(x)
             if config.l2_weight:
@@ -293,9 +310,15 @@ def synthesize_batch(
             optimizer.zero_grad(set_to_none=True)
             loss, layer_means = step(images)
             if initial_layers is None:
+                if config.layer_weighting == "initial":
+                    layer_scale = 1.0 / layer_means.clamp_min(1e-12)
+                    loss, layer_means = step(images)
                 initial_layers, initial_loss = layer_means.clone(), loss.detach().clone()
             loss.backward()
             optimizer.step()
+            if lo is not None:
+                with torch.no_grad():
+                    images.copy_(torch.maximum(torch.minimum(images, hi), lo))
             window = window + loss.detach()
             newly_bad = ~torch.isfinite(layer_means) & (first_bad < 0)
             first_bad = torch.where(newly_bad, torch.full_like(first_bad, it), first_bad)

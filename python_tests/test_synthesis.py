@@ -180,3 +180,25 @@ def test_cli_bad_input_exit_code(tmp_path):
     assert main(["generate", "--model", "tiny_models:no_bn_net", "--out", str(tmp_path / "x"),
                  "--iterations", "2", "--image-size", "12"]) == 2
     assert main(["generate", "--model", SOURCE, "--out", str(tmp_path / "y"), "--epsilon", "2"]) == 2
+
+
+def test_clamp_pixels_keeps_valid_range():
+    lo, hi = [-1.0, -0.5, -2.0], [1.0, 0.5, 2.0]
+    r = synthesize_batch(tiny_bn_net(), small_config(clamp_pixels=True, lr=0.5), 0, input_range=(lo, hi))
+    for c in range(3):
+        assert r.images[:, c].min() >= lo[c] and r.images[:, c].max() <= hi[c]
+    with pytest.raises(ValueError, match="input range"):
+        synthesize_batch(tiny_bn_net(), small_config(clamp_pixels=True), 0)
+
+
+def test_initial_layer_weighting_starts_every_layer_at_one():
+    from dsg_ext import bn_stat_slack_loss
+
+    config = small_config(method="zeroq", layer_weighting="initial")
+    r = synthesize_batch(tiny_bn_net(), config, 0)
+    input_term = bn_stat_slack_loss(init_images(config, 0, config.batch_size), torch.zeros(3), torch.ones(3),
+                                    eps=1e-5, unbiased=True).mean()
+    # each of the 3 layers contributes exactly 1 at the start; per-layer losses are reported unscaled
+    torch.testing.assert_close(torch.tensor(r.initial_loss), 3.0 + input_term, rtol=1e-5, atol=1e-5)
+    assert sum(r.initial_layer_losses) > 3.0 * 10
+    assert r.final_loss < r.initial_loss
