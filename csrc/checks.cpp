@@ -187,6 +187,18 @@ QuantInputs check_adaround_inputs(const char* op, const at::Tensor& w, const at:
   return in;
 }
 
+QuantInputs check_adaround_backward_inputs(const at::Tensor& grad_w, const at::Tensor& grad_reg, const at::Tensor& w,
+                                           const at::Tensor& v, const at::Tensor& scale, const at::Tensor& zero_point,
+                                           int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis,
+                                           double beta) {
+  const char* op = "adaround_backward";
+  QuantInputs in = check_adaround_inputs(op, w, v, scale, zero_point, quant_min, quant_max, axis, beta);
+  check_same_shape_dtype_device(op, "w", w, "grad_w", grad_w);
+  TORCH_CHECK(grad_reg.numel() == 1 && grad_reg.device() == w.device(), op,
+              ": grad_reg must be a scalar on the device of w");
+  return in;
+}
+
 void check_quant_values_cpu(const char* op, const QuantInputs& in, int64_t quant_min, int64_t quant_max) {
   if (in.scale.numel() == 0) return;
   const at::Tensor s_t = in.scale.to(at::kDouble), z_t = in.zero_point.to(at::kDouble);

@@ -48,6 +48,12 @@ QuantInputs check_adaround_inputs(const char* op, const at::Tensor& w, const at:
                                   const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
                                   std::optional<int64_t> axis, double beta);
 
+// AdaRound backward: the forward's checks plus the upstream gradients (grad_w like w, grad_reg a scalar).
+QuantInputs check_adaround_backward_inputs(const at::Tensor& grad_w, const at::Tensor& grad_reg, const at::Tensor& w,
+                                           const at::Tensor& v, const at::Tensor& scale, const at::Tensor& zero_point,
+                                           int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis,
+                                           double beta);
+
 // Values can be checked without a device sync only on the CPU; CUDA kernels write NaN instead.
 void check_quant_values_cpu(const char* op, const QuantInputs& in, int64_t quant_min, int64_t quant_max);
 

@@ -144,12 +144,9 @@ std::tuple<at::Tensor, at::Tensor> adaround_backward_cpu(const at::Tensor& grad_
                                                          const at::Tensor& scale, const at::Tensor& zero_point,
                                                          int64_t qmin, int64_t qmax, std::optional<int64_t> axis,
                                                          double beta, bool hard, bool scale_grad) {
-  const char* op_name = "adaround_backward";
-  const QuantInputs in = check_adaround_inputs(op_name, w, v, scale, zero_point, qmin, qmax, axis, beta);
-  check_same_shape_dtype_device(op_name, "w", w, "grad_w", grad_w);
-  TORCH_CHECK(grad_reg.numel() == 1 && grad_reg.device() == w.device(), op_name,
-              ": grad_reg must be a scalar on the device of w");
-  check_quant_values_cpu(op_name, in, qmin, qmax);
+  const QuantInputs in =
+      check_adaround_backward_inputs(grad_w, grad_reg, w, v, scale, zero_point, qmin, qmax, axis, beta);
+  check_quant_values_cpu("adaround_backward", in, qmin, qmax);
   const at::Tensor vv = match_layout(v, in.x);
   const at::Tensor dy = match_layout(grad_w, in.x);
   at::Tensor grad_v = at::empty_like(in.x);
