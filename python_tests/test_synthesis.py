@@ -202,3 +202,10 @@ def test_initial_layer_weighting_starts_every_layer_at_one():
     torch.testing.assert_close(torch.tensor(r.initial_loss), 3.0 + input_term, rtol=1e-5, atol=1e-5)
     assert sum(r.initial_layer_losses) > 3.0 * 10
     assert r.final_loss < r.initial_loss
+
+
+def test_image_size_the_model_rejects(tmp_path):
+    with pytest.raises(ValueError, match="does not accept 3x16x16"):
+        generate("tiny_models:fixed_size_net", str(tmp_path), small_config(image_size=16), num_samples=2,
+                 show_progress=False)
+    assert not any(p.name.startswith("shard_") for p in tmp_path.iterdir())

@@ -33,3 +33,11 @@ def _tiny_bn_net(g: torch.Generator) -> nn.Module:
 
 def no_bn_net() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+
+
+def fixed_size_net() -> nn.Module:
+    """Accepts 3x12x12 images only (a Linear layer on the flattened feature map)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(4 * 12 * 12, 10)).eval()
