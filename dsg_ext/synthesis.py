@@ -55,6 +55,9 @@ class SynthesisConfig:
     # inside the model's valid input range (pixels in [0, 1] before normalisation).
     layer_weighting: str = "equal"
     clamp_pixels: bool = False
+    # Speed: the network in channels_last and/or under bf16 autocast (statistics stay fp32).
+    channels_last: bool = False
+    autocast_bf16: bool = False
 
     def validate(self) -> "SynthesisConfig":
         problems = []
@@ -284,13 +287,20 @@ def synthesize_batch(
             with torch.no_grad():
                 images.copy_(torch.maximum(torch.minimum(images, hi), lo))
 
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        device_type = torch.device(device).type
+
         def step(x: Tensor) -> Tuple[Tensor, Tensor]:
             taps.reset()
             inp = x
             if config.jitter:
                 dx, dy = torch.randint(-config.jitter, config.jitter + 1, (2,)).tolist()
                 inp = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
-            model(inp)
+            if config.channels_last:
+                inp = inp.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.autocast_bf16):
+                model(inp)
             per_layer = torch.stack(taps.collected(), dim=1)  # (N, L)
             input_term = bn_stat_slack_loss(x, zeros, ones, eps=1e-5, unbiased=config.unbiased)
             loss = (per_layer * layer_scale * weights).sum(1).mean() + input_term.mean()

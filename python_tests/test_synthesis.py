@@ -209,3 +209,14 @@ def test_image_size_the_model_rejects(tmp_path):
         generate("tiny_models:fixed_size_net", str(tmp_path), small_config(image_size=16), num_samples=2,
                  show_progress=False)
     assert not any(p.name.startswith("shard_") for p in tmp_path.iterdir())
+
+
+def test_channels_last_and_bf16_autocast():
+    # One step: the same update up to rounding (Adam amplifies rounding differences over many steps).
+    base = synthesize_batch(tiny_bn_net(), small_config(method="zeroq", iterations=1), 0)
+    cl = synthesize_batch(tiny_bn_net(), small_config(method="zeroq", iterations=1, channels_last=True), 0)
+    torch.testing.assert_close(cl.images, base.images, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cl.final_layer_losses, base.final_layer_losses, rtol=1e-3, atol=1e-3)
+    bf = synthesize_batch(tiny_bn_net(), small_config(method="zeroq", channels_last=True, autocast_bf16=True), 0)
+    assert bf.final_loss < 0.5 * bf.initial_loss
+    assert bf.images.dtype == torch.float32
