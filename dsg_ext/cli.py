@@ -80,8 +80,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if manifest:
         s = manifest.get("summary", {})
         print(f"{args.out}: {sum(r['num_samples'] for r in manifest['shards'])} samples in {len(manifest['shards'])} shards"
-              + (f"; per-layer loss {s['layer_loss_initial_mean']:.4g} -> {s['layer_loss_final_mean']:.4g} "
-                 f"(worst layer {s['worst_layer']}: {s['layer_loss_final_max']:.4g})" if s else ""))
+              + (f"; mean per-layer loss {s['layer_loss_initial_mean']:.4g} -> {s['layer_loss_final_mean']:.4g}" if s else ""))
+        if s:
+            worst = sorted(s["per_layer"], key=lambda r: -r["final"])[:5]
+            print(f"  {'BN layer (worst 5 at the end)':36s} {'start':>10s} {'end':>10s} {'sample spread':>14s}")
+            for r in worst:
+                print(f"  {r['layer']:36s} {r['initial']:10.4g} {r['final']:10.4g} {r['sample_spread']:14.4g}")
     return 0
 
 
