@@ -114,8 +114,13 @@ def generate(
 
     identity = dataset_identity(loaded, config, num_samples)
     num_batches = math.ceil(num_samples / config.batch_size)
+    layer_names = [name for name, _ in layers]
     if info.main:
         os.makedirs(out, exist_ok=True)
+        existing = dataset.load_manifest(out)
+        dataset.check_compatible(out, existing, identity)
+        if existing is None:  # claim the directory before any shard exists, so a killed run resumes safely
+            dataset.build_manifest(out, identity, num_batches, {"layers": layer_names})
     _barrier(info)
     dataset.check_compatible(out, dataset.load_manifest(out), identity)
 
@@ -162,7 +167,6 @@ def generate(
             bar.close()
     if error is None:
         _barrier(info)
-    layer_names = [name for name, _ in layers]
     manifest = dataset.build_manifest(out, identity, num_batches, {"layers": layer_names}) if info.main else {}
     if error is not None:
         raise error

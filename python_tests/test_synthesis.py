@@ -220,3 +220,29 @@ def test_channels_last_and_bf16_autocast():
     bf = synthesize_batch(tiny_bn_net(), small_config(method="zeroq", channels_last=True, autocast_bf16=True), 0)
     assert bf.final_loss < 0.5 * bf.initial_loss
     assert bf.images.dtype == torch.float32
+
+
+def test_killed_run_resumes_and_guards_config(tmp_path, monkeypatch):
+    """A run that dies after its first shard leaves a manifest claiming the directory."""
+    import dsg_ext.generate as gen
+
+    out = str(tmp_path / "ds")
+    real = gen.synthesize_batch
+    calls = []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "synthesize_batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        generate(SOURCE, out, small_config(iterations=5), num_samples=12, show_progress=False)
+    m = dataset.load_manifest(out)
+    assert m is not None and not m["complete"] and [s["index"] for s in m["shards"]] == [0]
+    monkeypatch.setattr(gen, "synthesize_batch", real)
+    with pytest.raises(dataset.DatasetError, match="different"):
+        generate(SOURCE, out, small_config(iterations=6), num_samples=12, show_progress=False)
+    m = generate(SOURCE, out, small_config(iterations=5), num_samples=12, show_progress=False)
+    assert m["complete"] and dataset.load_images(out).shape[0] == 12
