@@ -73,7 +73,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             channels_last=args.channels_last, autocast_bf16=args.bf16,
         ).validate()
         manifest = generate(args.model, args.out, config, args.num_samples, device=args.device, weights=args.weights,
-                            preview=args.preview)
+                            preview=args.preview, image_size=args.image_size)
     except (ValueError, DatasetError, ModelSourceError, NoBatchNormError, NonFiniteLossError) as e:
         print(f"dsg generate: {e}", file=sys.stderr)
         return 2

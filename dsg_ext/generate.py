@@ -98,7 +98,9 @@ def generate(
     weights: Optional[str] = None,
     preview: Optional[str] = None,
     show_progress: bool = True,
+    image_size: Optional[int] = -1,
 ) -> Dict[str, Any]:
+    """image_size: -1 uses config.image_size, None the model's own input size."""
     config.validate()
     if num_samples <= 0:
         raise ValueError(f"--num-samples must be > 0, got {num_samples}")
@@ -106,8 +108,8 @@ def generate(
     if device.startswith("cuda") and info.world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', info.rank))}"
         torch.cuda.set_device(device)
-    loaded = load_model(source, weights=weights, image_size=config.image_size)
-    config = dataclasses.replace(config, channels=loaded.input.channels)
+    loaded = load_model(source, weights=weights, image_size=config.image_size if image_size == -1 else image_size)
+    config = dataclasses.replace(config, channels=loaded.input.channels, image_size=loaded.input.image_size)
     layers = batchnorm_layers(loaded.model, source)
     model = loaded.model.to(device)
     _check_image_size(model, config, device, source)

