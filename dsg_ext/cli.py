@@ -73,7 +73,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             channels_last=args.channels_last, autocast_bf16=args.bf16,
         ).validate()
         manifest = generate(args.model, args.out, config, args.num_samples, device=args.device, weights=args.weights,
-                            preview=args.preview, image_size=args.image_size)
+                            preview=args.preview, image_size=args.image_size, compare_zeroq=args.compare_zeroq)
     except (ValueError, DatasetError, ModelSourceError, NoBatchNormError, NonFiniteLossError) as e:
         print(f"dsg generate: {e}", file=sys.stderr)
         return 2
@@ -86,6 +86,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             print(f"  {'BN layer (worst 5 at the end)':36s} {'start':>10s} {'end':>10s} {'sample spread':>14s}")
             for r in worst:
                 print(f"  {r['layer']:36s} {r['initial']:10.4g} {r['final']:10.4g} {r['sample_spread']:14.4g}")
+            cmp = s.get("zeroq_comparison")
+            if cmp:
+                ours = next(v for k, v in cmp.items() if k.endswith("_mean_sample_spread") and not k.startswith("zeroq"))
+                print(f"  sample spread over BN layers (batch 0): {args.method} {ours:.4g} vs ZeroQ "
+                      f"{cmp['zeroq_mean_sample_spread']:.4g} (higher = more diverse samples)")
     return 0
 
 
@@ -127,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="dataset directory (re-running the same command resumes it)")
     p.add_argument("--preview", help="also write a PNG grid of the samples")
+    p.add_argument("--compare-zeroq", action="store_true",
+                   help="also synthesise batch 0 with ZeroQ and report both methods' sample spread")
     p.set_defaults(func=_cmd_generate)
     return parser
 

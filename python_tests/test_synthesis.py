@@ -124,8 +124,10 @@ def _shards(directory):
 def test_generate_resume_corruption_and_config_guard(tmp_path):
     out = str(tmp_path / "ds")
     config = small_config(iterations=15)
-    m = generate(SOURCE, out, config, num_samples=14, show_progress=False)
+    m = generate(SOURCE, out, config, num_samples=14, show_progress=False, compare_zeroq=True)
     assert m["complete"] and [s["num_samples"] for s in m["shards"]] == [6, 6, 2]
+    cmp = m["summary"]["zeroq_comparison"]
+    assert cmp["dsg_mean_sample_spread"] > 0 and cmp["zeroq_mean_sample_spread"] > 0
     images = dataset.load_images(out)
     assert images.shape == (14, 3, 12, 12)
     assert "summary" in m and len(m["summary"]["per_layer"]) == 3
