@@ -92,4 +92,37 @@ DSG_HD acc_t adaround_weight(acc_t w, acc_t h, const AdaRoundParams<acc_t>& p, a
   return p.scale * (q - p.zero_point);
 }
 
+// One element of the forward: W~, and the regularizer term 1 - |2h - 1|^beta (0 when hard).
+template <typename acc_t, bool kHard>
+DSG_HD acc_t adaround_forward_element(acc_t w, acc_t v, const AdaRoundParams<acc_t>& p, acc_t beta, acc_t* reg) {
+  acc_t h, r = acc_t(0), unused, level, inside;
+  if constexpr (kHard) {
+    h = v >= acc_t(0) ? acc_t(1) : acc_t(0);
+  } else {
+    h = soft_rounding<acc_t>(v).h;
+    rounding_regularizer<acc_t>(h, beta, &r, &unused);
+  }
+  *reg = r;
+  return adaround_weight<acc_t>(w, h, p, &level, &inside);
+}
+
+// One element of the backward: dL/dV from the upstream gradient g of W~ and dreg of R; also the
+// level q - z, whose product with g is the element's share of dL/ds. Hard rounding has no slope in V.
+template <typename acc_t, bool kHard>
+DSG_HD acc_t adaround_grad_v(acc_t w, acc_t v, acc_t g, const AdaRoundParams<acc_t>& p, acc_t beta, acc_t dreg,
+                             acc_t* level) {
+  acc_t inside;
+  if constexpr (kHard) {
+    adaround_weight<acc_t>(w, v >= acc_t(0) ? acc_t(1) : acc_t(0), p, level, &inside);
+    return acc_t(0);
+  } else {
+    const SoftRounding<acc_t> sr = soft_rounding<acc_t>(v);
+    acc_t r, dr_dh;
+    rounding_regularizer<acc_t>(sr.h, beta, &r, &dr_dh);
+    adaround_weight<acc_t>(w, sr.h, p, level, &inside);
+    const acc_t through_weight = inside > acc_t(0) ? g * p.scale : acc_t(0);
+    return (through_weight + dreg * dr_dh) * sr.dh_dv;
+  }
+}
+
 }  // namespace dsg_ext

@@ -23,7 +23,6 @@ std::vector<AdaRoundParams<acc_t>> channel_params(const QuantInputs& in, int64_t
   return p;
 }
 
-
 // The AdaRound element math is transcendental-heavy (exp, log, exp per element): on x86-64 the
 // block functions are also compiled for AVX2 and picked at load time (gcc target_clones), so
 // the wheel still runs on any x86-64 CPU.
@@ -33,7 +32,7 @@ std::vector<AdaRoundParams<acc_t>> channel_params(const QuantInputs& in, int64_t
 #define DSG_CPU_CLONES
 #endif
 
-// One block (at most cpu::kReduceBlock elements) with one set of parameters: writes W~ and the
+// One block (at most 256 elements, see cpu::blocked_sum) with one set of parameters: writes W~ and the
 // per-element regularizer.
 template <typename scalar_t, typename acc_t, bool kHard>
 DSG_CPU_CLONES void forward_block(const scalar_t* __restrict__ w, const scalar_t* __restrict__ v,
@@ -41,16 +40,9 @@ DSG_CPU_CLONES void forward_block(const scalar_t* __restrict__ w, const scalar_t
                                   const acc_t beta, acc_t* __restrict__ reg) {
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) {
-    const acc_t vi = static_cast<acc_t>(v[i]);
-    acc_t h, r = 0, unused;
-    if constexpr (kHard) {
-      h = vi >= acc_t(0) ? acc_t(1) : acc_t(0);
-    } else {
-      h = soft_rounding<acc_t>(vi).h;
-      rounding_regularizer<acc_t>(h, beta, &r, &unused);
-    }
-    acc_t level, inside;
-    out[i] = static_cast<scalar_t>(adaround_weight<acc_t>(static_cast<acc_t>(w[i]), h, p, &level, &inside));
+    acc_t r;
+    out[i] = static_cast<scalar_t>(adaround_forward_element<acc_t, kHard>(static_cast<acc_t>(w[i]),
+                                                                        static_cast<acc_t>(v[i]), p, beta, &r));
     reg[i] = r;
   }
 }
@@ -63,20 +55,10 @@ DSG_CPU_CLONES void backward_block(const scalar_t* __restrict__ w, const scalar_
                                    acc_t* __restrict__ dscale) {
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) {
-    const acc_t vi = static_cast<acc_t>(v[i]);
     const acc_t g = static_cast<acc_t>(dy[i]);
-    acc_t level, inside;
-    if constexpr (kHard) {
-      adaround_weight<acc_t>(static_cast<acc_t>(w[i]), vi >= acc_t(0) ? acc_t(1) : acc_t(0), p, &level, &inside);
-      grad_v[i] = static_cast<scalar_t>(0);
-    } else {
-      const SoftRounding<acc_t> sr = soft_rounding<acc_t>(vi);
-      acc_t r, dr_dh;
-      rounding_regularizer<acc_t>(sr.h, beta, &r, &dr_dh);
-      adaround_weight<acc_t>(static_cast<acc_t>(w[i]), sr.h, p, &level, &inside);
-      const acc_t through_weight = inside > acc_t(0) ? g * p.scale : acc_t(0);
-      grad_v[i] = static_cast<scalar_t>((through_weight + dreg * dr_dh) * sr.dh_dv);
-    }
+    acc_t level;
+    grad_v[i] = static_cast<scalar_t>(adaround_grad_v<acc_t, kHard>(static_cast<acc_t>(w[i]), static_cast<acc_t>(v[i]),
+                                                                     g, p, beta, dreg, &level));
     dscale[i] = g * level;
   }
 }

@@ -38,17 +38,11 @@ struct Forward {
   bool hard;
   __device__ AdaRoundParams<acc_t> group(int64_t, int64_t c) const { return params(c); }
   __device__ Pair<acc_t> operator()(int64_t i, const AdaRoundParams<acc_t>& p) const {
-    const acc_t vi = static_cast<acc_t>(v[i]);
-    acc_t h, r = acc_t(0), unused;
-    if (hard) {
-      h = vi >= acc_t(0) ? acc_t(1) : acc_t(0);
-    } else {
-      h = soft_rounding<acc_t>(vi).h;
-      rounding_regularizer<acc_t>(h, beta, &r, &unused);
-    }
-    acc_t level;
-    acc_t inside;
-    out[i] = static_cast<scalar_t>(nan_if_invalid(adaround_weight<acc_t>(static_cast<acc_t>(w[i]), h, p, &level, &inside), p));
+    const acc_t wi = static_cast<acc_t>(w[i]), vi = static_cast<acc_t>(v[i]);
+    acc_t r;
+    const acc_t wq = hard ? adaround_forward_element<acc_t, true>(wi, vi, p, beta, &r)
+                          : adaround_forward_element<acc_t, false>(wi, vi, p, beta, &r);
+    out[i] = static_cast<scalar_t>(nan_if_invalid(wq, p));
     return Pair<acc_t>(r, acc_t(0));
   }
 };
@@ -65,21 +59,11 @@ struct Backward {
   bool hard;
   __device__ AdaRoundParams<acc_t> group(int64_t, int64_t c) const { return params(c); }
   __device__ Pair<acc_t> operator()(int64_t i, const AdaRoundParams<acc_t>& p) const {
-    const acc_t vi = static_cast<acc_t>(v[i]);
-    const acc_t g = static_cast<acc_t>(dy[i]);
+    const acc_t wi = static_cast<acc_t>(w[i]), vi = static_cast<acc_t>(v[i]), g = static_cast<acc_t>(dy[i]);
     acc_t level;
-    acc_t inside;
-    if (hard) {
-      adaround_weight<acc_t>(static_cast<acc_t>(w[i]), vi >= acc_t(0) ? acc_t(1) : acc_t(0), p, &level, &inside);
-      grad_v[i] = static_cast<scalar_t>(0);
-    } else {
-      const SoftRounding<acc_t> sr = soft_rounding<acc_t>(vi);
-      acc_t r, dr_dh;
-      rounding_regularizer<acc_t>(sr.h, beta, &r, &dr_dh);
-      adaround_weight<acc_t>(static_cast<acc_t>(w[i]), sr.h, p, &level, &inside);
-      const acc_t through_weight = inside > acc_t(0) ? g * p.scale : acc_t(0);
-      grad_v[i] = static_cast<scalar_t>(nan_if_invalid((through_weight + *grad_reg * dr_dh) * sr.dh_dv, p));
-    }
+    const acc_t gv = hard ? adaround_grad_v<acc_t, true>(wi, vi, g, p, beta, *grad_reg, &level)
+                          : adaround_grad_v<acc_t, false>(wi, vi, g, p, beta, *grad_reg, &level);
+    grad_v[i] = static_cast<scalar_t>(hard ? gv : nan_if_invalid(gv, p));
     return Pair<acc_t>(g * level, acc_t(0));
   }
 };
