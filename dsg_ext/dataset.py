@@ -143,8 +143,9 @@ def build_manifest(directory: str, identity: Dict[str, Any], num_batches: int, e
     return manifest
 
 
-def load_images(directory: str, verify: bool = True) -> torch.Tensor:
-    """All images of a finished dataset, in shard order (checksums verified)."""
+def load_images(directory: str, verify: bool = True, max_samples: Optional[int] = None) -> torch.Tensor:
+    """The images of a finished dataset in shard order (checksums verified); with max_samples only
+    as many shards as that needs are read."""
     from safetensors.torch import load_file
 
     manifest = load_manifest(directory)
@@ -152,10 +153,12 @@ def load_images(directory: str, verify: bool = True) -> torch.Tensor:
         raise DatasetError(f"{directory} has no {MANIFEST}: not a dsg_ext synthetic dataset")
     parts = []
     for record in manifest["shards"]:
+        if max_samples is not None and sum(p.shape[0] for p in parts) >= max_samples:
+            break
         path = os.path.join(directory, record["file"])
         if verify and sha256_file(path) != record["sha256"]:
             raise DatasetError(f"{path}: checksum mismatch, the shard is corrupt; re-run `dsg generate` to regenerate it")
         parts.append(load_file(path)["images"])
     if not parts:
         raise DatasetError(f"{directory} holds no finished shard")
-    return torch.cat(parts)
+    return torch.cat(parts)[:max_samples]

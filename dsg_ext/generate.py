@@ -175,8 +175,8 @@ def generate(
     if error is not None:
         raise error
     if info.main and manifest.get("complete"):
-        images = dataset.load_images(out)
-        manifest["summary"] = _summary(manifest, layer_names, loaded, images[:256], device, config.unbiased)
+        images = dataset.load_images(out, max_samples=256)  # enough for the summary and the preview
+        manifest["summary"] = _summary(manifest, layer_names, loaded, images, device, config.unbiased)
         if compare_zeroq and config.method != "zeroq":
             manifest["summary"]["zeroq_comparison"] = _compare_zeroq(
                 loaded, model, config, images[: config.batch_size], device, layers, input_range)

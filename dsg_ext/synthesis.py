@@ -277,6 +277,7 @@ def synthesize_batch(
         )
         zeros = torch.zeros(config.channels, device=device)
         ones = torch.ones(config.channels, device=device)
+        no_slack = torch.zeros((), device=device)  # a device tensor: a Python 0.0 would be copied every step
         layer_scale = torch.ones(len(layers), device=device)
         lo = hi = None
         if config.clamp_pixels:
@@ -302,7 +303,7 @@ def synthesize_batch(
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.autocast_bf16):
                 model(inp)
             per_layer = torch.stack(taps.collected(), dim=1)  # (N, L)
-            input_term = bn_stat_slack_loss(x, zeros, ones, eps=1e-5, unbiased=config.unbiased)
+            input_term = bn_stat_slack_loss(x, zeros, ones, no_slack, no_slack, eps=1e-5, unbiased=config.unbiased)
             loss = (per_layer * layer_scale * weights).sum(1).mean() + input_term.mean()
             if config.tv_weight:
                 loss = loss + config.tv_weight * _total_variation(x)
