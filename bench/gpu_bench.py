@@ -5,6 +5,7 @@ Run by bench/gpu_check.sh on a lent GPU machine; writes JSON to --out. Prints a 
 """
 
 import argparse
+import gc
 import json
 import sys
 
@@ -136,23 +137,38 @@ def correctness():
     return results
 
 
+SYNTHESIS_CASES = [("resnet18", 256), ("resnet18", 32), ("resnet50", 256), ("mobilenet_v2", 256)]
+
+
+def _time_workload(wl, bw, rows, iters=50, warmup=10):
+    floor = wl.bytes_moved / bw if wl.bytes_moved else float("nan")
+    times = {}
+    for name in list(wl.impls):
+        try:
+            times[name] = benchmarks.time_cuda(wl.impls[name], iters=iters, warmup=warmup)
+        except Exception as e:  # a failing variant (e.g. torch.compile) must not hide the other figures
+            print(f"{wl.name} {name}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        wl.impls[name] = None  # frees what the variant built (model copy, CUDA graph pool)
+        gc.collect()
+        torch.cuda.empty_cache()
+    for name, t in times.items():
+        row = {"workload": wl.name, "shape": wl.description, "impl": name, "median_ms": t * 1e3,
+               "floor_ms": floor * 1e3, "ratio_to_floor": t / floor,
+               "speedup_of_dsg_ext": t / times["dsg_ext"] if "dsg_ext" in times else None}
+        if wl.name.startswith("synthesis"):
+            row["img_iter_per_s"] = int(wl.description.split()[1].rstrip(",")) / t
+        rows.append(row)
+        print(f"  {wl.name:34s} {wl.description:22s} {name:24s} {t * 1e3:9.3f} ms", flush=True)
+
+
 def timings(compile_plain):
     bw = benchmarks.copy_bandwidth("cuda")
     rows = []
-    workloads = benchmarks.make_workloads("cuda", "gpu", compile_plain=compile_plain)
-    workloads += benchmarks.synthesis_workloads("cuda", "gpu")
-    for wl in workloads:
-        floor = wl.bytes_moved / bw if wl.bytes_moved else float("nan")
-        times = {}
-        for name, fn in wl.impls.items():
-            try:
-                times[name] = benchmarks.time_cuda(fn)
-            except Exception as e:  # a failing baseline (e.g. torch.compile) must not hide our figures
-                print(f"{wl.name} {name}: {type(e).__name__}: {e}", file=sys.stderr)
-        for name, t in times.items():
-            rows.append({"workload": wl.name, "shape": wl.description, "impl": name, "median_ms": t * 1e3,
-                         "floor_ms": floor * 1e3, "ratio_to_floor": t / floor,
-                         "speedup_of_dsg_ext": t / times["dsg_ext"] if "dsg_ext" in times else None})
+    for wl in benchmarks.make_workloads("cuda", "gpu", compile_plain=compile_plain):
+        _time_workload(wl, bw, rows)
+    for arch, batch in SYNTHESIS_CASES:
+        for wl in benchmarks.synthesis_workloads("cuda", "gpu", arch=arch, batch=batch, variants=True):
+            _time_workload(wl, bw, rows, iters=15, warmup=5)
     return bw, rows
 
 
@@ -172,11 +188,12 @@ def main():
         json.dump({"card": card, "torch": torch.__version__, "copy_bandwidth_Bps": bw, "checks": checks,
                    "timings": rows}, f, indent=2)
     print(f"\ncard {card}; copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
-    print(f"{'workload':42s} {'impl':15s} {'median ms':>10s} {'floor ms':>9s} {'x floor':>8s} {'ours faster':>11s}")
+    print(f"{'workload':34s} {'shape':20s} {'impl':22s} {'median ms':>10s} {'x floor':>8s} {'ours faster':>11s} {'img*it/s':>9s}")
     for r in rows:
         sp = f"{r['speedup_of_dsg_ext']:.2f}x" if r["speedup_of_dsg_ext"] else "-"
-        print(f"{r['workload']:42s} {r['impl']:15s} {r['median_ms']:10.3f} {r['floor_ms']:9.3f} "
-              f"{r['ratio_to_floor']:7.2f}x {sp:>11s}")
+        ips = f"{r['img_iter_per_s']:.0f}" if "img_iter_per_s" in r else ""
+        print(f"{r['workload'][:34]:34s} {r['shape'][:20]:20s} {r['impl']:22s} {r['median_ms']:10.3f} "
+              f"{r['ratio_to_floor']:7.2f}x {sp:>11s} {ips:>9s}")
     failed = [c["check"] for c in checks if not c["ok"]]
     print(f"correctness: {len(checks) - len(failed)}/{len(checks)} ok" + (f"; FAILED: {failed}" if failed else ""))
     return 1 if failed else 0

@@ -210,9 +210,13 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
         t = time_cpu(lambda: dst.copy_(src))
     return 2 * n * 4 / t
 
-def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "resnet18") -> List[Workload]:
+def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "resnet18",
+                        batch: Optional[int] = None, variants: bool = False) -> List[Workload]:
     """One full synthesis iteration (forward with BN taps + statistic loss + backward + Adam step) on a
-    torchvision network: the fused loss against the peers' plain loop, and the network alone.
+    torchvision network: ours (``SynthesisLoop``, the code ``dsg generate`` runs) against the peers'
+    plain loop (forward pre-hooks computing the loss with torch.mean/torch.var), and the network
+    alone (trivial loss). With ``variants`` (GPU): each also under channels_last + bf16 autocast, and
+    ours replayed from a CUDA graph.
 
     Skipped (empty list) when torchvision is not installed."""
     try:
@@ -221,9 +225,10 @@ def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "res
         return []
     import copy
 
-    from .synthesis import BatchNormTaps, batchnorm_layers
+    from .synthesis import BatchNormTaps, SynthesisConfig, SynthesisLoop, batchnorm_layers, enhancement_weights
 
-    batch, image = {"gpu": (256, 224), "cpu": (8, 112), "tiny": (2, 32)}[size]
+    default_batch, image = {"gpu": (256, 224), "cpu": (8, 112), "tiny": (2, 32)}[size]
+    batch = batch or default_batch
     gen = torch.Generator().manual_seed(0)
     base = torchvision.models.get_model(arch, weights=None).eval()
     with torch.no_grad():  # non-trivial BN statistics, so that the loss has work to do
@@ -235,41 +240,66 @@ def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "res
         p.requires_grad_(False)
     start = torch.randn(batch, 3, image, image, generator=gen)
 
-    def make(kind: str) -> Callable[[], object]:
-        model = copy.deepcopy(base).to(device)
-        images = start.clone().to(device).requires_grad_(True)
-        opt = torch.optim.Adam([images], lr=0.1)
-        layers = batchnorm_layers(model)
-        losses: List[torch.Tensor] = []
-        if kind == "dsg_ext":
-            taps = BatchNormTaps(layers, unbiased=True).__enter__()
-        elif kind == "plain":
-            def hook(bn):
-                mean, std = bn.running_mean, torch.sqrt(bn.running_var + bn.eps)
-                return lambda _m, inp: losses.append(plain.slack_loss(inp[0], mean, std, eps=bn.eps, unbiased=True))
-            for _, bn in layers:
-                bn.register_forward_pre_hook(hook(bn))
+    def make(kind: str, fast: bool = False, graph: bool = False) -> Callable[[], object]:
+        state = {}
 
-        def iteration():
-            opt.zero_grad(set_to_none=True)
-            losses.clear()
-            out = model(images)
+        def build():
+            model = copy.deepcopy(base).to(device)
+            images = start.clone().to(device)
+            layers = batchnorm_layers(model)
             if kind == "dsg_ext":
-                loss = torch.stack(taps.collected(), 1).sum(1).mean()
-            elif kind == "plain":
-                loss = torch.stack(losses, 1).sum(1).mean()
-            else:
-                loss = out.float().mean()
-            loss.backward()
-            opt.step()
+                config = SynthesisConfig(method="dsg", lr=0.1, batch_size=batch, image_size=image,
+                                         channels_last=fast, autocast_bf16=fast, cuda_graph=graph)
+                taps = BatchNormTaps(layers, unbiased=True).__enter__()
+                taps.set_slack([torch.full((), 0.05, device=device)] * len(layers),
+                               [torch.full((), 0.05, device=device)] * len(layers))
+                weights = enhancement_weights(batch, len(layers), 2.0, device)
+                loop = SynthesisLoop(model, taps, images, weights, config, device)
+                state["fn"] = loop.iterate
+                state["keep"] = (loop, taps)
+                return
+            if fast:
+                model = model.to(memory_format=torch.channels_last)
+            images.requires_grad_(True)
+            opt = torch.optim.Adam([images], lr=0.1)
+            losses: List[torch.Tensor] = []
+            if kind == "plain":
+                def hook(bn):
+                    mean, std = bn.running_mean, torch.sqrt(bn.running_var + bn.eps)
+                    return lambda _m, inp: losses.append(
+                        plain.slack_loss(inp[0].float(), mean, std, 0.05, 0.05, eps=bn.eps, unbiased=True))
+                for _, bn in layers:
+                    bn.register_forward_pre_hook(hook(bn))
 
-        return iteration
+            def iteration():
+                opt.zero_grad(set_to_none=True)
+                losses.clear()
+                inp = images.contiguous(memory_format=torch.channels_last) if fast else images
+                with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=fast):
+                    out = model(inp)
+                if kind == "plain":
+                    loss = torch.stack(losses, 1).sum(1).mean()
+                else:
+                    loss = out.float().mean()
+                loss.backward()
+                opt.step()
 
-    return [
-        Workload(
-            f"synthesis_iteration_{arch}",
-            f"batch {batch}, {image}x{image}",
-            0,
-            {"dsg_ext": make("dsg_ext"), "plain": make("plain"), "network_alone": make("network")},
-        )
-    ]
+            state["fn"] = iteration
+
+        def run():  # built on first use, so that a workload's memory exists only while it is timed
+            if "fn" not in state:
+                build()
+            return state["fn"]()
+
+        return run
+
+    impls = {"dsg_ext": make("dsg_ext"), "plain": make("plain"), "network_alone": make("network")}
+    if variants:
+        impls.update({
+            "dsg_ext_bf16_cl": make("dsg_ext", fast=True),
+            "dsg_ext_bf16_cl_graph": make("dsg_ext", fast=True, graph=True),
+            "dsg_ext_fp32_graph": make("dsg_ext", graph=True),
+            "plain_bf16_cl": make("plain", fast=True),
+            "network_alone_bf16_cl": make("network", fast=True),
+        })
+    return [Workload(f"synthesis_iteration_{arch}", f"batch {batch}, {image}x{image}", 0, impls)]

@@ -70,7 +70,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             image_size=args.image_size or 224, epsilon=args.epsilon, enhancement=args.enhancement, init=args.init,
             seed=args.seed, tv_weight=args.tv, l2_weight=args.l2, jitter=args.jitter,
             layer_weighting=args.layer_weighting, clamp_pixels=args.clamp_pixels,
-            channels_last=args.channels_last, autocast_bf16=args.bf16,
+            channels_last=args.channels_last, autocast_bf16=args.bf16, cuda_graph=args.cuda_graph,
         ).validate()
         manifest = generate(args.model, args.out, config, args.num_samples, device=args.device, weights=args.weights,
                             preview=args.preview, image_size=args.image_size, compare_zeroq=args.compare_zeroq)
@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep images inside the model's valid input range (not in the paper)")
     p.add_argument("--channels-last", action="store_true", help="run the network in channels_last (GPU speed)")
     p.add_argument("--bf16", action="store_true", help="run the network under bf16 autocast; statistics stay fp32")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture one whole iteration in a CUDA graph and replay it (GPU; removes launch overhead)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="dataset directory (re-running the same command resumes it)")
     p.add_argument("--preview", help="also write a PNG grid of the samples")

@@ -58,6 +58,10 @@ class SynthesisConfig:
     # Speed: the network in channels_last and/or under bf16 autocast (statistics stay fp32).
     channels_last: bool = False
     autocast_bf16: bool = False
+    # Capture one whole iteration (forward, losses, backward, Adam, clamp) in a CUDA graph after a
+    # few eager warm-up iterations, and replay it: removes the launch overhead that dominates small
+    # batches on a GPU. CUDA only; not with jitter (its random shift is drawn on the host).
+    cuda_graph: bool = False
 
     def validate(self) -> "SynthesisConfig":
         problems = []
@@ -82,6 +86,8 @@ class SynthesisConfig:
         for name in ("tv_weight", "l2_weight", "jitter"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.cuda_graph and self.jitter:
+            problems.append("cuda_graph cannot be combined with jitter (the shift is drawn on the host each step)")
         if problems:
             raise ValueError("invalid synthesis options: " + "; ".join(problems))
         return self
@@ -238,6 +244,139 @@ def _total_variation(x: Tensor) -> Tensor:
     return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
 
 
+class SynthesisLoop:
+    """The optimisation state of one batch and its iteration, eager or replayed from a CUDA graph.
+
+    ``iterate()`` runs one iteration (forward with BN taps, total loss, backward, Adam step, pixel
+    clamp) and keeps, on the device, the sum of losses since the last ``window_mean()`` and the
+    iteration at which each layer's loss first became non-finite. No host-device sync happens in
+    ``iterate()``; ``window_mean()`` syncs once. The learning rate lives in the optimizer's param
+    group (a device tensor under CUDA graphs, so that ReduceLROnPlateau still acts on replays).
+    """
+
+    warmup_iterations = 3  # eager iterations (on a side stream) before a CUDA graph is captured
+
+    def __init__(self, model: nn.Module, taps: BatchNormTaps, images: Tensor, weights: Tensor,
+                 config: SynthesisConfig, device: str,
+                 input_range: Optional[Tuple[Sequence[float], Sequence[float]]] = None, sync_every: int = 10):
+        self.model, self.taps, self.weights, self.config = model, taps, weights, config
+        self.device_type = torch.device(device).type
+        self.use_graph = config.cuda_graph
+        if self.use_graph and self.device_type != "cuda":
+            raise ValueError(f"cuda_graph needs a CUDA device, got {device!r}")
+        self.images = images.requires_grad_(True)
+        lr = torch.tensor(config.lr, device=device) if self.use_graph else config.lr
+        self.optimizer = torch.optim.Adam([self.images], lr=lr, capturable=self.use_graph)
+        # Stepped once per window of iterations (one host sync per window), patience in iterations.
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="min", factor=0.1, patience=max(1, config.plateau_patience // sync_every),
+            min_lr=config.min_lr,
+        )
+        channels = images.shape[1]
+        self.zeros = torch.zeros(channels, device=device)
+        self.ones = torch.ones(channels, device=device)
+        self.no_slack = torch.zeros((), device=device)  # a Python 0.0 would be copied to the device every step
+        self.layer_scale = torch.ones(len(taps.layers), device=device)
+        self.lo = self.hi = None
+        if config.clamp_pixels:
+            if input_range is None:
+                raise ValueError("clamp_pixels needs the model's input range")
+            self.lo = torch.tensor(input_range[0], device=device, dtype=torch.float32).view(1, -1, 1, 1)
+            self.hi = torch.tensor(input_range[1], device=device, dtype=torch.float32).view(1, -1, 1, 1)
+            with torch.no_grad():
+                self.images.copy_(torch.maximum(torch.minimum(self.images, self.hi), self.lo))
+        if config.channels_last:
+            self.model = model.to(memory_format=torch.channels_last)
+        self.window = torch.zeros((), device=device)
+        self.window_count = 0
+        self.counter = torch.zeros((), dtype=torch.long, device=device)
+        # Iteration at which each layer's loss first became non-finite (-1: never).
+        self.first_bad = torch.full((len(taps.layers),), -1, dtype=torch.long, device=device)
+        self.initial_layers: Optional[Tensor] = None
+        self.initial_loss: Optional[Tensor] = None
+        self.iterations_done = 0
+        self._graph = None
+        self._graph_out: Optional[Tuple[Tensor, Tensor]] = None
+        self._side_stream = torch.cuda.Stream() if self.use_graph else None
+
+    def step(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """Total loss and the per-layer mean losses (L) for images x (no backward)."""
+        config, taps = self.config, self.taps
+        taps.reset()
+        inp = x
+        if config.jitter:
+            dx, dy = torch.randint(-config.jitter, config.jitter + 1, (2,)).tolist()
+            inp = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
+        if config.channels_last:
+            inp = inp.contiguous(memory_format=torch.channels_last)
+        # Autocast's weight cache must be off while a graph is captured.
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=config.autocast_bf16,
+                            cache_enabled=not self.use_graph):
+            self.model(inp)
+        per_layer = torch.stack(taps.collected(), dim=1)  # (N, L)
+        input_term = bn_stat_slack_loss(x, self.zeros, self.ones, self.no_slack, self.no_slack, eps=1e-5,
+                                        unbiased=config.unbiased)
+        loss = (per_layer * self.layer_scale * self.weights).sum(1).mean() + input_term.mean()
+        if config.tv_weight:
+            loss = loss + config.tv_weight * _total_variation(x)
+        if config.l2_weight:
+            loss = loss + config.l2_weight * x.pow(2).mean()
+        return loss, per_layer.detach().mean(0)
+
+    def _body(self) -> Tuple[Tensor, Tensor]:
+        loss, layer_means = self.step(self.images)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            if self.lo is not None:
+                self.images.copy_(torch.maximum(torch.minimum(self.images, self.hi), self.lo))
+            self.window.add_(loss.detach())
+            newly_bad = ~torch.isfinite(layer_means) & (self.first_bad < 0)
+            self.first_bad.copy_(torch.where(newly_bad, self.counter, self.first_bad))
+            self.counter.add_(1)
+        return loss, layer_means
+
+    def iterate(self) -> Tuple[Tensor, Tensor]:
+        """One iteration; returns (loss, per-layer means) of the images before the step."""
+        if self.initial_layers is None:
+            with torch.no_grad():
+                loss, layer_means = self.step(self.images.detach())
+                if self.config.layer_weighting == "initial":
+                    self.layer_scale.copy_(1.0 / layer_means.clamp_min(1e-12))
+                    loss, layer_means = self.step(self.images.detach())
+            self.initial_layers, self.initial_loss = layer_means.clone(), loss.clone()
+        self.window_count += 1
+        self.iterations_done += 1
+        if self._graph is not None:
+            self._graph.replay()
+            return self._graph_out  # type: ignore[return-value]
+        if not self.use_graph:
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._body()
+        stream = self._side_stream
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.iterations_done <= self.warmup_iterations:
+                out = self._body()
+            else:  # capture this iteration, then replay it (capturing runs nothing)
+                self._graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self._graph, stream=stream):
+                    self._graph_out = self._body()
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._graph is not None:
+            self._graph.replay()
+            return self._graph_out  # type: ignore[return-value]
+        return out
+
+    def window_mean(self) -> float:
+        """Mean loss since the last call (one host sync)."""
+        value = self.window.item() / max(1, self.window_count)
+        self.window.zero_()
+        self.window_count = 0
+        return value
+
+
 def synthesize_batch(
     model: nn.Module,
     config: SynthesisConfig,
@@ -269,82 +408,25 @@ def synthesize_batch(
             weights = torch.ones(count, len(layers), device=device)
         taps.set_slack([d.to(device) for d in deltas], [g.to(device) for g in gammas])
 
-        images.requires_grad_(True)
-        optimizer = torch.optim.Adam([images], lr=config.lr)
-        # Stepped once every `sync_every` iterations (one host sync per window), patience in iterations.
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=0.1, patience=max(1, config.plateau_patience // sync_every), min_lr=config.min_lr
-        )
-        zeros = torch.zeros(config.channels, device=device)
-        ones = torch.ones(config.channels, device=device)
-        no_slack = torch.zeros((), device=device)  # a device tensor: a Python 0.0 would be copied every step
-        layer_scale = torch.ones(len(layers), device=device)
-        lo = hi = None
-        if config.clamp_pixels:
-            if input_range is None:
-                raise ValueError("clamp_pixels needs the model's input range")
-            lo = torch.tensor(input_range[0], device=device, dtype=torch.float32).view(1, -1, 1, 1)
-            hi = torch.tensor(input_range[1], device=device, dtype=torch.float32).view(1, -1, 1, 1)
-            with torch.no_grad():
-                images.copy_(torch.maximum(torch.minimum(images, hi), lo))
-
-        if config.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        device_type = torch.device(device).type
-
-        def step(x: Tensor) -> Tuple[Tensor, Tensor]:
-            taps.reset()
-            inp = x
-            if config.jitter:
-                dx, dy = torch.randint(-config.jitter, config.jitter + 1, (2,)).tolist()
-                inp = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
-            if config.channels_last:
-                inp = inp.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=config.autocast_bf16):
-                model(inp)
-            per_layer = torch.stack(taps.collected(), dim=1)  # (N, L)
-            input_term = bn_stat_slack_loss(x, zeros, ones, no_slack, no_slack, eps=1e-5, unbiased=config.unbiased)
-            loss = (per_layer * layer_scale * weights).sum(1).mean() + input_term.mean()
-            if config.tv_weight:
-                loss = loss + config.tv_weight * _total_variation(x)
-            if config.l2_weight:
-                loss = loss + config.l2_weight * x.pow(2).mean()
-            return loss, per_layer.detach().mean(0)
-
-        initial_layers = None
-        initial_loss = None
-        window = torch.zeros((), device=device)
-        # Iteration at which each layer's loss first became non-finite (-1: never), tracked on the
-        # device so that the error can name the layer where NaN/Inf started, without a sync.
-        first_bad = torch.full((len(layers),), -1, dtype=torch.long, device=device)
+        loop = SynthesisLoop(model, taps, images, weights, config, device, input_range=input_range, sync_every=sync_every)
+        initial_layers = initial_loss = None
         for it in range(config.iterations):
-            optimizer.zero_grad(set_to_none=True)
-            loss, layer_means = step(images)
+            loss, layer_means = loop.iterate()
             if initial_layers is None:
-                if config.layer_weighting == "initial":
-                    layer_scale = 1.0 / layer_means.clamp_min(1e-12)
-                    loss, layer_means = step(images)
-                initial_layers, initial_loss = layer_means.clone(), loss.detach().clone()
-            loss.backward()
-            optimizer.step()
-            if lo is not None:
-                with torch.no_grad():
-                    images.copy_(torch.maximum(torch.minimum(images, hi), lo))
-            window = window + loss.detach()
-            newly_bad = ~torch.isfinite(layer_means) & (first_bad < 0)
-            first_bad = torch.where(newly_bad, torch.full_like(first_bad, it), first_bad)
+                initial_layers, initial_loss = loop.initial_layers, loop.initial_loss
             if (it + 1) % sync_every == 0 or it + 1 == config.iterations:
-                value = window.item() / ((it % sync_every) + 1)
-                window.zero_()
+                value = loop.window_mean()
                 if not math.isfinite(value):
-                    bad = _first_nonfinite_layer(taps.names, first_bad.tolist())
+                    bad = _first_nonfinite_layer(taps.names, loop.first_bad.tolist())
                     raise NonFiniteLossError(
                         f"synthesis loss became {value} at iteration {it + 1} of batch {batch_index}"
                         + (f" (first non-finite BN layer: {bad})" if bad else "")
                     )
-                scheduler.step(value)
+                loop.scheduler.step(value)
                 if progress is not None:
                     progress(it + 1, value)
+        step = loop.step
+        images = loop.images
 
         with torch.no_grad():
             final_loss, final_layers = step(images.detach())
