@@ -5,15 +5,32 @@
 #pragma once
 
 #include <cstdint>
-#include <bit>
+#include <cstring>
 
 #include "common.h"
 
 namespace dsg_ext {
 
 namespace detail {
-DSG_HD float bits_to_float(int32_t i) { return std::bit_cast<float>(i); }
-DSG_HD int32_t float_to_bits(float f) { return std::bit_cast<int32_t>(f); }
+// memcpy rather than std::bit_cast: the extension must also build as C++17 (torch < 2.14).
+DSG_HD float bits_to_float(int32_t i) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(i);
+#else
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+#endif
+}
+DSG_HD int32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_int(f);
+#else
+  int32_t i;
+  std::memcpy(&i, &f, sizeof i);
+  return i;
+#endif
+}
 }  // namespace detail
 
 // e^x for finite x (saturates at the float range; NaN stays NaN through the arithmetic).
