@@ -291,7 +291,7 @@ def test_rejected_inputs_leave_no_partial_output():
 
 
 @requires_cuda
-def test_mixed_devices_rejected():
+def test_mixed_devices_rejected_cuda():
     xc = torch.randn(2, 3, 4, 4, device="cuda")
     with pytest.raises(RuntimeError, match="device"):
         dsg_ext.bn_stat_slack_loss(xc, C3, ONES3.cuda())
