@@ -61,7 +61,10 @@ def _extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # -fno-trapping-math lets the CPU loops vectorise their selects (no FP exceptions are relied on);
     # -ffp-contract=off keeps the fake-quant rounding bitwise equal to torch.
-    cxx_flags = opt + ["-fopenmp-simd", "-fno-trapping-math", "-ffp-contract=off", "-DDSG_EXT_PYTHON_MODULE"]
+    tuning = ["-fopenmp-simd", "-fno-trapping-math", "-ffp-contract=off"]
+    if "DSG_EXT_CXXFLAGS" in os.environ:  # for build experiments: replaces the tuning flags above
+        tuning = os.environ["DSG_EXT_CXXFLAGS"].split()
+    cxx_flags = opt + tuning + ["-DDSG_EXT_PYTHON_MODULE"]
     extra = {"cxx": cxx_flags}
     ext_cls = CppExtension
     if use_cuda:

@@ -13,6 +13,12 @@ CASES = {
     "torch_own_cuda_error": "torch.randn(2,3,device='cuda') @ torch.randn(4,5,device='cuda')",
 }
 
+if sys.argv[1:] == ["--cpu"]:  # a CPU-only build: the CPU cases, and the op called directly
+    CASES = {k: v for k, v in CASES.items() if k.startswith("cpu")}
+    CASES["cpu_fake_quant_axis0"] = "dsg_ext.fake_quant(torch.randn(4,3), torch.ones(3), torch.zeros(3), 5, 1, 1)"
+    CASES["cpu_direct_op_no_grad"] = "torch.ops.dsg_ext.fake_quant(torch.randn(4), torch.ones(1), torch.zeros(1), 5, 1, None, 1.0)"
+    CASES["cpu_slack_bad_channels"] = "dsg_ext.bn_stat_slack_loss(torch.randn(2,3,4,4), torch.zeros(4), torch.ones(4))"
+
 for name, stmt in CASES.items():
     code = f"import torch, dsg_ext\ntry:\n    {stmt}\n    print('NO ERROR')\nexcept Exception as e:\n    print('raised', type(e).__name__, str(e).splitlines()[0][:150])\n"
     p = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True, timeout=60)
