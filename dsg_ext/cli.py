@@ -94,6 +94,106 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quant_errors():
+    from .dataset import DatasetError
+    from .fashion_mnist import DataError
+    from .models import ModelSourceError
+    from .pipeline import DataSourceError
+    from .quantize import QuantConfigError, QuantizedFileError
+
+    return (ValueError, DatasetError, DataError, ModelSourceError, DataSourceError, QuantConfigError, QuantizedFileError)
+
+
+def _example(loaded):
+    import torch
+
+    spec = loaded.input
+    return torch.zeros(1, spec.channels, spec.image_size, spec.image_size)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    import os
+
+    from . import pipeline, quantize
+    from .models import load_model
+
+    try:
+        if os.path.exists(args.out) and not args.force:
+            raise ValueError(f"{args.out} exists; use --force to replace it (it is replaced only once the new file is complete)")
+        config = quantize.QuantConfig(
+            wbits=args.wbits, abits=None if args.abits == 32 else args.abits, w_per_channel=not args.per_tensor,
+            w_symmetric=not args.asymmetric_weights, act_placement=args.placement,
+            first_last_bits=None if args.first_last_bits == 0 else args.first_last_bits, observer=args.observer,
+            weight_observer=args.weight_observer, fold_bn=args.fold_bn).validate()
+        loaded = load_model(args.model, weights=args.weights)
+        images, described = pipeline.calibration_images(loaded, args.calib, args.real, args.num_samples)
+        fp = loaded.model.to(args.device)
+        qmodel = quantize.quantize_model(fp, config, _example(loaded).to(args.device))
+        quantize.calibrate(qmodel, images, device=args.device)
+        records = []
+        if args.adaround:
+            ada = quantize.AdaRoundConfig(iterations=args.adaround_iters, batch_size=args.adaround_batch)
+            records = quantize.adaround(qmodel, fp, images, ada, device=args.device)
+        quantize.save_quantized(qmodel, args.out, args.model, loaded.identity,
+                                {"calibration": described, "calibration_images": int(images.shape[0]),
+                                 "adaround": dataclasses_asdict_or_none(args), "adaround_layers": records})
+    except _quant_errors() as e:
+        print(f"dsg quantize: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {config.label()} {args.model}, calibrated on {images.shape[0]} images ({described})"
+          + (f", AdaRound {args.adaround_iters} iterations per layer" if args.adaround else ""))
+    return 0
+
+
+def dataclasses_asdict_or_none(args):
+    if not args.adaround:
+        return None
+    return {"iterations": args.adaround_iters, "batch_size": args.adaround_batch}
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from . import pipeline, quantize
+    from .models import load_model
+
+    try:
+        loaded = load_model(args.model, weights=args.weights)
+        fp = loaded.model
+        model, fp_ref = fp, None
+        if args.quantized:
+            model = quantize.load_quantized(fp, args.quantized, loaded.identity, _example(loaded))
+            fp_ref = fp
+        result = pipeline.evaluate(model, loaded, args.data, args.max_images, fp_model=fp_ref)
+    except _quant_errors() as e:
+        print(f"dsg eval: {e}", file=sys.stderr)
+        return 2
+    what = f"{args.model}" + (f" quantized ({args.quantized})" if args.quantized else " FP32")
+    parts = [f"{result['images']} images"]
+    if "top1" in result:
+        parts.append(f"top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%")
+    if "top1_agreement" in result:
+        parts.append(f"agreement with FP32 {result['top1_agreement']:.2f}%, mean KL {result['mean_kl']:.4g}")
+    print(f"{what} on {args.data}: " + "; ".join(parts))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    bits = [tuple(int(v) for v in b.upper().lstrip("W").split("A")) for b in args.bits.split(",")]
+    cfg = DemoConfig(out=args.out, samples=args.samples, synth_iterations=args.synth_iters,
+                     adaround_iterations=args.adaround_iters, eval_samples=args.eval_samples, bits=bits,
+                     device=args.device)
+    try:
+        run_demo(cfg, progress=not args.quiet)
+    except _quant_errors() as e:
+        print(f"dsg demo: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsg", description="Data-free quantization with Diverse Sample Generation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +237,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-zeroq", action="store_true",
                    help="also synthesise batch 0 with ZeroQ and report both methods' sample spread")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("quantize", help="fake-quantize a model, calibrated on synthetic or real images")
+    p.add_argument("--model", required=True, help="model source, as for generate")
+    p.add_argument("--weights", help="state-dict file for torchvision:/timm:/module: sources")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--calib", metavar="DIR", help="a dataset directory written by dsg generate for this model")
+    src.add_argument("--real", metavar="DIR", help="a directory of real images, 'fashion-mnist' (training split) or 'noise'")
+    p.add_argument("--num-samples", type=int, default=256, help="calibration images used")
+    p.add_argument("--wbits", type=int, default=4)
+    p.add_argument("--abits", type=int, default=4, help="32 = activations stay float")
+    p.add_argument("--first-last-bits", type=int, default=8, help="bits of the first and last layer (0 = same as the rest)")
+    p.add_argument("--per-tensor", action="store_true", help="one weight scale per layer instead of per output channel")
+    p.add_argument("--asymmetric-weights", action="store_true")
+    p.add_argument("--placement", choices=("input", "relu"), default="input",
+                   help="activation quantizers at every layer input, or after each ReLU (ZeroQ)")
+    p.add_argument("--observer", choices=("minmax", "ema", "percentile", "mse"), default="mse")
+    p.add_argument("--weight-observer", choices=("minmax", "mse"), default="minmax")
+    p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the preceding convolution first")
+    p.add_argument("--adaround", action="store_true", help="AdaRound every layer (Nagel et al. 2020)")
+    p.add_argument("--adaround-iters", type=int, default=10000, help="iterations per layer")
+    p.add_argument("--adaround-batch", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="quantized model file (.safetensors)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("eval", help="accuracy (and fidelity to FP32) of a model or a quantized model")
+    p.add_argument("--model", required=True)
+    p.add_argument("--weights")
+    p.add_argument("--quantized", metavar="FILE", help="a file written by dsg quantize for this model")
+    p.add_argument("--data", required=True, help="'fashion-mnist' (test split) or an image directory (ImageFolder "
+                   "layout for accuracy; any images for fidelity)")
+    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--json", metavar="FILE")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("demo", help="end to end on the shipped Fashion-MNIST network (CPU, about 10 minutes)")
+    p.add_argument("--out", default="dsg_demo", help="directory for the synthetic data, demo.json and demo.png")
+    p.add_argument("--samples", type=int, default=256, help="calibration images per source")
+    p.add_argument("--synth-iters", type=int, default=150, help="synthesis iterations (the papers: 500)")
+    p.add_argument("--adaround-iters", type=int, default=80, help="AdaRound iterations per layer (the paper: 10000)")
+    p.add_argument("--eval-samples", type=int, default=2000, help="test images evaluated (10000 = all)")
+    p.add_argument("--bits", default="W8A8,W6A6,W4A8,W4A4")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 
