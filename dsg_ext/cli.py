@@ -125,7 +125,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             w_symmetric=not args.asymmetric_weights, act_placement=args.placement,
             first_last_bits=None if args.first_last_bits == 0 else args.first_last_bits, observer=args.observer,
             weight_observer=args.weight_observer, fold_bn=args.fold_bn).validate()
-        loaded = load_model(args.model, weights=args.weights)
+        loaded = load_model(args.model, weights=args.weights, image_size=args.image_size)
         images, described = pipeline.calibration_images(loaded, args.calib, args.real, args.num_samples)
         fp = loaded.model.to(args.device)
         qmodel = quantize.quantize_model(fp, config, _example(loaded).to(args.device))
@@ -156,7 +156,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .models import load_model
 
     try:
-        loaded = load_model(args.model, weights=args.weights)
+        loaded = load_model(args.model, weights=args.weights, image_size=args.image_size)
         fp = loaded.model
         model, fp_ref = fp, None
         if args.quantized:
@@ -185,7 +185,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     bits = [tuple(int(v) for v in b.upper().lstrip("W").split("A")) for b in args.bits.split(",")]
     cfg = DemoConfig(out=args.out, samples=args.samples, synth_iterations=args.synth_iters,
                      adaround_iterations=args.adaround_iters, eval_samples=args.eval_samples, bits=bits,
-                     device=args.device)
+                     device=args.device, observer=args.observer)
     try:
         run_demo(cfg, progress=not args.quiet)
     except _quant_errors() as e:
@@ -245,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--calib", metavar="DIR", help="a dataset directory written by dsg generate for this model")
     src.add_argument("--real", metavar="DIR", help="a directory of real images, 'fashion-mnist' (training split) or 'noise'")
     p.add_argument("--num-samples", type=int, default=256, help="calibration images used")
+    p.add_argument("--image-size", type=int, default=None, help="the model's input size (default: the source's own)")
     p.add_argument("--wbits", type=int, default=4)
     p.add_argument("--abits", type=int, default=4, help="32 = activations stay float")
     p.add_argument("--first-last-bits", type=int, default=8, help="bits of the first and last layer (0 = same as the rest)")
@@ -270,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="'fashion-mnist' (test split) or an image directory (ImageFolder "
                    "layout for accuracy; any images for fidelity)")
     p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--image-size", type=int, default=None, help="the model's input size (default: the source's own)")
     p.add_argument("--json", metavar="FILE")
     p.set_defaults(func=_cmd_eval)
 
@@ -280,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adaround-iters", type=int, default=80, help="AdaRound iterations per layer (the paper: 10000)")
     p.add_argument("--eval-samples", type=int, default=2000, help="test images evaluated (10000 = all)")
     p.add_argument("--bits", default="W8A8,W6A6,W4A8,W4A4")
+    p.add_argument("--observer", choices=("minmax", "ema", "percentile", "mse"), default="minmax",
+                   help="activation ranges (min/max shows the calibration data's influence most)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)

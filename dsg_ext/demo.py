@@ -35,7 +35,9 @@ class DemoConfig:
     bits: Sequence[Tuple[int, int]] = DEFAULT_BITS
     sources: Sequence[str] = SOURCES
     device: str = "cpu"
-    observer: str = "mse"
+    # min/max ranges: sensitive to what the calibration images look like, so the sources differ
+    # (with "mse" every source, even noise, lands within ~1 point of FP32 on this network at W4A4).
+    observer: str = "minmax"
     seed: int = 0
 
 

@@ -246,10 +246,11 @@ class ActQuantizer(nn.Module):
             self._lo, self._hi = torch.minimum(self._lo, lo), torch.maximum(self._hi, hi)
         if self.observer in ("percentile", "mse"):
             flat = x.reshape(-1)
-            take = min(flat.numel(), max(4096, self.sample_size // 16))
-            idx = torch.randint(0, flat.numel(), (take,), device=flat.device)
-            self._samples.append(flat[idx])
-            self._seen += take
+            take = max(4096, self.sample_size // 16)
+            if flat.numel() > take:  # a random subset of large batches; small ones are kept whole
+                flat = flat[torch.randint(0, flat.numel(), (take,), device=flat.device)]
+            self._samples.append(flat)
+            self._seen += flat.numel()
             if self._seen > 2 * self.sample_size:  # keep a bounded random subset
                 allv = torch.cat(self._samples)
                 keep = torch.randperm(allv.numel(), device=allv.device)[: self.sample_size]
@@ -529,7 +530,7 @@ def adaround(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, config: Ada
             loss.backward()
             opt.step()
             if it == 0:
-                start_loss = float(rec)
+                start_loss = float(rec.detach())
             if bar is not None:
                 bar.update(1)
         seconds = time.perf_counter() - t0

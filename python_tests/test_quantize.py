@@ -1,0 +1,358 @@
+"""Quantization: builder, observers against direct computations, AdaRound, save/load, bad input,
+the `dsg quantize/eval/demo` commands (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from dsg_ext import quantize as Q
+from dsg_ext.pipeline import DataSourceError, synthetic_calibration
+from tiny_models import tiny_bn_net
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FASHION = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
+needs_fashion = pytest.mark.skipif(not os.path.exists(FASHION), reason="needs the Debian package dataset-fashion-mnist")
+
+
+def images(n=32, size=12, seed=0):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def quantized(config=None, model=None, calib=None):
+    model = model or tiny_bn_net()
+    calib = images() if calib is None else calib
+    q = Q.quantize_model(model, config or Q.QuantConfig(), calib[:2])
+    Q.calibrate(q, calib)
+    return model, q
+
+
+# ---------------------------------------------------------------------------------------------
+# builder
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_conv_and_linear_is_quantized_and_the_original_untouched():
+    model = tiny_bn_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    q = Q.quantize_model(model, Q.QuantConfig(), images()[:2])
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert q.dsg_quant_order == layers
+    for name in layers:
+        assert isinstance(q.get_submodule(name).parametrizations.weight[0], Q.WeightQuantizer)
+        assert isinstance(q.get_submodule(name).act_quant, Q.ActQuantizer)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    # first and last layers at 8 bits, the others at 4
+    wq = Q.weight_quantizers(q)
+    assert [wq[n].bits for n in layers] == [8, 4, 4, 8]
+
+
+def test_eight_bit_model_is_close_to_fp32_and_four_bit_is_further():
+    x = images(64, seed=5)
+    model, q8 = quantized(Q.QuantConfig(wbits=8, abits=8))
+    _, q4 = quantized(Q.QuantConfig(wbits=4, abits=4, first_last_bits=None))
+    with torch.no_grad():
+        ref = model(x)
+        err8 = (q8(x) - ref).norm() / ref.norm()
+        err4 = (q4(x) - ref).norm() / ref.norm()
+    assert err8 < 0.03
+    assert err4 > 3 * err8
+
+
+def test_weight_fake_quant_matches_direct_per_channel_and_per_tensor():
+    w = torch.randn(6, 3, 3, 3, dtype=torch.float64).float()
+    for per_channel in (True, False):
+        for symmetric in (True, False):
+            wq = Q.WeightQuantizer(w, 4, per_channel, symmetric, "minmax")
+            flat = w.double().reshape(6, -1) if per_channel else w.double().reshape(1, -1)
+            lo, hi = flat.min(1).values.clamp(max=0), flat.max(1).values.clamp(min=0)
+            if symmetric:
+                scale, zp, qmin, qmax = torch.maximum(hi, -lo) / 7, torch.zeros_like(hi), -8, 7
+            else:
+                scale = (hi - lo) / 15
+                zp, qmin, qmax = (0 - torch.round(lo / scale)).clamp(0, 15), 0, 15
+            shape = (-1, 1, 1, 1) if per_channel else (1, 1, 1, 1)
+            s, z = scale.view(shape), zp.view(shape)
+            expect = (torch.clamp(torch.round(w.double() / s) + z, qmin, qmax) - z) * s
+            torch.testing.assert_close(wq(w).double(), expect, rtol=1e-6, atol=1e-6)
+            wq.finalize(w)
+            torch.testing.assert_close(wq(w).double(), expect, rtol=1e-6, atol=1e-6)
+
+
+def test_relu_placement_puts_quantizers_after_relus():
+    model, q = quantized(Q.QuantConfig(act_placement="relu"))
+    relus = [n for n, m in q.named_modules() if isinstance(m, nn.ReLU)]
+    assert set(Q.act_quantizers(q)) == set(relus)
+    with pytest.raises(Q.QuantConfigError, match="ReLU"):
+        Q.quantize_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), Q.QuantConfig(act_placement="relu"))
+
+
+def test_bn_folding_keeps_the_float_function():
+    model = tiny_bn_net()
+    folded = Q.quantize_model(model, Q.QuantConfig(fold_bn=True), images()[:2])
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    q_nofold = Q.quantize_model(model, Q.QuantConfig(fold_bn=False, abits=None, wbits=8, first_last_bits=None))
+    q_fold = Q.quantize_model(model, Q.QuantConfig(fold_bn=True, abits=None, wbits=8, first_last_bits=None))
+    x = images(8, seed=3)
+    with torch.no_grad():
+        ref = model(x)
+        assert (q_fold(x) - ref).norm() / ref.norm() < 0.03
+        assert (q_nofold(x) - ref).norm() / ref.norm() < 0.03
+    pairs = Q.fold_batchnorm(tiny_bn_net())
+    assert pairs == [("0", "1"), ("3", "4"), ("6", "7")]
+
+
+# ---------------------------------------------------------------------------------------------
+# observers against direct computations
+# ---------------------------------------------------------------------------------------------
+
+
+def observe(observer, batches, **kw):
+    aq = Q.ActQuantizer(4, False, observer, **kw)
+    aq.calibrating = True
+    for b in batches:
+        aq(b)
+    aq.finish_calibration()
+    return aq
+
+
+def direct_qparams(lo, hi, qmin=0, qmax=15):
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / (qmax - qmin)
+    return scale, int(min(max(qmin - round(lo / scale), qmin), qmax))
+
+
+BATCHES = [torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(i)) * (i + 1) + 0.3 * i for i in range(4)]
+
+
+def test_minmax_observer():
+    aq = observe("minmax", BATCHES)
+    allv = torch.cat([b.flatten() for b in BATCHES]).double()
+    scale, zp = direct_qparams(float(allv.min()), float(allv.max()))
+    assert float(aq.scale) == pytest.approx(scale, rel=1e-6) and int(aq.zero_point) == zp
+
+
+def test_ema_observer():
+    aq = observe("ema", BATCHES)
+    lo, hi = float(BATCHES[0].min()), float(BATCHES[0].max())
+    for b in BATCHES[1:]:
+        lo, hi = 0.9 * lo + 0.1 * float(b.min()), 0.9 * hi + 0.1 * float(b.max())
+    scale, zp = direct_qparams(lo, hi)
+    assert float(aq.scale) == pytest.approx(scale, rel=1e-5) and int(aq.zero_point) == zp
+
+
+def test_percentile_observer():
+    aq = observe("percentile", BATCHES, percentile=99.0)
+    allv = torch.cat([b.flatten() for b in BATCHES]).double()
+    lo, hi = float(torch.quantile(allv, 0.01)), float(torch.quantile(allv, 0.99))
+    scale, zp = direct_qparams(lo, hi)
+    assert float(aq.scale) == pytest.approx(scale, rel=1e-5) and int(aq.zero_point) == zp
+
+
+def test_mse_observer_picks_the_best_candidate():
+    aq = observe("mse", BATCHES)
+    allv = torch.cat([b.flatten() for b in BATCHES]).double()
+    lo, hi = float(allv.min()), float(allv.max())
+    best = None
+    for a in torch.linspace(0.2, 1.0, 50).tolist():  # the same candidates, one at a time, in float64
+        scale, zp = direct_qparams(lo * a, hi * a)
+        q = (torch.clamp(torch.round(allv / scale) + zp, 0, 15) - zp) * scale
+        err = float((q - allv).pow(2).mean())
+        if best is None or err < best[0] - 1e-12:
+            best = (err, scale, zp)
+    assert float(aq.scale) == pytest.approx(best[1], rel=1e-4) and int(aq.zero_point) == best[2]
+    # and it is no worse than min/max
+    mm = observe("minmax", BATCHES)
+
+    def err_of(a):
+        return float((Q._fq_reference(allv, a.scale.double(), a.zero_point.double(), 0, 15) - allv).pow(2).mean())
+
+    assert err_of(aq) <= err_of(mm)
+
+
+def test_observer_rejects_nan_and_unreached_layers():
+    aq = Q.ActQuantizer(4, False, "minmax")
+    aq.calibrating = True
+    with pytest.raises(ValueError, match="NaN"):
+        aq(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(RuntimeError, match="saw no data"):
+        Q.ActQuantizer(4, False, "minmax").finish_calibration()
+    with pytest.raises(RuntimeError, match="before calibration"):
+        Q.ActQuantizer(4, False, "minmax")(torch.ones(3))
+
+
+# ---------------------------------------------------------------------------------------------
+# AdaRound
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_adaround_reduces_reconstruction_error(plain):
+    model = tiny_bn_net()
+    calib = images(64, seed=7)
+    q = Q.quantize_model(model, Q.QuantConfig(wbits=3, abits=None, first_last_bits=None), calib[:2])
+    records = Q.adaround(q, model, calib, Q.AdaRoundConfig(iterations=400, lr=1e-2), progress=False, plain=plain,
+                         layers=["3"])
+    (r,) = records
+    assert r["rec_loss_adaround"] < 0.9 * r["rec_loss_nearest"]
+    wq = Q.weight_quantizers(q)["3"]
+    assert wq.mode == "int" and wq.w_int.dtype == torch.int8
+    assert int(wq.w_int.min()) >= -4 and int(wq.w_int.max()) <= 3
+
+
+def test_adaround_fused_and_plain_take_the_same_path():
+    """The fused op and the peers' chain give the same soft-rounded weights and regularizer."""
+    model = tiny_bn_net()
+    q = Q.quantize_model(model, Q.QuantConfig(wbits=4, abits=None, first_last_bits=None), images()[:2])
+    layer = q.get_submodule("3")
+    wq = layer.parametrizations.weight[0]
+    w = layer.parametrizations.weight.original
+    wq.start_adaround(w)
+    with torch.no_grad():
+        wq.v.add_(torch.randn(wq.v.shape, generator=torch.Generator().manual_seed(0)))
+    wq.beta = 7.0
+    a, ra = wq(w), wq.last_reg
+    wq.use_plain_adaround = True
+    b, rb = wq(w), wq.last_reg
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ra, rb.to(ra.dtype), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# save / load, fidelity
+# ---------------------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip(tmp_path):
+    model, q = quantized(Q.QuantConfig(wbits=4, abits=4, observer="mse"))
+    path = str(tmp_path / "q.safetensors")
+    from dsg_ext.models import model_identity
+
+    ident = model_identity(model)
+    Q.save_quantized(q, path, "tiny_models:tiny_bn_net", ident)
+    loaded = Q.load_quantized(tiny_bn_net(), path, ident, images()[:2])
+    x = images(16, seed=9)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
+    fid = Q.fidelity(q, loaded, x)
+    assert fid["top1_agreement"] == 100.0 and fid["mean_kl"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(Q.QuantizedFileError, match="another model"):
+        Q.load_quantized(tiny_bn_net(seed=1), path, model_identity(tiny_bn_net(seed=1)))
+    corrupt = tmp_path / "bad.safetensors"
+    corrupt.write_bytes(b"\x00" * 64)
+    with pytest.raises(Q.QuantizedFileError, match="not a readable"):
+        Q.read_quantized(str(corrupt))
+    with pytest.raises(Q.QuantizedFileError, match="no such file"):
+        Q.read_quantized(str(tmp_path / "missing.safetensors"))
+
+
+def test_fidelity_detects_a_different_model():
+    model, q = quantized(Q.QuantConfig(wbits=2, abits=2, first_last_bits=None))
+    fid = Q.fidelity(model, q, images(64, seed=11))
+    assert fid["mean_kl"] > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw", [{"wbits": 1}, {"wbits": 9}, {"abits": 0}, {"first_last_bits": 16}, {"observer": "max"},
+                                {"act_placement": "after"}, {"percentile": 20.0}])
+def test_bad_quant_options(kw):
+    with pytest.raises(Q.QuantConfigError):
+        Q.QuantConfig(**kw).validate()
+
+
+def test_bad_calibration_data():
+    model = tiny_bn_net()
+    q = Q.quantize_model(model, Q.QuantConfig())
+    with pytest.raises(ValueError, match="no calibration images"):
+        Q.calibrate(q, torch.empty(0, 3, 12, 12))
+    bad = images(4)
+    bad[1, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        Q.calibrate(q, bad)
+    with pytest.raises(Q.QuantConfigError, match="no Conv2d or Linear"):
+        Q.quantize_model(nn.Sequential(nn.ReLU()), Q.QuantConfig())
+
+
+def test_synthetic_calibration_of_another_model_is_refused(tmp_path):
+    from dsg_ext.generate import generate
+    from dsg_ext.models import load_model
+    from dsg_ext.synthesis import SynthesisConfig
+
+    out = str(tmp_path / "ds")
+    generate("tiny_models:tiny_bn_net", out, SynthesisConfig(iterations=2, batch_size=4, image_size=12, lr=0.1),
+             num_samples=4, show_progress=False)
+    assert synthetic_calibration(out, load_model("tiny_models:tiny_bn_net", image_size=12)).shape == (4, 3, 12, 12)
+    with pytest.raises(DataSourceError, match="another model"):
+        synthetic_calibration(out, load_model("tiny_models:fixed_size_net", image_size=12))
+    with pytest.raises(DataSourceError, match="shape"):
+        synthetic_calibration(out, load_model("tiny_models:tiny_bn_net", image_size=16))
+    with pytest.raises(DataSourceError, match="not a dsg_ext synthetic dataset"):
+        synthetic_calibration(str(tmp_path), load_model("tiny_models:tiny_bn_net", image_size=12))
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------------
+
+
+def dsg(*args, cwd=None):
+    env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "dsg_ext", *args], capture_output=True, text=True, env=env, cwd=cwd)
+
+
+def test_cli_quantize_eval_round_trip_and_refusals(tmp_path):
+    img_dir = tmp_path / "imgs" / "cls"
+    img_dir.mkdir(parents=True)
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for i in range(6):
+        arr = (torch.rand(20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(img_dir / f"{i}.png")
+    out = str(tmp_path / "q.safetensors")
+    r = dsg("quantize", "--model", "tiny_models:tiny_bn_net", "--real", str(tmp_path / "imgs"), "--wbits", "4",
+            "--abits", "8", "--image-size", "16", "--out", out)
+    assert r.returncode == 0, r.stderr
+    r = dsg("eval", "--model", "tiny_models:tiny_bn_net", "--quantized", out, "--data", str(tmp_path / "imgs"),
+            "--image-size", "16")
+    assert r.returncode == 0, r.stderr
+    assert "agreement with FP32" in r.stdout and "top-1" in r.stdout
+    before = open(out, "rb").read()
+    r = dsg("quantize", "--model", "tiny_models:tiny_bn_net", "--real", str(tmp_path / "imgs"), "--out", out)
+    assert r.returncode == 2 and "exists" in r.stderr
+    r = dsg("quantize", "--model", "tiny_models:tiny_bn_net", "--real", str(tmp_path / "imgs"), "--wbits", "9",
+            "--out", out, "--force")
+    assert r.returncode == 2 and "wbits" in r.stderr
+    assert open(out, "rb").read() == before
+    r = dsg("eval", "--model", "tiny_models:fixed_size_net", "--quantized", out, "--data", str(tmp_path / "imgs"))
+    assert r.returncode == 2 and "another model" in r.stderr
+    r = dsg("quantize", "--model", "tiny_models:tiny_bn_net", "--real", str(tmp_path / "empty"), "--out", out, "--force")
+    assert r.returncode == 2 and "no such directory" in r.stderr
+
+
+@needs_fashion
+def test_demo_pipeline_at_tiny_settings(tmp_path):
+    from dsg_ext.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(out=str(tmp_path / "demo"), samples=8, synth_iterations=2, synth_batch=8, adaround_iterations=2,
+                     eval_samples=50, bits=[(4, 4)])
+    result = run_demo(cfg, progress=False, log=lambda *_: None)
+    assert [r["source"] for r in result["rows"]] == ["real", "zeroq", "dsg", "noise"]
+    assert 0 <= result["rows"][0]["calibration"] <= 100 and result["fp32_top1"] > 80
+    saved = json.load(open(tmp_path / "demo" / "demo.json"))
+    assert saved["rows"] == result["rows"]
+    assert (tmp_path / "demo" / "demo.png").stat().st_size > 1000
+    # a second run reuses the verified synthetic datasets
+    again = run_demo(cfg, progress=False, log=lambda *_: None)
+    assert again["timings"]["data_dsg_s"] < result["timings"]["data_dsg_s"] + 5
