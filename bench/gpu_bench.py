@@ -172,6 +172,8 @@ def timings(compile_plain):
     rows = []
     for wl in benchmarks.make_workloads("cuda", "gpu", compile_plain=compile_plain):
         _time_workload(wl, bw, rows)
+    for wl in benchmarks.adaround_layer_workloads("cuda", "gpu"):
+        _time_workload(wl, bw, rows)
     for arch, batch in SYNTHESIS_CASES:
         for wl in benchmarks.synthesis_workloads("cuda", "gpu", arch=arch, batch=batch, variants=True):
             _time_workload(wl, bw, rows, iters=15, warmup=5)

@@ -12,6 +12,7 @@ import statistics
 from typing import Callable, Dict, List, Optional
 
 import torch
+from torch import nn
 
 from . import ops, plain
 
@@ -303,3 +304,38 @@ def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "res
             "network_alone_bf16_cl": make("network", fast=True),
         })
     return [Workload(f"synthesis_iteration_{arch}", f"batch {batch}, {image}x{image}", 0, impls)]
+
+
+def adaround_layer_workloads(device: str = "cpu", size: str = "cpu") -> List[Workload]:
+    """One AdaRound reconstruction iteration of a conv layer, as ``quantize.adaround`` runs it (conv
+    forward with the soft-rounded weights, reconstruction loss + lambda R, backward to V, Adam step):
+    the fused ``adaround`` op against the peers' elementwise chain (BRECQ/AIMET) in the same loop."""
+    from . import quantize as Q
+
+    cin, cout, hw, batch = {"gpu": (256, 256, 14, 32), "cpu": (128, 128, 8, 32), "tiny": (8, 8, 4, 4)}[size]
+    gen = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * 0.05)
+    x = torch.randn(batch, cin, hw, hw, generator=gen).to(device)
+    target = conv.to(device)(x).detach()
+
+    def make(plain_chain: bool) -> Callable[[], object]:
+        q = Q.quantize_model(nn.Sequential(conv), Q.QuantConfig(wbits=4, abits=None, first_last_bits=None)).to(device)
+        layer = q.get_submodule("0")
+        wq = layer.parametrizations.weight[0]
+        wq.use_plain_adaround = plain_chain
+        wq.start_adaround(layer.parametrizations.weight.original)
+        wq.beta = 10.0
+        opt = torch.optim.Adam([wq.v], lr=1e-3)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = Q._rec_loss(layer(x), target) + 0.01 * wq.last_reg
+            loss.backward()
+            opt.step()
+
+        return step
+
+    return [Workload("adaround_layer_iteration", f"conv {cin}->{cout} 3x3, x {batch}x{cin}x{hw}x{hw}", 0,
+                     {"dsg_ext": make(False), "plain": make(True)})]

@@ -32,6 +32,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     size = args.size or ("gpu" if args.device == "cuda" else "cpu")
     workloads = benchmarks.make_workloads(args.device, size, compile_plain=not args.no_compile)
     workloads += benchmarks.synthesis_workloads(args.device, size)
+    workloads += benchmarks.adaround_layer_workloads(args.device, size)
     timer = benchmarks.time_cuda if args.device == "cuda" else benchmarks.time_cpu
     bandwidth = benchmarks.copy_bandwidth(args.device)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"

@@ -141,6 +141,8 @@ def calibration_images(loaded: LoadedModel, calib: Optional[str], real: Optional
         return real_fashion_mnist(max_samples), "real:fashion-mnist-train"
     if real == "noise":
         return gaussian_noise(loaded.input, max_samples), "gaussian-noise"
+    if real == "skimage-photos":
+        return photo_crops(loaded.input)[:max_samples], "real:skimage-photos"
     images, _, _ = load_image_folder(real, loaded.input, max_samples)
     return images, f"real:{real}"
 
@@ -157,7 +159,11 @@ def evaluate(model: torch.nn.Module, loaded: LoadedModel, data: str, max_images:
     from . import quantize
 
     result: Dict[str, Any] = {"data": data}
-    if data == "fashion-mnist":
+    if data == "skimage-photos":
+        images, labels = photo_crops(loaded.input), None
+        if max_images:
+            images = images[:max_images]
+    elif data == "fashion-mnist":
         from . import fashion_mnist
 
         images_u8, labels = fashion_mnist.load_split(train=False)
@@ -182,3 +188,58 @@ def evaluate(model: torch.nn.Module, loaded: LoadedModel, data: str, max_images:
     if fp_model is not None:
         result.update(quantize.fidelity(fp_model, model, images, batch_size))
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# Real photos available offline: the sample images inside the scikit-image wheel
+# --------------------------------------------------------------------------------------------
+
+SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png",
+                  "motorcycle_right.png", "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "brick.png",
+                  "grass.png", "gravel.png", "camera.png", "coins.png", "moon.png", "horse.png", "page.png",
+                  "text.png", "cell.png", "clock_motion.png")
+
+
+def skimage_photo_dir() -> str:
+    """The data directory of the installed scikit-image package (found without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataSourceError("the skimage-photos image set needs the scikit-image package (pip install scikit-image)")
+    return os.path.join(list(spec.submodule_search_locations)[0], "data")
+
+
+def photo_crops(spec: InputSpec, crops_per_photo: int = 8, photos: Optional[List[str]] = None,
+                seed: int = 0) -> Tensor:
+    """Several deterministic crops (area 25-100%, random position, half of them mirrored) of each photo,
+    resized to the model's input and normalised: a small real-image set for fidelity measurements."""
+    from PIL import Image
+
+    directory = skimage_photo_dir()
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.tensor(spec.mean).view(-1, 1, 1)
+    std = torch.tensor(spec.std).view(-1, 1, 1)
+    out = []
+    for name in photos or SKIMAGE_PHOTOS:
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            continue
+        with Image.open(path) as im:
+            im = im.convert("L" if spec.channels == 1 else "RGB")
+            w, h = im.size
+            for k in range(crops_per_photo):
+                area = 0.25 + 0.75 * float(torch.rand((), generator=g))
+                side = max(8, int(min(w, h) * area ** 0.5))
+                left = int(torch.randint(0, w - side + 1, (), generator=g))
+                top = int(torch.randint(0, h - side + 1, (), generator=g))
+                crop = im.crop((left, top, left + side, top + side)).resize((spec.image_size, spec.image_size),
+                                                                            Image.BILINEAR)
+                if k % 2:
+                    crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+                data = torch.frombuffer(bytearray(crop.tobytes()), dtype=torch.uint8)
+                x = data.view(spec.image_size, spec.image_size, spec.channels).permute(2, 0, 1).float() / 255.0
+                out.append((x - mean) / std)
+    if not out:
+        raise DataSourceError(f"{directory}: none of the sample photos found")
+    return torch.stack(out)
