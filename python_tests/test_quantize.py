@@ -356,3 +356,16 @@ def test_demo_pipeline_at_tiny_settings(tmp_path):
     # a second run reuses the verified synthetic datasets
     again = run_demo(cfg, progress=False, log=lambda *_: None)
     assert again["timings"]["data_dsg_s"] < result["timings"]["data_dsg_s"] + 5
+
+
+def test_photo_crops_are_deterministic_real_images():
+    pytest.importorskip("skimage", reason="needs scikit-image (installed by scripts/setup.sh)")
+    from dsg_ext.models import InputSpec
+    from dsg_ext.pipeline import photo_crops
+
+    spec = InputSpec(3, 16, mean=(0.5,) * 3, std=(0.25,) * 3)
+    a = photo_crops(spec, crops_per_photo=2, photos=["astronaut.png", "coffee.png"])
+    b = photo_crops(spec, crops_per_photo=2, photos=["astronaut.png", "coffee.png"])
+    assert a.shape == (4, 3, 16, 16) and torch.equal(a, b)
+    assert -2.0 - 1e-6 <= float(a.min()) and float(a.max()) <= 2.0 + 1e-6 and float(a.std()) > 0.1
+    assert not torch.equal(a[0], a[1])
