@@ -504,6 +504,8 @@ def adaround(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, config: Ada
     for name in names:
         layer, fp_layer = qmodel.get_submodule(name), fp_model.get_submodule(name)
         wq = wqs[name]
+        if bar is not None:
+            bar.set_postfix_str(f"layer {len(records) + 1}/{len(names)} {name}")
         x_fp = _layer_inputs(fp_model, name, images, 64, device)
         x_q = _layer_inputs(qmodel, name, images, 64, device)
         with torch.no_grad():
