@@ -69,7 +69,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         config = SynthesisConfig(
             method=args.method, iterations=args.iterations, lr=args.lr, batch_size=args.batch_size,
             image_size=args.image_size or 224, epsilon=args.epsilon, enhancement=args.enhancement, init=args.init,
-            seed=args.seed, tv_weight=args.tv, l2_weight=args.l2, jitter=args.jitter,
+            seed=args.seed, tv_weight=args.tv, l2_weight=args.l2, jitter=args.jitter, ce_weight=args.ce,
             layer_weighting=args.layer_weighting, clamp_pixels=args.clamp_pixels,
             channels_last=args.channels_last, autocast_bf16=args.bf16, cuda_graph=args.cuda_graph,
         ).validate()
@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tv", type=float, default=0.0, help="total-variation prior weight (off by default)")
     p.add_argument("--l2", type=float, default=0.0, help="l2 prior weight (off by default)")
     p.add_argument("--jitter", type=int, default=0, help="random shift in pixels (off by default)")
+    p.add_argument("--ce", type=float, default=0.0,
+                   help="weight of a random-label cross-entropy prior (each sample towards a random class; off by default)")
     p.add_argument("--layer-weighting", choices=("equal", "initial"), default="equal",
                    help="'initial' divides each BN layer's loss by its value on the initial batch (not in the paper)")
     p.add_argument("--clamp-pixels", action="store_true",

@@ -48,6 +48,7 @@ class SynthesisConfig:
     tv_weight: float = 0.0
     l2_weight: float = 0.0
     jitter: int = 0
+    ce_weight: float = 0.0  # random-label cross-entropy prior (each sample pushed towards a random class)
     plateau_patience: int = 100
     min_lr: float = 1e-4
     # Recipe options beyond the paper (off by default): "initial" divides each layer's loss by its
@@ -83,7 +84,7 @@ class SynthesisConfig:
             problems.append(f"layer weighting must be 'equal' or 'initial', got {self.layer_weighting!r}")
         if self.enhancement < 1.0:
             problems.append(f"enhancement weight must be >= 1, got {self.enhancement}")
-        for name in ("tv_weight", "l2_weight", "jitter"):
+        for name in ("tv_weight", "l2_weight", "jitter", "ce_weight"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.cuda_graph and self.jitter:
@@ -258,7 +259,8 @@ class SynthesisLoop:
 
     def __init__(self, model: nn.Module, taps: BatchNormTaps, images: Tensor, weights: Tensor,
                  config: SynthesisConfig, device: str,
-                 input_range: Optional[Tuple[Sequence[float], Sequence[float]]] = None, sync_every: int = 10):
+                 input_range: Optional[Tuple[Sequence[float], Sequence[float]]] = None, sync_every: int = 10,
+                 labels_seed: int = 0):
         self.model, self.taps, self.weights, self.config = model, taps, weights, config
         self.device_type = torch.device(device).type
         self.use_graph = config.cuda_graph
@@ -294,6 +296,8 @@ class SynthesisLoop:
         self.first_bad = torch.full((len(taps.layers),), -1, dtype=torch.long, device=device)
         self.initial_layers: Optional[Tensor] = None
         self.initial_loss: Optional[Tensor] = None
+        self.labels: Optional[Tensor] = None  # random target classes of the cross-entropy prior
+        self._labels_seed = labels_seed
         self.iterations_done = 0
         self._graph = None
         self._graph_out: Optional[Tuple[Tensor, Tensor]] = None
@@ -312,7 +316,7 @@ class SynthesisLoop:
         # Autocast's weight cache must be off while a graph is captured.
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=config.autocast_bf16,
                             cache_enabled=not self.use_graph):
-            self.model(inp)
+            logits = self.model(inp)
         per_layer = torch.stack(taps.collected(), dim=1)  # (N, L)
         input_term = bn_stat_slack_loss(x, self.zeros, self.ones, self.no_slack, self.no_slack, eps=1e-5,
                                         unbiased=config.unbiased)
@@ -321,6 +325,13 @@ class SynthesisLoop:
             loss = loss + config.tv_weight * _total_variation(x)
         if config.l2_weight:
             loss = loss + config.l2_weight * x.pow(2).mean()
+        if config.ce_weight:
+            if not (isinstance(logits, Tensor) and logits.dim() == 2):
+                raise ValueError("the cross-entropy prior needs a model that returns (N, classes) logits")
+            if self.labels is None:
+                gen = torch.Generator().manual_seed(self._labels_seed)
+                self.labels = torch.randint(0, logits.shape[1], (logits.shape[0],), generator=gen).to(logits.device)
+            loss = loss + config.ce_weight * nn.functional.cross_entropy(logits.float(), self.labels)
         return loss, per_layer.detach().mean(0)
 
     def _body(self) -> Tuple[Tensor, Tensor]:
@@ -408,7 +419,8 @@ def synthesize_batch(
             weights = torch.ones(count, len(layers), device=device)
         taps.set_slack([d.to(device) for d in deltas], [g.to(device) for g in gammas])
 
-        loop = SynthesisLoop(model, taps, images, weights, config, device, input_range=input_range, sync_every=sync_every)
+        loop = SynthesisLoop(model, taps, images, weights, config, device, input_range=input_range, sync_every=sync_every,
+                             labels_seed=config.seed * 1_000_003 + batch_index + 7)
         initial_layers = initial_loss = None
         for it in range(config.iterations):
             loss, layer_means = loop.iterate()

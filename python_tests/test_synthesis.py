@@ -280,3 +280,17 @@ def test_cuda_graph_replay_matches_eager_cuda(options):
         torch.testing.assert_close(graph.images, eager.images, rtol=1e-3, atol=1e-3)
         torch.testing.assert_close(graph.final_loss, eager.final_loss, rtol=1e-3, atol=1e-3)
     assert graph.final_loss < graph.initial_loss
+
+
+def test_random_label_cross_entropy_prior_steers_predictions():
+    model = tiny_bn_net()
+    with_ce = synthesize_batch(model, small_config(method="zeroq", iterations=60, ce_weight=100.0, batch_size=8), 0)
+    without = synthesize_batch(model, small_config(method="zeroq", iterations=60, batch_size=8), 0)
+    gen = torch.Generator().manual_seed(3 * 1_000_003 + 0 + 7)  # the labels synthesize_batch draws (seed 3, batch 0)
+    labels = torch.randint(0, 10, (8,), generator=gen)
+    with torch.no_grad():
+        hit_ce = (model(with_ce.images).argmax(1) == labels).float().mean()
+        hit_plain = (model(without.images).argmax(1) == labels).float().mean()
+    assert hit_ce >= 0.75 and hit_ce > hit_plain
+    with pytest.raises(ValueError, match="ce_weight"):
+        small_config(ce_weight=-1.0).validate()
