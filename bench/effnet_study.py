@@ -13,7 +13,6 @@ import json
 import os
 import time
 
-import torch
 
 from dsg_ext import pipeline, quantize
 from dsg_ext.generate import generate

@@ -14,9 +14,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
