@@ -113,6 +113,7 @@ def _example(loaded):
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    import dataclasses
     import os
 
     from . import pipeline, quantize
@@ -132,24 +133,20 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         qmodel = quantize.quantize_model(fp, config, _example(loaded).to(args.device))
         quantize.calibrate(qmodel, images, device=args.device)
         records = []
+        ada = None
         if args.adaround:
             ada = quantize.AdaRoundConfig(iterations=args.adaround_iters, batch_size=args.adaround_batch)
             records = quantize.adaround(qmodel, fp, images, ada, device=args.device)
         quantize.save_quantized(qmodel, args.out, args.model, loaded.identity,
                                 {"calibration": described, "calibration_images": int(images.shape[0]),
-                                 "adaround": dataclasses_asdict_or_none(args), "adaround_layers": records})
+                                 "adaround": dataclasses.asdict(ada) if args.adaround else None,
+                                 "adaround_layers": records})
     except _quant_errors() as e:
         print(f"dsg quantize: {e}", file=sys.stderr)
         return 2
     print(f"{args.out}: {config.label()} {args.model}, calibrated on {images.shape[0]} images ({described})"
           + (f", AdaRound {args.adaround_iters} iterations per layer" if args.adaround else ""))
     return 0
-
-
-def dataclasses_asdict_or_none(args):
-    if not args.adaround:
-        return None
-    return {"iterations": args.adaround_iters, "batch_size": args.adaround_batch}
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ when the demo is run again.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -69,11 +70,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> Dict[str, Any
     test_y = test_y[:n_eval].to(cfg.device)
 
     def accuracy(model) -> float:
-        correct = 0
-        with torch.no_grad():
-            for i in range(0, n_eval, 500):
-                correct += int((model(test_x[i : i + 500]).argmax(1) == test_y[i : i + 500]).sum())
-        return 100.0 * correct / n_eval
+        return pipeline.topk_accuracy(model, test_x, test_y, batch_size=500)[0]
 
     fp_acc = accuracy(fp)
     log(f"FP32 ResNet-20 on {n_eval} Fashion-MNIST test images: top-1 {fp_acc:.2f}%")
@@ -103,8 +100,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> Dict[str, Any
             t = time.perf_counter()
             q = quantize.quantize_model(fp, qconf, example)
             quantize.calibrate(q, images, device=cfg.device)
-            q_ada = quantize.quantize_model(fp, qconf, example)
-            quantize.calibrate(q_ada, images, device=cfg.device)
+            q_ada = copy.deepcopy(q)  # same activation ranges; AdaRound then rounds its weights
             quantize.finalize_weights(q)
             plain_acc = accuracy(q)
             t_ada = time.perf_counter()

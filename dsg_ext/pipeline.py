@@ -30,6 +30,14 @@ def _image_files(directory: str) -> List[str]:
     return sorted(files)
 
 
+def _normalised(im, spec: InputSpec) -> Tensor:
+    """A PIL image already at spec.image_size x spec.image_size -> (C, S, S) in the model's input space."""
+    s = spec.image_size
+    data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    x = data.view(s, s, spec.channels).permute(2, 0, 1).float() / 255.0
+    return (x - torch.tensor(spec.mean).view(-1, 1, 1)) / torch.tensor(spec.std).view(-1, 1, 1)
+
+
 def load_image(path: str, spec: InputSpec, crop_fraction: float = 0.875) -> Tensor:
     """One image file -> (C, S, S) in the model's normalised input space: shorter side resized to
     S / crop_fraction, centre crop S (the ImageNet evaluation recipe; for 28x28 Fashion-MNIST-like
@@ -52,13 +60,9 @@ def load_image(path: str, spec: InputSpec, crop_fraction: float = 0.875) -> Tens
                 w, h = im.size
                 left, top = (w - s) // 2, (h - s) // 2
                 im = im.crop((left, top, left + s, top + s))
-            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+            return _normalised(im, spec)
     except Exception as e:
         raise DataSourceError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
-    x = data.view(s, s, spec.channels).permute(2, 0, 1).float() / 255.0
-    mean = torch.tensor(spec.mean).view(-1, 1, 1)
-    std = torch.tensor(spec.std).view(-1, 1, 1)
-    return (x - mean) / std
 
 
 def load_image_folder(directory: str, spec: InputSpec, max_images: Optional[int] = None,
@@ -149,6 +153,19 @@ def calibration_images(loaded: LoadedModel, calib: Optional[str], real: Optional
 # --------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def topk_accuracy(model: torch.nn.Module, images: Tensor, labels: Tensor, batch_size: int = 200) -> Tuple[float, float]:
+    """(top-1, top-5) accuracy in percent of preprocessed images."""
+    top1 = top5 = 0
+    for i in range(0, images.shape[0], batch_size):
+        logits = model(images[i : i + batch_size])
+        y = labels[i : i + batch_size]
+        pred = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        top1 += int((pred[:, 0] == y).sum())
+        top5 += int((pred == y[:, None]).any(1).sum())
+    return 100.0 * top1 / images.shape[0], 100.0 * top5 / images.shape[0]
+
+
 def evaluate(model: torch.nn.Module, loaded: LoadedModel, data: str, max_images: Optional[int] = None,
              fp_model: Optional[torch.nn.Module] = None, batch_size: int = 200) -> Dict[str, Any]:
     """Top-1/top-5 on the Fashion-MNIST test set or an ImageFolder directory; with ``fp_model`` also the
@@ -172,16 +189,7 @@ def evaluate(model: torch.nn.Module, loaded: LoadedModel, data: str, max_images:
         images, labels, _ = load_image_folder(data, loaded.input, max_images, with_labels=has_classes)
     result["images"] = int(images.shape[0])
     if labels is not None:
-        top1 = top5 = 0
-        with torch.no_grad():
-            for i in range(0, images.shape[0], batch_size):
-                logits = model(images[i : i + batch_size])
-                y = labels[i : i + batch_size]
-                pred = logits.topk(min(5, logits.shape[1]), dim=1).indices
-                top1 += int((pred[:, 0] == y).sum())
-                top5 += int((pred == y[:, None]).any(1).sum())
-        result["top1"] = 100.0 * top1 / images.shape[0]
-        result["top5"] = 100.0 * top5 / images.shape[0]
+        result["top1"], result["top5"] = topk_accuracy(model, images, labels, batch_size)
     if fp_model is not None:
         result.update(quantize.fidelity(fp_model, model, images, batch_size))
     return result
@@ -215,8 +223,6 @@ def photo_crops(spec: InputSpec, crops_per_photo: int = 8, photos: Optional[List
 
     directory = skimage_photo_dir()
     g = torch.Generator().manual_seed(seed)
-    mean = torch.tensor(spec.mean).view(-1, 1, 1)
-    std = torch.tensor(spec.std).view(-1, 1, 1)
     out = []
     for name in photos or SKIMAGE_PHOTOS:
         path = os.path.join(directory, name)
@@ -234,9 +240,7 @@ def photo_crops(spec: InputSpec, crops_per_photo: int = 8, photos: Optional[List
                                                                             Image.BILINEAR)
                 if k % 2:
                     crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-                data = torch.frombuffer(bytearray(crop.tobytes()), dtype=torch.uint8)
-                x = data.view(spec.image_size, spec.image_size, spec.channels).permute(2, 0, 1).float() / 255.0
-                out.append((x - mean) / std)
+                out.append(_normalised(crop, spec))
     if not out:
         raise DataSourceError(f"{directory}: none of the sample photos found")
     return torch.stack(out)
