@@ -137,6 +137,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         if args.adaround:
             ada = quantize.AdaRoundConfig(iterations=args.adaround_iters, batch_size=args.adaround_batch)
             records = quantize.adaround(qmodel, fp, images, ada, device=args.device)
+            line, warning = quantize.adaround_summary(records)
+            print(line)
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr)
         quantize.save_quantized(qmodel, args.out, args.model, loaded.identity,
                                 {"calibration": described, "calibration_images": int(images.shape[0]),
                                  "adaround": dataclasses.asdict(ada) if args.adaround else None,

@@ -442,6 +442,9 @@ class AdaRoundConfig:
     beta_end: float = 2.0
     warmup: float = 0.2  # fraction of iterations without the regularizer
     seed: int = 0
+    # Keep nearest rounding for a layer whose hard AdaRound rounding reconstructs the calibration data
+    # worse than nearest rounding does (happens with schedules far shorter than the paper's 10k).
+    keep_better: bool = True
 
     def validate(self) -> "AdaRoundConfig":
         if self.iterations <= 0 or self.batch_size <= 0 or not self.lr > 0 or not 0 <= self.warmup < 1:
@@ -475,6 +478,14 @@ def _layer_inputs(model: nn.Module, layer_name: str, images: Tensor, batch_size:
     finally:
         h.remove()
     return torch.cat(got)
+
+
+def _rec_loss_batched(layer: nn.Module, x: Tensor, target: Tensor, batch_size: int = 64) -> float:
+    """_rec_loss over all of x, in batches (the same value as one big batch; bounded memory)."""
+    total, n = 0.0, x.shape[0]
+    for i in range(0, n, batch_size):
+        total += float(_rec_loss(layer(x[i : i + batch_size]), target[i : i + batch_size])) * min(batch_size, n - i)
+    return total / n
 
 
 def _rec_loss(out: Tensor, target: Tensor) -> Tensor:
@@ -536,16 +547,50 @@ def adaround(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, config: Ada
                 bar.update(1)
         seconds = time.perf_counter() - t0
         with torch.no_grad():
+            v = wq.v.detach().float()
+            h = torch.clamp(torch.sigmoid(v) * 1.2 - 0.1, 0, 1)  # the soft rounding of ops.adaround
+            undecided = float(((h > 0.01) & (h < 0.99)).float().mean())  # not settled at 0 or 1 yet
+            ws = w_float / wq.scale.view(wq._bshape(w_float))
+            changed = float(((v >= 0) != (ws - torch.floor(ws) >= 0.5)).float().mean())  # vs nearest rounding
             wq.mode = "fake"
-            nearest = float(_rec_loss(layer(x_q), target))
+            nearest = _rec_loss_batched(layer, x_q, target)
             wq.mode = "adaround"
             wq.finalize(w_float)
-            end_loss = float(_rec_loss(layer(x_q), target))
-        records.append({"layer": name, "rec_loss_nearest": nearest, "rec_loss_adaround": end_loss,
-                        "first_batch_loss": start_loss, "seconds": seconds, "plain": plain})
+            end_loss = _rec_loss_batched(layer, x_q, target)
+            kept = "adaround"
+            if config.keep_better and not end_loss <= nearest:
+                wq.mode = "fake"  # back to nearest rounding, then store those integers
+                wq.finalize(w_float)
+                kept = "nearest"
+        records.append({"layer": name, "rec_loss_nearest": nearest, "rec_loss_adaround": end_loss, "kept": kept,
+                        "undecided": undecided, "changed_vs_nearest": changed, "first_batch_loss": start_loss,
+                        "seconds": seconds, "plain": plain})
     if bar is not None:
         bar.close()
     return records
+
+
+def adaround_summary(records: Sequence[Dict[str, Any]]) -> Tuple[str, Optional[str]]:
+    """One line on what AdaRound did (layers improved, kept at nearest rounding, reconstruction gain)
+    and a warning when the rounding variables had not settled (a schedule too short), else None."""
+    if not records:
+        return "AdaRound: no layer", None
+    improved = [r for r in records if r.get("kept") == "adaround" and r["rec_loss_adaround"] < r["rec_loss_nearest"]]
+    kept_nearest = sum(r.get("kept") == "nearest" for r in records)
+    worse = sum(r["rec_loss_adaround"] > r["rec_loss_nearest"] for r in records)
+    final = {r["layer"]: r["rec_loss_nearest"] if r.get("kept") == "nearest" else r["rec_loss_adaround"] for r in records}
+    gains = sorted(1 - final[r["layer"]] / r["rec_loss_nearest"] for r in records if r["rec_loss_nearest"] > 0)
+    median = gains[len(gains) // 2] if gains else 0.0
+    undecided = sum(r.get("undecided", 0.0) for r in records) / len(records)
+    line = (f"AdaRound: {len(improved)}/{len(records)} layers reconstruct better than nearest rounding, "
+            f"{kept_nearest} kept nearest rounding (AdaRound was worse on the calibration data); median "
+            f"reconstruction-error reduction {100 * median:.1f}%; {100 * undecided:.1f}% of rounding variables "
+            "undecided at the end")
+    warning = None
+    if undecided > 0.2 or worse > len(records) // 4:
+        warning = ("AdaRound's schedule looks too short for these layers (rounding variables still undecided or "
+                   "worse than nearest rounding): raise the iterations per layer (the paper uses 10000)")
+    return line, warning
 
 
 # --------------------------------------------------------------------------------------------

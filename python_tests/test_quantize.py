@@ -207,6 +207,39 @@ def test_adaround_reduces_reconstruction_error(plain):
     assert int(wq.w_int.min()) >= -4 and int(wq.w_int.max()) <= 3
 
 
+def _nearest_ints(q, name):
+    wq = Q.weight_quantizers(q)[name]
+    w = q.get_submodule(name).parametrizations.weight.original
+    shape = wq._bshape(w)
+    return torch.clamp(torch.round(w / wq.scale.view(shape)) + wq.zero_point.view(shape), wq.qmin, wq.qmax)
+
+
+@pytest.mark.parametrize("keep_better", [True, False])
+def test_adaround_never_left_worse_than_nearest_rounding(keep_better):
+    """A schedule that wrecks the rounding (huge lr, 3 iterations, no regularizer) makes hard rounding
+    worse than nearest; the guard keeps nearest rounding then -- and only then."""
+    model = tiny_bn_net()
+    calib = images(64, seed=7)
+    q = Q.quantize_model(model, Q.QuantConfig(wbits=3, abits=None, first_last_bits=None), calib[:2])
+    bad = Q.AdaRoundConfig(iterations=3, lr=50.0, warmup=0.99, keep_better=keep_better)
+    (r,) = Q.adaround(q, model, calib, bad, progress=False, layers=["3"])
+    assert r["rec_loss_adaround"] > r["rec_loss_nearest"]  # the sabotage worked
+    assert r["changed_vs_nearest"] > 0.1
+    wq = Q.weight_quantizers(q)["3"]
+    same = torch.equal(wq.w_int.float(), _nearest_ints(q, "3"))
+    assert r["kept"] == ("nearest" if keep_better else "adaround") and same == keep_better
+    # a sane schedule is kept
+    q2 = Q.quantize_model(model, Q.QuantConfig(wbits=3, abits=None, first_last_bits=None), calib[:2])
+    (r2,) = Q.adaround(q2, model, calib, Q.AdaRoundConfig(iterations=400, lr=1e-2), progress=False, layers=["3"])
+    assert r2["kept"] == "adaround" and 0 < r2["changed_vs_nearest"] < 0.5 and 0 <= r2["undecided"] <= 1
+    assert "1/1 layers" in Q.adaround_summary([r2])[0]
+    line, warning = Q.adaround_summary([r])
+    assert "0/1 layers" in line and "too short" in warning
+    settled = dict(r2, undecided=0.01)
+    assert Q.adaround_summary([settled] * 4)[1] is None
+    assert "too short" in Q.adaround_summary([settled] * 2 + [dict(r2, undecided=0.9)] * 2)[1]
+
+
 def test_adaround_fused_and_plain_take_the_same_path():
     """The fused op and the peers' chain give the same soft-rounded weights and regularizer."""
     model = tiny_bn_net()
