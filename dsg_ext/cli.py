@@ -135,8 +135,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         records = []
         ada = None
         if args.adaround:
-            ada = quantize.AdaRoundConfig(iterations=args.adaround_iters, batch_size=args.adaround_batch)
-            records = quantize.adaround(qmodel, fp, images, ada, device=args.device)
+            ada = quantize.AdaRoundConfig(iterations=args.adaround_iters, batch_size=args.adaround_batch, lr=args.adaround_lr)
+            blocks = quantize.find_blocks(qmodel) if args.reconstruct == "block" else None
+            records = quantize.adaround(qmodel, fp, images, ada, device=args.device, blocks=blocks)
             line, warning = quantize.adaround_summary(records)
             print(line)
             if warning:
@@ -144,6 +145,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         quantize.save_quantized(qmodel, args.out, args.model, loaded.identity,
                                 {"calibration": described, "calibration_images": int(images.shape[0]),
                                  "adaround": dataclasses.asdict(ada) if args.adaround else None,
+                                 "reconstruct": args.reconstruct if args.adaround else None,
                                  "adaround_layers": records})
     except _quant_errors() as e:
         print(f"dsg quantize: {e}", file=sys.stderr)
@@ -263,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adaround", action="store_true", help="AdaRound every layer (Nagel et al. 2020)")
     p.add_argument("--adaround-iters", type=int, default=10000, help="iterations per layer")
     p.add_argument("--adaround-batch", type=int, default=32)
+    p.add_argument("--adaround-lr", type=float, default=1e-3,
+                   help="Adam learning rate of the rounding variables (the paper's 1e-3 assumes ~10k iterations; "
+                        "shorter schedules leave most variables undecided unless it is raised)")
+    p.add_argument("--reconstruct", choices=("layer", "block"), default="layer",
+                   help="AdaRound target: each layer's output (AdaRound) or each residual block's output, its "
+                        "layers rounded jointly (BRECQ); layers outside blocks stay layer-wise")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="quantized model file (.safetensors)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")

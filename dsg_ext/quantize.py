@@ -15,7 +15,7 @@ import copy
 import dataclasses
 import json
 import time
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -456,18 +456,24 @@ class _Stop(Exception):
     pass
 
 
-def _layer_inputs(model: nn.Module, layer_name: str, images: Tensor, batch_size: int, device: str) -> Tensor:
-    """The inputs the layer receives (before its activation quantizer) for all images; the forward
-    stops at the layer."""
+def _layer_inputs(model: nn.Module, layer_name: str, images: Tensor, batch_size: int, device: str,
+                  kwargs_out: Optional[Dict[str, Any]] = None) -> Tensor:
+    """The inputs the layer (or block) receives (before its activation quantizer) for all images; the
+    forward stops there. Its other keyword arguments (non-tensors, e.g. a drop-connect rate) go to
+    ``kwargs_out``; a module taking more than one tensor cannot be reconstructed on its own."""
     layer = model.get_submodule(layer_name)
     got: List[Tensor] = []
 
-    def grab(_m, inputs):
+    def grab(_m, inputs, kwargs):
+        if len(inputs) != 1 or not isinstance(inputs[0], Tensor) or any(isinstance(v, Tensor) for v in kwargs.values()):
+            raise QuantConfigError(f"{layer_name!r} takes more than one tensor input: it cannot be reconstructed on its own")
         got.append(inputs[0].detach().cpu())
+        if kwargs_out is not None:
+            kwargs_out.update(kwargs)
         raise _Stop
 
     # prepend, so that the capture sees the raw input even when an activation quantizer hook exists
-    h = layer.register_forward_pre_hook(grab, prepend=True)
+    h = layer.register_forward_pre_hook(grab, prepend=True, with_kwargs=True)
     try:
         with torch.no_grad():
             for x in batches(images, batch_size):
@@ -477,10 +483,12 @@ def _layer_inputs(model: nn.Module, layer_name: str, images: Tensor, batch_size:
                     pass
     finally:
         h.remove()
+    if not got:
+        raise RuntimeError(f"{layer_name!r} is never reached by the forward pass")
     return torch.cat(got)
 
 
-def _rec_loss_batched(layer: nn.Module, x: Tensor, target: Tensor, batch_size: int = 64) -> float:
+def _rec_loss_batched(layer: Callable[[Tensor], Tensor], x: Tensor, target: Tensor, batch_size: int = 64) -> float:
     """_rec_loss over all of x, in batches (the same value as one big batch; bounded memory)."""
     total, n = 0.0, x.shape[0]
     for i in range(0, n, batch_size):
@@ -494,51 +502,90 @@ def _rec_loss(out: Tensor, target: Tensor) -> Tensor:
     return d.sum(1).mean() if d.dim() > 1 else d.mean()
 
 
+def find_blocks(qmodel: nn.Module) -> List[str]:
+    """Residual-style blocks for block-wise reconstruction (BRECQ): the innermost modules that are
+    elements of an nn.Sequential / nn.ModuleList and hold at least two quantized layers (torchvision
+    BasicBlock / Bottleneck / InvertedResidual, EfficientNet's MBConv blocks, our ResNet-20's blocks)."""
+    quantized = set(qmodel.dsg_quant_order)
+    candidates = []
+    for parent_name, parent in qmodel.named_modules():
+        if not isinstance(parent, (nn.Sequential, nn.ModuleList)):
+            continue
+        for child_name, child in parent.named_children():
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            inside = [n for n in quantized if n == name or n.startswith(name + ".")]
+            if len(inside) >= 2:
+                candidates.append(name)
+    return [c for c in candidates if not any(o != c and o.startswith(c + ".") for o in candidates)]
+
+
+def _units(qmodel: nn.Module, layers: Optional[Sequence[str]], blocks: Optional[Sequence[str]]) -> List[Tuple[str, List[str]]]:
+    """(module name, quantized layers inside) in execution order: each block once, other layers alone."""
+    names = list(layers) if layers is not None else list(qmodel.dsg_quant_order)
+    units: List[Tuple[str, List[str]]] = []
+    seen = set()
+    for name in names:
+        block = next((b for b in (blocks or ()) if name.startswith(b + ".")), None)
+        if block is None:
+            units.append((name, [name]))
+        elif block not in seen:
+            seen.add(block)
+            units.append((block, [n for n in names if n.startswith(block + ".")]))
+    return units
+
+
 def adaround(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, config: AdaRoundConfig,
              device: str = "cpu", progress: bool = True, plain: bool = False,
-             layers: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+             layers: Optional[Sequence[str]] = None, blocks: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     """AdaRound every quantized layer in execution order (or only ``layers``): V optimised with Adam on
     the calibration images, beta annealed after the warm-up, then hard rounding. Activations are
     quantized during reconstruction (x^ comes from the already quantized model, through this
-    layer's own activation quantizer). Returns per-layer records (losses, seconds)."""
+    layer's own activation quantizer). With ``blocks`` (module names, e.g. ``find_blocks(qmodel)``)
+    the layers inside each block are rounded jointly to reconstruct the block's output (BRECQ);
+    layers outside every block stay layer-wise. Returns one record per layer or block (losses,
+    seconds, what was kept)."""
     config.validate()
     gen = torch.Generator().manual_seed(config.seed)
     records = []
-    names = list(layers) if layers is not None else list(qmodel.dsg_quant_order)
+    units = _units(qmodel, layers, blocks)
     wqs = weight_quantizers(qmodel)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(names) * config.iterations, desc="AdaRound", unit="it", leave=False)
-    for name in names:
-        layer, fp_layer = qmodel.get_submodule(name), fp_model.get_submodule(name)
-        wq = wqs[name]
+        bar = tqdm(total=len(units) * config.iterations, desc="AdaRound", unit="it", leave=False)
+    for unit_name, unit_layers in units:
+        unit, fp_unit = qmodel.get_submodule(unit_name), fp_model.get_submodule(unit_name)
+        quantizers = [wqs[n] for n in unit_layers]
+        originals = [qmodel.get_submodule(n).parametrizations.weight.original for n in unit_layers]
         if bar is not None:
-            bar.set_postfix_str(f"layer {len(records) + 1}/{len(names)} {name}")
-        x_fp = _layer_inputs(fp_model, name, images, 64, device)
-        x_q = _layer_inputs(qmodel, name, images, 64, device)
+            bar.set_postfix_str(f"{len(records) + 1}/{len(units)} {unit_name}")
+        kw: Dict[str, Any] = {}
+        x_fp = _layer_inputs(fp_model, unit_name, images, 64, device, kw)
+        x_q = _layer_inputs(qmodel, unit_name, images, 64, device)
+        run = (lambda m, x: m(x, **kw)) if kw else (lambda m, x: m(x))
         with torch.no_grad():
-            target = torch.cat([fp_layer(x.to(device)).cpu() for x in batches(x_fp, 64)])
-        w_float = layer.parametrizations.weight.original
-        wq.use_plain_adaround = plain
-        wq.start_adaround(w_float)
-        opt = torch.optim.Adam([wq.v], lr=config.lr)
+            target = torch.cat([run(fp_unit, x.to(device)).cpu() for x in batches(x_fp, 64)])
+        for wq, w in zip(quantizers, originals):
+            wq.use_plain_adaround = plain
+            wq.start_adaround(w)
+        opt = torch.optim.Adam([wq.v for wq in quantizers], lr=config.lr)
         x_q, target = x_q.to(device), target.to(device)
         warm = int(config.warmup * config.iterations)
-        start_loss = end_loss = None
+        start_loss = None
         t0 = time.perf_counter()
         for it in range(config.iterations):
             idx = torch.randint(0, x_q.shape[0], (min(config.batch_size, x_q.shape[0]),), generator=gen).to(device)
             if it < warm:
-                wq.beta, lam = config.beta_start, 0.0
+                beta, lam = config.beta_start, 0.0
             else:
                 frac = (it - warm) / max(1, config.iterations - warm)
-                wq.beta, lam = config.beta_start + (config.beta_end - config.beta_start) * frac, config.reg_weight
+                beta, lam = config.beta_start + (config.beta_end - config.beta_start) * frac, config.reg_weight
+            for wq in quantizers:
+                wq.beta = beta
             opt.zero_grad(set_to_none=True)
-            out = layer(x_q[idx])
-            rec = _rec_loss(out, target[idx])
-            loss = rec + lam * wq.last_reg if lam else rec
+            rec = _rec_loss(run(unit, x_q[idx]), target[idx])
+            loss = rec + lam * sum(wq.last_reg for wq in quantizers) if lam else rec
             loss.backward()
             opt.step()
             if it == 0:
@@ -547,22 +594,29 @@ def adaround(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, config: Ada
                 bar.update(1)
         seconds = time.perf_counter() - t0
         with torch.no_grad():
-            v = wq.v.detach().float()
-            h = torch.clamp(torch.sigmoid(v) * 1.2 - 0.1, 0, 1)  # the soft rounding of ops.adaround
-            undecided = float(((h > 0.01) & (h < 0.99)).float().mean())  # not settled at 0 or 1 yet
-            ws = w_float / wq.scale.view(wq._bshape(w_float))
-            changed = float(((v >= 0) != (ws - torch.floor(ws) >= 0.5)).float().mean())  # vs nearest rounding
-            wq.mode = "fake"
-            nearest = _rec_loss_batched(layer, x_q, target)
-            wq.mode = "adaround"
-            wq.finalize(w_float)
-            end_loss = _rec_loss_batched(layer, x_q, target)
+            undecided = changed = 0.0
+            total = sum(w.numel() for w in originals)
+            for wq, w in zip(quantizers, originals):
+                v = wq.v.detach().float()
+                h = torch.clamp(torch.sigmoid(v) * 1.2 - 0.1, 0, 1)  # the soft rounding of ops.adaround
+                undecided += float(((h > 0.01) & (h < 0.99)).sum()) / total  # not settled at 0 or 1 yet
+                ws = w.detach().float() / wq.scale.view(wq._bshape(w))
+                changed += float(((v >= 0) != (ws - torch.floor(ws) >= 0.5)).sum()) / total  # vs nearest rounding
+            for wq in quantizers:
+                wq.mode = "fake"
+            nearest = _rec_loss_batched(lambda x: run(unit, x), x_q, target)
+            for wq, w in zip(quantizers, originals):
+                wq.mode = "adaround"
+                wq.finalize(w)
+            end_loss = _rec_loss_batched(lambda x: run(unit, x), x_q, target)
             kept = "adaround"
             if config.keep_better and not end_loss <= nearest:
-                wq.mode = "fake"  # back to nearest rounding, then store those integers
-                wq.finalize(w_float)
+                for wq, w in zip(quantizers, originals):  # back to nearest rounding, then store those integers
+                    wq.mode = "fake"
+                    wq.finalize(w)
                 kept = "nearest"
-        records.append({"layer": name, "rec_loss_nearest": nearest, "rec_loss_adaround": end_loss, "kept": kept,
+        records.append({"layer": unit_name, "layers": unit_layers, "kind": "block" if unit_layers != [unit_name] else "layer",
+                        "rec_loss_nearest": nearest, "rec_loss_adaround": end_loss, "kept": kept,
                         "undecided": undecided, "changed_vs_nearest": changed, "first_batch_loss": start_loss,
                         "seconds": seconds, "plain": plain})
     if bar is not None:
@@ -582,14 +636,16 @@ def adaround_summary(records: Sequence[Dict[str, Any]]) -> Tuple[str, Optional[s
     gains = sorted(1 - final[r["layer"]] / r["rec_loss_nearest"] for r in records if r["rec_loss_nearest"] > 0)
     median = gains[len(gains) // 2] if gains else 0.0
     undecided = sum(r.get("undecided", 0.0) for r in records) / len(records)
-    line = (f"AdaRound: {len(improved)}/{len(records)} layers reconstruct better than nearest rounding, "
+    units = "layers" if all(r.get("kind", "layer") == "layer" for r in records) else "blocks and layers"
+    line = (f"AdaRound: {len(improved)}/{len(records)} {units} reconstruct better than nearest rounding, "
             f"{kept_nearest} kept nearest rounding (AdaRound was worse on the calibration data); median "
             f"reconstruction-error reduction {100 * median:.1f}%; {100 * undecided:.1f}% of rounding variables "
             "undecided at the end")
     warning = None
     if undecided > 0.2 or worse > len(records) // 4:
         warning = ("AdaRound's schedule looks too short for these layers (rounding variables still undecided or "
-                   "worse than nearest rounding): raise the iterations per layer (the paper uses 10000)")
+                   "worse than nearest rounding): raise the iterations per layer (the paper uses 10000) or the "
+                   "learning rate (the paper's 1e-3 moves a variable by at most ~1e-3 per iteration)")
     return line, warning
 
 

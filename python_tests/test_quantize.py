@@ -240,6 +240,43 @@ def test_adaround_never_left_worse_than_nearest_rounding(keep_better):
     assert "too short" in Q.adaround_summary([settled] * 2 + [dict(r2, undecided=0.9)] * 2)[1]
 
 
+def test_find_blocks_on_real_architectures():
+    import torchvision
+
+    from dsg_ext.models import load_model
+
+    x = torch.randn(1, 3, 64, 64)
+    r18 = Q.quantize_model(torchvision.models.resnet18(num_classes=10).eval(), Q.QuantConfig(), x)
+    assert Q.find_blocks(r18) == [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    mv2 = Q.quantize_model(torchvision.models.mobilenet_v2(num_classes=10).eval(), Q.QuantConfig(), x)
+    blocks = Q.find_blocks(mv2)
+    assert len(blocks) == 17 and all(b.startswith("features.") for b in blocks)  # the inverted residuals
+    loaded = load_model("fashion-mnist-resnet20")
+    r20 = Q.quantize_model(loaded.model, Q.QuantConfig(), torch.randn(1, 1, 32, 32))
+    assert len(Q.find_blocks(r20)) == 9
+    assert Q.find_blocks(Q.quantize_model(tiny_bn_net(), Q.QuantConfig(), images()[:2])) == []
+
+
+def test_block_reconstruction_rounds_a_residual_block_jointly():
+    """BRECQ-style: both convolutions of a ResNet block rounded together to reconstruct the block's
+    output (with its residual add and activation quantizers), never left worse than nearest rounding."""
+    from test_model_sources import residual_net
+
+    model = residual_net()
+    calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    q = Q.quantize_model(model, Q.QuantConfig(wbits=3, abits=8, first_last_bits=None), calib[:2])
+    Q.calibrate(q, calib)
+    layers = ["layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1"]
+    records = Q.adaround(q, model, calib, Q.AdaRoundConfig(iterations=300, lr=1e-2, batch_size=8), progress=False,
+                         layers=layers, blocks=["layer1.0", "layer1.1"])
+    assert [r["layer"] for r in records] == ["layer1.0", "layer1.1"]
+    assert records[0]["kind"] == "block" and records[0]["layers"] == layers[:2]
+    assert records[1]["layers"] == ["layer1.1.conv1"]  # only the layers asked for are rounded
+    assert records[0]["rec_loss_adaround"] < 0.9 * records[0]["rec_loss_nearest"]
+    wqs = Q.weight_quantizers(q)
+    assert all(wqs[n].mode == "int" for n in layers) and wqs["layer1.1.conv2"].mode == "fake"
+
+
 def test_adaround_fused_and_plain_take_the_same_path():
     """The fused op and the peers' chain give the same soft-rounded weights and regularizer."""
     model = tiny_bn_net()
@@ -372,6 +409,16 @@ def test_cli_quantize_eval_round_trip_and_refusals(tmp_path):
     assert r.returncode == 2 and "another model" in r.stderr
     r = dsg("quantize", "--model", "tiny_models:tiny_bn_net", "--real", str(tmp_path / "empty"), "--out", out, "--force")
     assert r.returncode == 2 and "no such directory" in r.stderr
+    # block reconstruction (BRECQ) from the command line, on a residual network
+    out2 = str(tmp_path / "r18.safetensors")
+    r = dsg("quantize", "--model", "torchvision:resnet18", "--real", str(tmp_path / "imgs"), "--image-size", "32",
+            "--adaround", "--adaround-iters", "3", "--reconstruct", "block", "--out", out2)
+    assert r.returncode == 0, r.stderr
+    assert "AdaRound:" in r.stdout
+    _, meta = Q.read_quantized(out2)
+    assert meta["reconstruct"] == "block"
+    kinds = [rec["kind"] for rec in meta["adaround_layers"]]
+    assert kinds.count("block") == 8 and kinds.count("layer") == 2  # stem conv and fc stay layer-wise
 
 
 @needs_fashion
