@@ -3,7 +3,8 @@
 # the CUDA-vs-CPU checks of every op and the CUDA-event timings (ops, full synthesis iterations) in
 # separate processes, then the CUDA tests. Logs and JSON go to $OUT; a short table is printed.
 #   device run:  bash bench/gpu_check.sh        (carry .whl, timeout_s ~ 480)
-#   TESTS="-k cuda_graph" limits the tests; TESTS=none skips them; PARTS="checks" skips the timings.
+#   TESTS="-k cuda_graph" limits the tests; TESTS=none skips them; PARTS="checks" runs only the checks
+#   (default "errors checks timings"; "errors" = bench/gpu_errors.py --diagnose, ~1 min).
 # The device machine has no hypothesis/expecttest (the tests import them); carry them as wheels:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 -d .whl hypothesis sortedcontainers attrs expecttest safetensors tqdm
@@ -20,7 +21,12 @@ python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchv
 start=$(date +%s)
 python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
-for part in ${PARTS:-checks timings}; do
+for part in ${PARTS:-errors checks timings}; do
+  if [ "$part" = errors ]; then  # does a C++ check error raise, or kill the process? (+ toolchain facts)
+    timeout 200 python3 bench/gpu_errors.py --diagnose >"$OUT/errors.log" 2>&1
+    echo "errors rc $? after $(( $(date +%s) - start )) s"; grep -E "rc |mapped|ldd|built by|\+\+ " "$OUT/errors.log"
+    continue
+  fi
   timeout ${BENCH_TIMEOUT:-240} python3 bench/gpu_bench.py --only $part --out "$OUT/gpu_$part.json" ${BENCH_ARGS:-} \
     >"$OUT/$part.log" 2>&1
   echo "$part rc $? after $(( $(date +%s) - start )) s"

@@ -13,7 +13,7 @@ CASES = {
     "torch_own_cuda_error": "torch.randn(2,3,device='cuda') @ torch.randn(4,5,device='cuda')",
 }
 
-if sys.argv[1:] == ["--cpu"]:  # a CPU-only build: the CPU cases, and the op called directly
+if "--cpu" in sys.argv[1:]:  # a CPU-only build: the CPU cases, and the op called directly
     CASES = {k: v for k, v in CASES.items() if k.startswith("cpu")}
     CASES["cpu_fake_quant_axis0"] = "dsg_ext.fake_quant(torch.randn(4,3), torch.ones(3), torch.zeros(3), 5, 1, 1)"
     CASES["cpu_direct_op_no_grad"] = "torch.ops.dsg_ext.fake_quant(torch.randn(4), torch.ones(1), torch.zeros(1), 5, 1, None, 1.0)"
@@ -26,3 +26,53 @@ for name, stmt in CASES.items():
     print(f"{name}: rc {p.returncode}: {tail[-1] if tail else ''}", flush=True)
     if p.returncode != 0:
         print("   " + "\n   ".join(tail[-8:]))
+
+# --diagnose: what the next GPU session needs to pin the crash down in one call.
+#  1. which libstdc++ / libgcc_s the process maps after importing torch and dsg_ext, and which ones
+#     the extension asks for (ldd), against the compiler that built it;
+#  2. a minimal torch.utils.cpp_extension.load_inline op raising TORCH_CHECK with (a) a literal
+#     message, (b) a formatted integer, (c) a std::to_string'ed integer -- built with the same compiler
+#     and flags torch picks, without any of ours. If (b) crashes there too, the fault is in the
+#     toolchain / torch combination, not in our code; if only ours crash, it is our build flags.
+if "--diagnose" in sys.argv[1:]:
+    import glob
+    import os
+    import shutil
+
+    probe = ("import torch, dsg_ext, os, glob\n"
+             "maps = open('/proc/self/maps').read().splitlines()\n"
+             "libs = sorted({l.split()[-1] for l in maps if 'libstdc++' in l or 'libgcc_s' in l})\n"
+             "print('mapped:', libs)\n"
+             "print('extension:', glob.glob(os.path.join(os.path.dirname(dsg_ext.__file__), '_C*.so')))\n")
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    print(p.stdout.strip(), p.stderr.strip()[-500:])
+    for so in glob.glob(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dsg_ext", "_C*.so")):
+        if shutil.which("ldd"):
+            out = subprocess.run(["ldd", so], capture_output=True, text=True).stdout
+            print("ldd:", [l.strip() for l in out.splitlines() if "stdc++" in l or "gcc_s" in l])
+        strings = subprocess.run(["strings", so], capture_output=True, text=True).stdout if shutil.which("strings") else ""
+        print("built by:", sorted({l for l in strings.splitlines() if l.startswith("GCC:")})[:3])
+    for cc in ("c++", "g++", "gcc"):
+        if shutil.which(cc):
+            print(cc, subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[0])
+    inline = r'''
+import torch, sys
+from torch.utils.cpp_extension import load_inline
+src = """
+#include <torch/extension.h>
+#include <string>
+void lit(int64_t v) { TORCH_CHECK(v < 0, "literal message only"); }
+void fmt(int64_t v) { TORCH_CHECK(v < 0, "formatted value (", v, ") must be negative"); }
+void tostr(int64_t v) { TORCH_CHECK(v < 0, std::string("to_string value (") + std::to_string(v) + ") must be negative"); }
+"""
+m = load_inline("dsg_probe", src, functions=["lit", "fmt", "tostr"], verbose=False, build_directory=sys.argv[1])
+getattr(m, sys.argv[2])(5)
+'''
+    import tempfile
+
+    build = tempfile.mkdtemp()
+    for fn in ("lit", "fmt", "tostr"):
+        p = subprocess.run([sys.executable, "-X", "faulthandler", "-c", inline, build, fn], capture_output=True,
+                           text=True, timeout=300)
+        tail = (p.stdout + p.stderr).strip().splitlines()
+        print(f"load_inline {fn}: rc {p.returncode}: {tail[-1][:160] if tail else ''}", flush=True)
