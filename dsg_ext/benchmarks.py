@@ -241,7 +241,8 @@ def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "res
         p.requires_grad_(False)
     start = torch.randn(batch, 3, image, image, generator=gen)
 
-    def make(kind: str, fast: bool = False, graph: bool = False) -> Callable[[], object]:
+    def make(kind: str, fast: bool = False, graph: bool = False, cl_only: bool = False) -> Callable[[], object]:
+        # fast: channels_last + bf16 autocast (GPU); cl_only: channels_last in fp32 (CPU)
         state = {}
 
         def build():
@@ -250,7 +251,7 @@ def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "res
             layers = batchnorm_layers(model)
             if kind == "dsg_ext":
                 config = SynthesisConfig(method="dsg", lr=0.1, batch_size=batch, image_size=image,
-                                         channels_last=fast, autocast_bf16=fast, cuda_graph=graph)
+                                         channels_last=fast or cl_only, autocast_bf16=fast, cuda_graph=graph)
                 taps = BatchNormTaps(layers, unbiased=True).__enter__()
                 taps.set_slack([torch.full((), 0.05, device=device)] * len(layers),
                                [torch.full((), 0.05, device=device)] * len(layers))
@@ -259,7 +260,7 @@ def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "res
                 state["fn"] = loop.iterate
                 state["keep"] = (loop, taps)
                 return
-            if fast:
+            if fast or cl_only:
                 model = model.to(memory_format=torch.channels_last)
             images.requires_grad_(True)
             opt = torch.optim.Adam([images], lr=0.1)
@@ -275,7 +276,7 @@ def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "res
             def iteration():
                 opt.zero_grad(set_to_none=True)
                 losses.clear()
-                inp = images.contiguous(memory_format=torch.channels_last) if fast else images
+                inp = images.contiguous(memory_format=torch.channels_last) if fast or cl_only else images
                 with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=fast):
                     out = model(inp)
                 if kind == "plain":
@@ -295,6 +296,9 @@ def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "res
         return run
 
     impls = {"dsg_ext": make("dsg_ext"), "plain": make("plain"), "network_alone": make("network")}
+    if torch.device(device).type == "cpu":  # channels_last in fp32 is the faster layout for oneDNN convolutions
+        impls.update({"dsg_ext_cl": make("dsg_ext", cl_only=True), "plain_cl": make("plain", cl_only=True),
+                      "network_alone_cl": make("network", cl_only=True)})
     if variants:
         impls.update({
             "dsg_ext_bf16_cl": make("dsg_ext", fast=True),
