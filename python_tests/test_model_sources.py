@@ -124,3 +124,27 @@ def test_timm_models_are_tapped_at_every_batchnorm(name):
     r = synthesize_batch(loaded.model, cfg, batch_index=0)
     assert len(r.initial_layer_losses) == len(bns)
     assert r.final_loss < r.initial_loss
+
+
+def test_cli_generate_quantize_eval_from_a_torchscript_file(tmp_path):
+    """The whole command-line path on a graph source: generate -> quantize (AdaRound) -> eval reload."""
+    import os
+    import subprocess
+    import sys
+
+    path = _save(tiny_bn_net(), "script", tmp_path / "tiny.pt")
+
+    def dsg(*args):
+        r = subprocess.run([sys.executable, "-m", "dsg_ext", *args], capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r
+
+    data, out = str(tmp_path / "data"), str(tmp_path / "q.safetensors")
+    dsg("generate", "--model", path, "--num-samples", "8", "--batch-size", "4", "--iterations", "3",
+        "--image-size", "16", "--out", data)
+    r = dsg("quantize", "--model", path, "--calib", data, "--image-size", "16", "--wbits", "4", "--abits", "8",
+            "--adaround", "--adaround-iters", "3", "--out", out)
+    assert "AdaRound: " in r.stdout
+    r = dsg("eval", "--model", path, "--quantized", out, "--data", "skimage-photos", "--image-size", "16")
+    assert "agreement with FP32" in r.stdout
