@@ -117,6 +117,18 @@ void check_slack_saved(const SlackInputs& in, const at::Tensor& grad_loss, const
   }
 }
 
+at::Tensor check_bn_affine(const char* op, const char* name, const at::Tensor& t, const SlackInputs& in) {
+  check_float(op, name, t);
+  check_device(op, name, t, in.x);
+  const at::ScalarType acc = in.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return per_channel(op, name, t, in.channels, acc, false);
+}
+
+at::Tensor check_grad_like_x(const char* op, const at::Tensor& grad_y, const SlackInputs& in) {
+  check_same_shape_dtype_device(op, "x", in.x, "grad_y", grad_y);
+  return match_layout(grad_y, in.x);
+}
+
 QuantInputs check_quant_inputs(const char* op, const at::Tensor& x, const at::Tensor& scale,
                                const at::Tensor& zero_point, int64_t quant_min, int64_t quant_max,
                                std::optional<int64_t> axis, at::ScalarType param_dtype) {

@@ -29,6 +29,13 @@ SlackInputs check_slack_inputs(const char* op, const at::Tensor& x, const at::Te
 void check_slack_saved(const SlackInputs& in, const at::Tensor& grad_loss, const at::Tensor& stat_mean,
                        const at::Tensor& stat_std, bool per_sample);
 
+// A BatchNorm affine parameter (bn_scale / bn_shift) for x of `in`: length C, floating, on x's device;
+// returned contiguous in the accumulation dtype.
+at::Tensor check_bn_affine(const char* op, const char* name, const at::Tensor& t, const SlackInputs& in);
+
+// grad_y of the fused BN op: the shape, dtype and device of x; returned in the layout of in.x.
+at::Tensor check_grad_like_x(const char* op, const at::Tensor& grad_y, const SlackInputs& in);
+
 struct QuantInputs {
   at::Tensor x;       // contiguous or channels_last contiguous
   Layout layout;      // [A=1][R][C][B]; per tensor: C = 1

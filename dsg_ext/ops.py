@@ -22,6 +22,7 @@ ADAROUND_GAMMA = -0.1
 
 __all__ = [
     "bn_stat_slack_loss",
+    "bn_eval_slack",
     "fake_quant",
     "adaround",
     "adaround_init",
@@ -131,6 +132,77 @@ def _slack_backward(ctx, grad_loss, _grad_mean, _grad_std):
 
 
 torch.library.register_autograd("dsg_ext::bn_stat_slack_loss", _slack_backward, setup_context=_slack_setup)
+
+
+def bn_eval_slack(
+    x: Tensor,
+    bn_scale: Tensor,
+    bn_shift: Tensor,
+    mean: Tensor,
+    std: Tensor,
+    delta: Union[Number, Tensor] = 0.0,
+    gamma: Union[Number, Tensor] = 0.0,
+    *,
+    eps: float = 1e-5,
+    unbiased: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Inference-mode BatchNorm fused with the per-sample slack loss on its input.
+
+    Returns (y, loss, mean~, std~): y = x * bn_scale[c] + bn_shift[c] (dtype and layout of x) -- an
+    eval-mode BatchNorm with bn_scale = weight / sqrt(running_var + bn.eps) and bn_shift = bias -
+    running_mean * bn_scale -- and loss (N) = ``bn_stat_slack_loss(x, mean, std, delta, gamma,
+    mode="per_sample")`` with its statistics. The backward gives x the gradient of both in one pass
+    (grad_y * bn_scale + d loss / dx); bn_scale, bn_shift and the targets get none.
+    """
+    acc = _acc_dtype(x) if x.is_floating_point() else torch.float32
+    delta = _as_tensor(delta, x.device, acc)
+    gamma = _as_tensor(gamma, x.device, acc)
+    for name, t in (("bn_scale", bn_scale), ("bn_shift", bn_shift), ("mean", mean), ("std", std), ("delta", delta),
+                    ("gamma", gamma)):
+        if isinstance(t, Tensor) and t.requires_grad:
+            raise ValueError(f"bn_eval_slack: {name} requires grad, but gradients flow to x only; pass {name}.detach()")
+    return _ops.bn_eval_slack(x, bn_scale, bn_shift, mean, std, delta, gamma, float(eps), bool(unbiased))
+
+
+@torch.library.register_fake("dsg_ext::bn_eval_slack")
+def _bn_eval_slack_fake(x, bn_scale, bn_shift, mean, std, delta, gamma, eps, unbiased):
+    acc = _acc_dtype(x)
+    n, c = x.shape[0], x.shape[1]
+    return (_empty_in_layout(x), x.new_empty((n,), dtype=acc), x.new_empty((n, c), dtype=acc),
+            x.new_empty((n, c), dtype=acc))
+
+
+@torch.library.register_fake("dsg_ext::bn_eval_slack_backward")
+def _bn_eval_slack_backward_fake(grad_y, grad_loss, x, bn_scale, mean, std, delta, gamma, stat_mean, stat_std,
+                                 unbiased):
+    return _empty_in_layout(x)
+
+
+def _bn_eval_slack_setup(ctx, inputs, output):
+    x, bn_scale, _shift, mean, std, delta, gamma, _eps, unbiased = inputs
+    _y, _loss, stat_mean, stat_std = output
+    ctx.save_for_backward(x, bn_scale, mean, std, delta, gamma, stat_mean, stat_std)
+    ctx.unbiased = unbiased
+    ctx.mark_non_differentiable(stat_mean, stat_std)
+
+
+def _bn_eval_slack_backward(ctx, grad_y, grad_loss, _grad_mean, _grad_std):
+    x, bn_scale, mean, std, delta, gamma, stat_mean, stat_std = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        acc = stat_mean.dtype
+        if grad_loss is None:
+            grad_loss = x.new_zeros((x.shape[0],), dtype=acc)
+        if grad_y is None:  # y unused: only the loss's gradient
+            grad_x = _ops.bn_stat_slack_loss_backward(grad_loss, x, mean, std, delta, gamma, stat_mean, stat_std,
+                                                      ctx.unbiased, True)
+        else:
+            grad_x = _ops.bn_eval_slack_backward(grad_y, grad_loss, x, bn_scale, mean, std, delta, gamma, stat_mean,
+                                                 stat_std, ctx.unbiased)
+    return grad_x, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("dsg_ext::bn_eval_slack", _bn_eval_slack_backward, setup_context=_bn_eval_slack_setup)
 
 
 # --------------------------------------------------------------------------------------------

@@ -125,9 +125,11 @@ void slack_forward_kernel(const SlackInputs& in, double eps, int64_t correction,
   (void)per_sample;
 }
 
-template <typename scalar_t>
+// grad = alpha + beta * (x - mu~) [+ grad_y * bn_scale[c] when dy is given: the fused BN op].
+template <typename scalar_t, bool kWithDy = false>
 void slack_backward_kernel(const SlackInputs& in, const at::Tensor& grad_loss, const at::Tensor& stat_mean,
-                           const at::Tensor& stat_std, int64_t correction, at::Tensor& grad) {
+                           const at::Tensor& stat_std, int64_t correction, at::Tensor& grad,
+                           const scalar_t* dy = nullptr, const acc_type<scalar_t>* bn_scale = nullptr) {
   using acc_t = acc_type<scalar_t>;
   const Layout L = in.layout;
   const int64_t G = L.groups();
@@ -155,8 +157,16 @@ void slack_backward_kernel(const SlackInputs& in, const at::Tensor& grad_loss, c
         const acc_t al = alpha[g], be = beta[g], mu = m[g];
         const scalar_t* xp = x + row * L.B;
         scalar_t* op = out + row * L.B;
+        if constexpr (kWithDy) {
+          const acc_t sc = bn_scale[c];
+          const scalar_t* dp = dy + row * L.B;
 #pragma omp simd
-        for (int64_t b = 0; b < L.B; ++b) op[b] = static_cast<scalar_t>(al + be * (static_cast<acc_t>(xp[b]) - mu));
+          for (int64_t b = 0; b < L.B; ++b)
+            op[b] = static_cast<scalar_t>(static_cast<acc_t>(dp[b]) * sc + al + be * (static_cast<acc_t>(xp[b]) - mu));
+        } else {
+#pragma omp simd
+          for (int64_t b = 0; b < L.B; ++b) op[b] = static_cast<scalar_t>(al + be * (static_cast<acc_t>(xp[b]) - mu));
+        }
       }
     });
   } else {
@@ -168,9 +178,17 @@ void slack_backward_kernel(const SlackInputs& in, const at::Tensor& grad_loss, c
         const acc_t* mu = m + a * L.C;
         const scalar_t* xp = x + ar * L.C;
         scalar_t* op = out + ar * L.C;
+        if constexpr (kWithDy) {
+          const scalar_t* dp = dy + ar * L.C;
 #pragma omp simd
-        for (int64_t c = 0; c < L.C; ++c)
-          op[c] = static_cast<scalar_t>(al[c] + be[c] * (static_cast<acc_t>(xp[c]) - mu[c]));
+          for (int64_t c = 0; c < L.C; ++c)
+            op[c] = static_cast<scalar_t>(static_cast<acc_t>(dp[c]) * bn_scale[c] + al[c] +
+                                          be[c] * (static_cast<acc_t>(xp[c]) - mu[c]));
+        } else {
+#pragma omp simd
+          for (int64_t c = 0; c < L.C; ++c)
+            op[c] = static_cast<scalar_t>(al[c] + be[c] * (static_cast<acc_t>(xp[c]) - mu[c]));
+        }
       }
     });
   }
@@ -212,11 +230,76 @@ at::Tensor slack_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor
   return grad;
 }
 
+
+// y = x * bn_scale[c] + bn_shift[c], in the layout of in.x.
+template <typename scalar_t>
+void bn_affine_kernel(const SlackInputs& in, const at::Tensor& bn_scale, const at::Tensor& bn_shift, at::Tensor& y) {
+  using acc_t = acc_type<scalar_t>;
+  const Layout L = in.layout;
+  const scalar_t* x = in.x.const_data_ptr<scalar_t>();
+  scalar_t* out = y.data_ptr<scalar_t>();
+  const acc_t* sc = bn_scale.const_data_ptr<acc_t>();
+  const acc_t* sh = bn_shift.const_data_ptr<acc_t>();
+  cpu::for_each_run(L, [&](int64_t offset, int64_t length, int64_t channel) {
+    const scalar_t* xp = x + offset;
+    scalar_t* op = out + offset;
+    if (channel >= 0) {
+      const acc_t s = sc[channel], h = sh[channel];
+#pragma omp simd
+      for (int64_t i = 0; i < length; ++i) op[i] = static_cast<scalar_t>(static_cast<acc_t>(xp[i]) * s + h);
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < length; ++i) op[i] = static_cast<scalar_t>(static_cast<acc_t>(xp[i]) * sc[i] + sh[i]);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_eval_slack_cpu(
+    const at::Tensor& x, const at::Tensor& bn_scale, const at::Tensor& bn_shift, const at::Tensor& mean,
+    const at::Tensor& std_t, const at::Tensor& delta, const at::Tensor& gamma, double eps, bool unbiased) {
+  const char* op = "bn_eval_slack";
+  const SlackInputs in = check_slack_inputs(op, x, mean, std_t, delta, gamma, /*per_sample=*/true);
+  const at::Tensor sc = check_bn_affine(op, "bn_scale", bn_scale, in);
+  const at::Tensor sh = check_bn_affine(op, "bn_shift", bn_shift, in);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto opts = x.options().dtype(acc);
+  at::Tensor stat_mean = at::empty(stat_shape(in, true), opts);
+  at::Tensor stat_std = at::empty(stat_shape(in, true), opts);
+  at::Tensor loss = at::empty({in.batch}, opts);
+  at::Tensor y = at::empty_like(in.x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_eval_slack_cpu", [&] {
+    slack_forward_kernel<scalar_t>(in, eps, unbiased ? 1 : 0, true, stat_mean, stat_std, loss);
+    bn_affine_kernel<scalar_t>(in, sc, sh, y);
+  });
+  return {y, loss, stat_mean, stat_std};
+}
+
+at::Tensor bn_eval_slack_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_loss, const at::Tensor& x,
+                                      const at::Tensor& bn_scale, const at::Tensor& mean, const at::Tensor& std_t,
+                                      const at::Tensor& delta, const at::Tensor& gamma, const at::Tensor& stat_mean,
+                                      const at::Tensor& stat_std, bool unbiased) {
+  const char* op = "bn_eval_slack_backward";
+  const SlackInputs in = check_slack_inputs(op, x, mean, std_t, delta, gamma, /*per_sample=*/true);
+  check_slack_saved(in, grad_loss, stat_mean, stat_std, /*per_sample=*/true);
+  const at::Tensor sc = check_bn_affine(op, "bn_scale", bn_scale, in);
+  const at::Tensor dy = check_grad_like_x(op, grad_y, in);
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor up = grad_loss.to(acc).reshape({-1}).contiguous();
+  at::Tensor grad = at::empty_like(in.x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_eval_slack_backward_cpu", [&] {
+    slack_backward_kernel<scalar_t, true>(in, up, stat_mean, stat_std, unbiased ? 1 : 0, grad,
+                                          dy.const_data_ptr<scalar_t>(), sc.const_data_ptr<acc_type<scalar_t>>());
+  });
+  return grad;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dsg_ext, CPU, m) {
   m.impl("bn_stat_slack_loss", &slack_loss_cpu);
   m.impl("bn_stat_slack_loss_backward", &slack_loss_backward_cpu);
+  m.impl("bn_eval_slack", &bn_eval_slack_cpu);
+  m.impl("bn_eval_slack_backward", &bn_eval_slack_backward_cpu);
 }
 
 }  // namespace dsg_ext

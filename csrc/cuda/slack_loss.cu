@@ -62,7 +62,7 @@ __global__ void sum_terms_kernel(const acc_t* term, int64_t C, acc_t* loss) {
 template <typename scalar_t, typename acc_t>
 struct SlackGrad {
   struct Coef {
-    acc_t alpha, beta, mean;
+    acc_t alpha, beta, mean, scale;
   };
   const scalar_t* x;
   scalar_t* grad;
@@ -75,25 +75,40 @@ struct SlackGrad {
   const acc_t* delta;
   const acc_t* gamma;
   int64_t count, correction;
+  const scalar_t* dy = nullptr;  // the fused BN op: grad += grad_y * bn_scale[c]
+  const acc_t* bn_scale = nullptr;
   __device__ Coef group(int64_t a, int64_t c) const {
     const int64_t g = a * L.C + c;
     Coef k;
     k.mean = stat_mean[g];
     slack_grad_coefficients<acc_t>(upstream[a], k.mean, stat_std[g], target_mean[c], target_std[c], delta[c], gamma[c],
                                    count, correction, &k.alpha, &k.beta);
+    k.scale = dy != nullptr ? bn_scale[c] : acc_t(0);
     return k;
   }
   __device__ void operator()(int64_t i, const Coef& k) const {
-    grad[i] = static_cast<scalar_t>(k.alpha + k.beta * (static_cast<acc_t>(x[i]) - k.mean));
+    acc_t v = k.alpha + k.beta * (static_cast<acc_t>(x[i]) - k.mean);
+    if (dy != nullptr) v += static_cast<acc_t>(dy[i]) * k.scale;
+    grad[i] = static_cast<scalar_t>(v);
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> slack_loss_cuda(const at::Tensor& x, const at::Tensor& mean,
-                                                               const at::Tensor& std_t, const at::Tensor& delta,
-                                                               const at::Tensor& gamma, double eps, bool unbiased,
-                                                               bool per_sample) {
-  const SlackInputs in = check_slack_inputs("bn_stat_slack_loss", x, mean, std_t, delta, gamma, per_sample);
-  const c10::cuda::CUDAGuard guard(x.device());
+// y = x * bn_scale[c] + bn_shift[c].
+template <typename scalar_t, typename acc_t>
+struct BnAffine {
+  const scalar_t* x;
+  scalar_t* y;
+  const acc_t* scale;
+  const acc_t* shift;
+  __device__ Pair<acc_t> group(int64_t, int64_t c) const { return Pair<acc_t>(scale[c], shift[c]); }
+  __device__ void operator()(int64_t i, const Pair<acc_t>& k) const {
+    y[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * k.a + k.b);
+  }
+};
+
+// The statistics and the loss of validated inputs (on the current device).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> slack_forward(const SlackInputs& in, const at::Tensor& x, double eps,
+                                                             bool unbiased, bool per_sample) {
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = x.options().dtype(acc);
   const Layout L = in.layout;
@@ -128,6 +143,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> slack_loss_cuda(const at::Tensor&
   return {loss, stat_mean, stat_std};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> slack_loss_cuda(const at::Tensor& x, const at::Tensor& mean,
+                                                               const at::Tensor& std_t, const at::Tensor& delta,
+                                                               const at::Tensor& gamma, double eps, bool unbiased,
+                                                               bool per_sample) {
+  const SlackInputs in = check_slack_inputs("bn_stat_slack_loss", x, mean, std_t, delta, gamma, per_sample);
+  const c10::cuda::CUDAGuard guard(x.device());
+  return slack_forward(in, x, eps, unbiased, per_sample);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_eval_slack_cuda(
+    const at::Tensor& x, const at::Tensor& bn_scale, const at::Tensor& bn_shift, const at::Tensor& mean,
+    const at::Tensor& std_t, const at::Tensor& delta, const at::Tensor& gamma, double eps, bool unbiased) {
+  const char* op = "bn_eval_slack";
+  const SlackInputs in = check_slack_inputs(op, x, mean, std_t, delta, gamma, /*per_sample=*/true);
+  const at::Tensor sc = check_bn_affine(op, "bn_scale", bn_scale, in);
+  const at::Tensor sh = check_bn_affine(op, "bn_shift", bn_shift, in);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto [loss, stat_mean, stat_std] = slack_forward(in, x, eps, unbiased, true);
+  at::Tensor y = at::empty_like(in.x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_eval_slack_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    cuda::apply(in.layout, BnAffine<scalar_t, acc_t>{in.x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                                     sc.const_data_ptr<acc_t>(), sh.const_data_ptr<acc_t>()});
+  });
+  return {y, loss, stat_mean, stat_std};
+}
+
 at::Tensor slack_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& mean,
                                     const at::Tensor& std_t, const at::Tensor& delta, const at::Tensor& gamma,
                                     const at::Tensor& stat_mean, const at::Tensor& stat_std, bool unbiased,
@@ -157,11 +199,47 @@ at::Tensor slack_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tenso
   return grad;
 }
 
+at::Tensor bn_eval_slack_backward_cuda(const at::Tensor& grad_y, const at::Tensor& grad_loss, const at::Tensor& x,
+                                       const at::Tensor& bn_scale, const at::Tensor& mean, const at::Tensor& std_t,
+                                       const at::Tensor& delta, const at::Tensor& gamma, const at::Tensor& stat_mean,
+                                       const at::Tensor& stat_std, bool unbiased) {
+  const char* op_name = "bn_eval_slack_backward";
+  const SlackInputs in = check_slack_inputs(op_name, x, mean, std_t, delta, gamma, /*per_sample=*/true);
+  check_slack_saved(in, grad_loss, stat_mean, stat_std, /*per_sample=*/true);
+  const at::Tensor sc = check_bn_affine(op_name, "bn_scale", bn_scale, in);
+  const at::Tensor dy = check_grad_like_x(op_name, grad_y, in);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor up = grad_loss.to(acc).reshape({-1}).contiguous();
+  at::Tensor grad = at::empty_like(in.x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_eval_slack_backward_cuda", [&] {
+    using acc_t = acc_type<scalar_t>;
+    SlackGrad<scalar_t, acc_t> op{in.x.const_data_ptr<scalar_t>(),
+                                  grad.data_ptr<scalar_t>(),
+                                  in.layout,
+                                  up.const_data_ptr<acc_t>(),
+                                  stat_mean.const_data_ptr<acc_t>(),
+                                  stat_std.const_data_ptr<acc_t>(),
+                                  in.target_mean.const_data_ptr<acc_t>(),
+                                  in.target_std.const_data_ptr<acc_t>(),
+                                  in.delta.const_data_ptr<acc_t>(),
+                                  in.gamma.const_data_ptr<acc_t>(),
+                                  in.count,
+                                  unbiased ? 1 : 0};
+    op.dy = dy.const_data_ptr<scalar_t>();
+    op.bn_scale = sc.const_data_ptr<acc_t>();
+    cuda::apply(in.layout, op);
+  });
+  return grad;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dsg_ext, CUDA, m) {
   m.impl("bn_stat_slack_loss", &slack_loss_cuda);
   m.impl("bn_stat_slack_loss_backward", &slack_loss_backward_cuda);
+  m.impl("bn_eval_slack", &bn_eval_slack_cuda);
+  m.impl("bn_eval_slack_backward", &bn_eval_slack_backward_cuda);
 }
 
 }  // namespace dsg_ext
