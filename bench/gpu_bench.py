@@ -87,6 +87,33 @@ def correctness():
         slack_case((8, 32, 28, 28), dtype, False, True, False)
         slack_case((8, 32, 28, 28), dtype, True, False, False)
 
+    def bn_fused_case(shape, dtype, channels_last):
+        def make():
+            x = torch.randn(*shape, generator=g) * 2 + 0.5
+            if channels_last:
+                x = x.to(memory_format=torch.channels_last)
+            x = x.to(dtype).requires_grad_(True)
+            c = shape[1]
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            return [x, (torch.randn(c, generator=g)).to(acc), torch.randn(c, generator=g).to(acc),
+                    (torch.randn(c, generator=g) * 0.3).to(acc), (torch.rand(c, generator=g) + 0.5).to(acc),
+                    (torch.rand(c, generator=g) * 0.1).to(acc), (torch.rand(c, generator=g) * 0.1).to(acc),
+                    torch.randn(shape, generator=g).to(dtype), torch.randn(shape[0], generator=g)]
+
+        def fn(x, sc, sh, m, s, d, gm, dy, up):
+            y, loss, sm, ss = ops.bn_eval_slack(x, sc, sh, m, s, d, gm, unbiased=True)
+            (gx,) = torch.autograd.grad([y, loss], [x], [dy, up.to(loss.dtype)])
+            return [y, loss, sm, ss, gx]
+
+        tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
+        check(f"bn_eval_slack {tuple(shape)} {dtype} {'NHWC' if channels_last else 'NCHW'}", fn, make, tol)
+
+    for shape in [(4, 3, 17, 19), (256, 64, 14, 14), (2, 64, 112, 112), (64, 96, 7, 7)]:
+        for cl in (False, True):
+            bn_fused_case(shape, torch.float32, cl)
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        bn_fused_case((8, 32, 28, 28), dtype, True)
+
     def fq_case(shape, axis, dtype, channels_last, learnable):
         def make():
             x = torch.randn(*shape, generator=g) * 3

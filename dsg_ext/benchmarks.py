@@ -295,6 +295,23 @@ def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "res
 
         return run
 
+    def fused_bn(run: Callable[[], object]) -> Callable[[], object]:
+        """The same workload with the taps' fused BN op forced on (DSG_EXT_FUSED_BN=1)."""
+        import os
+
+        def wrapped():
+            before = os.environ.get("DSG_EXT_FUSED_BN")
+            os.environ["DSG_EXT_FUSED_BN"] = "1"
+            try:
+                return run()
+            finally:
+                if before is None:
+                    del os.environ["DSG_EXT_FUSED_BN"]
+                else:
+                    os.environ["DSG_EXT_FUSED_BN"] = before
+
+        return wrapped
+
     impls = {"dsg_ext": make("dsg_ext"), "plain": make("plain"), "network_alone": make("network")}
     if torch.device(device).type == "cpu":  # channels_last in fp32 is the faster layout for oneDNN convolutions
         impls.update({"dsg_ext_cl": make("dsg_ext", cl_only=True), "plain_cl": make("plain", cl_only=True),
@@ -304,6 +321,9 @@ def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "res
             "dsg_ext_bf16_cl": make("dsg_ext", fast=True),
             "dsg_ext_bf16_cl_graph": make("dsg_ext", fast=True, graph=True),
             "dsg_ext_fp32_graph": make("dsg_ext", graph=True),
+            # the fused eval-BN + statistics op on CUDA (off by default there until verified on a GPU)
+            "dsg_ext_fusedbn_bf16_cl_graph": fused_bn(make("dsg_ext", fast=True, graph=True)),
+            "dsg_ext_fusedbn_fp32": fused_bn(make("dsg_ext")),
             "plain_bf16_cl": make("plain", fast=True),
             "network_alone_bf16_cl": make("network", fast=True),
         })

@@ -152,7 +152,7 @@ def test_bad_inputs_are_named():
                                                  ok["std"], torch.tensor(0.0), torch.tensor(0.0), sm, ss, False)
 
 
-def test_synthesis_with_fused_bn_matches_the_hooks(monkeypatch):
+def test_synthesis_with_fused_bn_matches_the_hooks(device, monkeypatch):
     """The taps replace plain BN layers' forward by the fused op (on the CPU by default) and give the
     same synthesis as forward pre-hooks + torch's BatchNorm; the original forward is back afterwards."""
     from dsg_ext.synthesis import BatchNormTaps, SynthesisConfig, batchnorm_layers, synthesize_batch
@@ -163,7 +163,7 @@ def test_synthesis_with_fused_bn_matches_the_hooks(monkeypatch):
     results = {}
     for switch in ("0", "1"):
         monkeypatch.setenv("DSG_EXT_FUSED_BN", switch)
-        results[switch] = synthesize_batch(model, cfg, batch_index=0)
+        results[switch] = synthesize_batch(model.to(device), cfg, batch_index=0, device=device)
     torch.testing.assert_close(results["1"].images, results["0"].images, rtol=1e-4, atol=1e-5)
     assert results["1"].final_layer_losses == pytest.approx(results["0"].final_layer_losses, rel=1e-4, abs=1e-6)
     layers = batchnorm_layers(model)
