@@ -103,8 +103,9 @@ using AdaRoundFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const a
                                                       const at::Tensor&, int64_t, int64_t, std::optional<int64_t>,
                                                       double, bool);
 
-const char* const kOps[] = {"bn_stat_slack_loss", "bn_stat_slack_loss_backward", "fake_quant",
-                            "fake_quant_backward", "adaround",           "adaround_backward"};
+const char* const kOps[] = {"bn_stat_slack_loss", "bn_stat_slack_loss_backward", "bn_eval_slack",
+                            "bn_eval_slack_backward", "fake_quant", "fake_quant_backward", "adaround",
+                            "adaround_backward"};
 
 c10::TypedOperatorHandle<FakeQuantFn> fake_quant_op() {
   static const auto op =
@@ -242,6 +243,32 @@ void test_slack_loss(const at::Device dev) {
   }
 }
 
+// bn_eval_slack: y = x * scale + shift (an eval-mode BatchNorm) with the per-sample slack loss of x.
+void test_bn_eval_slack(const at::Device dev) {
+  using Fn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&, double, bool);
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("dsg_ext::bn_eval_slack", "").typed<Fn>();
+  const std::string where = std::string(" [") + dev.str() + "]";
+  const auto opts = at::TensorOptions().dtype(at::kDouble);
+  const int64_t n = 2, c = 4;
+  const at::Tensor x = (at::randn({n, c, 5, 3}, opts) * 1.5 + 0.3).to(dev);
+  const at::Tensor scale = at::randn({c}, opts).to(dev), shift = at::randn({c}, opts).to(dev);
+  const at::Tensor mean = (at::randn({c}, opts) * 0.3).to(dev);
+  const at::Tensor std_t = (at::rand({c}, opts) + 0.5).to(dev);
+  const at::Tensor delta = at::full({}, 0.05, opts).to(dev), gamma = at::full({c}, 0.1, opts).to(dev);
+  for (const bool channels_last : {false, true}) {
+    const at::Tensor xi = channels_last ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
+    const std::string tag = std::string(channels_last ? " channels_last" : "") + where;
+    const auto got = op.call(xi, scale, shift, mean, std_t, delta, gamma, 1e-5, true);
+    const auto want = slack_reference(x, mean, std_t, delta, gamma, 1e-5, true, true);
+    check_close("bn_eval_slack y" + tag, std::get<0>(got), x * scale.view({1, c, 1, 1}) + shift.view({1, c, 1, 1}),
+                1e-12, 1e-12);
+    check_close("bn_eval_slack loss" + tag, std::get<1>(got), std::get<0>(want), 1e-10, 1e-12);
+    check_close("bn_eval_slack mean~" + tag, std::get<2>(got), std::get<1>(want), 1e-10, 1e-12);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // adaround
 
@@ -336,6 +363,7 @@ void run_all(const at::Device dev) {
   at::manual_seed(0);
   test_fake_quant(dev);
   test_slack_loss(dev);
+  test_bn_eval_slack(dev);
   test_adaround(dev);
   test_bad_inputs(dev);
 }
