@@ -17,26 +17,33 @@ namespace {
 
 constexpr int64_t kChunk = 2048;  // elements summed in the accumulation type before widening to double
 
-// Sums of (x - shift) and (x - shift)^2 over a contiguous span, added to (sum, sum_sq).
-template <typename scalar_t, typename acc_t>
-void add_shifted_sums(const scalar_t* p, int64_t n, acc_t shift, double& sum, double& sum_sq) {
+// Sums of (x - shift) and (x - shift)^2 over a contiguous span, added to (sum, sum_sq); with kAffine
+// also y = x * a + b over the span, in the same pass (the fused eval-mode BatchNorm).
+template <typename scalar_t, typename acc_t, bool kAffine = false>
+void add_shifted_sums(const scalar_t* p, int64_t n, acc_t shift, double& sum, double& sum_sq, scalar_t* y = nullptr,
+                      acc_t a = 0, acc_t b = 0) {
   for (int64_t start = 0; start < n; start += kChunk) {
     const int64_t end = std::min(n, start + kChunk);
     acc_t s = 0, q = 0;
 #pragma omp simd reduction(+ : s, q)
     for (int64_t i = start; i < end; ++i) {
-      const acc_t v = static_cast<acc_t>(p[i]) - shift;
+      const acc_t xv = static_cast<acc_t>(p[i]);
+      const acc_t v = xv - shift;
       s += v;
       q += v * v;
+      if constexpr (kAffine) y[i] = static_cast<scalar_t>(xv * a + b);
     }
     sum += s;
     sum_sq += q;
   }
 }
 
-template <typename scalar_t>
+// Per-group statistics and the loss; with kAffine also y = x * bn_scale[c] + bn_shift[c] in the same
+// read of x (y in the layout of in.x).
+template <typename scalar_t, bool kAffine = false>
 void slack_forward_kernel(const SlackInputs& in, double eps, int64_t correction, bool per_sample,
-                          at::Tensor& stat_mean, at::Tensor& stat_std, at::Tensor& loss) {
+                          at::Tensor& stat_mean, at::Tensor& stat_std, at::Tensor& loss, scalar_t* y = nullptr,
+                          const acc_type<scalar_t>* bn_scale = nullptr, const acc_type<scalar_t>* bn_shift = nullptr) {
   using acc_t = acc_type<scalar_t>;
   const Layout L = in.layout;
   const int64_t G = L.groups();
@@ -53,8 +60,15 @@ void slack_forward_kernel(const SlackInputs& in, double eps, int64_t correction,
     at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
       for (int64_t g = g0; g < g1; ++g) {
         const int64_t a = g / L.C, c = g % L.C;
-        for (int64_t r = 0; r < L.R; ++r)
-          add_shifted_sums<scalar_t, acc_t>(x + ((a * L.R + r) * L.C + c) * L.B, L.B, shift[g], sum[g], sum_sq[g]);
+        for (int64_t r = 0; r < L.R; ++r) {
+          const int64_t off = ((a * L.R + r) * L.C + c) * L.B;
+          if constexpr (kAffine) {
+            add_shifted_sums<scalar_t, acc_t, true>(x + off, L.B, shift[g], sum[g], sum_sq[g], y + off, bn_scale[c],
+                                                    bn_shift[c]);
+          } else {
+            add_shifted_sums<scalar_t, acc_t>(x + off, L.B, shift[g], sum[g], sum_sq[g]);
+          }
+        }
       }
     });
   } else {
@@ -80,11 +94,23 @@ void slack_forward_kernel(const SlackInputs& in, double eps, int64_t correction,
             const scalar_t* row = x + (a * L.R + r) * L.C;
             acc_t* sp = s.data();
             acc_t* qp = q.data();
+            if constexpr (kAffine) {
+              scalar_t* yrow = y + (a * L.R + r) * L.C;
 #pragma omp simd
-            for (int64_t c = 0; c < L.C; ++c) {
-              const acc_t v = static_cast<acc_t>(row[c]) - sh[c];
-              sp[c] += v;
-              qp[c] += v * v;
+              for (int64_t c = 0; c < L.C; ++c) {
+                const acc_t xv = static_cast<acc_t>(row[c]);
+                const acc_t v = xv - sh[c];
+                sp[c] += v;
+                qp[c] += v * v;
+                yrow[c] = static_cast<scalar_t>(xv * bn_scale[c] + bn_shift[c]);
+              }
+            } else {
+#pragma omp simd
+              for (int64_t c = 0; c < L.C; ++c) {
+                const acc_t v = static_cast<acc_t>(row[c]) - sh[c];
+                sp[c] += v;
+                qp[c] += v * v;
+              }
             }
           }
           for (int64_t c = 0; c < L.C; ++c) {
@@ -231,29 +257,6 @@ at::Tensor slack_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor
 }
 
 
-// y = x * bn_scale[c] + bn_shift[c], in the layout of in.x.
-template <typename scalar_t>
-void bn_affine_kernel(const SlackInputs& in, const at::Tensor& bn_scale, const at::Tensor& bn_shift, at::Tensor& y) {
-  using acc_t = acc_type<scalar_t>;
-  const Layout L = in.layout;
-  const scalar_t* x = in.x.const_data_ptr<scalar_t>();
-  scalar_t* out = y.data_ptr<scalar_t>();
-  const acc_t* sc = bn_scale.const_data_ptr<acc_t>();
-  const acc_t* sh = bn_shift.const_data_ptr<acc_t>();
-  cpu::for_each_run(L, [&](int64_t offset, int64_t length, int64_t channel) {
-    const scalar_t* xp = x + offset;
-    scalar_t* op = out + offset;
-    if (channel >= 0) {
-      const acc_t s = sc[channel], h = sh[channel];
-#pragma omp simd
-      for (int64_t i = 0; i < length; ++i) op[i] = static_cast<scalar_t>(static_cast<acc_t>(xp[i]) * s + h);
-    } else {
-#pragma omp simd
-      for (int64_t i = 0; i < length; ++i) op[i] = static_cast<scalar_t>(static_cast<acc_t>(xp[i]) * sc[i] + sh[i]);
-    }
-  });
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_eval_slack_cpu(
     const at::Tensor& x, const at::Tensor& bn_scale, const at::Tensor& bn_shift, const at::Tensor& mean,
     const at::Tensor& std_t, const at::Tensor& delta, const at::Tensor& gamma, double eps, bool unbiased) {
@@ -268,8 +271,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_eval_slack_cpu(
   at::Tensor loss = at::empty({in.batch}, opts);
   at::Tensor y = at::empty_like(in.x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_eval_slack_cpu", [&] {
-    slack_forward_kernel<scalar_t>(in, eps, unbiased ? 1 : 0, true, stat_mean, stat_std, loss);
-    bn_affine_kernel<scalar_t>(in, sc, sh, y);
+    using acc_t = acc_type<scalar_t>;
+    slack_forward_kernel<scalar_t, true>(in, eps, unbiased ? 1 : 0, true, stat_mean, stat_std, loss,
+                                         y.data_ptr<scalar_t>(), sc.const_data_ptr<acc_t>(), sh.const_data_ptr<acc_t>());
   });
   return {y, loss, stat_mean, stat_std};
 }
