@@ -280,8 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--weights")
     p.add_argument("--quantized", metavar="FILE", help="a file written by dsg quantize for this model")
-    p.add_argument("--data", required=True, help="'fashion-mnist' (test split) or an image directory (ImageFolder "
-                   "layout for accuracy; any images for fidelity)")
+    p.add_argument("--data", required=True, help="'fashion-mnist' (test split), 'skimage-photos', an image directory "
+                   "(ImageFolder layout for accuracy; any images for fidelity) or a `dsg generate` directory made "
+                   "for this model (fidelity on synthetic images)")
     p.add_argument("--max-images", type=int, default=None)
     p.add_argument("--image-size", type=int, default=None, help="the model's input size (default: the source's own)")
     p.add_argument("--json", metavar="FILE")

@@ -169,7 +169,8 @@ def topk_accuracy(model: torch.nn.Module, images: Tensor, labels: Tensor, batch_
 def evaluate(model: torch.nn.Module, loaded: LoadedModel, data: str, max_images: Optional[int] = None,
              fp_model: Optional[torch.nn.Module] = None, batch_size: int = 200) -> Dict[str, Any]:
     """Top-1/top-5 on the Fashion-MNIST test set or an ImageFolder directory; with ``fp_model`` also the
-    fidelity to it (top-1 agreement, mean KL). A directory without class subdirectories gives fidelity only."""
+    fidelity to it (top-1 agreement, mean KL). A directory without class subdirectories, or a
+    `dsg generate` dataset made for this model, gives fidelity only."""
     from . import quantize
 
     result: Dict[str, Any] = {"data": data}
@@ -184,6 +185,8 @@ def evaluate(model: torch.nn.Module, loaded: LoadedModel, data: str, max_images:
         if max_images:
             images_u8, labels = images_u8[:max_images], labels[:max_images]
         images = fashion_mnist.preprocess(images_u8)
+    elif dataset.load_manifest(data) is not None:  # a `dsg generate` directory: fidelity on synthetic images
+        images, labels = synthetic_calibration(data, loaded, max_images), None
     else:
         has_classes = os.path.isdir(data) and any(os.path.isdir(os.path.join(data, d)) for d in os.listdir(data))
         images, labels, _ = load_image_folder(data, loaded.input, max_images, with_labels=has_classes)

@@ -148,3 +148,5 @@ def test_cli_generate_quantize_eval_from_a_torchscript_file(tmp_path):
     assert "AdaRound: " in r.stdout
     r = dsg("eval", "--model", path, "--quantized", out, "--data", "skimage-photos", "--image-size", "16")
     assert "agreement with FP32" in r.stdout
+    r = dsg("eval", "--model", path, "--quantized", out, "--data", data, "--image-size", "16")  # synthetic images
+    assert "agreement with FP32" in r.stdout and "8 images" in r.stdout.replace(":", "")
