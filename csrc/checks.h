@@ -29,12 +29,22 @@ SlackInputs check_slack_inputs(const char* op, const at::Tensor& x, const at::Te
 void check_slack_saved(const SlackInputs& in, const at::Tensor& grad_loss, const at::Tensor& stat_mean,
                        const at::Tensor& stat_std, bool per_sample);
 
-// A BatchNorm affine parameter (bn_scale / bn_shift) for x of `in`: length C, floating, on x's device;
-// returned contiguous in the accumulation dtype.
-at::Tensor check_bn_affine(const char* op, const char* name, const at::Tensor& t, const SlackInputs& in);
+// The fused eval-mode BN op (bn_eval_slack): the per-sample slack inputs plus the BN affine
+// parameters (length C, accumulation dtype, contiguous) and, for the backward, grad_y (shape, dtype
+// and device of x, in the layout of slack.x).
+struct BnEvalInputs {
+  SlackInputs slack;
+  at::Tensor bn_scale, bn_shift, grad_y;  // bn_shift: forward only; grad_y: backward only
+};
 
-// grad_y of the fused BN op: the shape, dtype and device of x; returned in the layout of in.x.
-at::Tensor check_grad_like_x(const char* op, const at::Tensor& grad_y, const SlackInputs& in);
+BnEvalInputs check_bn_eval_inputs(const at::Tensor& x, const at::Tensor& bn_scale, const at::Tensor& bn_shift,
+                                  const at::Tensor& mean, const at::Tensor& std_t, const at::Tensor& delta,
+                                  const at::Tensor& gamma);
+
+BnEvalInputs check_bn_eval_backward_inputs(const at::Tensor& grad_y, const at::Tensor& grad_loss, const at::Tensor& x,
+                                           const at::Tensor& bn_scale, const at::Tensor& mean, const at::Tensor& std_t,
+                                           const at::Tensor& delta, const at::Tensor& gamma,
+                                           const at::Tensor& stat_mean, const at::Tensor& stat_std);
 
 struct QuantInputs {
   at::Tensor x;       // contiguous or channels_last contiguous

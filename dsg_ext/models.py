@@ -148,48 +148,41 @@ def modularise(gm: "torch.fx.GraphModule") -> Tuple[int, int]:
         norm = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True)
         kw = dict(norm.kwargs) if norm is not None else {}
         tensors = {k: v for k, v in kw.items() if isinstance(v, torch.fx.Node) and v.op == "get_attr"}
+        if len(tensors) != sum(isinstance(v, torch.fx.Node) for v in kw.values()) - 1:
+            continue  # besides the input, some tensor argument is computed in the graph, not a stored one
+        inp = node.args[0] if node.args else kw.get("input", kw.get("self"))
         if kind.startswith("aten.relu"):
-            module, inp = nn.ReLU(), node.args[0] if node.args else next(iter(kw.values()), None)
+            module = nn.ReLU()
         elif kind == _BN:
-            inp, rm, rv = kw.get("input"), kw.get("running_mean"), kw.get("running_var")
-            if not (isinstance(rm, torch.fx.Node) and isinstance(rv, torch.fx.Node) and kw.get("training") is False):
-                continue
-            if _attr(gm, rm.target).dim() != 1 or (kw.get("weight") is None) != (kw.get("bias") is None):
+            rm, rv = kw.get("running_mean"), kw.get("running_var")
+            if rm is None or rv is None or kw.get("training") is not False:
                 continue
             mean = _attr(gm, rm.target)
+            if mean.dim() != 1 or (kw.get("weight") is None) != (kw.get("bias") is None):
+                continue
             module = nn.BatchNorm2d(mean.numel(), eps=float(kw.get("eps", 1e-5)), momentum=float(kw.get("momentum", 0.1)),
                                     affine=kw.get("weight") is not None)
             module.register_buffer("num_batches_tracked", None)  # kept only where the source had it (below)
             module.running_mean, module.running_var = mean, _attr(gm, rv.target)
             if module.affine:
                 module.weight, module.bias = _as_param(_attr(gm, kw["weight"].target)), _as_param(_attr(gm, kw["bias"].target))
-        elif kind in (_CONV, "aten.convolution.default"):
-            inp, w, b = kw.get("input"), kw.get("weight"), kw.get("bias")
-            if not isinstance(w, torch.fx.Node) or w.op != "get_attr" or (b is not None and not isinstance(b, torch.fx.Node)):
-                continue
-            if kind != _CONV and (kw.get("transposed") or any(kw.get("output_padding") or ())):
+        else:  # conv2d / convolution / linear: weight (and bias) are stored tensors (checked above)
+            w, b = kw.get("weight"), kw.get("bias")
+            if w is None:
                 continue
             weight = _attr(gm, w.target)
-            if weight.dim() != 4:
-                continue
-            groups = int(kw.get("groups", 1))
-            module = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
-                               stride=tuple(kw.get("stride", (1, 1))), padding=tuple(kw.get("padding", (0, 0))),
-                               dilation=tuple(kw.get("dilation", (1, 1))), groups=groups, bias=b is not None)
+            if kind == "aten.linear.default":
+                module = nn.Linear(weight.shape[1], weight.shape[0], bias=b is not None)
+            else:
+                if weight.dim() != 4 or (kind != _CONV and (kw.get("transposed") or any(kw.get("output_padding") or ()))):
+                    continue
+                groups = int(kw.get("groups", 1))
+                module = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
+                                   stride=tuple(kw.get("stride", (1, 1))), padding=tuple(kw.get("padding", (0, 0))),
+                                   dilation=tuple(kw.get("dilation", (1, 1))), groups=groups, bias=b is not None)
             module.weight = _as_param(weight)
             if b is not None:
                 module.bias = _as_param(_attr(gm, b.target))
-        else:  # linear
-            inp, w, b = kw.get("input"), kw.get("weight"), kw.get("bias")
-            if not isinstance(w, torch.fx.Node) or w.op != "get_attr" or (b is not None and not isinstance(b, torch.fx.Node)):
-                continue
-            weight = _attr(gm, w.target)
-            module = nn.Linear(weight.shape[1], weight.shape[0], bias=b is not None)
-            module.weight = _as_param(weight)
-            if b is not None:
-                module.bias = _as_param(_attr(gm, b.target))
-        if len(tensors) != len([v for v in kw.values() if isinstance(v, torch.fx.Node)]) - 1:
-            continue  # some tensor argument is computed in the graph, not a stored one
         holder = _owner(gm, [t.target for t in tensors.values()], {"num_batches_tracked"} if kind == _BN else set()) if tensors else None
         if holder is not None and kind == _BN and hasattr(gm.get_submodule(holder), "num_batches_tracked"):
             module.register_buffer("num_batches_tracked", gm.get_submodule(holder).num_batches_tracked)

@@ -56,6 +56,18 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
 _SLACK_MODES = ("per_sample", "batch")
 
 
+def _slack_margins(op: str, x: Tensor, delta, gamma, **targets) -> Tuple[Tensor, Tensor]:
+    """delta and gamma as tensors in the accumulation dtype on x's device; refuses any of them or of
+    ``targets`` requiring grad (the slack ops give gradients to x only)."""
+    acc = _acc_dtype(x) if x.is_floating_point() else torch.float32
+    delta = _as_tensor(delta, x.device, acc)
+    gamma = _as_tensor(gamma, x.device, acc)
+    for name, t in (*targets.items(), ("delta", delta), ("gamma", gamma)):
+        if isinstance(t, Tensor) and t.requires_grad:
+            raise ValueError(f"{op}: {name} requires grad, but gradients flow to x only; pass {name}.detach()")
+    return delta, gamma
+
+
 def bn_stat_slack_loss(
     x: Tensor,
     mean: Tensor,
@@ -82,14 +94,7 @@ def bn_stat_slack_loss(
     """
     if mode not in _SLACK_MODES:
         raise ValueError(f"bn_stat_slack_loss: mode must be one of {_SLACK_MODES}, got {mode!r}")
-    acc = _acc_dtype(x) if x.is_floating_point() else torch.float32
-    delta = _as_tensor(delta, x.device, acc)
-    gamma = _as_tensor(gamma, x.device, acc)
-    for name, t in (("mean", mean), ("std", std), ("delta", delta), ("gamma", gamma)):
-        if isinstance(t, Tensor) and t.requires_grad:
-            raise ValueError(
-                f"bn_stat_slack_loss: {name} requires grad, but gradients flow to x only; pass {name}.detach()"
-            )
+    delta, gamma = _slack_margins("bn_stat_slack_loss", x, delta, gamma, mean=mean, std=std)
     loss, stat_mean, stat_std = _ops.bn_stat_slack_loss(
         x, mean, std, delta, gamma, float(eps), bool(unbiased), mode == "per_sample"
     )
@@ -154,13 +159,8 @@ def bn_eval_slack(
     mode="per_sample")`` with its statistics. The backward gives x the gradient of both in one pass
     (grad_y * bn_scale + d loss / dx); bn_scale, bn_shift and the targets get none.
     """
-    acc = _acc_dtype(x) if x.is_floating_point() else torch.float32
-    delta = _as_tensor(delta, x.device, acc)
-    gamma = _as_tensor(gamma, x.device, acc)
-    for name, t in (("bn_scale", bn_scale), ("bn_shift", bn_shift), ("mean", mean), ("std", std), ("delta", delta),
-                    ("gamma", gamma)):
-        if isinstance(t, Tensor) and t.requires_grad:
-            raise ValueError(f"bn_eval_slack: {name} requires grad, but gradients flow to x only; pass {name}.detach()")
+    delta, gamma = _slack_margins("bn_eval_slack", x, delta, gamma, bn_scale=bn_scale, bn_shift=bn_shift, mean=mean,
+                                  std=std)
     return _ops.bn_eval_slack(x, bn_scale, bn_shift, mean, std, delta, gamma, float(eps), bool(unbiased))
 
 

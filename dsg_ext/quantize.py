@@ -598,7 +598,8 @@ def adaround(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, config: Ada
             total = sum(w.numel() for w in originals)
             for wq, w in zip(quantizers, originals):
                 v = wq.v.detach().float()
-                h = torch.clamp(torch.sigmoid(v) * 1.2 - 0.1, 0, 1)  # the soft rounding of ops.adaround
+                h = torch.clamp(torch.sigmoid(v) * (ops.ADAROUND_ZETA - ops.ADAROUND_GAMMA) + ops.ADAROUND_GAMMA,
+                                0, 1)  # the soft rounding of ops.adaround
                 undecided += float(((h > 0.01) & (h < 0.99)).sum()) / total  # not settled at 0 or 1 yet
                 ws = w.detach().float() / wq.scale.view(wq._bshape(w))
                 changed += float(((v >= 0) != (ws - torch.floor(ws) >= 0.5)).sum()) / total  # vs nearest rounding
@@ -632,8 +633,8 @@ def adaround_summary(records: Sequence[Dict[str, Any]]) -> Tuple[str, Optional[s
     improved = [r for r in records if r.get("kept") == "adaround" and r["rec_loss_adaround"] < r["rec_loss_nearest"]]
     kept_nearest = sum(r.get("kept") == "nearest" for r in records)
     worse = sum(r["rec_loss_adaround"] > r["rec_loss_nearest"] for r in records)
-    final = {r["layer"]: r["rec_loss_nearest"] if r.get("kept") == "nearest" else r["rec_loss_adaround"] for r in records}
-    gains = sorted(1 - final[r["layer"]] / r["rec_loss_nearest"] for r in records if r["rec_loss_nearest"] > 0)
+    kept_loss = lambda r: r["rec_loss_nearest"] if r.get("kept") == "nearest" else r["rec_loss_adaround"]  # noqa: E731
+    gains = sorted(1 - kept_loss(r) / r["rec_loss_nearest"] for r in records if r["rec_loss_nearest"] > 0)
     median = gains[len(gains) // 2] if gains else 0.0
     undecided = sum(r.get("undecided", 0.0) for r in records) / len(records)
     units = "layers" if all(r.get("kind", "layer") == "layer" for r in records) else "blocks and layers"

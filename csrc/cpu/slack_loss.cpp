@@ -241,29 +241,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> slack_loss_cpu(const at::Tensor& 
   return {loss, stat_mean, stat_std};
 }
 
+// grad_x of the slack loss; with grad_y and bn_scale (the fused BN op) plus grad_y * bn_scale, in the
+// same pass.
+at::Tensor slack_backward(const SlackInputs& in, const at::Tensor& grad_loss, const at::Tensor& stat_mean,
+                          const at::Tensor& stat_std, bool unbiased, const at::Tensor* grad_y = nullptr,
+                          const at::Tensor* bn_scale = nullptr) {
+  const auto acc = in.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor up = grad_loss.to(acc).reshape({-1}).contiguous();
+  at::Tensor grad = at::empty_like(in.x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "slack_backward_cpu", [&] {
+    if (grad_y != nullptr) {
+      slack_backward_kernel<scalar_t, true>(in, up, stat_mean, stat_std, unbiased ? 1 : 0, grad,
+                                            grad_y->const_data_ptr<scalar_t>(),
+                                            bn_scale->const_data_ptr<acc_type<scalar_t>>());
+    } else {
+      slack_backward_kernel<scalar_t>(in, up, stat_mean, stat_std, unbiased ? 1 : 0, grad);
+    }
+  });
+  return grad;
+}
+
 at::Tensor slack_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& mean,
                                    const at::Tensor& std_t, const at::Tensor& delta, const at::Tensor& gamma,
                                    const at::Tensor& stat_mean, const at::Tensor& stat_std, bool unbiased,
                                    bool per_sample) {
   const SlackInputs in = check_slack_inputs("bn_stat_slack_loss_backward", x, mean, std_t, delta, gamma, per_sample);
   check_slack_saved(in, grad_loss, stat_mean, stat_std, per_sample);
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor up = grad_loss.to(acc).reshape({-1}).contiguous();
-  at::Tensor grad = at::empty_like(in.x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stat_slack_loss_backward_cpu", [&] {
-    slack_backward_kernel<scalar_t>(in, up, stat_mean, stat_std, unbiased ? 1 : 0, grad);
-  });
-  return grad;
+  return slack_backward(in, grad_loss, stat_mean, stat_std, unbiased);
 }
-
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_eval_slack_cpu(
     const at::Tensor& x, const at::Tensor& bn_scale, const at::Tensor& bn_shift, const at::Tensor& mean,
     const at::Tensor& std_t, const at::Tensor& delta, const at::Tensor& gamma, double eps, bool unbiased) {
-  const char* op = "bn_eval_slack";
-  const SlackInputs in = check_slack_inputs(op, x, mean, std_t, delta, gamma, /*per_sample=*/true);
-  const at::Tensor sc = check_bn_affine(op, "bn_scale", bn_scale, in);
-  const at::Tensor sh = check_bn_affine(op, "bn_shift", bn_shift, in);
+  const BnEvalInputs bn = check_bn_eval_inputs(x, bn_scale, bn_shift, mean, std_t, delta, gamma);
+  const SlackInputs& in = bn.slack;
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = x.options().dtype(acc);
   at::Tensor stat_mean = at::empty(stat_shape(in, true), opts);
@@ -273,7 +284,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_eval_slack_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_eval_slack_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     slack_forward_kernel<scalar_t, true>(in, eps, unbiased ? 1 : 0, true, stat_mean, stat_std, loss,
-                                         y.data_ptr<scalar_t>(), sc.const_data_ptr<acc_t>(), sh.const_data_ptr<acc_t>());
+                                         y.data_ptr<scalar_t>(), bn.bn_scale.const_data_ptr<acc_t>(),
+                                         bn.bn_shift.const_data_ptr<acc_t>());
   });
   return {y, loss, stat_mean, stat_std};
 }
@@ -282,19 +294,9 @@ at::Tensor bn_eval_slack_backward_cpu(const at::Tensor& grad_y, const at::Tensor
                                       const at::Tensor& bn_scale, const at::Tensor& mean, const at::Tensor& std_t,
                                       const at::Tensor& delta, const at::Tensor& gamma, const at::Tensor& stat_mean,
                                       const at::Tensor& stat_std, bool unbiased) {
-  const char* op = "bn_eval_slack_backward";
-  const SlackInputs in = check_slack_inputs(op, x, mean, std_t, delta, gamma, /*per_sample=*/true);
-  check_slack_saved(in, grad_loss, stat_mean, stat_std, /*per_sample=*/true);
-  const at::Tensor sc = check_bn_affine(op, "bn_scale", bn_scale, in);
-  const at::Tensor dy = check_grad_like_x(op, grad_y, in);
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor up = grad_loss.to(acc).reshape({-1}).contiguous();
-  at::Tensor grad = at::empty_like(in.x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_eval_slack_backward_cpu", [&] {
-    slack_backward_kernel<scalar_t, true>(in, up, stat_mean, stat_std, unbiased ? 1 : 0, grad,
-                                          dy.const_data_ptr<scalar_t>(), sc.const_data_ptr<acc_type<scalar_t>>());
-  });
-  return grad;
+  const BnEvalInputs bn =
+      check_bn_eval_backward_inputs(grad_y, grad_loss, x, bn_scale, mean, std_t, delta, gamma, stat_mean, stat_std);
+  return slack_backward(bn.slack, grad_loss, stat_mean, stat_std, unbiased, &bn.grad_y, &bn.bn_scale);
 }
 
 }  // namespace

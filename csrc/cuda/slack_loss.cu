@@ -155,64 +155,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> slack_loss_cuda(const at::Tensor&
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_eval_slack_cuda(
     const at::Tensor& x, const at::Tensor& bn_scale, const at::Tensor& bn_shift, const at::Tensor& mean,
     const at::Tensor& std_t, const at::Tensor& delta, const at::Tensor& gamma, double eps, bool unbiased) {
-  const char* op = "bn_eval_slack";
-  const SlackInputs in = check_slack_inputs(op, x, mean, std_t, delta, gamma, /*per_sample=*/true);
-  const at::Tensor sc = check_bn_affine(op, "bn_scale", bn_scale, in);
-  const at::Tensor sh = check_bn_affine(op, "bn_shift", bn_shift, in);
+  const BnEvalInputs bn = check_bn_eval_inputs(x, bn_scale, bn_shift, mean, std_t, delta, gamma);
+  const SlackInputs& in = bn.slack;
   const c10::cuda::CUDAGuard guard(x.device());
   auto [loss, stat_mean, stat_std] = slack_forward(in, x, eps, unbiased, true);
   at::Tensor y = at::empty_like(in.x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_eval_slack_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     cuda::apply(in.layout, BnAffine<scalar_t, acc_t>{in.x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                                     sc.const_data_ptr<acc_t>(), sh.const_data_ptr<acc_t>()});
+                                                     bn.bn_scale.const_data_ptr<acc_t>(),
+                                                     bn.bn_shift.const_data_ptr<acc_t>()});
   });
   return {y, loss, stat_mean, stat_std};
 }
 
-at::Tensor slack_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& mean,
-                                    const at::Tensor& std_t, const at::Tensor& delta, const at::Tensor& gamma,
-                                    const at::Tensor& stat_mean, const at::Tensor& stat_std, bool unbiased,
-                                    bool per_sample) {
-  const SlackInputs in = check_slack_inputs("bn_stat_slack_loss_backward", x, mean, std_t, delta, gamma, per_sample);
-  check_slack_saved(in, grad_loss, stat_mean, stat_std, per_sample);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+// grad_x of the slack loss; with grad_y and bn_scale (the fused BN op) plus grad_y * bn_scale, in the
+// same pass.
+at::Tensor slack_backward(const SlackInputs& in, const at::Tensor& grad_loss, const at::Tensor& stat_mean,
+                          const at::Tensor& stat_std, bool unbiased, const at::Tensor* grad_y = nullptr,
+                          const at::Tensor* bn_scale = nullptr) {
+  const c10::cuda::CUDAGuard guard(in.x.device());
+  const auto acc = in.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor up = grad_loss.to(acc).reshape({-1}).contiguous();
   at::Tensor grad = at::empty_like(in.x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_stat_slack_loss_backward_cuda", [&] {
-    using acc_t = acc_type<scalar_t>;
-    const SlackGrad<scalar_t, acc_t> op{in.x.const_data_ptr<scalar_t>(),
-                                        grad.data_ptr<scalar_t>(),
-                                        in.layout,
-                                        up.const_data_ptr<acc_t>(),
-                                        stat_mean.const_data_ptr<acc_t>(),
-                                        stat_std.const_data_ptr<acc_t>(),
-                                        in.target_mean.const_data_ptr<acc_t>(),
-                                        in.target_std.const_data_ptr<acc_t>(),
-                                        in.delta.const_data_ptr<acc_t>(),
-                                        in.gamma.const_data_ptr<acc_t>(),
-                                        in.count,
-                                        unbiased ? 1 : 0};
-    cuda::apply(in.layout, op);
-  });
-  return grad;
-}
-
-at::Tensor bn_eval_slack_backward_cuda(const at::Tensor& grad_y, const at::Tensor& grad_loss, const at::Tensor& x,
-                                       const at::Tensor& bn_scale, const at::Tensor& mean, const at::Tensor& std_t,
-                                       const at::Tensor& delta, const at::Tensor& gamma, const at::Tensor& stat_mean,
-                                       const at::Tensor& stat_std, bool unbiased) {
-  const char* op_name = "bn_eval_slack_backward";
-  const SlackInputs in = check_slack_inputs(op_name, x, mean, std_t, delta, gamma, /*per_sample=*/true);
-  check_slack_saved(in, grad_loss, stat_mean, stat_std, /*per_sample=*/true);
-  const at::Tensor sc = check_bn_affine(op_name, "bn_scale", bn_scale, in);
-  const at::Tensor dy = check_grad_like_x(op_name, grad_y, in);
-  const c10::cuda::CUDAGuard guard(x.device());
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor up = grad_loss.to(acc).reshape({-1}).contiguous();
-  at::Tensor grad = at::empty_like(in.x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_eval_slack_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "slack_backward_cuda", [&] {
     using acc_t = acc_type<scalar_t>;
     SlackGrad<scalar_t, acc_t> op{in.x.const_data_ptr<scalar_t>(),
                                   grad.data_ptr<scalar_t>(),
@@ -226,11 +192,31 @@ at::Tensor bn_eval_slack_backward_cuda(const at::Tensor& grad_y, const at::Tenso
                                   in.gamma.const_data_ptr<acc_t>(),
                                   in.count,
                                   unbiased ? 1 : 0};
-    op.dy = dy.const_data_ptr<scalar_t>();
-    op.bn_scale = sc.const_data_ptr<acc_t>();
+    if (grad_y != nullptr) {
+      op.dy = grad_y->const_data_ptr<scalar_t>();
+      op.bn_scale = bn_scale->const_data_ptr<acc_t>();
+    }
     cuda::apply(in.layout, op);
   });
   return grad;
+}
+
+at::Tensor slack_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tensor& x, const at::Tensor& mean,
+                                    const at::Tensor& std_t, const at::Tensor& delta, const at::Tensor& gamma,
+                                    const at::Tensor& stat_mean, const at::Tensor& stat_std, bool unbiased,
+                                    bool per_sample) {
+  const SlackInputs in = check_slack_inputs("bn_stat_slack_loss_backward", x, mean, std_t, delta, gamma, per_sample);
+  check_slack_saved(in, grad_loss, stat_mean, stat_std, per_sample);
+  return slack_backward(in, grad_loss, stat_mean, stat_std, unbiased);
+}
+
+at::Tensor bn_eval_slack_backward_cuda(const at::Tensor& grad_y, const at::Tensor& grad_loss, const at::Tensor& x,
+                                       const at::Tensor& bn_scale, const at::Tensor& mean, const at::Tensor& std_t,
+                                       const at::Tensor& delta, const at::Tensor& gamma, const at::Tensor& stat_mean,
+                                       const at::Tensor& stat_std, bool unbiased) {
+  const BnEvalInputs bn =
+      check_bn_eval_backward_inputs(grad_y, grad_loss, x, bn_scale, mean, std_t, delta, gamma, stat_mean, stat_std);
+  return slack_backward(bn.slack, grad_loss, stat_mean, stat_std, unbiased, &bn.grad_y, &bn.bn_scale);
 }
 
 }  // namespace
