@@ -1,6 +1,7 @@
 // BN-statistic slack loss on CUDA.
-// Forward: one read of x (shifted sums per (n, c) or per c), then two tiny kernels that merge
-// partials and form the per-sample loss. Backward: one pass reading x and writing the gradient.
+// Forward: one read of x (shifted sums per (n, c) or per c; the fused BN op writes its output in the
+// same pass), then two tiny kernels that merge partials and form the per-sample loss. Backward: one
+// pass reading x (and the fused op's grad_y) and writing the gradient.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -93,22 +94,34 @@ struct SlackGrad {
   }
 };
 
+// The fused BN op's forward: the shifted sums of ShiftedSums and, in the same read of x,
 // y = x * bn_scale[c] + bn_shift[c].
 template <typename scalar_t, typename acc_t>
-struct BnAffine {
+struct ShiftedSumsAffine {
+  struct Ctx {
+    acc_t shift, scale, bias;
+  };
   const scalar_t* x;
   scalar_t* y;
-  const acc_t* scale;
-  const acc_t* shift;
-  __device__ Pair<acc_t> group(int64_t, int64_t c) const { return Pair<acc_t>(scale[c], shift[c]); }
-  __device__ void operator()(int64_t i, const Pair<acc_t>& k) const {
-    y[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * k.a + k.b);
+  Layout L;
+  const acc_t* bn_scale;
+  const acc_t* bn_shift;
+  __device__ Ctx group(int64_t a, int64_t c) const {
+    return Ctx{static_cast<acc_t>(x[(a * L.R * L.C + c) * L.B]), bn_scale[c], bn_shift[c]};
+  }
+  __device__ Pair<acc_t> operator()(int64_t i, const Ctx& k) const {
+    const acc_t xv = static_cast<acc_t>(x[i]);
+    y[i] = static_cast<scalar_t>(xv * k.scale + k.bias);
+    const acc_t v = xv - k.shift;
+    return Pair<acc_t>(v, v * v);
   }
 };
 
 // The statistics and the loss of validated inputs (on the current device).
+// With bn (the fused BN op) it also writes y = x * bn_scale + bn_shift during the same read of x.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> slack_forward(const SlackInputs& in, const at::Tensor& x, double eps,
-                                                             bool unbiased, bool per_sample) {
+                                                             bool unbiased, bool per_sample,
+                                                             const BnEvalInputs* bn = nullptr, at::Tensor* y = nullptr) {
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = x.options().dtype(acc);
   const Layout L = in.layout;
@@ -133,7 +146,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> slack_forward(const SlackInputs& 
                                           stat_mean.data_ptr<acc_t>(),
                                           stat_std.data_ptr<acc_t>(),
                                           terms.data_ptr<acc_t>()};
-    cuda::reduce<acc_t>(L, ShiftedSums<scalar_t, acc_t>{xp, L}, fin, x);
+    if (bn != nullptr) {
+      cuda::reduce<acc_t>(L,
+                          ShiftedSumsAffine<scalar_t, acc_t>{xp, y->data_ptr<scalar_t>(), L,
+                                                             bn->bn_scale.const_data_ptr<acc_t>(),
+                                                             bn->bn_shift.const_data_ptr<acc_t>()},
+                          fin, x);
+    } else {
+      cuda::reduce<acc_t>(L, ShiftedSums<scalar_t, acc_t>{xp, L}, fin, x);
+    }
     if (L.A > 0) {
       sum_terms_kernel<acc_t><<<static_cast<unsigned>(L.A), cuda::kRowThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           terms.const_data_ptr<acc_t>(), L.C, loss.data_ptr<acc_t>());
@@ -158,14 +179,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_eval_slack_cuda(
   const BnEvalInputs bn = check_bn_eval_inputs(x, bn_scale, bn_shift, mean, std_t, delta, gamma);
   const SlackInputs& in = bn.slack;
   const c10::cuda::CUDAGuard guard(x.device());
-  auto [loss, stat_mean, stat_std] = slack_forward(in, x, eps, unbiased, true);
   at::Tensor y = at::empty_like(in.x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_eval_slack_cuda", [&] {
-    using acc_t = acc_type<scalar_t>;
-    cuda::apply(in.layout, BnAffine<scalar_t, acc_t>{in.x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                                     bn.bn_scale.const_data_ptr<acc_t>(),
-                                                     bn.bn_shift.const_data_ptr<acc_t>()});
-  });
+  auto [loss, stat_mean, stat_std] = slack_forward(in, x, eps, unbiased, true, &bn, &y);
   return {y, loss, stat_mean, stat_std};
 }
 
