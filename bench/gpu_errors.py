@@ -19,12 +19,19 @@ if "--cpu" in sys.argv[1:]:  # a CPU-only build: the CPU cases, and the op calle
     CASES["cpu_direct_op_no_grad"] = "torch.ops.dsg_ext.fake_quant(torch.randn(4), torch.ones(1), torch.zeros(1), 5, 1, None, 1.0)"
     CASES["cpu_slack_bad_channels"] = "dsg_ext.bn_stat_slack_loss(torch.randn(2,3,4,4), torch.zeros(4), torch.ones(4))"
 
+def case_code(stmt):
+    return (f"import torch, dsg_ext\ntry:\n    {stmt}\n    print('NO ERROR')\nexcept Exception as e:\n"
+            "    print('raised', type(e).__name__, str(e).splitlines()[0][:150])\n")
+
+
+crashed = []
 for name, stmt in CASES.items():
-    code = f"import torch, dsg_ext\ntry:\n    {stmt}\n    print('NO ERROR')\nexcept Exception as e:\n    print('raised', type(e).__name__, str(e).splitlines()[0][:150])\n"
-    p = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True, timeout=60)
+    p = subprocess.run([sys.executable, "-X", "faulthandler", "-c", case_code(stmt)], capture_output=True, text=True,
+                       timeout=60)
     tail = (p.stdout + p.stderr).strip().splitlines()
     print(f"{name}: rc {p.returncode}: {tail[-1] if tail else ''}", flush=True)
     if p.returncode != 0:
+        crashed.append(name)
         print("   " + "\n   ".join(tail[-8:]))
 
 # --diagnose: what the next GPU session needs to pin the crash down in one call.
@@ -34,6 +41,10 @@ for name, stmt in CASES.items():
 #     message, (b) a formatted integer, (c) a std::to_string'ed integer -- built with the same compiler
 #     and flags torch picks, without any of ours. If (b) crashes there too, the fault is in the
 #     toolchain / torch combination, not in our code; if only ours crash, it is our build flags.
+# Ruled out on the CPU VM (session 4): torch 2.11.0 with gcc 12 (Debian 12, Python 3.11) and with gcc
+# 13.3.0 (a Debian 13 chroot, Python 3.13), CPU-only builds: every case raised RuntimeError. So the
+# compiler + torch pair alone does not crash; what differs on the GPU machine is its Python and its
+# mapped runtime libraries -- hence the probes below, and a native backtrace of the first crash.
 if "--diagnose" in sys.argv[1:]:
     import glob
     import os
@@ -76,3 +87,24 @@ getattr(m, sys.argv[2])(5)
                            text=True, timeout=300)
         tail = (p.stdout + p.stderr).strip().splitlines()
         print(f"load_inline {fn}: rc {p.returncode}: {tail[-1][:160] if tail else ''}", flush=True)
+
+    if crashed:
+        import os
+        import shutil
+
+        stmt = CASES[crashed[0]]
+        # c10::Error captures a C++ backtrace when it is made; if unwinding through some frame is what
+        # crashes, turning the capture off makes the error come back.
+        for env_name in ("TORCH_SHOW_CPP_STACKTRACES",):
+            env = dict(os.environ, **{env_name: "0"})
+            p = subprocess.run([sys.executable, "-c", case_code(stmt)], capture_output=True, text=True, timeout=60,
+                               env=env)
+            tail = (p.stdout + p.stderr).strip().splitlines()
+            print(f"{crashed[0]} with {env_name}=0: rc {p.returncode}: {tail[-1][:160] if tail else ''}")
+        if shutil.which("gdb"):
+            p = subprocess.run(["gdb", "-batch", "-ex", "run", "-ex", "bt 25", "--args", sys.executable, "-c",
+                                case_code(stmt)], capture_output=True, text=True, timeout=300)
+            frames = [l for l in p.stdout.splitlines() if l.startswith("#") or "SIGSEGV" in l]
+            print("gdb backtrace of the crash:\n   " + "\n   ".join(frames[:30]))
+        else:
+            print("no gdb on this machine: no native backtrace")
