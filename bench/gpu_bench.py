@@ -7,6 +7,7 @@ Run by bench/gpu_check.sh on a lent GPU machine; writes JSON to --out. Prints a 
 import argparse
 import gc
 import json
+import os
 import sys
 
 import torch
@@ -207,19 +208,37 @@ def timings(compile_plain):
     return bw, rows
 
 
+def sweep():
+    """The statistic ops at synthesis' bf16 channels_last shape and ResNet-50 synthesis (bf16 + CL +
+    graph, hooks and fused BN op) -- run once per DSG_EXT_CUDA_WORK value by gpu_check.sh's sweep."""
+    bw = benchmarks.copy_bandwidth("cuda")
+    rows = []
+    for wl in benchmarks.layer_workloads("cuda", "gpu"):
+        _time_workload(wl, bw, rows)
+    for wl in benchmarks.synthesis_workloads("cuda", "gpu", arch="resnet50", batch=256, variants=True,
+                                             only=["dsg_ext_bf16_cl_graph", "dsg_ext_fusedbn_bf16_cl_graph",
+                                                   "network_alone_bf16_cl"]):
+        _time_workload(wl, bw, rows, iters=10, warmup=4)
+    return bw, rows
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="gpu_bench.json")
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--only", choices=["checks", "timings"], help="run one part (separate processes: a crash in one keeps the other)")
+    parser.add_argument("--only", choices=["checks", "timings", "sweep"], help="run one part (separate processes: a crash in one keeps the other)")
     args = parser.parse_args()
     if not torch.cuda.is_available() or not dsg_ext.cuda_ops_built():
         print(f"needs a GPU and the CUDA ops (GPU: {torch.cuda.is_available()}, CUDA ops: {dsg_ext.cuda_ops_built()})")
         return 2
     card = torch.cuda.get_device_name()
     print(f"card: {card}, torch {torch.__version__}", flush=True)
-    checks = correctness() if args.only != "timings" else []
-    bw, rows = timings(not args.no_compile) if args.only != "checks" else (float("nan"), [])
+    checks = correctness() if args.only in (None, "checks") else []
+    if args.only == "sweep":
+        print(f"DSG_EXT_CUDA_WORK={os.environ.get('DSG_EXT_CUDA_WORK', 'default')}", flush=True)
+        bw, rows = sweep()
+    else:
+        bw, rows = timings(not args.no_compile) if args.only != "checks" else (float("nan"), [])
     with open(args.out, "w") as f:
         json.dump({"card": card, "torch": torch.__version__, "copy_bandwidth_Bps": bw, "checks": checks,
                    "timings": rows}, f, indent=2)

@@ -4,7 +4,9 @@
 # separate processes, then the CUDA tests. Logs and JSON go to $OUT; a short table is printed.
 #   device run:  bash bench/gpu_check.sh        (carry .whl, timeout_s ~ 480)
 #   TESTS="-k cuda_graph" limits the tests; TESTS=none skips them; PARTS="checks" runs only the checks
-#   (default "errors checks timings"; "errors" = bench/gpu_errors.py --diagnose, ~1 min).
+#   (default "errors checks timings"; "errors" = bench/gpu_errors.py --diagnose, ~1 min; "sweep" = the
+#   statistic ops at synthesis' bf16 channels_last shape and ResNet-50 b256 synthesis, once per CUDA
+#   tile size in SWEEP_WORK (default "4 8 16 32"; DSG_EXT_CUDA_WORK, ~25 s each): pick the default).
 # The device machine has no hypothesis/expecttest (the tests import them); carry them as wheels:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 -d .whl hypothesis sortedcontainers attrs expecttest safetensors tqdm
@@ -25,6 +27,22 @@ for part in ${PARTS:-errors checks timings}; do
   if [ "$part" = errors ]; then  # does a C++ check error raise, or kill the process? (+ toolchain facts)
     timeout 200 python3 bench/gpu_errors.py --diagnose >"$OUT/errors.log" 2>&1
     echo "errors rc $? after $(( $(date +%s) - start )) s"; grep -E "rc |mapped|ldd|built by|\+\+ " "$OUT/errors.log"
+    continue
+  fi
+  if [ "$part" = sweep ]; then
+    for w in ${SWEEP_WORK:-4 8 16 32}; do
+      DSG_EXT_CUDA_WORK=$w timeout 120 python3 bench/gpu_bench.py --only sweep --out "$OUT/sweep_$w.json" \
+        >"$OUT/sweep_$w.log" 2>&1
+      echo "sweep work=$w rc $? after $(( $(date +%s) - start )) s"
+    done
+    python3 - "$OUT" <<'PY'
+import glob, json, sys
+print(f"{'work':>5s} {'workload':30s} {'impl':30s} {'ms':>8s} {'x floor':>8s}")
+for path in sorted(glob.glob(sys.argv[1] + "/sweep_*.json"), key=lambda p: int(p.rsplit("_", 1)[1][:-5])):
+    for r in json.load(open(path))["timings"]:
+        print(f"{path.rsplit('_', 1)[1][:-5]:>5s} {r['workload'][:30]:30s} {r['impl'][:30]:30s} {r['median_ms']:8.3f}"
+              f" {r['ratio_to_floor']:8.2f}")
+PY
     continue
   fi
   timeout ${BENCH_TIMEOUT:-240} python3 bench/gpu_bench.py --only $part --out "$OUT/gpu_$part.json" ${BENCH_ARGS:-} \

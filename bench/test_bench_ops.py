@@ -13,7 +13,7 @@ from dsg_ext import benchmarks
 WORKLOADS = {
     wl.name: wl
     for wl in benchmarks.make_workloads("cpu", "cpu", compile_plain=True) + benchmarks.synthesis_workloads("cpu", "cpu")
-    + benchmarks.adaround_layer_workloads("cpu", "cpu")
+    + benchmarks.adaround_layer_workloads("cpu", "cpu") + benchmarks.layer_workloads("cpu", "cpu")
 }
 CASES = [(name, impl) for name, wl in WORKLOADS.items() for impl in wl.impls]
 

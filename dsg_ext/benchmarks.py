@@ -174,6 +174,47 @@ def make_workloads(device: str = "cpu", size: str = "cpu", compile_plain: bool =
     )
     return workloads
 
+def layer_workloads(device: str = "cpu", size: str = "cpu") -> List[Workload]:
+    """The statistic ops at the shape and dtype synthesis feeds them on a GPU: a ResNet-50 stage-1 BN
+    input (256 x 256 x 56 x 56) in bf16 channels_last, as under ``--bf16 --channels-last``. The slack
+    loss (forward + backward), and the fused eval-BN op (y, loss; backward dx = dy * scale + loss
+    gradient) next to torch's eval-mode batch_norm alone (the network-alone cost it replaces).
+    ``bench/gpu_check.sh``'s sweep times these for several CUDA tile sizes (DSG_EXT_CUDA_WORK)."""
+    n, c, h, w = {"gpu": (256, 256, 56, 56), "cpu": (8, 256, 28, 28), "tiny": (2, 8, 9, 9)}[size]
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(n, c, h, w, generator=gen) * 1.5 + 0.3).to(device, dtype)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    dy = torch.randn(n, c, h, w, generator=gen).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    mean, std = (torch.randn(c, generator=gen) * 0.2).to(device), (torch.rand(c, generator=gen) + 0.5).to(device)
+    delta = gamma = torch.full((c,), 0.02, device=device)
+    running_var = std * std - 1e-5
+    weight, bias = (torch.rand(c, generator=gen) + 0.5).to(device), torch.randn(c, generator=gen).to(device)
+    scale = weight / std
+    shift = bias - mean * scale
+    elem = x.element_size()
+
+    def slack():
+        loss = ops.bn_stat_slack_loss(x, mean, std, delta, gamma, eps=1e-5, unbiased=True).sum()
+        return torch.autograd.grad(loss, x)
+
+    def fused():
+        y, loss, _, _ = ops.bn_eval_slack(x, scale, shift, mean, std, delta, gamma, eps=1e-5, unbiased=True)
+        return torch.autograd.grad((y, loss.sum()), x, (dy, None))
+
+    def bn_alone():
+        y = nn.functional.batch_norm(x, mean, running_var, weight, bias, training=False, eps=1e-5)
+        return torch.autograd.grad(y, x, dy)
+
+    shape = f"x {n}x{c}x{h}x{w} {str(dtype).replace('torch.', '')} CL"
+    return [
+        Workload("layer_slack_loss_fwd_bwd", shape, 3 * x.numel() * elem, {"dsg_ext": slack}),
+        # floor: read x, write y; read x and dy, write dx
+        Workload("layer_bn_eval_slack_fwd_bwd", shape, 5 * x.numel() * elem,
+                 {"dsg_ext": fused, "torch_batch_norm_alone": bn_alone}),
+    ]
+
+
 def time_cpu(fn: Callable[[], object], min_run_time: float = 0.5) -> float:
     """Median seconds per call on the CPU (torch.utils.benchmark, after warm-up)."""
     from torch.utils import benchmark
@@ -212,12 +253,13 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
     return 2 * n * 4 / t
 
 def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "resnet18",
-                        batch: Optional[int] = None, variants: bool = False) -> List[Workload]:
+                        batch: Optional[int] = None, variants: bool = False,
+                        only: Optional[List[str]] = None) -> List[Workload]:
     """One full synthesis iteration (forward with BN taps + statistic loss + backward + Adam step) on a
     torchvision network: ours (``SynthesisLoop``, the code ``dsg generate`` runs) against the peers'
     plain loop (forward pre-hooks computing the loss with torch.mean/torch.var), and the network
     alone (trivial loss). With ``variants`` (GPU): each also under channels_last + bf16 autocast, and
-    ours replayed from a CUDA graph.
+    ours replayed from a CUDA graph. ``only`` keeps the named variants.
 
     Skipped (empty list) when torchvision is not installed."""
     try:
@@ -327,6 +369,8 @@ def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "res
             "plain_bf16_cl": make("plain", fast=True),
             "network_alone_bf16_cl": make("network", fast=True),
         })
+    if only is not None:
+        impls = {k: v for k, v in impls.items() if k in only}
     return [Workload(f"synthesis_iteration_{arch}", f"batch {batch}, {image}x{image}", 0, impls)]
 
 

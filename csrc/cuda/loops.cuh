@@ -14,6 +14,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "../common.h"
 
@@ -21,10 +22,23 @@ namespace dsg_ext {
 namespace cuda {
 
 constexpr int kRowThreads = 256;
-constexpr int64_t kRowChunk = 4096;  // elements of a run per block (row mode)
 constexpr int kColX = 32, kColY = 8;
-constexpr int64_t kColRows = 64;  // rows per block (column mode)
 constexpr int64_t kMaxGridY = 65535;
+
+// Elements each thread walks per block: a block covers kRowThreads * work elements of a run (row
+// mode) or kColY * work rows of 32 channels (column mode). Default 16 (row) and 8 (column), the
+// settings measured in bench/RESULTS.md. DSG_EXT_CUDA_WORK=N sets both, read once per process: a
+// tuning knob for bench/gpu_check.sh's sweep, not a user setting.
+inline int64_t work_override() {
+  static const int64_t value = [] {
+    const char* env = std::getenv("DSG_EXT_CUDA_WORK");
+    const long v = env != nullptr ? std::strtol(env, nullptr, 10) : 0;
+    return static_cast<int64_t>(v >= 1 && v <= 1024 ? v : 0);
+  }();
+  return value;
+}
+inline int64_t row_chunk() { return kRowThreads * (work_override() > 0 ? work_override() : 16); }
+inline int64_t col_rows() { return kColY * (work_override() > 0 ? work_override() : 8); }
 
 // Column mode is for B == 1 with several channels; everything else (B == 0 included) walks runs.
 inline bool row_mode(const Layout& L) { return L.B != 1 || L.C == 1; }
@@ -64,10 +78,11 @@ struct RowGrid {
   int64_t nchunks;  // blocks per run
 };
 
-// Runs are cut into equal chunks of about kRowChunk elements (12544 -> 4 x 3136, not 3 x 4096 + 256).
+// Runs are cut into equal chunks of about row_chunk() elements (12544 -> 4 x 3136, not 3 x 4096 + 256).
 inline RowGrid row_grid(const Layout& L) {
   if (L.B == 0) return {1, 0};
-  const int64_t nchunks = std::min<int64_t>(kMaxGridY, (L.B + kRowChunk - 1) / kRowChunk);
+  const int64_t chunk = row_chunk();
+  const int64_t nchunks = std::min<int64_t>(kMaxGridY, (L.B + chunk - 1) / chunk);
   return {(L.B + nchunks - 1) / nchunks, nchunks};
 }
 
@@ -78,7 +93,7 @@ struct ColGrid {
 };
 
 inline ColGrid col_grid(const Layout& L) {
-  const int64_t rows = std::max<int64_t>(kColRows, (L.R + kMaxGridY - 1) / kMaxGridY);
+  const int64_t rows = std::max<int64_t>(col_rows(), (L.R + kMaxGridY - 1) / kMaxGridY);
   return {rows, (L.R + rows - 1) / rows, (L.C + kColX - 1) / kColX};
 }
 
