@@ -6,7 +6,8 @@
 #   TESTS="-k cuda_graph" limits the tests; TESTS=none skips them; PARTS="checks" runs only the checks
 #   (default "errors checks timings"; "errors" = bench/gpu_errors.py --diagnose, ~1 min; "sweep" = the
 #   statistic ops at synthesis' bf16 channels_last shape and ResNet-50 b256 synthesis, once per CUDA
-#   tile size in SWEEP_WORK (default "4 8 16 32"; DSG_EXT_CUDA_WORK, ~25 s each): pick the default).
+#   tile size in SWEEP_WORK (default "novec 4 8 16 32"; DSG_EXT_CUDA_WORK, ~25 s each; novec = the
+#   channels_last vector path off, DSG_EXT_CUDA_VEC=0): pick the defaults).
 # The device machine has no hypothesis/expecttest (the tests import them); carry them as wheels:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 -d .whl hypothesis sortedcontainers attrs expecttest safetensors tqdm
@@ -30,15 +31,17 @@ for part in ${PARTS:-errors checks timings}; do
     continue
   fi
   if [ "$part" = sweep ]; then
-    for w in ${SWEEP_WORK:-4 8 16 32}; do
-      DSG_EXT_CUDA_WORK=$w timeout 120 python3 bench/gpu_bench.py --only sweep --out "$OUT/sweep_$w.json" \
+    for w in ${SWEEP_WORK:-novec 4 8 16 32}; do  # novec: default tile sizes, vectorised channels_last path off
+      if [ "$w" = novec ]; then env_set="DSG_EXT_CUDA_VEC=0"; else env_set="DSG_EXT_CUDA_WORK=$w"; fi
+      env $env_set timeout 120 python3 bench/gpu_bench.py --only sweep --out "$OUT/sweep_$w.json" \
         >"$OUT/sweep_$w.log" 2>&1
-      echo "sweep work=$w rc $? after $(( $(date +%s) - start )) s"
+      echo "sweep $env_set rc $? after $(( $(date +%s) - start )) s"
     done
     python3 - "$OUT" <<'PY'
 import glob, json, sys
 print(f"{'work':>5s} {'workload':30s} {'impl':30s} {'ms':>8s} {'x floor':>8s}")
-for path in sorted(glob.glob(sys.argv[1] + "/sweep_*.json"), key=lambda p: int(p.rsplit("_", 1)[1][:-5])):
+key = lambda p: (lambda w: -1 if w == "novec" else int(w))(p.rsplit("_", 1)[1][:-5])
+for path in sorted(glob.glob(sys.argv[1] + "/sweep_*.json"), key=key):
     for r in json.load(open(path))["timings"]:
         print(f"{path.rsplit('_', 1)[1][:-5]:>5s} {r['workload'][:30]:30s} {r['impl'][:30]:30s} {r['median_ms']:8.3f}"
               f" {r['ratio_to_floor']:8.2f}")

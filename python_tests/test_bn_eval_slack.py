@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import dsg_ext
 from conftest import LOW_PRECISION, cpu64, to_dev
 from reference import slack_loss_ref
-from test_slack_loss import _gradcheck_setup, make_targets, make_x
+from test_slack_loss import _gradcheck_setup, make_targets, make_x, offset_channels_last
 
 F64 = torch.float64
 
@@ -43,8 +43,8 @@ def ours(x, scale, shift, mean, std, delta, gamma, grad_y, grad_loss, unbiased):
     return y, loss, gx
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 3, 4, 5), (3, 1, 4, 5), (3, 7, 5, 3), (2, 67, 3, 3), (5, 6, 13)],
-                         ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (1, 3, 4, 5), (3, 1, 4, 5), (3, 7, 5, 3), (2, 67, 3, 3), (5, 6, 13),
+                                   (3, 16, 5, 3)], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("unbiased", [False, True])
 def test_matches_reference_fp64(device, shape, channels_last, unbiased):
@@ -94,6 +94,28 @@ def test_low_precision_matches_the_unfused_ops(device, dtype, channels_last):
     torch.testing.assert_close(loss, loss2, rtol=1e-5, atol=1e-6)
     # one rounding in ours vs two (grad_y * scale, then + loss grad) in the unfused sum
     torch.testing.assert_close(gx.float(), gx2.float(), rtol=2 * tol, atol=2 * tol * gx2.float().abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_channels_last_view_at_an_offset(device, dtype):
+    """channels_last input not on a 16-byte boundary (the CUDA vector path's condition) gives what the
+    aligned copy gives."""
+    x = (make_x((3, 16, 5, 7)) + 1.0).to(dtype).contiguous(memory_format=torch.channels_last)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    _, scale, shift = bn_params(16, acc)
+    mean, std = (t.to(acc) for t in make_targets(x.double()))
+    g = torch.Generator().manual_seed(2)
+    grad_y = torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)
+    grad_loss = torch.randn(3, generator=g, dtype=torch.float64).to(acc)
+    x, scale, shift, mean, std, grad_y, grad_loss = to_dev(device, x, scale, shift, mean, std, grad_y, grad_loss)
+    aligned = ours(x, scale, shift, mean, std, 0.05, 0.02, grad_y, grad_loss, True)
+    leaf = x.detach().clone().requires_grad_(True)
+    y, loss, _, _ = dsg_ext.bn_eval_slack(offset_channels_last(leaf), scale, shift, mean, std, 0.05, 0.02,
+                                          unbiased=True)
+    (gx,) = torch.autograd.grad([y, loss], [leaf], [grad_y, grad_loss])
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    for u, v in zip(aligned, (y, loss, gx)):
+        torch.testing.assert_close(cpu64(v), cpu64(u), rtol=tol, atol=tol * cpu64(u).abs().max().item())
 
 
 @pytest.mark.parametrize("unbiased", [False, True])

@@ -4,6 +4,9 @@
 //            then finalize_kernel sums each group's partials in double and calls fin(g, total).
 // Row mode (B > 1 or C == 1): a block walks a contiguous run of B elements of one (a, r, c).
 // Column mode (B == 1): 32 x 8 blocks, threadIdx.x over 32 channels (coalesced), threadIdx.y over rows.
+// Column mode, vectorised: an op that declares kVec (elements per 16-byte access) and vec_aligned()
+// has each thread walk kVec adjacent channels with one 16-byte load/store per tensor and row, where C
+// is a multiple of kVec and its pointers are 16-byte aligned (DSG_EXT_CUDA_VEC=0 turns this off).
 // Partials are written, not atomically added, so every result is deterministic. All work runs on
 // the current stream and nothing waits for the device.
 #pragma once
@@ -14,7 +17,10 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
+#include <string>
+#include <type_traits>
 
 #include "../common.h"
 
@@ -26,9 +32,11 @@ constexpr int kColX = 32, kColY = 8;
 constexpr int64_t kMaxGridY = 65535;
 
 // Elements each thread walks per block: a block covers kRowThreads * work elements of a run (row
-// mode) or kColY * work rows of 32 channels (column mode). Default 16 (row) and 8 (column), the
-// settings measured in bench/RESULTS.md. DSG_EXT_CUDA_WORK=N sets both, read once per process: a
-// tuning knob for bench/gpu_check.sh's sweep, not a user setting.
+// mode), kColY * work rows of 32 channels (column mode) or 256 / tx * work rows of tx * kVec channels
+// (vectorised column mode: work 16-byte accesses per thread and tensor). Defaults 16 (row) and 8
+// (column: the settings measured in bench/RESULTS.md; vectorised: not yet measured).
+// DSG_EXT_CUDA_WORK=N sets all three, read once per process: a tuning knob for bench/gpu_check.sh's
+// sweep, not a user setting.
 inline int64_t work_override() {
   static const int64_t value = [] {
     const char* env = std::getenv("DSG_EXT_CUDA_WORK");
@@ -95,6 +103,111 @@ struct ColGrid {
 inline ColGrid col_grid(const Layout& L) {
   const int64_t rows = std::max<int64_t>(col_rows(), (L.R + kMaxGridY - 1) / kMaxGridY);
   return {rows, (L.R + rows - 1) / rows, (L.C + kColX - 1) / kColX};
+}
+
+// ---- vectorised column mode ----------------------------------------------------------------
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+template <int V, typename T>
+__device__ __forceinline__ Vec<T, V> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, V>*>(p);
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
+  *reinterpret_cast<Vec<T, V>*>(p) = v;
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+// kVec of an op, 0 when it has none.
+template <typename Op, typename = void>
+struct VecWidth : std::integral_constant<int, 0> {};
+template <typename Op>
+struct VecWidth<Op, std::void_t<decltype(Op::kVec)>> : std::integral_constant<int, Op::kVec> {};
+
+inline bool vec_enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("DSG_EXT_CUDA_VEC");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  return on;
+}
+
+template <typename Op>
+bool use_vec(const Layout& L, const Op& op) {
+  constexpr int V = VecWidth<Op>::value;
+  if constexpr (V > 1) {
+    return vec_enabled() && !row_mode(L) && L.C % V == 0 && op.vec_aligned();
+  } else {
+    return false;
+  }
+}
+
+struct VecGrid {
+  int tx, ty;       // block: tx vector slots (V channels each) x ty rows
+  int64_t rows;     // rows per block
+  int64_t nchunks;  // blocks along R
+  int64_t ctiles;   // blocks across the C / V slots
+};
+
+inline VecGrid vec_grid(const Layout& L, int V) {
+  const int64_t slots = L.C / V;
+  VecGrid g;
+  g.tx = static_cast<int>(std::min<int64_t>(32, slots));
+  g.ty = kRowThreads / g.tx;
+  const int64_t per_thread = work_override() > 0 ? work_override() : 8;  // rows (16-byte accesses) per thread
+  g.rows = std::max<int64_t>(g.ty * per_thread, (L.R + kMaxGridY - 1) / kMaxGridY);
+  g.nchunks = (L.R + g.rows - 1) / g.rows;
+  g.ctiles = (slots + g.tx - 1) / g.tx;
+  return g;
+}
+
+template <int V, typename Op>
+__global__ void col_apply_vec_kernel(Op op, Layout L, int64_t rows, int64_t ctiles) {
+  const int64_t a = blockIdx.x / ctiles;
+  const int64_t slot = (blockIdx.x % ctiles) * blockDim.x + threadIdx.x;
+  if (slot * V >= L.C) return;
+  const int64_t c0 = slot * V;
+  decltype(op.group(0, 0)) ctx[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) ctx[v] = op.group(a, c0 + v);
+  const int64_t r1 = min(L.R, (static_cast<int64_t>(blockIdx.y) + 1) * rows);
+  for (int64_t r = blockIdx.y * rows + threadIdx.y; r < r1; r += blockDim.y) op.apply_vec((a * L.R + r) * L.C + c0, ctx);
+}
+
+// Dynamic shared memory: blockDim.x * blockDim.y * V pairs.
+template <int V, typename acc_t, typename Op>
+__global__ void col_reduce_vec_kernel(Op op, Layout L, int64_t rows, int64_t ctiles, Pair<acc_t>* partials) {
+  extern __shared__ unsigned char smem_raw[];
+  Pair<acc_t>* smem = reinterpret_cast<Pair<acc_t>*>(smem_raw);
+  const int64_t a = blockIdx.x / ctiles;
+  const int64_t slot = (blockIdx.x % ctiles) * blockDim.x + threadIdx.x;
+  const int64_t c0 = slot * V;
+  const bool active = c0 < L.C;
+  Pair<acc_t> acc[V];
+  if (active) {
+    decltype(op.group(0, 0)) ctx[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) ctx[v] = op.group(a, c0 + v);
+    const int64_t r1 = min(L.R, (static_cast<int64_t>(blockIdx.y) + 1) * rows);
+    for (int64_t r = blockIdx.y * rows + threadIdx.y; r < r1; r += blockDim.y) op.reduce_vec((a * L.R + r) * L.C + c0, ctx, acc);
+  }
+#pragma unroll
+  for (int v = 0; v < V; ++v) smem[(threadIdx.y * blockDim.x + threadIdx.x) * V + v] = acc[v];
+  __syncthreads();
+  if (threadIdx.y == 0 && active) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      Pair<acc_t> total;
+      for (int y = 0; y < static_cast<int>(blockDim.y); ++y) total += smem[(y * blockDim.x + threadIdx.x) * V + v];
+      partials[(a * L.C + c0 + v) * gridDim.y + blockIdx.y] = total;
+    }
+  }
 }
 
 template <typename Op>
@@ -167,7 +280,14 @@ template <typename Op>
 void apply(const Layout& L, const Op& op) {
   if (L.numel() == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (row_mode(L)) {
+  constexpr int V = VecWidth<Op>::value;
+  if (use_vec(L, op)) {
+    if constexpr (V > 1) {
+      const VecGrid g = vec_grid(L, V);
+      const dim3 grid(static_cast<unsigned>(L.A * g.ctiles), static_cast<unsigned>(g.nchunks));
+      col_apply_vec_kernel<V><<<grid, dim3(g.tx, g.ty), 0, stream>>>(op, L, g.rows, g.ctiles);
+    }
+  } else if (row_mode(L)) {
     const RowGrid g = row_grid(L);
     const dim3 grid(static_cast<unsigned>(L.A * L.R * L.C), static_cast<unsigned>(g.nchunks));
     const int threads = static_cast<int>(std::min<int64_t>(kRowThreads, ((L.B + 31) / 32) * 32));
@@ -188,12 +308,29 @@ void reduce(const Layout& L, const Op& op, const Fin& fin, const at::Tensor& lik
   if (G == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto acc_dtype = std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat;
+  auto make_partials = [&](int64_t per_group) {
+    return at::empty({std::max<int64_t>(G * per_group, 1) * 2}, like.options().dtype(acc_dtype));
+  };
   int64_t per_group = 0;
   at::Tensor partials;
-  if (row_mode(L)) {
+  constexpr int V = VecWidth<Op>::value;
+  if (use_vec(L, op)) {
+    if constexpr (V > 1) {
+      const VecGrid g = vec_grid(L, V);
+      per_group = L.numel() > 0 ? g.nchunks : 0;
+      partials = make_partials(per_group);
+      if (L.numel() > 0) {
+        const dim3 grid(static_cast<unsigned>(L.A * g.ctiles), static_cast<unsigned>(g.nchunks));
+        const size_t smem = static_cast<size_t>(g.tx) * g.ty * V * sizeof(Pair<acc_t>);
+        col_reduce_vec_kernel<V, acc_t><<<grid, dim3(g.tx, g.ty), smem, stream>>>(
+            op, L, g.rows, g.ctiles, reinterpret_cast<Pair<acc_t>*>(partials.data_ptr()));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
+  } else if (row_mode(L)) {
     const RowGrid g = row_grid(L);
     per_group = L.R * g.nchunks;
-    partials = at::empty({std::max<int64_t>(G * per_group, 1) * 2}, like.options().dtype(acc_dtype));
+    partials = make_partials(per_group);
     if (L.numel() > 0) {
       const dim3 grid(static_cast<unsigned>(L.A * L.R * L.C), static_cast<unsigned>(g.nchunks));
       const int threads = static_cast<int>(std::min<int64_t>(kRowThreads, ((L.B + 31) / 32) * 32));
@@ -204,7 +341,7 @@ void reduce(const Layout& L, const Op& op, const Fin& fin, const at::Tensor& lik
   } else {
     const ColGrid g = col_grid(L);
     per_group = L.numel() > 0 ? g.nchunks : 0;
-    partials = at::empty({std::max<int64_t>(G * per_group, 1) * 2}, like.options().dtype(acc_dtype));
+    partials = make_partials(per_group);
     if (L.numel() > 0) {
       const dim3 grid(static_cast<unsigned>(L.A * g.ctiles), static_cast<unsigned>(g.nchunks));
       col_reduce_kernel<acc_t><<<grid, dim3(kColX, kColY), 0, stream>>>(

@@ -24,6 +24,16 @@ struct ShiftedSums {
     const acc_t v = static_cast<acc_t>(x[i]) - shift;
     return Pair<acc_t>(v, v * v);
   }
+  static constexpr int kVec = 16 / sizeof(scalar_t);  // channels_last: kVec channels per 16-byte load
+  bool vec_aligned() const { return cuda::aligned16(x); }
+  __device__ void reduce_vec(int64_t i, const acc_t* shift, Pair<acc_t>* acc) const {
+    const auto xv = cuda::load_vec<kVec>(x + i);
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      const acc_t d = static_cast<acc_t>(xv.v[v]) - shift[v];
+      acc[v] += Pair<acc_t>(d, d * d);
+    }
+  }
 };
 
 template <typename scalar_t, typename acc_t>
@@ -92,6 +102,26 @@ struct SlackGrad {
     if (dy != nullptr) v += static_cast<acc_t>(dy[i]) * k.scale;
     grad[i] = static_cast<scalar_t>(v);
   }
+  static constexpr int kVec = 16 / sizeof(scalar_t);
+  bool vec_aligned() const { return cuda::aligned16(x) && cuda::aligned16(grad) && (dy == nullptr || cuda::aligned16(dy)); }
+  __device__ void apply_vec(int64_t i, const Coef* k) const {
+    const auto xv = cuda::load_vec<kVec>(x + i);
+    cuda::Vec<scalar_t, kVec> out;
+    if (dy != nullptr) {
+      const auto dv = cuda::load_vec<kVec>(dy + i);
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) {
+        out.v[v] = static_cast<scalar_t>(k[v].alpha + k[v].beta * (static_cast<acc_t>(xv.v[v]) - k[v].mean) +
+                                         static_cast<acc_t>(dv.v[v]) * k[v].scale);
+      }
+    } else {
+#pragma unroll
+      for (int v = 0; v < kVec; ++v) {
+        out.v[v] = static_cast<scalar_t>(k[v].alpha + k[v].beta * (static_cast<acc_t>(xv.v[v]) - k[v].mean));
+      }
+    }
+    cuda::store_vec(grad + i, out);
+  }
 };
 
 // The fused BN op's forward: the shifted sums of ShiftedSums and, in the same read of x,
@@ -114,6 +144,20 @@ struct ShiftedSumsAffine {
     y[i] = static_cast<scalar_t>(xv * k.scale + k.bias);
     const acc_t v = xv - k.shift;
     return Pair<acc_t>(v, v * v);
+  }
+  static constexpr int kVec = 16 / sizeof(scalar_t);
+  bool vec_aligned() const { return cuda::aligned16(x) && cuda::aligned16(y); }
+  __device__ void reduce_vec(int64_t i, const Ctx* k, Pair<acc_t>* acc) const {
+    const auto xv = cuda::load_vec<kVec>(x + i);
+    cuda::Vec<scalar_t, kVec> yv;
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      const acc_t xe = static_cast<acc_t>(xv.v[v]);
+      yv.v[v] = static_cast<scalar_t>(xe * k[v].scale + k[v].bias);
+      const acc_t d = xe - k[v].shift;
+      acc[v] += Pair<acc_t>(d, d * d);
+    }
+    cuda::store_vec(y + i, yv);
   }
 };
 
