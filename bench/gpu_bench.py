@@ -139,7 +139,7 @@ def correctness():
         bn_fused_case((8, 32, 28, 28), dtype, True, offset=True)
         bn_fused_case((16, 256, 56, 56), dtype, True)  # ResNet-50 stage 1, as synthesis feeds it
 
-    def fq_case(shape, axis, dtype, channels_last, learnable):
+    def fq_case(shape, axis, dtype, channels_last, learnable, offset=False):
         def make():
             x = torch.randn(*shape, generator=g) * 3
             if channels_last:
@@ -152,12 +152,15 @@ def correctness():
             return [x, s, z, torch.randn(*shape, generator=g).to(dtype)]
 
         def fn(x, s, z, dy):
-            y = ops.fake_quant(x, s, z, 0, 15, axis)
+            # offset: a dense view starting one element into its storage (not 16-byte aligned)
+            xin = torch.cat([x.new_zeros(1), x.reshape(-1)])[1:].view(x.shape) if offset else x
+            y = ops.fake_quant(xin, s, z, 0, 15, axis)
             grads = torch.autograd.grad(y, [x, s, z] if learnable else [x], dy)
             return [y, *grads]
 
         tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
-        name = f"fake_quant {tuple(shape)} axis={axis} {dtype} {'NHWC' if channels_last else ''} {'learnable' if learnable else 'STE'}"
+        name = (f"fake_quant {tuple(shape)} axis={axis} {dtype} {'NHWC' if channels_last else ''}"
+                f"{' +1 offset' if offset else ''} {'learnable' if learnable else 'STE'}")
         check(name, fn, make, tol if not learnable else 1e-2)
 
     for shape, axis, cl in [((8, 16, 13, 11), 1, False), ((8, 16, 13, 11), 1, True), ((8, 16, 13, 11), 0, False),
@@ -167,6 +170,13 @@ def correctness():
             fq_case(shape, axis, torch.float32, cl, learnable)
     fq_case((8, 16, 13, 11), 1, torch.float16, False, False)
     fq_case((8, 16, 13, 11), 1, torch.bfloat16, True, False)
+    # the 16-byte vector paths: runs (per tensor, per channel NCHW), channels (NHWC, C = 16), and an
+    # unaligned view that must take the scalar path
+    for learnable in (False, True):
+        fq_case((8, 16, 13, 11), None, torch.bfloat16, False, learnable)
+        fq_case((8, 16, 14, 14), 1, torch.bfloat16, True, learnable)
+        fq_case((1001,), None, torch.float32, False, learnable, offset=True)
+        fq_case((8, 16, 13, 11), 1, torch.float32, False, learnable, offset=True)
 
     def ada_case(shape, axis, hard, dtype):
         def make():

@@ -58,6 +58,8 @@ struct QParams {
   acc_t qmin, qmax;
   bool valid;  // scale a finite normal float > 0 (so 1/scale is finite), zero point in range; else NaN
 
+  QParams() = default;  // (arrays of contexts in the CUDA vector loops)
+
   // Integer zero points must lie in [qmin, qmax]; floating (learnable) ones are rounded half to
   // even and clamped into the range, as torch._fake_quantize_learnable_* does.
   DSG_HD QParams(float scale_f, float zero_point_f, bool zero_point_is_float, int64_t quant_min,

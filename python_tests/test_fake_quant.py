@@ -301,6 +301,35 @@ def test_non_contiguous(device, axis, make):
     torch.testing.assert_close(cpu64(dz), rdz, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("axis", [None, 1])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_view_at_an_offset(device, axis, channels_last):
+    """Dense data that does not start on a 16-byte boundary (CUDA's vector paths need one and must fall
+    back to scalar access): the same values and gradients as torch and the reference."""
+    shape = (3, 16, 7, 8)
+    c = None if axis is None else shape[axis]
+    scale = torch.tensor(0.05) if c is None else make_scale(c)
+    zp = torch.tensor(2.0) if c is None else make_zero_point("float", -128, 127, c)
+    x = make_x(shape, scale, -128, 127, axis=axis if axis is not None else 0)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(shape)
+    leaf, s, z = (t.detach().clone().to(device).requires_grad_(True) for t in (x, scale, zp))
+    order = (0, 2, 3, 1) if channels_last else (0, 1, 2, 3)
+    flat = leaf.permute(*order).reshape(-1)
+    view = torch.cat([flat.new_zeros(1), flat])[1:].view([shape[d] for d in order])
+    view = view.permute(0, 3, 1, 2) if channels_last else view
+    assert view.storage_offset() == 1 and view.is_contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    out = dsg_ext.fake_quant(view, s, z, -128, 127, axis, grad_factor=0.9)
+    dx, ds, dz = torch.autograd.grad(out, [leaf, s, z], g.to(device))
+    assert torch.equal(out.detach().cpu(), torch_fq(x, scale, zp, -128, 127, axis))
+    rdx, rds, rdz = fake_quant_grads_ref(x, g, scale, zp, -128, 127, axis, 0.9)
+    torch.testing.assert_close(cpu64(dx), rdx, rtol=0, atol=0)
+    torch.testing.assert_close(cpu64(ds), rds, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cpu64(dz), rdz, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("axis", [None, 1])
 @pytest.mark.parametrize("qrange", [(0, 255), (-8, 7)], ids=str)

@@ -1,5 +1,6 @@
 // Fake quantization on CUDA: one elementwise pass forward; one pass backward that also reduces the
 // learnable scale / zero-point gradients per channel (fixed-order partials, no atomics, no syncs).
+// 16-byte loads and stores where the data allows (loops.cuh's vector paths).
 // Invalid parameters (scale <= 0 or non-finite, integer zero point outside the range) give NaN:
 // checking them on the host would need a device sync.
 #include <ATen/ATen.h>
@@ -33,6 +34,18 @@ struct Forward {
   __device__ void operator()(int64_t i, const QParams<acc_t>& p) const {
     y[i] = static_cast<scalar_t>(p.valid ? fq_forward<acc_t>(static_cast<acc_t>(x[i]), p) : static_cast<acc_t>(NAN));
   }
+  static constexpr int kVec = 16 / sizeof(scalar_t);  // 16-byte loads and stores (see loops.cuh)
+  bool vec_aligned() const { return cuda::aligned16(x) && cuda::aligned16(y); }
+  __device__ void apply_vec(int64_t i, const QParams<acc_t>* p) const {
+    const auto xv = cuda::load_vec<kVec>(x + i);
+    cuda::Vec<scalar_t, kVec> out;
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      out.v[v] = static_cast<scalar_t>(p[v].valid ? fq_forward<acc_t>(static_cast<acc_t>(xv.v[v]), p[v])
+                                                  : static_cast<acc_t>(NAN));
+    }
+    cuda::store_vec(y + i, out);
+  }
 };
 
 template <typename scalar_t, typename acc_t>
@@ -48,6 +61,21 @@ struct Backward {
     dx[i] = static_cast<scalar_t>(g.dx);
     return Pair<acc_t>(g.dscale, g.dzero_point);
   }
+  static constexpr int kVec = 16 / sizeof(scalar_t);
+  bool vec_aligned() const { return cuda::aligned16(x) && cuda::aligned16(dy) && cuda::aligned16(dx); }
+  __device__ void reduce_vec(int64_t i, const QParams<acc_t>* p, Pair<acc_t>* acc) const {
+    const auto xv = cuda::load_vec<kVec>(x + i);
+    const auto dv = cuda::load_vec<kVec>(dy + i);
+    cuda::Vec<scalar_t, kVec> out;
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      FqGrad<acc_t> g = fq_backward<acc_t>(static_cast<acc_t>(xv.v[v]), static_cast<acc_t>(dv.v[v]), p[v]);
+      if (!p[v].valid) g.dx = g.dscale = g.dzero_point = static_cast<acc_t>(NAN);
+      out.v[v] = static_cast<scalar_t>(g.dx);
+      acc[v] += Pair<acc_t>(g.dscale, g.dzero_point);
+    }
+    cuda::store_vec(dx + i, out);
+  }
 };
 
 // STE only.
@@ -61,6 +89,20 @@ struct BackwardInputOnly {
   __device__ void operator()(int64_t i, const QParams<acc_t>& p) const {
     dx[i] = static_cast<scalar_t>(p.valid ? fq_ste_grad<acc_t>(static_cast<acc_t>(x[i]), static_cast<acc_t>(dy[i]), p)
                                           : static_cast<acc_t>(NAN));
+  }
+  static constexpr int kVec = 16 / sizeof(scalar_t);
+  bool vec_aligned() const { return cuda::aligned16(x) && cuda::aligned16(dy) && cuda::aligned16(dx); }
+  __device__ void apply_vec(int64_t i, const QParams<acc_t>* p) const {
+    const auto xv = cuda::load_vec<kVec>(x + i);
+    const auto dv = cuda::load_vec<kVec>(dy + i);
+    cuda::Vec<scalar_t, kVec> out;
+#pragma unroll
+    for (int v = 0; v < kVec; ++v) {
+      out.v[v] = static_cast<scalar_t>(
+          p[v].valid ? fq_ste_grad<acc_t>(static_cast<acc_t>(xv.v[v]), static_cast<acc_t>(dv.v[v]), p[v])
+                     : static_cast<acc_t>(NAN));
+    }
+    cuda::store_vec(dx + i, out);
   }
 };
 

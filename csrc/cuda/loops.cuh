@@ -4,9 +4,11 @@
 //            then finalize_kernel sums each group's partials in double and calls fin(g, total).
 // Row mode (B > 1 or C == 1): a block walks a contiguous run of B elements of one (a, r, c).
 // Column mode (B == 1): 32 x 8 blocks, threadIdx.x over 32 channels (coalesced), threadIdx.y over rows.
-// Column mode, vectorised: an op that declares kVec (elements per 16-byte access) and vec_aligned()
-// has each thread walk kVec adjacent channels with one 16-byte load/store per tensor and row, where C
-// is a multiple of kVec and its pointers are 16-byte aligned (DSG_EXT_CUDA_VEC=0 turns this off).
+// Vectorised: an op that declares kVec (elements per 16-byte access), vec_aligned() and apply_vec /
+// reduce_vec takes 16-byte loads and stores where its pointers are 16-byte aligned: in column mode
+// each thread walks kVec adjacent channels (C a multiple of kVec), in row mode kVec adjacent elements
+// of a run (runs of at least kVec; unaligned heads and tails one at a time). DSG_EXT_CUDA_VEC=0
+// turns this off.
 // Partials are written, not atomically added, so every result is deterministic. All work runs on
 // the current stream and nothing waits for the device.
 #pragma once
@@ -112,14 +114,24 @@ struct alignas(sizeof(T) * V) Vec {
   T v[V];
 };
 
+// Through the uint4 load/store intrinsics, so that each access is one 128-bit instruction
+// (ld.global.nc.v4 / st.global.wb.v4): a plain dereference lets the compiler split the store when the
+// element math around it is scalarised. Loads go through the read-only path: no kernel here reads a
+// tensor it writes.
 template <int V, typename T>
 __device__ __forceinline__ Vec<T, V> load_vec(const T* p) {
-  return *reinterpret_cast<const Vec<T, V>*>(p);
+  static_assert(sizeof(Vec<T, V>) == sizeof(uint4), "vector accesses are 16 bytes");
+  const uint4 bits = __ldg(reinterpret_cast<const uint4*>(p));
+  Vec<T, V> v;
+  memcpy(&v, &bits, sizeof(bits));
+  return v;
 }
 
 template <int V, typename T>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
-  *reinterpret_cast<Vec<T, V>*>(p) = v;
+  uint4 bits;
+  memcpy(&bits, &v, sizeof(bits));
+  __stwb(reinterpret_cast<uint4*>(p), bits);
 }
 
 inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
@@ -138,14 +150,33 @@ inline bool vec_enabled() {
   return on;
 }
 
+enum class VecMode { kNone, kColumns, kRuns };
+
+// Which vector path an op takes on layout L: along channels (column mode, C a multiple of kVec) or
+// along runs (row mode with runs of at least kVec elements: each chunk's unaligned head and tail
+// elements go one at a time, the rest in 16-byte accesses).
 template <typename Op>
-bool use_vec(const Layout& L, const Op& op) {
+VecMode vec_mode(const Layout& L, const Op& op) {
   constexpr int V = VecWidth<Op>::value;
   if constexpr (V > 1) {
-    return vec_enabled() && !row_mode(L) && L.C % V == 0 && op.vec_aligned();
+    if (!vec_enabled() || !op.vec_aligned()) return VecMode::kNone;
+    if (!row_mode(L)) return L.C % V == 0 ? VecMode::kColumns : VecMode::kNone;
+    return L.B >= V ? VecMode::kRuns : VecMode::kNone;
   } else {
-    return false;
+    return VecMode::kNone;
   }
+}
+
+// Row mode, vectorised: chunks of about kRowThreads * V * work elements per block.
+inline RowGrid row_grid_vec(const Layout& L, int V) {
+  if (L.B == 0) return {1, 0};
+  const int64_t target = kRowThreads * V * (work_override() > 0 ? work_override() : 4);
+  const int64_t nchunks = std::min<int64_t>(kMaxGridY, (L.B + target - 1) / target);
+  return {(L.B + nchunks - 1) / nchunks, nchunks};
+}
+
+inline int row_threads(int64_t per_block) {
+  return static_cast<int>(std::min<int64_t>(kRowThreads, ((per_block + 31) / 32) * 32));
 }
 
 struct VecGrid {
@@ -208,6 +239,49 @@ __global__ void col_reduce_vec_kernel(Op op, Layout L, int64_t rows, int64_t cti
       partials[(a * L.C + c0 + v) * gridDim.y + blockIdx.y] = total;
     }
   }
+}
+
+// One chunk [b0, b1) of run `run`: elements up to the first 16-byte boundary one at a time, then
+// vectors of V, then the tail. Every element of the run has the group's context, so the vector
+// methods get V copies of it.
+template <int V, typename Op>
+__global__ void row_apply_vec_kernel(Op op, Layout L, int64_t chunk) {
+  const int64_t run = blockIdx.x;
+  const int64_t c = run % L.C, a = run / (L.R * L.C);
+  decltype(op.group(0, 0)) ctx[V];
+  ctx[0] = op.group(a, c);
+#pragma unroll
+  for (int v = 1; v < V; ++v) ctx[v] = ctx[0];
+  const int64_t base = run * L.B;
+  const int64_t b0 = blockIdx.y * chunk, b1 = min(L.B, b0 + chunk);
+  const int64_t head_end = min(b1, b0 + (V - (base + b0) % V) % V);
+  const int64_t nvec = (b1 - head_end) / V;
+  for (int64_t b = b0 + threadIdx.x; b < head_end; b += blockDim.x) op(base + b, ctx[0]);
+  for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) op.apply_vec(base + head_end + k * V, ctx);
+  for (int64_t b = head_end + nvec * V + threadIdx.x; b < b1; b += blockDim.x) op(base + b, ctx[0]);
+}
+
+template <int V, typename acc_t, typename Op>
+__global__ void row_reduce_vec_kernel(Op op, Layout L, int64_t chunk, int64_t nchunks, Pair<acc_t>* partials) {
+  const int64_t run = blockIdx.x;
+  const int64_t c = run % L.C, a = run / (L.R * L.C), r = (run / L.C) % L.R;
+  decltype(op.group(0, 0)) ctx[V];
+  ctx[0] = op.group(a, c);
+#pragma unroll
+  for (int v = 1; v < V; ++v) ctx[v] = ctx[0];
+  const int64_t base = run * L.B;
+  const int64_t b0 = blockIdx.y * chunk, b1 = min(L.B, b0 + chunk);
+  const int64_t head_end = min(b1, b0 + (V - (base + b0) % V) % V);
+  const int64_t nvec = (b1 - head_end) / V;
+  Pair<acc_t> acc;
+  for (int64_t b = b0 + threadIdx.x; b < head_end; b += blockDim.x) acc += op(base + b, ctx[0]);
+  Pair<acc_t> accv[V];
+  for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) op.reduce_vec(base + head_end + k * V, ctx, accv);
+#pragma unroll
+  for (int v = 0; v < V; ++v) acc += accv[v];
+  for (int64_t b = head_end + nvec * V + threadIdx.x; b < b1; b += blockDim.x) acc += op(base + b, ctx[0]);
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) partials[((a * L.C + c) * L.R + r) * nchunks + blockIdx.y] = acc;
 }
 
 template <typename Op>
@@ -281,16 +355,23 @@ void apply(const Layout& L, const Op& op) {
   if (L.numel() == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   constexpr int V = VecWidth<Op>::value;
-  if (use_vec(L, op)) {
+  const VecMode vm = vec_mode(L, op);
+  if (vm != VecMode::kNone) {
     if constexpr (V > 1) {
-      const VecGrid g = vec_grid(L, V);
-      const dim3 grid(static_cast<unsigned>(L.A * g.ctiles), static_cast<unsigned>(g.nchunks));
-      col_apply_vec_kernel<V><<<grid, dim3(g.tx, g.ty), 0, stream>>>(op, L, g.rows, g.ctiles);
+      if (vm == VecMode::kColumns) {
+        const VecGrid g = vec_grid(L, V);
+        const dim3 grid(static_cast<unsigned>(L.A * g.ctiles), static_cast<unsigned>(g.nchunks));
+        col_apply_vec_kernel<V><<<grid, dim3(g.tx, g.ty), 0, stream>>>(op, L, g.rows, g.ctiles);
+      } else {
+        const RowGrid g = row_grid_vec(L, V);
+        const dim3 grid(static_cast<unsigned>(L.A * L.R * L.C), static_cast<unsigned>(g.nchunks));
+        row_apply_vec_kernel<V><<<grid, row_threads((g.chunk + V - 1) / V), 0, stream>>>(op, L, g.chunk);
+      }
     }
   } else if (row_mode(L)) {
     const RowGrid g = row_grid(L);
     const dim3 grid(static_cast<unsigned>(L.A * L.R * L.C), static_cast<unsigned>(g.nchunks));
-    const int threads = static_cast<int>(std::min<int64_t>(kRowThreads, ((L.B + 31) / 32) * 32));
+    const int threads = row_threads(L.B);
     row_apply_kernel<<<grid, threads, 0, stream>>>(op, L, g.chunk);
   } else {
     const ColGrid g = col_grid(L);
@@ -314,7 +395,20 @@ void reduce(const Layout& L, const Op& op, const Fin& fin, const at::Tensor& lik
   int64_t per_group = 0;
   at::Tensor partials;
   constexpr int V = VecWidth<Op>::value;
-  if (use_vec(L, op)) {
+  const VecMode vm = vec_mode(L, op);
+  if (vm == VecMode::kRuns) {
+    if constexpr (V > 1) {
+      const RowGrid g = row_grid_vec(L, V);
+      per_group = L.R * g.nchunks;
+      partials = make_partials(per_group);
+      if (L.numel() > 0) {
+        const dim3 grid(static_cast<unsigned>(L.A * L.R * L.C), static_cast<unsigned>(g.nchunks));
+        row_reduce_vec_kernel<V, acc_t><<<grid, row_threads((g.chunk + V - 1) / V), 0, stream>>>(
+            op, L, g.chunk, g.nchunks, reinterpret_cast<Pair<acc_t>*>(partials.data_ptr()));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
+  } else if (vm == VecMode::kColumns) {
     if constexpr (V > 1) {
       const VecGrid g = vec_grid(L, V);
       per_group = L.numel() > 0 ? g.nchunks : 0;
@@ -333,7 +427,7 @@ void reduce(const Layout& L, const Op& op, const Fin& fin, const at::Tensor& lik
     partials = make_partials(per_group);
     if (L.numel() > 0) {
       const dim3 grid(static_cast<unsigned>(L.A * L.R * L.C), static_cast<unsigned>(g.nchunks));
-      const int threads = static_cast<int>(std::min<int64_t>(kRowThreads, ((L.B + 31) / 32) * 32));
+      const int threads = row_threads(L.B);
       row_reduce_kernel<acc_t><<<grid, threads, 0, stream>>>(
           op, L, g.chunk, g.nchunks, reinterpret_cast<Pair<acc_t>*>(partials.data_ptr()));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
