@@ -269,7 +269,8 @@ def main():
     print(f"card: {card}, torch {torch.__version__}", flush=True)
     checks = correctness() if args.only in (None, "checks") else []
     if args.only == "sweep":
-        print(f"DSG_EXT_CUDA_WORK={os.environ.get('DSG_EXT_CUDA_WORK', 'default')}", flush=True)
+        print(f"DSG_EXT_CUDA_VEC={os.environ.get('DSG_EXT_CUDA_VEC', 'unset')} "
+              f"DSG_EXT_CUDA_WORK={os.environ.get('DSG_EXT_CUDA_WORK', 'default')}", flush=True)
         bw, rows = sweep()
     else:
         bw, rows = timings(not args.no_compile) if args.only != "checks" else (float("nan"), [])

@@ -7,7 +7,7 @@
 #   (default "errors checks timings"; "errors" = bench/gpu_errors.py --diagnose, ~1 min; "sweep" = the
 #   statistic ops at synthesis' bf16 channels_last shape and ResNet-50 b256 synthesis, once per CUDA
 #   tile size in SWEEP_WORK (default "novec 4 8 16 32"; DSG_EXT_CUDA_WORK, ~25 s each; novec = the
-#   channels_last vector path off, DSG_EXT_CUDA_VEC=0): pick the defaults).
+#   scalar kernels, DSG_EXT_CUDA_VEC=0): pick the defaults, and whether the vector kernels go on).
 # The device machine has no hypothesis/expecttest (the tests import them); carry them as wheels:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 -d .whl hypothesis sortedcontainers attrs expecttest safetensors tqdm
@@ -15,6 +15,9 @@ set -uo pipefail
 OUT=${OUT:-/tmp/dsg_gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} DSG_EXT_CUDA=1
+# The 16-byte vector kernels are off by default until verified here: checks, tests and timings run
+# with them on (DSG_EXT_CUDA_VEC=0 bash bench/gpu_check.sh for the scalar kernels).
+export DSG_EXT_CUDA_VEC=${DSG_EXT_CUDA_VEC:-1}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
@@ -32,7 +35,7 @@ for part in ${PARTS:-errors checks timings}; do
   fi
   if [ "$part" = sweep ]; then
     for w in ${SWEEP_WORK:-novec 4 8 16 32}; do  # novec: default tile sizes, vectorised channels_last path off
-      if [ "$w" = novec ]; then env_set="DSG_EXT_CUDA_VEC=0"; else env_set="DSG_EXT_CUDA_WORK=$w"; fi
+      if [ "$w" = novec ]; then env_set="DSG_EXT_CUDA_VEC=0"; else env_set="DSG_EXT_CUDA_VEC=1 DSG_EXT_CUDA_WORK=$w"; fi
       env $env_set timeout 120 python3 bench/gpu_bench.py --only sweep --out "$OUT/sweep_$w.json" \
         >"$OUT/sweep_$w.log" 2>&1
       echo "sweep $env_set rc $? after $(( $(date +%s) - start )) s"

@@ -7,8 +7,8 @@
 // Vectorised: an op that declares kVec (elements per 16-byte access), vec_aligned() and apply_vec /
 // reduce_vec takes 16-byte loads and stores where its pointers are 16-byte aligned: in column mode
 // each thread walks kVec adjacent channels (C a multiple of kVec), in row mode kVec adjacent elements
-// of a run (runs of at least kVec; unaligned heads and tails one at a time). DSG_EXT_CUDA_VEC=0
-// turns this off.
+// of a run (runs of at least kVec; unaligned heads and tails one at a time). Only with
+// DSG_EXT_CUDA_VEC=1 for now (see vec_enabled).
 // Partials are written, not atomically added, so every result is deterministic. All work runs on
 // the current stream and nothing waits for the device.
 #pragma once
@@ -142,10 +142,12 @@ struct VecWidth : std::integral_constant<int, 0> {};
 template <typename Op>
 struct VecWidth<Op, std::void_t<decltype(Op::kVec)>> : std::integral_constant<int, Op::kVec> {};
 
+// Off unless DSG_EXT_CUDA_VEC=1 until these kernels have run on a GPU (bench/gpu_check.sh turns them
+// on for its checks, tests and timings).
 inline bool vec_enabled() {
   static const bool on = [] {
     const char* env = std::getenv("DSG_EXT_CUDA_VEC");
-    return env == nullptr || std::string(env) != "0";
+    return env != nullptr && std::string(env) == "1";
   }();
   return on;
 }
