@@ -243,24 +243,38 @@ __global__ void col_reduce_vec_kernel(Op op, Layout L, int64_t rows, int64_t cti
   }
 }
 
-// One chunk [b0, b1) of run `run`: elements up to the first 16-byte boundary one at a time, then
-// vectors of V, then the tail. Every element of the run has the group's context, so the vector
-// methods get V copies of it.
-template <int V, typename Op>
-__global__ void row_apply_vec_kernel(Op op, Layout L, int64_t chunk) {
+// The block's chunk [b0, b1) of run blockIdx.x: elements up to the first 16-byte boundary one at a
+// time (head), then nvec vectors of V, then the tail. Every element of a run has the group's context,
+// so the vector methods get V copies of it.
+template <int V>
+struct RunChunk {
+  int64_t base, b0, b1, head_end, nvec;
+  __device__ RunChunk(const Layout& L, int64_t chunk) {
+    base = static_cast<int64_t>(blockIdx.x) * L.B;
+    b0 = blockIdx.y * chunk;
+    b1 = min(L.B, b0 + chunk);
+    head_end = min(b1, b0 + (V - (base + b0) % V) % V);
+    nvec = (b1 - head_end) / V;
+  }
+  __device__ int64_t tail() const { return head_end + nvec * V; }
+};
+
+template <int V, typename Op, typename Ctx>
+__device__ __forceinline__ void run_contexts(const Op& op, const Layout& L, Ctx* ctx) {
   const int64_t run = blockIdx.x;
-  const int64_t c = run % L.C, a = run / (L.R * L.C);
-  decltype(op.group(0, 0)) ctx[V];
-  ctx[0] = op.group(a, c);
+  ctx[0] = op.group(run / (L.R * L.C), run % L.C);
 #pragma unroll
   for (int v = 1; v < V; ++v) ctx[v] = ctx[0];
-  const int64_t base = run * L.B;
-  const int64_t b0 = blockIdx.y * chunk, b1 = min(L.B, b0 + chunk);
-  const int64_t head_end = min(b1, b0 + (V - (base + b0) % V) % V);
-  const int64_t nvec = (b1 - head_end) / V;
-  for (int64_t b = b0 + threadIdx.x; b < head_end; b += blockDim.x) op(base + b, ctx[0]);
-  for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) op.apply_vec(base + head_end + k * V, ctx);
-  for (int64_t b = head_end + nvec * V + threadIdx.x; b < b1; b += blockDim.x) op(base + b, ctx[0]);
+}
+
+template <int V, typename Op>
+__global__ void row_apply_vec_kernel(Op op, Layout L, int64_t chunk) {
+  decltype(op.group(0, 0)) ctx[V];
+  run_contexts<V>(op, L, ctx);
+  const RunChunk<V> k(L, chunk);
+  for (int64_t b = k.b0 + threadIdx.x; b < k.head_end; b += blockDim.x) op(k.base + b, ctx[0]);
+  for (int64_t j = threadIdx.x; j < k.nvec; j += blockDim.x) op.apply_vec(k.base + k.head_end + j * V, ctx);
+  for (int64_t b = k.tail() + threadIdx.x; b < k.b1; b += blockDim.x) op(k.base + b, ctx[0]);
 }
 
 template <int V, typename acc_t, typename Op>
@@ -268,20 +282,15 @@ __global__ void row_reduce_vec_kernel(Op op, Layout L, int64_t chunk, int64_t nc
   const int64_t run = blockIdx.x;
   const int64_t c = run % L.C, a = run / (L.R * L.C), r = (run / L.C) % L.R;
   decltype(op.group(0, 0)) ctx[V];
-  ctx[0] = op.group(a, c);
-#pragma unroll
-  for (int v = 1; v < V; ++v) ctx[v] = ctx[0];
-  const int64_t base = run * L.B;
-  const int64_t b0 = blockIdx.y * chunk, b1 = min(L.B, b0 + chunk);
-  const int64_t head_end = min(b1, b0 + (V - (base + b0) % V) % V);
-  const int64_t nvec = (b1 - head_end) / V;
+  run_contexts<V>(op, L, ctx);
+  const RunChunk<V> k(L, chunk);
   Pair<acc_t> acc;
-  for (int64_t b = b0 + threadIdx.x; b < head_end; b += blockDim.x) acc += op(base + b, ctx[0]);
+  for (int64_t b = k.b0 + threadIdx.x; b < k.head_end; b += blockDim.x) acc += op(k.base + b, ctx[0]);
   Pair<acc_t> accv[V];
-  for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x) op.reduce_vec(base + head_end + k * V, ctx, accv);
+  for (int64_t j = threadIdx.x; j < k.nvec; j += blockDim.x) op.reduce_vec(k.base + k.head_end + j * V, ctx, accv);
 #pragma unroll
   for (int v = 0; v < V; ++v) acc += accv[v];
-  for (int64_t b = head_end + nvec * V + threadIdx.x; b < b1; b += blockDim.x) acc += op(base + b, ctx[0]);
+  for (int64_t b = k.tail() + threadIdx.x; b < k.b1; b += blockDim.x) acc += op(k.base + b, ctx[0]);
   acc = block_sum(acc);
   if (threadIdx.x == 0) partials[((a * L.C + c) * L.R + r) * nchunks + blockIdx.y] = acc;
 }
