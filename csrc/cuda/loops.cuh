@@ -21,7 +21,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <string>
+#include <cstring>
 #include <type_traits>
 
 #include "../common.h"
@@ -123,14 +123,14 @@ __device__ __forceinline__ Vec<T, V> load_vec(const T* p) {
   static_assert(sizeof(Vec<T, V>) == sizeof(uint4), "vector accesses are 16 bytes");
   const uint4 bits = __ldg(reinterpret_cast<const uint4*>(p));
   Vec<T, V> v;
-  memcpy(&v, &bits, sizeof(bits));
+  std::memcpy(&v, &bits, sizeof(bits));
   return v;
 }
 
 template <int V, typename T>
 __device__ __forceinline__ void store_vec(T* p, const Vec<T, V>& v) {
   uint4 bits;
-  memcpy(&bits, &v, sizeof(bits));
+  std::memcpy(&bits, &v, sizeof(bits));
   __stwb(reinterpret_cast<uint4*>(p), bits);
 }
 
@@ -147,7 +147,7 @@ struct VecWidth<Op, std::void_t<decltype(Op::kVec)>> : std::integral_constant<in
 inline bool vec_enabled() {
   static const bool on = [] {
     const char* env = std::getenv("DSG_EXT_CUDA_VEC");
-    return env != nullptr && std::string(env) == "1";
+    return env != nullptr && std::strcmp(env, "1") == 0;
   }();
   return on;
 }
