@@ -2,11 +2,48 @@
 
 #include <c10/util/Exception.h>
 
-#include <sstream>
+#include <cstdio>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 namespace dsg_ext {
 namespace {
+
+// Error messages are built here without std::ostream. TORCH_CHECK formats its arguments through an
+// ostringstream, and on one real toolchain (Ubuntu 24.04 gcc 13.3 building against the torch 2.11
+// wheel) streaming an integer from extension code kills the process with SIGSEGV instead of raising
+// -- torch's own load_inline example crashes the same way (bench/gpu_errors.py --diagnose). Handing
+// TORCH_CHECK one finished std::string takes no stream, so our errors raise there too.
+void append(std::string& out, const char* s) { out += s; }
+void append(std::string& out, const std::string& s) { out += s; }
+void append(std::string& out, at::ScalarType t) { out += c10::toString(t); }
+void append(std::string& out, const c10::Device& d) { out += d.str(); }
+void append(std::string& out, at::IntArrayRef sizes) {
+  out += '[';
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  out += ']';
+}
+template <typename T, std::enable_if_t<std::is_arithmetic_v<T>, int> = 0>
+void append(std::string& out, T v) {
+  if constexpr (std::is_floating_point_v<T>) {
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "%.8g", static_cast<double>(v));
+    out += buf;
+  } else {
+    out += std::to_string(v);
+  }
+}
+
+template <typename... Args>
+std::string message(const Args&... args) {
+  std::string out;
+  (append(out, args), ...);
+  return out;
+}
+
+// TORCH_CHECK with the message built by message(): same lazy evaluation, same c10::Error.
+#define DSG_CHECK(cond, ...) TORCH_CHECK(cond, ::dsg_ext::message(__VA_ARGS__))
 
 bool is_float_type(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
@@ -17,20 +54,20 @@ bool is_channels_last(const at::Tensor& x) {
 }
 
 void check_float(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(is_float_type(t.scalar_type()), op, ": ", name,
+  DSG_CHECK(is_float_type(t.scalar_type()), op, ": ", name,
               " must be a floating tensor (float32, float64, float16 or bfloat16), got ", t.scalar_type());
 }
 
 void check_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
-              "; all tensors must be on the same device");
+  DSG_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
+            "; all tensors must be on the same device");
 }
 
 // A per-channel parameter given as a scalar (numel 1) or one value per channel.
 at::Tensor per_channel(const char* op, const char* name, const at::Tensor& t, int64_t channels,
                        at::ScalarType dtype, bool allow_scalar) {
   const bool scalar = allow_scalar && t.numel() == 1 && t.dim() <= 1;
-  TORCH_CHECK(scalar || (t.dim() == 1 && t.size(0) == channels), op, ": ", name, " must have shape (",
+  DSG_CHECK(scalar || (t.dim() == 1 && t.size(0) == channels), op, ": ", name, " must have shape (",
               channels, ")", allow_scalar ? " or be a scalar" : "", " to match the channel dimension of x, got shape ",
               t.sizes());
   at::Tensor out = t.to(dtype).reshape({-1});
@@ -42,12 +79,12 @@ at::Tensor per_channel(const char* op, const char* name, const at::Tensor& t, in
 
 void check_same_shape_dtype_device(const char* op, const char* name_a, const at::Tensor& a,
                                    const char* name_b, const at::Tensor& b) {
-  TORCH_CHECK(a.sizes() == b.sizes(), op, ": ", name_b, " must have the shape of ", name_a, " ", a.sizes(),
+  DSG_CHECK(a.sizes() == b.sizes(), op, ": ", name_b, " must have the shape of ", name_a, " ", a.sizes(),
               ", got ", b.sizes());
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", name_b, " must have the dtype of ", name_a, " (",
+  DSG_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", name_b, " must have the dtype of ", name_a, " (",
               a.scalar_type(), "), got ", b.scalar_type());
-  TORCH_CHECK(a.device() == b.device(), op, ": ", name_b, " is on ", b.device(), " but ", name_a, " is on ",
-              a.device());
+  DSG_CHECK(a.device() == b.device(), op, ": ", name_b, " is on ", b.device(), " but ", name_a, " is on ",
+            a.device(), "; all tensors must be on the same device");
 }
 
 at::Tensor match_layout(const at::Tensor& t, const at::Tensor& like) {
@@ -58,7 +95,7 @@ SlackInputs check_slack_inputs(const char* op, const at::Tensor& x, const at::Te
                                const at::Tensor& std_t, const at::Tensor& delta, const at::Tensor& gamma,
                                bool per_sample) {
   check_float(op, "x", x);
-  TORCH_CHECK(x.dim() >= 2, op, ": x must have shape (N, C, *spatial), got shape ", x.sizes());
+  DSG_CHECK(x.dim() >= 2, op, ": x must have shape (N, C, *spatial), got shape ", x.sizes());
   check_float(op, "mean", mean);
   check_float(op, "std", std_t);
   check_float(op, "delta", delta);
@@ -91,7 +128,7 @@ SlackInputs check_slack_inputs(const char* op, const at::Tensor& x, const at::Te
   if (x.device().is_cpu()) {
     // Negative slack would reward a statistic gap; checked where it costs no device sync.
     const bool ok = in.delta.numel() == 0 || ((in.delta >= 0).all().item<bool>() && (in.gamma >= 0).all().item<bool>());
-    TORCH_CHECK(ok, op, ": slack delta and gamma must be >= 0 (and not NaN)");
+    DSG_CHECK(ok, op, ": slack delta and gamma must be >= 0 (and not NaN)");
   }
   return in;
 }
@@ -102,17 +139,17 @@ void check_slack_saved(const SlackInputs& in, const at::Tensor& grad_loss, const
   check_float(op, "grad_loss", grad_loss);
   check_device(op, "grad_loss", grad_loss, in.x);
   if (per_sample) {
-    TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == in.batch, op,
+    DSG_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == in.batch, op,
                 ": grad_loss must have shape (N) = (", in.batch, "), got ", grad_loss.sizes());
   } else {
-    TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must be a scalar in batch mode, got ",
+    DSG_CHECK(grad_loss.numel() == 1, op, ": grad_loss must be a scalar in batch mode, got ",
                 grad_loss.sizes());
   }
   const at::ScalarType acc = in.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   for (const at::Tensor* t : {&stat_mean, &stat_std}) {
-    TORCH_CHECK(t->scalar_type() == acc && t->is_contiguous() && t->device() == in.x.device(), op,
+    DSG_CHECK(t->scalar_type() == acc && t->is_contiguous() && t->device() == in.x.device(), op,
                 ": saved statistics must be contiguous ", acc, " tensors on the device of x");
-    TORCH_CHECK(t->numel() == (per_sample ? in.batch * in.channels : in.channels), op,
+    DSG_CHECK(t->numel() == (per_sample ? in.batch * in.channels : in.channels), op,
                 ": saved statistics do not match x (shape ", t->sizes(), ")");
   }
 }
@@ -158,15 +195,15 @@ QuantInputs check_quant_inputs(const char* op, const at::Tensor& x, const at::Te
                                std::optional<int64_t> axis, at::ScalarType param_dtype) {
   check_float(op, "input", x);
   check_float(op, "scale", scale);
-  TORCH_CHECK(is_float_type(zero_point.scalar_type()) ||
+  DSG_CHECK(is_float_type(zero_point.scalar_type()) ||
                   (at::isIntegralType(zero_point.scalar_type(), /*includeBool=*/false)),
               op, ": zero_point must be an integer or floating tensor, got ", zero_point.scalar_type());
   check_device(op, "scale", scale, x);
   check_device(op, "zero_point", zero_point, x);
-  TORCH_CHECK(quant_min < quant_max, op, ": quant_min (", quant_min, ") must be smaller than quant_max (",
+  DSG_CHECK(quant_min < quant_max, op, ": quant_min (", quant_min, ") must be smaller than quant_max (",
               quant_max, ")");
   // Levels are exact in fp32 and the rounding stays in range for |level| <= 2^16.
-  TORCH_CHECK(quant_min >= -(int64_t(1) << 16) && quant_max <= (int64_t(1) << 16), op,
+  DSG_CHECK(quant_min >= -(int64_t(1) << 16) && quant_max <= (int64_t(1) << 16), op,
               ": quantization range [", quant_min, ", ", quant_max,
               "] is not supported: quant_min and quant_max must lie in [-65536, 65536] (at most 16 bits)");
 
@@ -174,9 +211,9 @@ QuantInputs check_quant_inputs(const char* op, const at::Tensor& x, const at::Te
   in.zero_point_is_float = is_float_type(zero_point.scalar_type());
   int64_t channels = 1;
   if (axis.has_value()) {
-    TORCH_CHECK(x.dim() > 0, op, ": per-channel quantization needs a tensor with at least one dimension");
+    DSG_CHECK(x.dim() > 0, op, ": per-channel quantization needs a tensor with at least one dimension");
     int64_t ax = *axis;
-    TORCH_CHECK(ax >= -x.dim() && ax < x.dim(), op, ": axis ", ax, " is out of range for a tensor of ",
+    DSG_CHECK(ax >= -x.dim() && ax < x.dim(), op, ": axis ", ax, " is out of range for a tensor of ",
                 x.dim(), " dimensions");
     if (ax < 0) ax += x.dim();
     channels = x.size(ax);
@@ -201,9 +238,9 @@ QuantInputs check_quant_inputs(const char* op, const at::Tensor& x, const at::Te
     }
     in.layout = Layout{1, r, channels, b};
   } else {
-    TORCH_CHECK(scale.numel() == 1, op, ": per-tensor quantization (axis=None) needs a single scale, got shape ",
+    DSG_CHECK(scale.numel() == 1, op, ": per-tensor quantization (axis=None) needs a single scale, got shape ",
                 scale.sizes());
-    TORCH_CHECK(zero_point.numel() == 1, op,
+    DSG_CHECK(zero_point.numel() == 1, op,
                 ": per-tensor quantization (axis=None) needs a single zero_point, got shape ", zero_point.sizes());
     in.scale = scale.to(param_dtype).reshape({1}).contiguous();
     in.zero_point = zero_point.to(param_dtype).reshape({1}).contiguous();
@@ -219,7 +256,7 @@ QuantInputs check_adaround_inputs(const char* op, const at::Tensor& w, const at:
   const auto acc = w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   QuantInputs in = check_quant_inputs(op, w, scale, zero_point, quant_min, quant_max, axis, acc);
   check_same_shape_dtype_device(op, "w", w, "v", v);
-  TORCH_CHECK(beta > 0 && std::isfinite(beta), op, ": beta must be positive and finite, got ", beta);
+  DSG_CHECK(beta > 0 && std::isfinite(beta), op, ": beta must be positive and finite, got ", beta);
   return in;
 }
 
@@ -230,7 +267,7 @@ QuantInputs check_adaround_backward_inputs(const at::Tensor& grad_w, const at::T
   const char* op = "adaround_backward";
   QuantInputs in = check_adaround_inputs(op, w, v, scale, zero_point, quant_min, quant_max, axis, beta);
   check_same_shape_dtype_device(op, "w", w, "grad_w", grad_w);
-  TORCH_CHECK(grad_reg.numel() == 1 && grad_reg.device() == w.device(), op,
+  DSG_CHECK(grad_reg.numel() == 1 && grad_reg.device() == w.device(), op,
               ": grad_reg must be a scalar on the device of w");
   return in;
 }
@@ -242,12 +279,12 @@ void check_quant_values_cpu(const char* op, const QuantInputs& in, int64_t quant
   const double* z = z_t.const_data_ptr<double>();
   for (int64_t c = 0; c < in.scale.numel(); ++c) {
     const std::string where = in.scale.numel() > 1 ? " at channel " + std::to_string(c) : std::string();
-    TORCH_CHECK(s[c] > 0.0 && std::isfinite(s[c]) && std::isfinite(static_cast<float>(s[c])), op,
+    DSG_CHECK(s[c] > 0.0 && std::isfinite(s[c]) && std::isfinite(static_cast<float>(s[c])), op,
                 ": scale must be positive and finite, got ", s[c], where);
-    TORCH_CHECK(s[c] >= 1.17549435e-38, op, ": scale ", s[c], where,
+    DSG_CHECK(s[c] >= 1.17549435e-38, op, ": scale ", s[c], where,
                 " is below the smallest normal float (1.1754944e-38): 1/scale would overflow");
-    TORCH_CHECK(!std::isnan(z[c]), op, ": zero_point is NaN", where);
-    TORCH_CHECK(in.zero_point_is_float || (z[c] >= quant_min && z[c] <= quant_max), op, ": zero_point ", z[c],
+    DSG_CHECK(!std::isnan(z[c]), op, ": zero_point is NaN", where);
+    DSG_CHECK(in.zero_point_is_float || (z[c] >= quant_min && z[c] <= quant_max), op, ": zero_point ", z[c],
                 " lies outside [quant_min, quant_max] = [", quant_min, ", ", quant_max, "]", where);
   }
 }

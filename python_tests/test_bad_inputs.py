@@ -315,3 +315,43 @@ def test_cuda_invalid_values_give_nan():
     xc = torch.randn(2, 3, device="cuda")
     out = dsg_ext.fake_quant(xc, torch.tensor([0.1, -0.1, 0.1], device="cuda"), torch.zeros(3, device="cuda"), 0, 255, 1)
     assert torch.isnan(out[:, 1]).all() and torch.isfinite(out[:, [0, 2]]).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# The C++ checks build their messages without std::ostream (csrc/checks.cpp: streaming an integer
+# from extension code crashed a gcc 13.3 + torch 2.11 build). The exact text of every kind of value
+# they format -- integers, shapes, floats, dtypes, devices -- is pinned here, on each device.
+
+def _message(fn):
+    with pytest.raises(RuntimeError) as info:
+        fn()
+    return str(info.value).splitlines()[0]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_op_error_messages_format_every_value_kind(device):
+    fq = torch.ops.dsg_ext.fake_quant
+    x = torch.randn(4, 3, device=device)
+    ones, zeros = torch.ones(3, device=device), torch.zeros(3, device=device)
+    assert _message(lambda: fq(x, ones, zeros, 5, 1, 1, 1.0)) == \
+        "fake_quant: quant_min (5) must be smaller than quant_max (1)"
+    assert _message(lambda: fq(x, ones, zeros, -70000, 1, 1, 1.0)) == (
+        "fake_quant: quantization range [-70000, 1] is not supported: quant_min and quant_max must lie in "
+        "[-65536, 65536] (at most 16 bits)")
+    assert _message(lambda: fq(x, ones, zeros, 0, 255, -3, 1.0)) == \
+        "fake_quant: axis -3 is out of range for a tensor of 2 dimensions"
+    assert _message(lambda: fq(x, ones[:2], zeros[:2], 0, 255, 1, 1.0)) == \
+        "fake_quant: scale must have shape (3) to match the channel dimension of x, got shape [2]"
+    if device == "cpu":  # value checks read the parameters: the CUDA op leaves them to the Python side (no sync)
+        assert _message(lambda: fq(x, torch.tensor([1.0, -0.25, 1.0]), zeros, 0, 255, 1, 1.0)) == \
+            "fake_quant: scale must be positive and finite, got -0.25 at channel 1"
+        assert _message(lambda: fq(x, ones, torch.tensor([0, 300, 0], dtype=torch.int32), 0, 255, 1, 1.0)) == \
+            "fake_quant: zero_point 300 lies outside [quant_min, quant_max] = [0, 255] at channel 1"
+    assert _message(lambda: fq(x.int(), ones, zeros, 0, 255, 1, 1.0)) == \
+        "fake_quant: input must be a floating tensor (float32, float64, float16 or bfloat16), got Int"
+    if device == "cuda":
+        assert _message(lambda: fq(x, ones.cpu(), zeros, 0, 255, 1, 1.0)) == \
+            "fake_quant: scale is on cpu but x is on cuda:0; all tensors must be on the same device"
+    slack = torch.ops.dsg_ext.bn_stat_slack_loss
+    assert _message(lambda: slack(torch.randn(5, device=device), zeros, ones, zeros, zeros, 1e-5, True, True)) == \
+        "bn_stat_slack_loss: x must have shape (N, C, *spatial), got shape [5]"
