@@ -7,8 +7,8 @@
 // Vectorised: an op that declares kVec (elements per 16-byte access), vec_aligned() and apply_vec /
 // reduce_vec takes 16-byte loads and stores where its pointers are 16-byte aligned: in column mode
 // each thread walks kVec adjacent channels (C a multiple of kVec), in row mode kVec adjacent elements
-// of a run (runs of at least kVec; unaligned heads and tails one at a time). Only with
-// DSG_EXT_CUDA_VEC=1 for now (see vec_enabled).
+// of a run (runs of at least kVec; unaligned heads and tails one at a time). DSG_EXT_CUDA_VEC
+// switches them (see vec_switch).
 // Partials are written, not atomically added, so every result is deterministic. All work runs on
 // the current stream and nothing waits for the device.
 #pragma once
@@ -142,12 +142,19 @@ struct VecWidth : std::integral_constant<int, 0> {};
 template <typename Op>
 struct VecWidth<Op, std::void_t<decltype(Op::kVec)>> : std::integral_constant<int, Op::kVec> {};
 
-// Off unless DSG_EXT_CUDA_VEC=1 until these kernels have run on a GPU (bench/gpu_check.sh turns them
-// on for its checks, tests and timings).
-inline bool vec_enabled() {
-  static const bool on = [] {
+// Which 16-byte paths are on: both by default (checked on an H100, 2026-11-27: bench/RESULTS.md);
+// DSG_EXT_CUDA_VEC=0 turns both off (the scalar kernels), =cols keeps only the channels_last one,
+// =runs only the row-mode one -- for comparisons and as an escape hatch.
+struct VecSwitch {
+  bool columns, runs;
+};
+inline VecSwitch vec_switch() {
+  static const VecSwitch on = [] {
     const char* env = std::getenv("DSG_EXT_CUDA_VEC");
-    return env != nullptr && std::strcmp(env, "1") == 0;
+    if (env == nullptr || *env == '\0' || std::strcmp(env, "1") == 0) return VecSwitch{true, true};
+    if (std::strcmp(env, "cols") == 0) return VecSwitch{true, false};
+    if (std::strcmp(env, "runs") == 0) return VecSwitch{false, true};
+    return VecSwitch{false, false};
   }();
   return on;
 }
@@ -161,9 +168,10 @@ template <typename Op>
 VecMode vec_mode(const Layout& L, const Op& op) {
   constexpr int V = VecWidth<Op>::value;
   if constexpr (V > 1) {
-    if (!vec_enabled() || !op.vec_aligned()) return VecMode::kNone;
-    if (!row_mode(L)) return L.C % V == 0 ? VecMode::kColumns : VecMode::kNone;
-    return L.B >= V ? VecMode::kRuns : VecMode::kNone;
+    const VecSwitch on = vec_switch();
+    if (!op.vec_aligned()) return VecMode::kNone;
+    if (!row_mode(L)) return on.columns && L.C % V == 0 ? VecMode::kColumns : VecMode::kNone;
+    return on.runs && L.B >= V ? VecMode::kRuns : VecMode::kNone;
   } else {
     return VecMode::kNone;
   }
