@@ -258,8 +258,10 @@ def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "res
     """One full synthesis iteration (forward with BN taps + statistic loss + backward + Adam step) on a
     torchvision network: ours (``SynthesisLoop``, the code ``dsg generate`` runs) against the peers'
     plain loop (forward pre-hooks computing the loss with torch.mean/torch.var), and the network
-    alone (trivial loss). With ``variants`` (GPU): each also under channels_last + bf16 autocast, and
-    ours replayed from a CUDA graph. ``only`` keeps the named variants.
+    alone (trivial loss). Ours taps BN layers through the fused ``bn_eval_slack`` op where
+    ``fused_bn_enabled`` (CPU and CUDA). With ``variants`` (GPU): each also under channels_last + bf16
+    autocast, ours replayed from a CUDA graph, and ours with pre-hooks instead of the fused op
+    (``*_hooks*``, torch's BatchNorm). ``only`` keeps the named variants.
 
     Skipped (empty list) when torchvision is not installed."""
     try:
@@ -337,13 +339,14 @@ def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "res
 
         return run
 
-    def fused_bn(run: Callable[[], object]) -> Callable[[], object]:
-        """The same workload with the taps' fused BN op forced on (DSG_EXT_FUSED_BN=1)."""
+    def hooks(run: Callable[[], object]) -> Callable[[], object]:
+        """The same workload with the taps' fused BN op forced off (DSG_EXT_FUSED_BN=0): every BN layer
+        tapped by a forward pre-hook computing ``bn_stat_slack_loss``, BatchNorm left to torch."""
         import os
 
         def wrapped():
             before = os.environ.get("DSG_EXT_FUSED_BN")
-            os.environ["DSG_EXT_FUSED_BN"] = "1"
+            os.environ["DSG_EXT_FUSED_BN"] = "0"
             try:
                 return run()
             finally:
@@ -363,9 +366,9 @@ def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "res
             "dsg_ext_bf16_cl": make("dsg_ext", fast=True),
             "dsg_ext_bf16_cl_graph": make("dsg_ext", fast=True, graph=True),
             "dsg_ext_fp32_graph": make("dsg_ext", graph=True),
-            # the fused eval-BN + statistics op on CUDA (off by default there until verified on a GPU)
-            "dsg_ext_fusedbn_bf16_cl_graph": fused_bn(make("dsg_ext", fast=True, graph=True)),
-            "dsg_ext_fusedbn_fp32": fused_bn(make("dsg_ext")),
+            # the taps' other path: pre-hooks computing the statistics, torch's own BatchNorm
+            "dsg_ext_hooks_bf16_cl_graph": hooks(make("dsg_ext", fast=True, graph=True)),
+            "dsg_ext_hooks_fp32": hooks(make("dsg_ext")),
             "plain_bf16_cl": make("plain", fast=True),
             "network_alone_bf16_cl": make("network", fast=True),
         })

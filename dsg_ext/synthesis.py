@@ -116,14 +116,14 @@ def batchnorm_layers(model: nn.Module, model_name: str = "model") -> List[Tuple[
 
 def fused_bn_enabled(device: torch.device) -> bool:
     """Whether taps run eligible BN layers through the fused ``bn_eval_slack`` op on this device.
-    DSG_EXT_FUSED_BN=1/0 forces it; by default on the CPU only, where it has been verified -- its
-    CUDA kernel has not run on a GPU yet."""
+    DSG_EXT_FUSED_BN=1/0 forces it; by default on wherever the op has kernels (CPU and CUDA: checked
+    against the hooks on an H100, bench/RESULTS.md)."""
     switch = os.environ.get("DSG_EXT_FUSED_BN", "auto").strip().lower()
     if switch in ("1", "on", "true", "yes"):
         return True
     if switch in ("0", "off", "false", "no"):
         return False
-    return device.type == "cpu"
+    return device.type in ("cpu", "cuda")
 
 
 class BatchNormTaps:
