@@ -243,16 +243,18 @@ def timings(compile_plain):
 
 
 def sweep():
-    """The statistic ops at synthesis' bf16 channels_last shape and ResNet-50 synthesis (bf16 + CL +
-    graph, hooks and fused BN op) -- run once per DSG_EXT_CUDA_WORK value by gpu_check.sh's sweep."""
+    """The statistic ops at synthesis' bf16 channels_last shape, the op workloads, and ResNet-50
+    synthesis (bf16 + CL + graph, hooks and fused BN op; not with SWEEP_SYNTH=0) -- run once per
+    DSG_EXT_CUDA_VEC / DSG_EXT_CUDA_WORK setting by gpu_check.sh's sweep."""
     bw = benchmarks.copy_bandwidth("cuda")
     rows = []
-    for wl in benchmarks.layer_workloads("cuda", "gpu"):
+    for wl in benchmarks.layer_workloads("cuda", "gpu") + benchmarks.make_workloads("cuda", "gpu", compile_plain=False):
         _time_workload(wl, bw, rows)
-    for wl in benchmarks.synthesis_workloads("cuda", "gpu", arch="resnet50", batch=256, variants=True,
-                                             only=["dsg_ext_bf16_cl_graph", "dsg_ext_fusedbn_bf16_cl_graph",
-                                                   "network_alone_bf16_cl"]):
-        _time_workload(wl, bw, rows, iters=10, warmup=4)
+    if os.environ.get("SWEEP_SYNTH", "1") != "0":
+        for wl in benchmarks.synthesis_workloads("cuda", "gpu", arch="resnet50", batch=256, variants=True,
+                                                 only=["dsg_ext_bf16_cl_graph", "dsg_ext_hooks_bf16_cl_graph",
+                                                       "network_alone_bf16_cl"]):
+            _time_workload(wl, bw, rows, iters=10, warmup=4)
     return bw, rows
 
 
