@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 
 #include "../common.h"
@@ -52,6 +53,16 @@ inline int64_t col_rows() { return kColY * (work_override() > 0 ? work_override(
 
 // Column mode is for B == 1 with several channels; everything else (B == 0 included) walks runs.
 inline bool row_mode(const Layout& L) { return L.B != 1 || L.C == 1; }
+
+// A launch has at most 2^31 - 1 blocks along x; the kernels index one row (or channel tile) per
+// block there, so a layout needing more is refused with a clear error instead of being cut short.
+inline unsigned grid_x(int64_t blocks) {
+  TORCH_CHECK(blocks <= int64_t{2147483647},
+              std::string("dsg_ext CUDA kernels: this input needs ") + std::to_string(blocks) +
+                  " thread blocks along the launch's x dimension (at most 2147483647): too many rows of "
+                  "too few elements; split it along the batch dimension");
+  return static_cast<unsigned>(blocks);
+}
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -379,22 +390,22 @@ void apply(const Layout& L, const Op& op) {
     if constexpr (V > 1) {
       if (vm == VecMode::kColumns) {
         const VecGrid g = vec_grid(L, V);
-        const dim3 grid(static_cast<unsigned>(L.A * g.ctiles), static_cast<unsigned>(g.nchunks));
+        const dim3 grid(grid_x(L.A * g.ctiles), static_cast<unsigned>(g.nchunks));
         col_apply_vec_kernel<V><<<grid, dim3(g.tx, g.ty), 0, stream>>>(op, L, g.rows, g.ctiles);
       } else {
         const RowGrid g = row_grid_vec(L, V);
-        const dim3 grid(static_cast<unsigned>(L.A * L.R * L.C), static_cast<unsigned>(g.nchunks));
+        const dim3 grid(grid_x(L.A * L.R * L.C), static_cast<unsigned>(g.nchunks));
         row_apply_vec_kernel<V><<<grid, row_threads((g.chunk + V - 1) / V), 0, stream>>>(op, L, g.chunk);
       }
     }
   } else if (row_mode(L)) {
     const RowGrid g = row_grid(L);
-    const dim3 grid(static_cast<unsigned>(L.A * L.R * L.C), static_cast<unsigned>(g.nchunks));
+    const dim3 grid(grid_x(L.A * L.R * L.C), static_cast<unsigned>(g.nchunks));
     const int threads = row_threads(L.B);
     row_apply_kernel<<<grid, threads, 0, stream>>>(op, L, g.chunk);
   } else {
     const ColGrid g = col_grid(L);
-    const dim3 grid(static_cast<unsigned>(L.A * g.ctiles), static_cast<unsigned>(g.nchunks));
+    const dim3 grid(grid_x(L.A * g.ctiles), static_cast<unsigned>(g.nchunks));
     col_apply_kernel<<<grid, dim3(kColX, kColY), 0, stream>>>(op, L, g.rows, g.ctiles);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -421,7 +432,7 @@ void reduce(const Layout& L, const Op& op, const Fin& fin, const at::Tensor& lik
       per_group = L.R * g.nchunks;
       partials = make_partials(per_group);
       if (L.numel() > 0) {
-        const dim3 grid(static_cast<unsigned>(L.A * L.R * L.C), static_cast<unsigned>(g.nchunks));
+        const dim3 grid(grid_x(L.A * L.R * L.C), static_cast<unsigned>(g.nchunks));
         row_reduce_vec_kernel<V, acc_t><<<grid, row_threads((g.chunk + V - 1) / V), 0, stream>>>(
             op, L, g.chunk, g.nchunks, reinterpret_cast<Pair<acc_t>*>(partials.data_ptr()));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -433,7 +444,7 @@ void reduce(const Layout& L, const Op& op, const Fin& fin, const at::Tensor& lik
       per_group = L.numel() > 0 ? g.nchunks : 0;
       partials = make_partials(per_group);
       if (L.numel() > 0) {
-        const dim3 grid(static_cast<unsigned>(L.A * g.ctiles), static_cast<unsigned>(g.nchunks));
+        const dim3 grid(grid_x(L.A * g.ctiles), static_cast<unsigned>(g.nchunks));
         const size_t smem = static_cast<size_t>(g.tx) * g.ty * V * sizeof(Pair<acc_t>);
         col_reduce_vec_kernel<V, acc_t><<<grid, dim3(g.tx, g.ty), smem, stream>>>(
             op, L, g.rows, g.ctiles, reinterpret_cast<Pair<acc_t>*>(partials.data_ptr()));
@@ -445,7 +456,7 @@ void reduce(const Layout& L, const Op& op, const Fin& fin, const at::Tensor& lik
     per_group = L.R * g.nchunks;
     partials = make_partials(per_group);
     if (L.numel() > 0) {
-      const dim3 grid(static_cast<unsigned>(L.A * L.R * L.C), static_cast<unsigned>(g.nchunks));
+      const dim3 grid(grid_x(L.A * L.R * L.C), static_cast<unsigned>(g.nchunks));
       const int threads = row_threads(L.B);
       row_reduce_kernel<acc_t><<<grid, threads, 0, stream>>>(
           op, L, g.chunk, g.nchunks, reinterpret_cast<Pair<acc_t>*>(partials.data_ptr()));
@@ -456,7 +467,7 @@ void reduce(const Layout& L, const Op& op, const Fin& fin, const at::Tensor& lik
     per_group = L.numel() > 0 ? g.nchunks : 0;
     partials = make_partials(per_group);
     if (L.numel() > 0) {
-      const dim3 grid(static_cast<unsigned>(L.A * g.ctiles), static_cast<unsigned>(g.nchunks));
+      const dim3 grid(grid_x(L.A * g.ctiles), static_cast<unsigned>(g.nchunks));
       col_reduce_kernel<acc_t><<<grid, dim3(kColX, kColY), 0, stream>>>(
           op, L, g.rows, g.ctiles, reinterpret_cast<Pair<acc_t>*>(partials.data_ptr()));
       C10_CUDA_KERNEL_LAUNCH_CHECK();

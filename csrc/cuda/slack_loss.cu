@@ -200,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> slack_forward(const SlackInputs& 
       cuda::reduce<acc_t>(L, ShiftedSums<scalar_t, acc_t>{xp, L}, fin, x);
     }
     if (L.A > 0) {
-      sum_terms_kernel<acc_t><<<static_cast<unsigned>(L.A), cuda::kRowThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      sum_terms_kernel<acc_t><<<cuda::grid_x(L.A), cuda::kRowThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           terms.const_data_ptr<acc_t>(), L.C, loss.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
