@@ -61,11 +61,13 @@ def correctness():
         print(f"{'ok ' if ok else 'FAIL'} {name}: max err {max(errs) if errs else 0:.3g} (tol {tol})", flush=True)
 
     def misaligned(x):
-        """x (NCHW shape, channels_last) as a channels_last view starting one element into its storage, so
-        that 16-byte vector access is impossible and the kernels must take their scalar path."""
-        nhwc = x.permute(0, 2, 3, 1).reshape(-1)
-        flat = torch.cat([nhwc.new_zeros(1), nhwc])[1:]
-        return flat.reshape(x.shape[0], x.shape[2], x.shape[3], x.shape[1]).permute(0, 3, 1, 2)
+        """x's values as a view in x's memory format (channels_last or contiguous) starting one element
+        into its storage, so that 16-byte vector access is impossible and the kernels must take their
+        scalar path."""
+        cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        order, back = ((0, 2, 3, 1), (0, 3, 1, 2)) if cl else (tuple(range(x.dim())),) * 2
+        dense = x.permute(*order)
+        return torch.cat([dense.new_zeros(1), dense.reshape(-1)])[1:].view(dense.shape).permute(*back)
 
     def slack_case(shape, dtype, channels_last, per_sample, unbiased, offset=False):
         def make():
@@ -152,9 +154,7 @@ def correctness():
             return [x, s, z, torch.randn(*shape, generator=g).to(dtype)]
 
         def fn(x, s, z, dy):
-            # offset: a dense view starting one element into its storage (not 16-byte aligned)
-            xin = torch.cat([x.new_zeros(1), x.reshape(-1)])[1:].view(x.shape) if offset else x
-            y = ops.fake_quant(xin, s, z, 0, 15, axis)
+            y = ops.fake_quant(misaligned(x) if offset else x, s, z, 0, 15, axis)
             grads = torch.autograd.grad(y, [x, s, z] if learnable else [x], dy)
             return [y, *grads]
 

@@ -61,6 +61,19 @@ def to_dev(device, *tensors):
     return tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in tensors)
 
 
+def offset_view(x: torch.Tensor) -> torch.Tensor:
+    """x's values as a view in x's memory format (channels_last or contiguous) that starts one element
+    into its storage: dense, but not on a 16-byte boundary, so the CUDA kernels cannot take their vector
+    path and must fall back. Gradients flow back to x."""
+    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    order, back = ((0, 2, 3, 1), (0, 3, 1, 2)) if cl else (tuple(range(x.dim())),) * 2
+    dense = x.permute(*order)  # the storage order
+    view = torch.cat([dense.new_zeros(1), dense.reshape(-1)])[1:].view(dense.shape).permute(*back)
+    assert view.storage_offset() == 1 and view.is_contiguous(
+        memory_format=torch.channels_last if cl else torch.contiguous_format)
+    return view
+
+
 def cpu64(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", torch.float64)
 

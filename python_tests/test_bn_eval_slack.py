@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import dsg_ext
-from conftest import LOW_PRECISION, cpu64, to_dev
+from conftest import LOW_PRECISION, cpu64, offset_view, to_dev
 from reference import slack_loss_ref
-from test_slack_loss import _gradcheck_setup, make_targets, make_x, offset_channels_last
+from test_slack_loss import _gradcheck_setup, make_targets, make_x
 
 F64 = torch.float64
 
@@ -110,7 +110,7 @@ def test_channels_last_view_at_an_offset(device, dtype):
     x, scale, shift, mean, std, grad_y, grad_loss = to_dev(device, x, scale, shift, mean, std, grad_y, grad_loss)
     aligned = ours(x, scale, shift, mean, std, 0.05, 0.02, grad_y, grad_loss, True)
     leaf = x.detach().clone().requires_grad_(True)
-    y, loss, _, _ = dsg_ext.bn_eval_slack(offset_channels_last(leaf), scale, shift, mean, std, 0.05, 0.02,
+    y, loss, _, _ = dsg_ext.bn_eval_slack(offset_view(leaf), scale, shift, mean, std, 0.05, 0.02,
                                           unbiased=True)
     (gx,) = torch.autograd.grad([y, loss], [leaf], [grad_y, grad_loss])
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]

@@ -14,6 +14,7 @@ from conftest import (
     assert_lowprec_bound,
     assert_matches_cpu,
     cpu64,
+    offset_view,
     requires_cuda,
     run_isolated,
     to_dev,
@@ -315,13 +316,7 @@ def test_view_at_an_offset(device, axis, channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     g = torch.randn(shape)
     leaf, s, z = (t.detach().clone().to(device).requires_grad_(True) for t in (x, scale, zp))
-    order = (0, 2, 3, 1) if channels_last else (0, 1, 2, 3)
-    flat = leaf.permute(*order).reshape(-1)
-    view = torch.cat([flat.new_zeros(1), flat])[1:].view([shape[d] for d in order])
-    view = view.permute(0, 3, 1, 2) if channels_last else view
-    assert view.storage_offset() == 1 and view.is_contiguous(
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    out = dsg_ext.fake_quant(view, s, z, -128, 127, axis, grad_factor=0.9)
+    out = dsg_ext.fake_quant(offset_view(leaf), s, z, -128, 127, axis, grad_factor=0.9)
     dx, ds, dz = torch.autograd.grad(out, [leaf, s, z], g.to(device))
     assert torch.equal(out.detach().cpu(), torch_fq(x, scale, zp, -128, 127, axis))
     rdx, rds, rdz = fake_quant_grads_ref(x, g, scale, zp, -128, 127, axis, 0.9)

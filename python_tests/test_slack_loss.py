@@ -15,6 +15,7 @@ from conftest import (
     assert_lowprec_bound,
     assert_matches_cpu,
     cpu64,
+    offset_view,
     requires_cuda,
     run_isolated,
     to_dev,
@@ -212,16 +213,6 @@ def test_non_contiguous(device, mode, make):
     assert_all_close(ours, ref, rtol=1e-10, atol=1e-12)
 
 
-def offset_channels_last(x):
-    """x (N, C, H, W) as a channels_last view starting one element into its storage: dense, but not on a
-    16-byte boundary, so the CUDA kernels cannot take their vector path and must fall back."""
-    nhwc = x.permute(0, 2, 3, 1).reshape(-1)
-    flat = torch.cat([nhwc.new_zeros(1), nhwc])[1:]
-    view = flat.view(x.shape[0], x.shape[2], x.shape[3], x.shape[1]).permute(0, 3, 1, 2)
-    assert view.is_contiguous(memory_format=torch.channels_last) and view.storage_offset() == 1
-    return view
-
-
 @pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("mode", MODES)
 def test_channels_last_view_at_an_offset(device, mode, dtype):
@@ -231,7 +222,7 @@ def test_channels_last_view_at_an_offset(device, mode, dtype):
     x, mean, std, gl = to_dev(device, x.contiguous(memory_format=torch.channels_last), mean, std, gl)
     aligned = run_op(x, mean, std, 0.05, 0.02, gl, mode=mode)
     leaf = x.detach().clone().requires_grad_(True)
-    loss, sm, ss = dsg_ext.bn_stat_slack_loss(offset_channels_last(leaf), mean, std, 0.05, 0.02, mode=mode,
+    loss, sm, ss = dsg_ext.bn_stat_slack_loss(offset_view(leaf), mean, std, 0.05, 0.02, mode=mode,
                                               return_stats=True)
     (gx,) = torch.autograd.grad(loss, leaf, gl.to(loss.dtype))
     ref = run_ref(x, mean, std, 0.05, 0.02, gl, mode=mode)
