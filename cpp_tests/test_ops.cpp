@@ -95,7 +95,7 @@ void check_throws(const std::string& name, const std::function<void()>& fn) {
 // The ops, through the dispatcher (schemas in csrc/ops.cpp).
 
 using FakeQuantFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-                               std::optional<int64_t>, double);
+                               std::optional<int64_t>);
 using SlackLossFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                    const at::Tensor&, const at::Tensor&,
                                                                    const at::Tensor&, double, bool, bool);
@@ -159,7 +159,7 @@ void test_fake_quant(const at::Device dev) {
     x = at::cat({x.reshape({-1}), ties, extra}).to(dev);
     const at::Tensor scale = at::full({1}, s, f32).to(dev);
     const at::Tensor zp = at::full({1}, z, at::TensorOptions().dtype(at::kInt)).to(dev);
-    const at::Tensor got = fake_quant_op().call(x, scale, zp, qmin, qmax, std::nullopt, 1.0);
+    const at::Tensor got = fake_quant_op().call(x, scale, zp, qmin, qmax, std::nullopt);
     const at::Tensor want = at::fake_quantize_per_tensor_affine(x, static_cast<double>(s), z, qmin, qmax);
     check_equal("fake_quant per-tensor vs at::fake_quantize_per_tensor_affine" + r + where, got, want);
 
@@ -171,7 +171,7 @@ void test_fake_quant(const at::Device dev) {
       const at::Tensor zc =
           at::randint(qmin, qmax + 1, {c}, at::TensorOptions().dtype(at::kLong)).to(at::kInt).to(dev);
       const at::Tensor xd = xc.to(dev);
-      const at::Tensor g = fake_quant_op().call(xd, sc, zc, qmin, qmax, axis, 1.0);
+      const at::Tensor g = fake_quant_op().call(xd, sc, zc, qmin, qmax, axis);
       const at::Tensor w = at::fake_quantize_per_channel_affine(xd, sc, zc, axis, qmin, qmax);
       check_equal("fake_quant per-channel axis=" + std::to_string(axis) +
                       " vs at::fake_quantize_per_channel_affine" + r + where,
@@ -184,7 +184,7 @@ void test_fake_quant(const at::Device dev) {
     const at::Tensor xc = (at::randn({2, 8, 4, 5}, f32) * 2.0).contiguous(at::MemoryFormat::ChannelsLast).to(dev);
     const at::Tensor sc = (at::rand({8}, f32) * 0.05 + 0.01).to(dev);
     const at::Tensor zc = at::randint(-128, 128, {8}, at::TensorOptions().dtype(at::kLong)).to(at::kInt).to(dev);
-    const at::Tensor g = fake_quant_op().call(xc, sc, zc, -128, 127, int64_t(1), 1.0);
+    const at::Tensor g = fake_quant_op().call(xc, sc, zc, -128, 127, int64_t(1));
     const at::Tensor w = at::fake_quantize_per_channel_affine(xc, sc, zc, 1, -128, 127);
     check_equal("fake_quant per-channel channels_last vs at::fake_quantize_per_channel_affine" + where, g, w);
   }
@@ -342,11 +342,11 @@ void test_bad_inputs(const at::Device dev) {
   const at::Tensor s = at::full({1}, 0.1, f32).to(dev);
   const at::Tensor z = at::zeros({1}, at::TensorOptions().dtype(at::kInt)).to(dev);
   check_throws("fake_quant quant_min == quant_max" + where,
-               [&] { fake_quant_op().call(x, s, z, 5, 5, std::nullopt, 1.0); });
+               [&] { fake_quant_op().call(x, s, z, 5, 5, std::nullopt); });
   check_throws("fake_quant quant_min > quant_max" + where,
-               [&] { fake_quant_op().call(x, s, z, 127, -128, std::nullopt, 1.0); });
+               [&] { fake_quant_op().call(x, s, z, 127, -128, std::nullopt); });
   check_throws("fake_quant per-channel scale of the wrong length" + where,
-               [&] { fake_quant_op().call(x, at::full({3}, 0.1, f32).to(dev), z.expand({3}).contiguous(), -128, 127, int64_t(1), 1.0); });
+               [&] { fake_quant_op().call(x, at::full({3}, 0.1, f32).to(dev), z.expand({3}).contiguous(), -128, 127, int64_t(1)); });
   check_throws("adaround quant_min >= quant_max" + where,
                [&] { adaround_op().call(x, x, s, z, 0, 0, std::nullopt, 2.0, false); });
   check_throws("bn_stat_slack_loss x of one dimension" + where, [&] {
@@ -355,7 +355,7 @@ void test_bad_inputs(const at::Device dev) {
   });
   if (dev.is_cpu()) {  // value checks need no device sync only on the CPU (CUDA kernels write NaN)
     check_throws("fake_quant scale <= 0" + where,
-                 [&] { fake_quant_op().call(x, at::zeros({1}, f32), z, -128, 127, std::nullopt, 1.0); });
+                 [&] { fake_quant_op().call(x, at::zeros({1}, f32), z, -128, 127, std::nullopt); });
   }
 }
 

@@ -218,7 +218,8 @@ QuantInputs check_quant_inputs(const char* op, const at::Tensor& x, const at::Te
     if (ax < 0) ax += x.dim();
     channels = x.size(ax);
     in.scale = per_channel(op, "scale", scale, channels, param_dtype, false);
-    in.zero_point = per_channel(op, "zero_point", zero_point, channels, param_dtype, false);
+    // A single zero point (e.g. the 0 of a symmetric quantizer) applies to every channel.
+    in.zero_point = per_channel(op, "zero_point", zero_point, channels, param_dtype, true);
     // Work in memory order so channels_last stays channels_last: [N][H][W][C] for a 4-D channels_last x.
     const bool cl = is_channels_last(x);
     in.x = cl ? x : x.contiguous();

@@ -14,11 +14,7 @@ namespace dsg_ext {
 // A product that the compiler may not fuse into an FMA (the rounding must match torch's).
 template <typename T>
 DSG_HD T mul_rn(T a, T b) {
-#if defined(__CUDA_ARCH__)
-  return a * b;  // overloaded below for float and double
-#else
-  return a * b;  // host code is compiled with -ffp-contract=off
-#endif
+  return a * b;  // host code is compiled with -ffp-contract=off; device code uses the specialisations below
 }
 #if defined(__CUDA_ARCH__)
 template <>

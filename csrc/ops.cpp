@@ -34,13 +34,12 @@ TORCH_LIBRARY(dsg_ext, m) {
   m.def(
       "bn_eval_slack_backward(Tensor grad_y, Tensor grad_loss, Tensor x, Tensor bn_scale, Tensor mean, "
       "Tensor std, Tensor delta, Tensor gamma, Tensor stat_mean, Tensor stat_std, bool unbiased) -> Tensor");
-  // grad_factor only scales the learnable-parameter gradients of the backward (as torch's op).
-  m.def(
-      "fake_quant(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, int? axis, "
-      "float grad_factor) -> Tensor");
+  // With param_grads the backward also returns the scale and zero-point gradients (LSQ's, unscaled:
+  // the Python API applies LSQ's gradient factor to scale and zero_point before the op).
+  m.def("fake_quant(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, int? axis) -> Tensor");
   m.def(
       "fake_quant_backward(Tensor grad, Tensor x, Tensor scale, Tensor zero_point, int quant_min, "
-      "int quant_max, int? axis, bool param_grads, float grad_factor) -> (Tensor, Tensor, Tensor)");
+      "int quant_max, int? axis, bool param_grads) -> (Tensor, Tensor, Tensor)");
   // Returns (quantized weight, regularizer R(V, beta)).
   m.def(
       "adaround(Tensor w, Tensor v, Tensor scale, Tensor zero_point, int quant_min, int quant_max, "

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the library that registers the ops)
+from ._shape_checks import _check_channels, _check_quant_shapes, _check_same_shape, _check_slack_shapes
 
 _ops = torch.ops.dsg_ext
 
@@ -26,6 +27,8 @@ __all__ = [
     "fake_quant",
     "adaround",
     "adaround_init",
+    "rectified_sigmoid",
+    "grad_scale",
     "ADAROUND_ZETA",
     "ADAROUND_GAMMA",
 ]
@@ -105,6 +108,7 @@ def bn_stat_slack_loss(
 
 @torch.library.register_fake("dsg_ext::bn_stat_slack_loss")
 def _slack_fake(x, mean, std, delta, gamma, eps, unbiased, per_sample):
+    _check_slack_shapes("bn_stat_slack_loss", x, mean, std, delta, gamma)
     acc = _acc_dtype(x)
     n, c = x.shape[0], x.shape[1]
     if per_sample:
@@ -114,6 +118,10 @@ def _slack_fake(x, mean, std, delta, gamma, eps, unbiased, per_sample):
 
 @torch.library.register_fake("dsg_ext::bn_stat_slack_loss_backward")
 def _slack_backward_fake(grad_loss, x, mean, std, delta, gamma, stat_mean, stat_std, unbiased, per_sample):
+    op = "bn_stat_slack_loss_backward"
+    _check_slack_shapes(op, x, mean, std, delta, gamma)
+    torch._check(grad_loss.numel() == (x.shape[0] if per_sample else 1),
+                 lambda: f"{op}: grad_loss must have one value per {'sample' if per_sample else 'batch'}")
     return _empty_in_layout(x)
 
 
@@ -166,6 +174,9 @@ def bn_eval_slack(
 
 @torch.library.register_fake("dsg_ext::bn_eval_slack")
 def _bn_eval_slack_fake(x, bn_scale, bn_shift, mean, std, delta, gamma, eps, unbiased):
+    _check_slack_shapes("bn_eval_slack", x, mean, std, delta, gamma)
+    _check_channels("bn_eval_slack", "bn_scale", bn_scale, x.shape[1], False)
+    _check_channels("bn_eval_slack", "bn_shift", bn_shift, x.shape[1], False)
     acc = _acc_dtype(x)
     n, c = x.shape[0], x.shape[1]
     return (_empty_in_layout(x), x.new_empty((n,), dtype=acc), x.new_empty((n, c), dtype=acc),
@@ -175,6 +186,11 @@ def _bn_eval_slack_fake(x, bn_scale, bn_shift, mean, std, delta, gamma, eps, unb
 @torch.library.register_fake("dsg_ext::bn_eval_slack_backward")
 def _bn_eval_slack_backward_fake(grad_y, grad_loss, x, bn_scale, mean, std, delta, gamma, stat_mean, stat_std,
                                  unbiased):
+    op = "bn_eval_slack_backward"
+    _check_slack_shapes(op, x, mean, std, delta, gamma)
+    _check_channels(op, "bn_scale", bn_scale, x.shape[1], False)
+    _check_same_shape(op, "x", x, "grad_y", grad_y)
+    torch._check(grad_loss.numel() == x.shape[0], lambda: f"{op}: grad_loss must have shape (N) = ({x.shape[0]})")
     return _empty_in_layout(x)
 
 
@@ -225,48 +241,67 @@ def fake_quant(
     out = (clamp(round_half_even(x * (1/scale)) + zero_point, quant_min, quant_max) - zero_point) * scale,
     bitwise equal to torch.fake_quantize_per_tensor_affine / per_channel_affine for fp32 inputs.
     Backward: straight-through to x (zero where clamped). When scale (and a floating zero_point)
-    require grad, their gradients follow torch._fake_quantize_learnable_*, times ``grad_factor``,
-    reduced per channel inside the kernel. Floating zero points are rounded half to even and
-    clamped into the range; integer ones must lie inside it. NaN inputs give NaN outputs.
-    On CUDA an invalid scale or zero point gives NaN (checking it would need a device sync).
+    require grad, their gradients follow torch._fake_quantize_learnable_*, reduced per channel
+    inside the kernel, times ``grad_factor`` (LSQ's gradient scale, applied by ``grad_scale`` on
+    the parameters). A single zero point applies to every channel. Floating zero points are rounded
+    half to even and clamped into the range; integer ones must lie inside it. NaN inputs give NaN
+    outputs. On CUDA an invalid scale or zero point gives NaN (checking it would need a device sync).
     """
     scale = _as_tensor(scale, x.device, torch.float32)
     if not isinstance(zero_point, Tensor):
         zero_point = _as_tensor(zero_point, x.device, torch.float32 if isinstance(zero_point, float) else torch.int32)
-    return _ops.fake_quant(x, scale, zero_point, int(quant_min), int(quant_max), axis, float(grad_factor))
+    if grad_factor != 1.0:
+        scale = grad_scale(scale, grad_factor) if scale.requires_grad else scale
+        zero_point = grad_scale(zero_point, grad_factor) if zero_point.requires_grad else zero_point
+    return _ops.fake_quant(x, scale, zero_point, int(quant_min), int(quant_max), axis)
+
+
+@torch.library.custom_op("dsg_ext::grad_scale", mutates_args=())
+def grad_scale(t: Tensor, factor: float) -> Tensor:
+    """The identity whose gradient is multiplied by ``factor`` (LSQ's step-size gradient scale)."""
+    return t.clone()
+
+
+@grad_scale.register_fake
+def _grad_scale_fake(t, factor):
+    return torch.empty_like(t)
+
+
+def _grad_scale_setup(ctx, inputs, output):
+    ctx.factor = inputs[1]
+
+
+def _grad_scale_backward(ctx, grad):
+    return grad * ctx.factor, None
+
+
+grad_scale.register_autograd(_grad_scale_backward, setup_context=_grad_scale_setup)
 
 
 @torch.library.register_fake("dsg_ext::fake_quant")
-def _fake_quant_fake(x, scale, zero_point, quant_min, quant_max, axis, grad_factor):
+def _fake_quant_fake(x, scale, zero_point, quant_min, quant_max, axis):
+    _check_quant_shapes("fake_quant", x, scale, zero_point, axis)
     return _empty_in_layout(x)
 
 
 @torch.library.register_fake("dsg_ext::fake_quant_backward")
-def _fake_quant_backward_fake(grad, x, scale, zero_point, quant_min, quant_max, axis, param_grads, grad_factor):
+def _fake_quant_backward_fake(grad, x, scale, zero_point, quant_min, quant_max, axis, param_grads):
+    _check_quant_shapes("fake_quant_backward", x, scale, zero_point, axis)
+    _check_same_shape("fake_quant_backward", "x", x, "grad", grad)
     return _empty_in_layout(x), torch.empty_like(scale), torch.empty_like(zero_point)
 
 
 def _fake_quant_setup(ctx, inputs, output):
-    x, scale, zero_point, quant_min, quant_max, axis, grad_factor = inputs
+    x, scale, zero_point, quant_min, quant_max, axis = inputs
     ctx.save_for_backward(x, scale, zero_point)
     ctx.args = (quant_min, quant_max, axis)
-    ctx.grad_factor = grad_factor
 
 
 def _fake_quant_backward(ctx, grad):
     x, scale, zero_point = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    param_grads = bool(needs[1] or needs[2])
-    dx, dscale, dzero = _ops.fake_quant_backward(grad, x, scale, zero_point, *ctx.args, param_grads, ctx.grad_factor)
-    return (
-        dx if needs[0] else None,
-        dscale if needs[1] else None,
-        dzero if needs[2] else None,
-        None,
-        None,
-        None,
-        None,
-    )
+    dx, dscale, dzero = _ops.fake_quant_backward(grad, x, scale, zero_point, *ctx.args, bool(needs[1] or needs[2]))
+    return dx if needs[0] else None, dscale if needs[1] else None, dzero if needs[2] else None, None, None, None
 
 
 torch.library.register_autograd("dsg_ext::fake_quant", _fake_quant_backward, setup_context=_fake_quant_setup)
@@ -295,7 +330,8 @@ def adaround(
     w~ = scale * (clamp(floor(w / scale) + h + zero_point, quant_min, quant_max) - zero_point).
     Returns (w~, R) with R = sum(1 - |2h - 1|^beta) (0 when hard), in one fused pass; the backward
     gives gradients to v (and to scale when it requires grad) in one pass. scale/zero_point are
-    per tensor (axis=None) or per channel along ``axis`` (usually 0, the output channels).
+    per tensor (axis=None) or per channel along ``axis`` (usually 0, the output channels); a single
+    zero point applies to every channel.
     """
     acc = _acc_dtype(w) if w.is_floating_point() else torch.float32
     scale = _as_tensor(scale, w.device, acc)
@@ -306,11 +342,16 @@ def adaround(
 
 @torch.library.register_fake("dsg_ext::adaround")
 def _adaround_fake(w, v, scale, zero_point, quant_min, quant_max, axis, beta, hard):
+    _check_quant_shapes("adaround", w, scale, zero_point, axis)
+    _check_same_shape("adaround", "w", w, "v", v)
     return _empty_in_layout(w), w.new_empty((), dtype=_acc_dtype(w))
 
 
 @torch.library.register_fake("dsg_ext::adaround_backward")
 def _adaround_backward_fake(grad_w, grad_reg, w, v, scale, zero_point, quant_min, quant_max, axis, beta, hard, sg):
+    _check_quant_shapes("adaround_backward", w, scale, zero_point, axis)
+    _check_same_shape("adaround_backward", "w", w, "v", v)
+    _check_same_shape("adaround_backward", "w", w, "grad_w", grad_w)
     return _empty_in_layout(w), torch.empty_like(scale)
 
 
@@ -329,6 +370,12 @@ def _adaround_backward(ctx, grad_w, grad_reg):
 
 
 torch.library.register_autograd("dsg_ext::adaround", _adaround_backward, setup_context=_adaround_setup)
+
+
+def rectified_sigmoid(v: Tensor) -> Tensor:
+    """AdaRound's soft rounding h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1), in plain torch:
+    the formula ``adaround`` fuses (csrc/adaround.h), for statistics on V and for baselines."""
+    return torch.clamp(torch.sigmoid(v) * (ADAROUND_ZETA - ADAROUND_GAMMA) + ADAROUND_GAMMA, 0, 1)
 
 
 def adaround_init(w: Tensor, scale: Union[float, Tensor], axis: Optional[int] = None) -> Tensor:

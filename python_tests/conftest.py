@@ -123,7 +123,8 @@ def run_isolated(code: str, timeout: float = 120.0):
     import textwrap
 
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([TESTS_DIR, REPO_ROOT, env.get("PYTHONPATH", "")])
+    subdirs = sorted(e.path for e in os.scandir(TESTS_DIR) if e.is_dir() and not e.name.startswith((".", "_")))
+    env["PYTHONPATH"] = os.pathsep.join([TESTS_DIR, *subdirs, REPO_ROOT, env.get("PYTHONPATH", "")])
     env.setdefault("OMP_NUM_THREADS", "2")
     proc = subprocess.run(
         [sys.executable, "-X", "faulthandler", "-c", textwrap.dedent(code)],

@@ -72,7 +72,7 @@ void backward_x_kernel(const QuantInputs& in, const at::Tensor& grad, int64_t qm
 // STE gradient plus the scale and zero-point gradients, reduced per channel in the same pass.
 template <typename scalar_t>
 void backward_params_kernel(const QuantInputs& in, const at::Tensor& grad, int64_t qmin, int64_t qmax,
-                            double grad_factor, at::Tensor& dx, at::Tensor& dscale, at::Tensor& dzero) {
+                            at::Tensor& dx, at::Tensor& dscale, at::Tensor& dzero) {
   using acc_t = acc_type<scalar_t>;
   const auto params = channel_params<acc_t>(in, qmin, qmax);
   const scalar_t* x = in.x.const_data_ptr<scalar_t>();
@@ -103,16 +103,15 @@ void backward_params_kernel(const QuantInputs& in, const at::Tensor& grad, int64
   });
   std::vector<double> ds(in.layout.C), dz(in.layout.C);
   for (int64_t c = 0; c < in.layout.C; ++c) {
-    ds[c] = sums[c].a * grad_factor;
-    dz[c] = sums[c].b * grad_factor;
+    ds[c] = sums[c].a;
+    dz[c] = sums[c].b;
   }
   dscale.copy_(at::tensor(ds, at::kDouble).reshape(dscale.sizes()));
   if (dzero.is_floating_point()) dzero.copy_(at::tensor(dz, at::kDouble).reshape(dzero.sizes()));
 }
 
 at::Tensor fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
-                          int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis, double grad_factor) {
-  (void)grad_factor;
+                          int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis) {
   const QuantInputs in = check_quant_inputs("fake_quant", x, scale, zero_point, quant_min, quant_max, axis);
   check_quant_values_cpu("fake_quant", in, quant_min, quant_max);
   at::Tensor out = at::empty_like(in.x);
@@ -123,7 +122,7 @@ at::Tensor fake_quant_cpu(const at::Tensor& x, const at::Tensor& scale, const at
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
-    int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis, bool param_grads, double grad_factor) {
+    int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis, bool param_grads) {
   const QuantInputs in = check_quant_inputs("fake_quant_backward", x, scale, zero_point, quant_min, quant_max, axis);
   check_same_shape_dtype_device("fake_quant_backward", "x", x, "grad", grad);
   check_quant_values_cpu("fake_quant_backward", in, quant_min, quant_max);
@@ -133,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cpu(
   at::Tensor dzero = at::zeros_like(zero_point);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "fake_quant_backward_cpu", [&] {
     if (param_grads) {
-      backward_params_kernel<scalar_t>(in, dy, quant_min, quant_max, grad_factor, dx, dscale, dzero);
+      backward_params_kernel<scalar_t>(in, dy, quant_min, quant_max, dx, dscale, dzero);
     } else {
       backward_x_kernel<scalar_t>(in, dy, quant_min, quant_max, dx);
     }

@@ -109,10 +109,9 @@ struct BackwardInputOnly {
 struct WriteParamGrads {
   double* dscale;
   double* dzero_point;
-  double grad_factor;
   __device__ void operator()(int64_t g, Pair<double> total) const {
-    dscale[g] = total.a * grad_factor;
-    dzero_point[g] = total.b * grad_factor;
+    dscale[g] = total.a;
+    dzero_point[g] = total.b;
   }
 };
 
@@ -122,8 +121,7 @@ ParamSource<acc_t> params_of(const QuantInputs& in, int64_t qmin, int64_t qmax) 
 }
 
 at::Tensor fake_quant_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
-                           int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis, double grad_factor) {
-  (void)grad_factor;
+                           int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis) {
   const QuantInputs in = check_quant_inputs("fake_quant", x, scale, zero_point, quant_min, quant_max, axis);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(in.x);
@@ -137,7 +135,7 @@ at::Tensor fake_quant_cuda(const at::Tensor& x, const at::Tensor& scale, const a
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cuda(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& zero_point,
-    int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis, bool param_grads, double grad_factor) {
+    int64_t quant_min, int64_t quant_max, std::optional<int64_t> axis, bool param_grads) {
   const QuantInputs in = check_quant_inputs("fake_quant_backward", x, scale, zero_point, quant_min, quant_max, axis);
   check_same_shape_dtype_device("fake_quant_backward", "x", x, "grad", grad);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -151,8 +149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fake_quant_backward_cuda(
     if (param_grads) {
       at::Tensor ds = at::empty({in.layout.C}, x.options().dtype(at::kDouble));
       at::Tensor dz = at::empty({in.layout.C}, x.options().dtype(at::kDouble));
-      cuda::reduce<acc_t>(in.layout, op, WriteParamGrads{ds.data_ptr<double>(), dz.data_ptr<double>(), grad_factor},
-                          x);
+      cuda::reduce<acc_t>(in.layout, op, WriteParamGrads{ds.data_ptr<double>(), dz.data_ptr<double>()}, x);
       dscale = ds.to(scale.scalar_type()).reshape(scale.sizes());
       dzero = zero_point.is_floating_point() ? dz.to(zero_point.scalar_type()).reshape(zero_point.sizes())
                                              : at::zeros_like(zero_point);

@@ -3,14 +3,16 @@ an independent float64 reference (torch's batch_norm + the plain-PyTorch loss), 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
-
-import dsg_ext
 from conftest import LOW_PRECISION, cpu64, offset_view, to_dev
 from reference import slack_loss_ref
 from test_slack_loss import _gradcheck_setup, make_targets, make_x
+
+import dsg_ext
 
 F64 = torch.float64
 
@@ -174,21 +176,24 @@ def test_bad_inputs_are_named():
                                                  ok["std"], torch.tensor(0.0), torch.tensor(0.0), sm, ss, False)
 
 
-def test_synthesis_with_fused_bn_matches_the_hooks(device, monkeypatch):
+def test_synthesis_with_fused_bn_matches_the_hooks(device):
     """The taps replace plain BN layers' forward by the fused op (on the CPU by default) and give the
     same synthesis as forward pre-hooks + torch's BatchNorm; the original forward is back afterwards."""
-    from dsg_ext.synthesis import BatchNormTaps, SynthesisConfig, batchnorm_layers, synthesize_batch
     from tiny_models import tiny_bn_net
+
+    from dsg_ext.synthesis import BatchNormTaps, SynthesisConfig, batchnorm_layers, synthesize_batch
 
     model = tiny_bn_net()
     cfg = SynthesisConfig(method="dsg", iterations=6, batch_size=4, image_size=12, lr=0.1)
     results = {}
-    for switch in ("0", "1"):
-        monkeypatch.setenv("DSG_EXT_FUSED_BN", switch)
-        results[switch] = synthesize_batch(model.to(device), cfg, batch_index=0, device=device)
-    torch.testing.assert_close(results["1"].images, results["0"].images, rtol=1e-4, atol=1e-5)
-    assert results["1"].final_layer_losses == pytest.approx(results["0"].final_layer_losses, rel=1e-4, abs=1e-6)
+    for fused in (False, True):
+        results[fused] = synthesize_batch(model.to(device), dataclasses.replace(cfg, fused_bn=fused), batch_index=0,
+                                          device=device)
+    torch.testing.assert_close(results[True].images, results[False].images, rtol=1e-4, atol=1e-5)
+    assert results[True].final_layer_losses == pytest.approx(results[False].final_layer_losses, rel=1e-4, abs=1e-6)
     layers = batchnorm_layers(model)
     with BatchNormTaps(layers, unbiased=True):
         assert all("forward" in bn.__dict__ for _, bn in layers)
     assert all("forward" not in bn.__dict__ for _, bn in layers)
+    with BatchNormTaps(layers, unbiased=True, fused=False):  # pre-hooks only
+        assert all("forward" not in bn.__dict__ for _, bn in layers)

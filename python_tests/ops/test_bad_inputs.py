@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import requires_cuda
 
 import dsg_ext
-from conftest import requires_cuda
 
 F32, F64 = torch.float32, torch.float64
 ops = torch.ops.dsg_ext
@@ -162,14 +162,14 @@ def test_fake_quant_rejects(case):
 
 FQ_BACKWARD_CASES = {
     "grad_dtype": (lambda x: ops.fake_quant_backward(torch.ones_like(x, dtype=F64), x, torch.tensor(0.1),
-                                                     torch.tensor(0.0), 0, 255, None, True, 1.0),
+                                                     torch.tensor(0.0), 0, 255, None, True),
                    "grad must have the dtype of x"),
     "grad_shape": (lambda x: ops.fake_quant_backward(torch.ones(3, 4), x, torch.tensor(0.1), torch.tensor(0.0), 0, 255,
-                                                     None, True, 1.0), "grad must have the shape of x"),
+                                                     None, True), "grad must have the shape of x"),
     "scale_zero": (lambda x: ops.fake_quant_backward(torch.ones_like(x), x, torch.tensor(0.0), torch.tensor(0.0), 0, 255,
-                                                     None, True, 1.0), "scale must be positive"),
+                                                     None, True), "scale must be positive"),
     "qrange": (lambda x: ops.fake_quant_backward(torch.ones_like(x), x, torch.tensor(0.1), torch.tensor(0.0), 3, 2,
-                                                 None, False, 1.0), "must be smaller than quant_max"),
+                                                 None, False), "must be smaller than quant_max"),
 }
 
 
@@ -333,24 +333,24 @@ def test_op_error_messages_format_every_value_kind(device):
     fq = torch.ops.dsg_ext.fake_quant
     x = torch.randn(4, 3, device=device)
     ones, zeros = torch.ones(3, device=device), torch.zeros(3, device=device)
-    assert _message(lambda: fq(x, ones, zeros, 5, 1, 1, 1.0)) == \
+    assert _message(lambda: fq(x, ones, zeros, 5, 1, 1)) == \
         "fake_quant: quant_min (5) must be smaller than quant_max (1)"
-    assert _message(lambda: fq(x, ones, zeros, -70000, 1, 1, 1.0)) == (
+    assert _message(lambda: fq(x, ones, zeros, -70000, 1, 1)) == (
         "fake_quant: quantization range [-70000, 1] is not supported: quant_min and quant_max must lie in "
         "[-65536, 65536] (at most 16 bits)")
-    assert _message(lambda: fq(x, ones, zeros, 0, 255, -3, 1.0)) == \
+    assert _message(lambda: fq(x, ones, zeros, 0, 255, -3)) == \
         "fake_quant: axis -3 is out of range for a tensor of 2 dimensions"
-    assert _message(lambda: fq(x, ones[:2], zeros[:2], 0, 255, 1, 1.0)) == \
+    assert _message(lambda: fq(x, ones[:2], zeros[:2], 0, 255, 1)) == \
         "fake_quant: scale must have shape (3) to match the channel dimension of x, got shape [2]"
     if device == "cpu":  # value checks read the parameters: the CUDA op leaves them to the Python side (no sync)
-        assert _message(lambda: fq(x, torch.tensor([1.0, -0.25, 1.0]), zeros, 0, 255, 1, 1.0)) == \
+        assert _message(lambda: fq(x, torch.tensor([1.0, -0.25, 1.0]), zeros, 0, 255, 1)) == \
             "fake_quant: scale must be positive and finite, got -0.25 at channel 1"
-        assert _message(lambda: fq(x, ones, torch.tensor([0, 300, 0], dtype=torch.int32), 0, 255, 1, 1.0)) == \
+        assert _message(lambda: fq(x, ones, torch.tensor([0, 300, 0], dtype=torch.int32), 0, 255, 1)) == \
             "fake_quant: zero_point 300 lies outside [quant_min, quant_max] = [0, 255] at channel 1"
-    assert _message(lambda: fq(x.int(), ones, zeros, 0, 255, 1, 1.0)) == \
+    assert _message(lambda: fq(x.int(), ones, zeros, 0, 255, 1)) == \
         "fake_quant: input must be a floating tensor (float32, float64, float16 or bfloat16), got Int"
     if device == "cuda":
-        assert _message(lambda: fq(x, ones.cpu(), zeros, 0, 255, 1, 1.0)) == \
+        assert _message(lambda: fq(x, ones.cpu(), zeros, 0, 255, 1)) == \
             "fake_quant: scale is on cpu but x is on cuda:0; all tensors must be on the same device"
     slack = torch.ops.dsg_ext.bn_stat_slack_loss
     assert _message(lambda: slack(torch.randn(5, device=device), zeros, ones, zeros, zeros, 1e-5, True, True)) == \

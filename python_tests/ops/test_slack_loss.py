@@ -6,10 +6,6 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-import dsg_ext
 from conftest import (
     LOW_PRECISION,
     assert_lowprec_bound,
@@ -20,7 +16,11 @@ from conftest import (
     run_isolated,
     to_dev,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from reference import slack_loss_lowprec, slack_loss_ref, slack_stats_ref
+
+import dsg_ext
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*degrees of freedom is <= 0:UserWarning")
 

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-
-import dsg_ext
 from conftest import (
     LOW_PRECISION,
     assert_lowprec_bound,
@@ -19,7 +14,11 @@ from conftest import (
     run_isolated,
     to_dev,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from reference import fake_quant_grads_ref, fake_quant_lowprec, fake_quant_ref
+
+import dsg_ext
 
 F64 = torch.float64
 QRANGES = [(0, 255), (-128, 127), (0, 15), (-8, 7), (0, 1)]
@@ -359,14 +358,14 @@ def test_low_precision(device, dtype, axis, qrange):
 def _opcheck_samples():
     out = []
     x = make_x((3, 4, 5), torch.tensor(0.1), 0, 255).requires_grad_(True)
-    out.append((x, torch.tensor(0.1), torch.tensor(7, dtype=torch.int32), 0, 255, None, 1.0))
-    out.append((x, torch.tensor([0.1], requires_grad=True), torch.tensor([7.0], requires_grad=True), 0, 255, None, 0.5))
-    out.append((x, make_scale(4).requires_grad_(True), torch.zeros(4, requires_grad=True), -128, 127, 1, 1.0))
-    out.append((x.detach().double().requires_grad_(True), make_scale(5), torch.zeros(5, dtype=torch.int64), -8, 7, -1, 1.0))
-    out.append((x.detach().half().requires_grad_(True), make_scale(3).requires_grad_(True), torch.ones(3), 0, 15, 0, 1.0))
+    out.append((x, torch.tensor(0.1), torch.tensor(7, dtype=torch.int32), 0, 255, None))
+    out.append((x, torch.tensor([0.1], requires_grad=True), torch.tensor([7.0], requires_grad=True), 0, 255, None))
+    out.append((x, make_scale(4).requires_grad_(True), torch.zeros(4, requires_grad=True), -128, 127, 1))
+    out.append((x.detach().double().requires_grad_(True), make_scale(5), torch.zeros(5, dtype=torch.int64), -8, 7, -1))
+    out.append((x.detach().half().requires_grad_(True), make_scale(3).requires_grad_(True), torch.ones(3), 0, 15, 0))
     xcl = make_x((2, 4, 3, 5), torch.tensor(0.1), -128, 127).contiguous(memory_format=torch.channels_last)
-    out.append((xcl.requires_grad_(True), make_scale(4).requires_grad_(True), torch.zeros(4, requires_grad=True), -128, 127, 1, 1.0))
-    out.append((xcl, torch.tensor(0.1), torch.tensor(0, dtype=torch.int32), -128, 127, None, 1.0))
+    out.append((xcl.requires_grad_(True), make_scale(4).requires_grad_(True), torch.zeros(4, requires_grad=True), -128, 127, 1))
+    out.append((xcl, torch.tensor(0.1), torch.tensor(0, dtype=torch.int32), -128, 127, None))
     return out
 
 
@@ -376,10 +375,10 @@ def test_opcheck_forward():
 
 
 def test_opcheck_backward():
-    for x, s, z, qmin, qmax, axis, gf in _opcheck_samples():
+    for x, s, z, qmin, qmax, axis in _opcheck_samples():
         g = torch.randn_like(x)
         for param_grads in (False, True):
-            args = (g, x.detach(), s.detach(), z.detach(), qmin, qmax, axis, param_grads, gf)
+            args = (g, x.detach(), s.detach(), z.detach(), qmin, qmax, axis, param_grads)
             torch.library.opcheck(torch.ops.dsg_ext.fake_quant_backward.default, args)
 
 
@@ -390,7 +389,7 @@ def test_opcheck_channels_last_other_axis(axis):
     c = xcl.shape[axis]
     torch.library.opcheck(
         torch.ops.dsg_ext.fake_quant.default,
-        (xcl.requires_grad_(True), make_scale(c).requires_grad_(True), torch.zeros(c, requires_grad=True), -128, 127, axis, 1.0),
+        (xcl.requires_grad_(True), make_scale(c).requires_grad_(True), torch.zeros(c, requires_grad=True), -128, 127, axis),
     )
 
 
@@ -635,3 +634,11 @@ def test_param_grads_only(axis):
     torch.testing.assert_close(cpu64(ds), rds, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cpu64(dz), rdz, rtol=1e-5, atol=1e-5)
     assert rds.abs().sum() > 0 and rdz.abs().sum() > 0
+
+
+def test_single_zero_point_applies_to_every_channel():
+    x = torch.randn(4, 6, 3, dtype=F64)
+    scale = make_scale(6)
+    got = dsg_ext.fake_quant(x, scale, 0, -8, 7, axis=1)
+    want = fake_quant_ref(x, scale, torch.zeros(6, dtype=torch.int32), -8, 7, 1)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

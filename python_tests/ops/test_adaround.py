@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-import dsg_ext
 from conftest import (
     LOW_PRECISION,
     assert_lowprec_bound,
@@ -17,7 +13,11 @@ from conftest import (
     run_isolated,
     to_dev,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from reference import adaround_lowprec, adaround_ref, rectified_sigmoid
+
+import dsg_ext
 
 F64 = torch.float64
 QRANGES = [(-8, 7), (0, 15), (-128, 127), (0, 255), (0, 1)]
@@ -528,3 +528,16 @@ def test_scale_grad_only():
     ref = ref_run(w, v, scale, zp, -8, 7, 0, 2.0, False, gw, torch.tensor(1.0, dtype=F64))
     torch.testing.assert_close(gs, ref[3], rtol=1e-10, atol=1e-12)
     assert gs.abs().sum() > 0
+
+
+@pytest.mark.parametrize("zero_point", [0, torch.tensor(3, dtype=torch.int32), torch.tensor([3.0])])
+def test_single_zero_point_applies_to_every_channel(zero_point):
+    """A per-channel scale with one zero point (the README's symmetric example) broadcasts it."""
+    w = make_w((6, 5), torch.tensor(0.02), -8, 7)
+    v = torch.randn(6, 5, dtype=F64)
+    scale = make_scale(6)
+    got, reg = dsg_ext.adaround(w, v, scale, zero_point, -8, 7, axis=0)
+    z = torch.as_tensor(zero_point).reshape(-1).expand(6).to(F64)
+    want, want_reg = adaround_ref(w, v, scale, z, -8, 7, 0)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-15)
+    torch.testing.assert_close(reg, want_reg, rtol=1e-12, atol=1e-12)
