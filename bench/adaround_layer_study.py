@@ -13,9 +13,10 @@ import time
 
 import torch
 
-from dsg_ext import pipeline as P
-from dsg_ext import quantize as Q
+from dsg_ext import data as P
+from dsg_ext import quantization as Q
 from dsg_ext.models import load_model
+from dsg_ext.quantization.reconstruct import _unit_inputs
 
 
 def main():
@@ -37,17 +38,17 @@ def main():
         for its in (int(a) for a in args.iterations.split(",")):
             q = copy.deepcopy(base)
             t = time.time()
-            (rec,) = Q.adaround(q, fp, calib, Q.AdaRoundConfig(iterations=its, batch_size=16, lr=args.lr,
+            (rec,) = Q.reconstruct(q, fp, calib, Q.AdaRoundConfig(iterations=its, batch_size=16, lr=args.lr,
                                                                 keep_better=False), progress=False, layers=[name])
             layer, wq = q.get_submodule(name), Q.weight_quantizers(q)[name]
-            x_fp = Q._layer_inputs(fp, name, held_out, 16, "cpu")
-            x_q = Q._layer_inputs(q, name, held_out, 16, "cpu")
+            x_fp = _unit_inputs(fp, name, held_out, 16, "cpu")
+            x_q = _unit_inputs(q, name, held_out, 16, "cpu")
             with torch.no_grad():
                 target = fp.get_submodule(name)(x_fp)
-                held_ada = float(Q._rec_loss(layer(x_q), target))
-                wq.mode = "fake"  # nearest rounding of the same weights
-                held_nearest = float(Q._rec_loss(layer(x_q), target))
-                wq.mode = "int"
+                held_ada = float(Q.reconstruction_loss(layer(x_q), target))
+                wq.mode = Q.WeightMode.FAKE  # nearest rounding of the same weights
+                held_nearest = float(Q.reconstruction_loss(layer(x_q), target))
+                wq.mode = Q.WeightMode.INT
             print(json.dumps({"layer": name, "shape": list(layer.parametrizations.weight.original.shape),
                               "iterations": its, "calib_nearest": rec["rec_loss_nearest"],
                               "calib_adaround": rec["rec_loss_adaround"], "held_out_nearest": held_nearest,

@@ -13,11 +13,11 @@ import json
 import os
 import time
 
-
-from dsg_ext import pipeline, quantize
-from dsg_ext.generate import generate
+from dsg_ext import data as pipeline
+from dsg_ext import quantization as quantize
+from dsg_ext.evaluation import fidelity
 from dsg_ext.models import load_model
-from dsg_ext.synthesis import SynthesisConfig
+from dsg_ext.synthesis import SynthesisConfig, generate
 
 
 def main():
@@ -61,7 +61,7 @@ def main():
             q = quantize.quantize_model(fp, quantize.QuantConfig(wbits=4, abits=4, observer=obs), example)
             quantize.calibrate(q, images, batch_size=16, device=args.device)
             quantize.finalize_weights(q)
-            fid = quantize.fidelity(fp, q, eval_x, batch_size=32, device=args.device)
+            fid = fidelity(fp, q, eval_x, batch_size=32, device=args.device)
             rows.append({"observer": obs, "source": name, **fid})
             print(f"W4A4 {obs:7s} {name:12s} agreement {fid['top1_agreement']:6.2f}%  KL {fid['mean_kl']:.4f}", flush=True)
     result = {"eval_images": int(eval_x.shape[0]), "samples": args.samples, "iterations": args.iterations,

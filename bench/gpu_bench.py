@@ -11,9 +11,10 @@ import os
 import sys
 
 import torch
+import workloads as benchmarks
 
 import dsg_ext
-from dsg_ext import benchmarks, ops
+from dsg_ext import ops
 
 
 def _poison():

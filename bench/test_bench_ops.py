@@ -2,13 +2,12 @@
 
     python -m pytest bench --benchmark-group-by=param:workload --benchmark-columns=median,iqr,rounds
 
-Compare the medians within one group (one workload); `dsg bench` prints the same comparison as
+Compare the medians within one group (one workload); bench/run.py prints the same comparison as
 ratios together with the ratio to the memory floor.
 """
 
 import pytest
-
-from dsg_ext import benchmarks
+import workloads as benchmarks
 
 WORKLOADS = {
     wl.name: wl

@@ -1,9 +1,45 @@
 """dsg_ext: data-free quantization with Diverse Sample Generation (DSG, CVPR 2021).
 
-The hot paths are fused C++/CUDA torch ops (torch.ops.dsg_ext.*), wrapped in dsg_ext.ops.
+The path a user walks, each step importable from here:
+
+    images = dsg_ext.synthesize(model, dsg_ext.SynthesisConfig(...), num_samples=256)
+    qmodel = dsg_ext.quantize_model(model, dsg_ext.QuantConfig(wbits=4, abits=4), example)
+    dsg_ext.calibrate(qmodel, images)
+    dsg_ext.reconstruct(qmodel, model, images, dsg_ext.AdaRoundConfig(iterations=1000))   # optional
+    dsg_ext.save_quantized(qmodel, "model.safetensors", source, dsg_ext.model_identity(model))
+
+The hot paths are fused C++/CUDA torch ops (torch.ops.dsg_ext.*), wrapped in ``dsg_ext.ops`` and
+exported here too (``bn_stat_slack_loss``, ``bn_eval_slack``, ``fake_quant``, ``adaround``).
+Sub-packages: ``synthesis``, ``quantization``, ``data``, ``models``; ``evaluation``; ``errors``.
 """
 
+from .errors import (
+    ConfigError,
+    DatasetError,
+    DataSourceError,
+    DsgError,
+    InvalidDataError,
+    ModelSourceError,
+    NoBatchNormError,
+    NonFiniteLossError,
+    QuantizationError,
+    QuantizedFileError,
+    SynthesisError,
+)
+from .evaluation import fidelity, topk_accuracy
+from .models import InputSpec, load_model, model_identity
 from .ops import adaround, adaround_init, bn_eval_slack, bn_stat_slack_loss, fake_quant
+from .quantization import (
+    AdaRoundConfig,
+    QuantConfig,
+    calibrate,
+    finalize_weights,
+    load_quantized,
+    quantize_model,
+    reconstruct,
+    save_quantized,
+)
+from .synthesis import SynthesisConfig, generate, synthesize
 
 __version__ = "0.1.0"
 
@@ -15,4 +51,18 @@ def cuda_ops_built() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("dsg_ext::fake_quant", "CUDA")
 
 
-__all__ = ["adaround", "adaround_init", "bn_eval_slack", "bn_stat_slack_loss", "fake_quant", "cuda_ops_built", "__version__"]
+__all__ = [
+    # ops
+    "adaround", "adaround_init", "bn_eval_slack", "bn_stat_slack_loss", "fake_quant", "cuda_ops_built",
+    # synthesis
+    "SynthesisConfig", "synthesize", "generate",
+    # quantization
+    "QuantConfig", "AdaRoundConfig", "quantize_model", "calibrate", "reconstruct", "finalize_weights",
+    "save_quantized", "load_quantized",
+    # models and evaluation
+    "InputSpec", "load_model", "model_identity", "topk_accuracy", "fidelity",
+    # errors
+    "DsgError", "ConfigError", "ModelSourceError", "NoBatchNormError", "SynthesisError", "NonFiniteLossError",
+    "DatasetError", "DataSourceError", "InvalidDataError", "QuantizationError", "QuantizedFileError",
+    "__version__",
+]

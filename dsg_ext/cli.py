@@ -1,12 +1,75 @@
-"""The ``dsg`` command."""
+"""The ``dsg`` command.
+
+Options that set a config field take their default from the dataclass (``SynthesisConfig``,
+``QuantConfig``, ``AdaRoundConfig``, ``DemoConfig``) and their choices from the module constants:
+nothing is restated here, so the command and the Python API cannot drift apart. Any ``DsgError``
+is reported as one line with exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import platform
 import sys
-from typing import List, Optional
+from typing import Any, Callable, Dict, List, Optional
+
+from .errors import ConfigError, DsgError
+
+DEFAULT_DEVICE = "cpu"
+# Prefixes of the argparse destinations of each config's fields (a field may exist in two configs).
+_DEST = {"SynthesisConfig": "synthesis_", "QuantConfig": "quant_", "AdaRoundConfig": "adaround_",
+         "DemoConfig": "demo_"}
+
+
+def _default(cls, field: str) -> Any:
+    return getattr(cls(), field)
+
+
+def _option(parser, flag: str, cls, field: str, help: str, **kwargs) -> None:
+    """An option that sets ``cls``'s ``field``: the default comes from the dataclass. A boolean
+    field becomes a switch that flips its default (``--per-tensor`` sets w_per_channel=False)."""
+    dest = _DEST[cls.__name__] + field
+    default = _default(cls, field)
+    if isinstance(default, bool):
+        action = "store_false" if default else "store_true"
+        parser.add_argument(flag, dest=dest, action=action, default=default, help=help)
+        return
+    if "choices" not in kwargs:
+        kwargs.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
+        if "type" not in kwargs and default is not None:
+            kwargs["type"] = type(default)
+    parser.add_argument(flag, dest=dest, default=kwargs.pop("shown_default", default), help=help, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, cls, **overrides):
+    """The ``cls`` instance the parsed options describe; fields without an option keep the default."""
+    prefix = _DEST[cls.__name__]
+    values = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls) if hasattr(args, prefix + f.name)}
+    return cls(**{**values, **overrides})
+
+
+def _optional_bits(off: int) -> Callable[[str], Optional[int]]:
+    """A bit-width parser where ``off`` means None (float activations / the same width as the rest)."""
+    def parse(text: str) -> Optional[int]:
+        value = int(text)
+        return None if value == off else value
+
+    parse.__name__ = "bits"
+    return parse
+
+
+def _check_out(path: str, force: bool) -> None:
+    if os.path.exists(path) and not force:
+        raise ConfigError(f"{path} exists; use --force to replace it "
+                          "(it is replaced only once the new file is complete)")
+
+
+# --------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -21,88 +84,35 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    import torch
-
-    from . import benchmarks
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("dsg bench: --device cuda but no GPU is available", file=sys.stderr)
-        return 2
-    size = args.size or ("gpu" if args.device == "cuda" else "cpu")
-    workloads = benchmarks.make_workloads(args.device, size, compile_plain=not args.no_compile)
-    workloads += benchmarks.synthesis_workloads(args.device, size)
-    workloads += benchmarks.adaround_layer_workloads(args.device, size)
-    timer = benchmarks.time_cuda if args.device == "cuda" else benchmarks.time_cpu
-    bandwidth = benchmarks.copy_bandwidth(args.device)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
-    print(f"device: {args.device} ({device_name}), threads: {torch.get_num_threads()}, "
-          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)")
-    header = f"{'workload':42s} {'shape':20s} {'impl':15s} {'median ms':>10s} {'vs dsg_ext':>10s} {'x floor':>8s}"
-    print(header)
-    print("-" * len(header))
-    rows = []
-    for wl in workloads:
-        floor = wl.bytes_moved / bandwidth
-        times = {name: timer(fn) for name, fn in wl.impls.items()}
-        for name, t in times.items():
-            to_floor = t / floor if floor else None
-            rows.append({"workload": wl.name, "shape": wl.description, "impl": name, "median_s": t,
-                         "ratio_to_dsg_ext": t / times["dsg_ext"], "ratio_to_floor": to_floor})
-            print(f"{wl.name:42s} {wl.description:20s} {name:15s} {t * 1e3:10.3f} "
-                  f"{t / times['dsg_ext']:9.2f}x " + (f"{to_floor:7.2f}x" if to_floor else "      -"))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": args.device, "device_name": device_name, "torch": torch.__version__,
-                       "threads": torch.get_num_threads(), "copy_bandwidth_Bps": bandwidth, "rows": rows}, f, indent=2)
-        print(f"wrote {args.json}")
-    return 0
-
-
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .dataset import DatasetError
-    from .generate import generate
-    from .models import ModelSourceError
-    from .synthesis import NoBatchNormError, NonFiniteLossError, SynthesisConfig
+    from .synthesis import SynthesisConfig, generate
 
-    try:
-        config = SynthesisConfig(
-            method=args.method, iterations=args.iterations, lr=args.lr, batch_size=args.batch_size,
-            image_size=args.image_size or 224, epsilon=args.epsilon, enhancement=args.enhancement, init=args.init,
-            seed=args.seed, tv_weight=args.tv, l2_weight=args.l2, jitter=args.jitter, ce_weight=args.ce,
-            layer_weighting=args.layer_weighting, clamp_pixels=args.clamp_pixels,
-            channels_last=args.channels_last, autocast_bf16=args.bf16, cuda_graph=args.cuda_graph,
-        ).validate()
-        manifest = generate(args.model, args.out, config, args.num_samples, device=args.device, weights=args.weights,
-                            preview=args.preview, image_size=args.image_size, compare_zeroq=args.compare_zeroq)
-    except (ValueError, DatasetError, ModelSourceError, NoBatchNormError, NonFiniteLossError) as e:
-        print(f"dsg generate: {e}", file=sys.stderr)
-        return 2
+    config = config_from_args(args, SynthesisConfig, image_size=args.model_image_size or SynthesisConfig().image_size)
+    manifest = generate(args.model, args.out, config.validate(), args.num_samples, device=args.device,
+                        weights=args.weights, preview=args.preview, image_size=args.model_image_size,
+                        compare_zeroq=args.compare_zeroq)
     if manifest:
-        s = manifest.get("summary", {})
-        print(f"{args.out}: {sum(r['num_samples'] for r in manifest['shards'])} samples in {len(manifest['shards'])} shards"
-              + (f"; mean per-layer loss {s['layer_loss_initial_mean']:.4g} -> {s['layer_loss_final_mean']:.4g}" if s else ""))
-        if s:
-            worst = sorted(s["per_layer"], key=lambda r: -r["final"])[:5]
-            print(f"  {'BN layer (worst 5 at the end)':36s} {'start':>10s} {'end':>10s} {'sample spread':>14s}")
-            for r in worst:
-                print(f"  {r['layer']:36s} {r['initial']:10.4g} {r['final']:10.4g} {r['sample_spread']:14.4g}")
-            cmp = s.get("zeroq_comparison")
-            if cmp:
-                ours = next(v for k, v in cmp.items() if k.endswith("_mean_sample_spread") and not k.startswith("zeroq"))
-                print(f"  sample spread over BN layers (batch 0): {args.method} {ours:.4g} vs ZeroQ "
-                      f"{cmp['zeroq_mean_sample_spread']:.4g} (higher = more diverse samples)")
+        _print_generation_summary(args, manifest)
     return 0
 
 
-def _quant_errors():
-    from .dataset import DatasetError
-    from .fashion_mnist import DataError
-    from .models import ModelSourceError
-    from .pipeline import DataSourceError
-    from .quantize import QuantConfigError, QuantizedFileError
-
-    return (ValueError, DatasetError, DataError, ModelSourceError, DataSourceError, QuantConfigError, QuantizedFileError)
+def _print_generation_summary(args: argparse.Namespace, manifest: Dict[str, Any]) -> None:
+    s = manifest.get("summary", {})
+    count = sum(r["num_samples"] for r in manifest["shards"])
+    print(f"{args.out}: {count} samples in {len(manifest['shards'])} shards"
+          + (f"; mean per-layer loss {s['layer_loss_initial_mean']:.4g} -> {s['layer_loss_final_mean']:.4g}"
+             if s else ""))
+    if not s:
+        return
+    worst = sorted(s["per_layer"], key=lambda r: -r["final"])[:5]
+    print(f"  {'BN layer (worst 5 at the end)':36s} {'start':>10s} {'end':>10s} {'sample spread':>14s}")
+    for r in worst:
+        print(f"  {r['layer']:36s} {r['initial']:10.4g} {r['final']:10.4g} {r['sample_spread']:14.4g}")
+    cmp = s.get("zeroq_comparison")
+    if cmp:
+        ours = next(v for k, v in cmp.items() if k.endswith("_mean_sample_spread") and not k.startswith("zeroq"))
+        print(f"  sample spread over BN layers (batch 0): {manifest['method']} {ours:.4g} vs ZeroQ "
+              f"{cmp['zeroq_mean_sample_spread']:.4g} (higher = more diverse samples)")
 
 
 def _example(loaded):
@@ -113,63 +123,46 @@ def _example(loaded):
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    import dataclasses
-    import os
-
-    from . import pipeline, quantize
+    from . import quantization as quant
+    from .data.calibration import calibration_images
     from .models import load_model
 
-    try:
-        if os.path.exists(args.out) and not args.force:
-            raise ValueError(f"{args.out} exists; use --force to replace it (it is replaced only once the new file is complete)")
-        config = quantize.QuantConfig(
-            wbits=args.wbits, abits=None if args.abits == 32 else args.abits, w_per_channel=not args.per_tensor,
-            w_symmetric=not args.asymmetric_weights, act_placement=args.placement,
-            first_last_bits=None if args.first_last_bits == 0 else args.first_last_bits, observer=args.observer,
-            weight_observer=args.weight_observer, fold_bn=args.fold_bn).validate()
-        loaded = load_model(args.model, weights=args.weights, image_size=args.image_size)
-        images, described = pipeline.calibration_images(loaded, args.calib, args.real, args.num_samples)
-        fp = loaded.model.to(args.device)
-        qmodel = quantize.quantize_model(fp, config, _example(loaded).to(args.device))
-        quantize.calibrate(qmodel, images, device=args.device)
-        records = []
-        ada = None
-        if args.adaround:
-            ada = quantize.AdaRoundConfig(iterations=args.adaround_iters, batch_size=args.adaround_batch, lr=args.adaround_lr)
-            blocks = quantize.find_blocks(qmodel) if args.reconstruct == "block" else None
-            records = quantize.adaround(qmodel, fp, images, ada, device=args.device, blocks=blocks)
-            line, warning = quantize.adaround_summary(records)
-            print(line)
-            if warning:
-                print(f"warning: {warning}", file=sys.stderr)
-        quantize.save_quantized(qmodel, args.out, args.model, loaded.identity,
-                                {"calibration": described, "calibration_images": int(images.shape[0]),
-                                 "adaround": dataclasses.asdict(ada) if args.adaround else None,
-                                 "reconstruct": args.reconstruct if args.adaround else None,
-                                 "adaround_layers": records})
-    except _quant_errors() as e:
-        print(f"dsg quantize: {e}", file=sys.stderr)
-        return 2
+    _check_out(args.out, args.force)
+    config = config_from_args(args, quant.QuantConfig).validate()
+    ada = config_from_args(args, quant.AdaRoundConfig).validate() if args.adaround else None
+    loaded = load_model(args.model, weights=args.weights, image_size=args.image_size)
+    images, described = calibration_images(loaded, args.calib, args.real, args.num_samples)
+    fp = loaded.model.to(args.device)
+    qmodel = quant.quantize_model(fp, config, _example(loaded).to(args.device))
+    quant.calibrate(qmodel, images, device=args.device)
+    records = []
+    if ada is not None:
+        records = quant.reconstruct(qmodel, fp, images, ada, device=args.device)
+        line, warning = quant.reconstruction_summary(records)
+        print(line)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
+    quant.save_quantized(qmodel, args.out, args.model, loaded.identity,
+                         {"calibration": described, "calibration_images": int(images.shape[0]),
+                          "adaround": dataclasses.asdict(ada) if ada else None,
+                          "reconstruct": ada.unit if ada else None, "adaround_layers": records})
     print(f"{args.out}: {config.label()} {args.model}, calibrated on {images.shape[0]} images ({described})"
-          + (f", AdaRound {args.adaround_iters} iterations per layer" if args.adaround else ""))
+          + (f", AdaRound {ada.iterations} iterations per {ada.unit}" if ada else ""))
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from . import pipeline, quantize
+    from .evaluation import evaluate
     from .models import load_model
+    from .quantization import load_quantized
 
-    try:
-        loaded = load_model(args.model, weights=args.weights, image_size=args.image_size)
-        fp = loaded.model
-        model, fp_ref = fp, None
-        if args.quantized:
-            model = quantize.load_quantized(fp, args.quantized, loaded.identity, _example(loaded))
-            fp_ref = fp
-        result = pipeline.evaluate(model, loaded, args.data, args.max_images, fp_model=fp_ref)
-    except _quant_errors() as e:
-        print(f"dsg eval: {e}", file=sys.stderr)
-        return 2
+    loaded = load_model(args.model, weights=args.weights, image_size=args.image_size)
+    fp = loaded.model
+    model, fp_ref = fp, None
+    if args.quantized:
+        model = load_quantized(fp, args.quantized, loaded.identity, _example(loaded))
+        fp_ref = fp
+    result = evaluate(model, loaded, args.data, args.max_images, fp_model=fp_ref)
     what = f"{args.model}" + (f" quantized ({args.quantized})" if args.quantized else " FP32")
     parts = [f"{result['images']} images"]
     if "top1" in result:
@@ -186,97 +179,115 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
-    bits = [tuple(int(v) for v in b.upper().lstrip("W").split("A")) for b in args.bits.split(",")]
-    cfg = DemoConfig(out=args.out, samples=args.samples, synth_iterations=args.synth_iters,
-                     adaround_iterations=args.adaround_iters, eval_samples=args.eval_samples, bits=bits,
-                     device=args.device, observer=args.observer)
-    try:
-        run_demo(cfg, progress=not args.quiet)
-    except _quant_errors() as e:
-        print(f"dsg demo: {e}", file=sys.stderr)
-        return 2
+    run_demo(config_from_args(args, DemoConfig), progress=not args.quiet)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsg", description="Data-free quantization with Diverse Sample Generation")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("info", help="versions and which backends this build has")
-    p.set_defaults(func=_cmd_info)
-    p = sub.add_parser("bench", help="time the fused ops against plain PyTorch (and torch.compile of it)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--size", choices=("cpu", "gpu", "tiny"), default=None,
-                   help="problem sizes: 'gpu' = the issue's H100 goal shapes (default on cuda), 'cpu' = smaller")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines (faster)")
-    p.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
-    p.set_defaults(func=_cmd_bench)
+# --------------------------------------------------------------------------------------------
+# The parser
+# --------------------------------------------------------------------------------------------
 
-    p = sub.add_parser("generate", help="synthesise calibration images from a model's BatchNorm statistics")
-    p.add_argument("--model", required=True, help="torchvision:NAME, timm:NAME, efficientnet-lite0, module:function or a TorchScript file")
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default (taken from the config dataclasses)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _add_generate(sub) -> None:
+    from .synthesis.config import INITS, LAYER_WEIGHTINGS, METHODS
+    from .synthesis.config import SynthesisConfig as S
+    from .synthesis.writer import DEFAULT_NUM_SAMPLES
+
+    p = sub.add_parser("generate", formatter_class=_Formatter,
+                       help="synthesise calibration images from a model's BatchNorm statistics")
+    p.add_argument("--model", required=True,
+                   help="torchvision:NAME, timm:NAME, efficientnet-lite0, fashion-mnist-resnet20, module:function, "
+                        "a torch.export .pt2 or a TorchScript file")
     p.add_argument("--weights", help="state-dict file for torchvision:/timm:/module: sources")
-    p.add_argument("--method", choices=("dsg", "zeroq"), default="dsg")
-    p.add_argument("--num-samples", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--iterations", type=int, default=500)
-    p.add_argument("--lr", type=float, default=0.5)
-    p.add_argument("--epsilon", type=float, default=0.9, help="slack quantile, in (0, 1] (dsg)")
-    p.add_argument("--enhancement", type=float, default=2.0, help="weight of each sample's own layer (dsg)")
-    p.add_argument("--init", choices=("gaussian", "uniform"), default="gaussian")
-    p.add_argument("--image-size", type=int, default=None, help="default: the model's (224 for ImageNet models)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tv", type=float, default=0.0, help="total-variation prior weight (off by default)")
-    p.add_argument("--l2", type=float, default=0.0, help="l2 prior weight (off by default)")
-    p.add_argument("--jitter", type=int, default=0, help="random shift in pixels (off by default)")
-    p.add_argument("--ce", type=float, default=0.0,
-                   help="weight of a random-label cross-entropy prior (each sample towards a random class; off by default)")
-    p.add_argument("--layer-weighting", choices=("equal", "initial"), default="equal",
-                   help="'initial' divides each BN layer's loss by its value on the initial batch (not in the paper)")
-    p.add_argument("--clamp-pixels", action="store_true",
-                   help="keep images inside the model's valid input range (not in the paper)")
-    p.add_argument("--channels-last", action="store_true", help="run the network in channels_last (GPU speed)")
-    p.add_argument("--bf16", action="store_true", help="run the network under bf16 autocast; statistics stay fp32")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="capture one whole iteration in a CUDA graph and replay it (GPU; removes launch overhead)")
-    p.add_argument("--device", default="cpu")
+    _option(p, "--method", S, "method", "zeroq: ZeroQ; dsg: DSG (slack + layerwise enhancement)", choices=METHODS)
+    p.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES, help="images in all")
+    _option(p, "--batch-size", S, "batch_size", "images optimised together")
+    _option(p, "--iterations", S, "iterations", "optimisation steps per batch")
+    _option(p, "--lr", S, "lr", "Adam learning rate on the pixels")
+    _option(p, "--epsilon", S, "epsilon", "slack quantile, in (0, 1] (dsg)")
+    _option(p, "--enhancement", S, "enhancement", "weight of each sample's own layer (dsg)")
+    _option(p, "--init", S, "init", "starting images", choices=INITS)
+    p.add_argument("--image-size", dest="model_image_size", metavar="IMAGE_SIZE", type=int, default=None,
+                   help="default: the model's (224 for ImageNet models)")
+    _option(p, "--seed", S, "seed", "batch b starts from seed (seed, b)")
+    _option(p, "--tv", S, "tv_weight", "total-variation prior weight (0 = off)")
+    _option(p, "--l2", S, "l2_weight", "l2 prior weight (0 = off)")
+    _option(p, "--jitter", S, "jitter", "random shift in pixels (0 = off)")
+    _option(p, "--ce", S, "ce_weight", "weight of a random-label cross-entropy prior (each sample towards a random "
+            "class; 0 = off)")
+    _option(p, "--layer-weighting", S, "layer_weighting", "'initial' divides each BN layer's loss by its value on the "
+            "initial batch (not in the paper)", choices=LAYER_WEIGHTINGS)
+    _option(p, "--clamp-pixels", S, "clamp_pixels",
+            "keep images inside the model's valid input range (not in the paper)")
+    _option(p, "--channels-last", S, "channels_last", "run the network in channels_last (GPU speed)")
+    _option(p, "--bf16", S, "autocast_bf16", "run the network under bf16 autocast; statistics stay fp32")
+    _option(p, "--cuda-graph", S, "cuda_graph",
+            "capture one whole iteration in a CUDA graph and replay it (GPU; removes launch overhead)")
+    p.add_argument("--device", default=DEFAULT_DEVICE)
     p.add_argument("--out", required=True, help="dataset directory (re-running the same command resumes it)")
     p.add_argument("--preview", help="also write a PNG grid of the samples")
     p.add_argument("--compare-zeroq", action="store_true",
                    help="also synthesise batch 0 with ZeroQ and report both methods' sample spread")
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("quantize", help="fake-quantize a model, calibrated on synthetic or real images")
+
+def _add_quantize(sub) -> None:
+    from .data.calibration import DEFAULT_CALIBRATION_IMAGES
+    from .quantization.config import PLACEMENTS, RECONSTRUCTION_UNITS
+    from .quantization.config import AdaRoundConfig as A
+    from .quantization.config import QuantConfig as Q
+    from .quantization.observers import OBSERVERS
+    from .quantization.qparams import WEIGHT_OBSERVERS
+
+    p = sub.add_parser("quantize", formatter_class=_Formatter,
+                       help="fake-quantize a model, calibrated on synthetic or real images")
     p.add_argument("--model", required=True, help="model source, as for generate")
     p.add_argument("--weights", help="state-dict file for torchvision:/timm:/module: sources")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--calib", metavar="DIR", help="a dataset directory written by dsg generate for this model")
-    src.add_argument("--real", metavar="DIR", help="a directory of real images, 'fashion-mnist' (training split) or 'noise'")
-    p.add_argument("--num-samples", type=int, default=256, help="calibration images used")
+    src.add_argument("--real", metavar="DIR",
+                     help="a directory of real images, 'fashion-mnist' (training split), 'skimage-photos' or 'noise'")
+    p.add_argument("--num-samples", type=int, default=DEFAULT_CALIBRATION_IMAGES, help="calibration images used")
     p.add_argument("--image-size", type=int, default=None, help="the model's input size (default: the source's own)")
-    p.add_argument("--wbits", type=int, default=4)
-    p.add_argument("--abits", type=int, default=4, help="32 = activations stay float")
-    p.add_argument("--first-last-bits", type=int, default=8, help="bits of the first and last layer (0 = same as the rest)")
-    p.add_argument("--per-tensor", action="store_true", help="one weight scale per layer instead of per output channel")
-    p.add_argument("--asymmetric-weights", action="store_true")
-    p.add_argument("--placement", choices=("input", "relu"), default="input",
-                   help="activation quantizers at every layer input, or after each ReLU (ZeroQ)")
-    p.add_argument("--observer", choices=("minmax", "ema", "percentile", "mse"), default="mse")
-    p.add_argument("--weight-observer", choices=("minmax", "mse"), default="minmax")
-    p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the preceding convolution first")
-    p.add_argument("--adaround", action="store_true", help="AdaRound every layer (Nagel et al. 2020)")
-    p.add_argument("--adaround-iters", type=int, default=10000, help="iterations per layer")
-    p.add_argument("--adaround-batch", type=int, default=32)
-    p.add_argument("--adaround-lr", type=float, default=1e-3,
-                   help="Adam learning rate of the rounding variables (the paper's 1e-3 assumes ~10k iterations; "
-                        "shorter schedules leave most variables undecided unless it is raised)")
-    p.add_argument("--reconstruct", choices=("layer", "block"), default="layer",
-                   help="AdaRound target: each layer's output (AdaRound) or each residual block's output, its "
-                        "layers rounded jointly (BRECQ); layers outside blocks stay layer-wise")
-    p.add_argument("--device", default="cpu")
+    _option(p, "--wbits", Q, "wbits", "weight bits")
+    _option(p, "--abits", Q, "abits", "activation bits (32 = activations stay float)", type=_optional_bits(32))
+    _option(p, "--first-last-bits", Q, "first_last_bits", "bits of the first and last layer (0 = same as the rest)",
+            type=_optional_bits(0))
+    _option(p, "--per-tensor", Q, "w_per_channel", "one weight scale per layer instead of per output channel")
+    _option(p, "--asymmetric-weights", Q, "w_symmetric", "asymmetric (unsigned, with a zero point) weight ranges")
+    _option(p, "--placement", Q, "act_placement",
+            "activation quantizers at every layer input, or after each ReLU (ZeroQ)", choices=PLACEMENTS)
+    _option(p, "--observer", Q, "observer", "activation ranges", choices=tuple(OBSERVERS))
+    _option(p, "--percentile", Q, "percentile", "percentile of the 'percentile' observer")
+    _option(p, "--weight-observer", Q, "weight_observer", "weight ranges per channel", choices=WEIGHT_OBSERVERS)
+    _option(p, "--fold-bn", Q, "fold_bn", "fold BatchNorm into the preceding convolution first")
+    p.add_argument("--adaround", action="store_true", help="learn the weight rounding (AdaRound, Nagel et al. 2020)")
+    _option(p, "--adaround-iters", A, "iterations", "AdaRound iterations per layer (or block)")
+    _option(p, "--adaround-batch", A, "batch_size", "AdaRound batch size")
+    _option(p, "--adaround-lr", A, "lr",
+            "Adam learning rate of the rounding variables (the paper's 1e-3 assumes ~10k iterations; shorter "
+            "schedules leave most variables undecided unless it is raised)")
+    _option(p, "--reconstruct", A, "unit", "AdaRound target: each layer's output (AdaRound) or each residual block's "
+            "output, its layers rounded jointly (BRECQ); layers outside blocks stay layer-wise",
+            choices=RECONSTRUCTION_UNITS)
+    p.add_argument("--device", default=DEFAULT_DEVICE)
     p.add_argument("--out", required=True, help="quantized model file (.safetensors)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=_cmd_quantize)
 
-    p = sub.add_parser("eval", help="accuracy (and fidelity to FP32) of a model or a quantized model")
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", formatter_class=_Formatter,
+                       help="accuracy (and fidelity to FP32) of a model or a quantized model")
     p.add_argument("--model", required=True)
     p.add_argument("--weights")
     p.add_argument("--quantized", metavar="FILE", help="a file written by dsg quantize for this model")
@@ -288,24 +299,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("demo", help="end to end on the shipped Fashion-MNIST network (CPU, about 10 minutes)")
-    p.add_argument("--out", default="dsg_demo", help="directory for the synthetic data, demo.json and demo.png")
-    p.add_argument("--samples", type=int, default=256, help="calibration images per source")
-    p.add_argument("--synth-iters", type=int, default=150, help="synthesis iterations (the papers: 500)")
-    p.add_argument("--adaround-iters", type=int, default=80, help="AdaRound iterations per layer (the paper: 10000)")
-    p.add_argument("--eval-samples", type=int, default=2000, help="test images evaluated (10000 = all)")
-    p.add_argument("--bits", default="W8A8,W6A6,W4A8,W4A4")
-    p.add_argument("--observer", choices=("minmax", "ema", "percentile", "mse"), default="minmax",
-                   help="activation ranges (min/max shows the calibration data's influence most)")
-    p.add_argument("--device", default="cpu")
+
+def _add_demo(sub) -> None:
+    from .demo import DemoConfig as D
+    from .demo import format_bits, parse_bits
+    from .quantization.observers import OBSERVERS
+
+    p = sub.add_parser("demo", formatter_class=_Formatter,
+                       help="end to end on the shipped Fashion-MNIST network (CPU, about 8 minutes)")
+    _option(p, "--out", D, "out", "directory for the synthetic data, demo.json and demo.png")
+    _option(p, "--samples", D, "samples", "calibration images per source")
+    _option(p, "--synth-iters", D, "synth_iterations", "synthesis iterations (the papers: 500)")
+    _option(p, "--adaround-iters", D, "adaround_iterations", "AdaRound iterations per layer (the paper: 10000)")
+    _option(p, "--eval-samples", D, "eval_samples", "test images evaluated (10000 = all)")
+    _option(p, "--bits", D, "bits", "bit settings", type=parse_bits, shown_default=format_bits(D().bits))
+    _option(p, "--observer", D, "observer", "activation ranges (min/max shows the calibration data's influence most)",
+            choices=tuple(OBSERVERS))
+    _option(p, "--device", D, "device", "where to run")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsg", description="Data-free quantization with Diverse Sample Generation")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="versions and which backends this build has")
+    p.set_defaults(func=_cmd_info)
+    _add_generate(sub)
+    _add_quantize(sub)
+    _add_eval(sub)
+    _add_demo(sub)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except DsgError as e:
+        print(f"dsg {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

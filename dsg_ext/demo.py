@@ -18,8 +18,15 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
-from . import pipeline, quantize
-from .dataset import atomic_write_bytes
+from . import quantization as quant
+from ._io import atomic_write_bytes
+from .data import calibration, fashion_mnist
+from .errors import ConfigError
+from .evaluation import topk_accuracy
+from .models import load_model
+from .synthesis import SynthesisConfig, generate
+
+MODEL = "fashion-mnist-resnet20"
 
 SOURCES = ("real", "zeroq", "dsg", "noise")
 DEFAULT_BITS = ((8, 8), (6, 6), (4, 8), (4, 4))
@@ -42,27 +49,35 @@ class DemoConfig:
     seed: int = 0
 
 
+def format_bits(bits: Sequence[Tuple[int, int]]) -> str:
+    """((8, 8), (4, 4)) -> "W8A8,W4A4" (the form ``dsg demo --bits`` takes)."""
+    return ",".join(f"W{w}A{a}" for w, a in bits)
+
+
+def parse_bits(text: str) -> Tuple[Tuple[int, int], ...]:
+    """"W8A8,W4A4" -> ((8, 8), (4, 4))."""
+    try:
+        bits = tuple(tuple(int(v) for v in b.strip().upper().lstrip("W").split("A")) for b in text.split(","))
+    except ValueError:
+        bits = ()
+    if not bits or any(len(b) != 2 for b in bits):
+        raise ConfigError(f"bit settings must look like W8A8,W4A4; got {text!r}")
+    return bits
+
+
 def _synthetic(method: str, cfg: DemoConfig, progress: bool) -> torch.Tensor:
-    from .generate import generate
-    from .synthesis import SynthesisConfig
-
     out = os.path.join(cfg.out, "data", method)
-    sconf = SynthesisConfig(method=method, iterations=cfg.synth_iterations, batch_size=min(cfg.synth_batch, cfg.samples),
+    sconf = SynthesisConfig(method=method, iterations=cfg.synth_iterations,
+                            batch_size=min(cfg.synth_batch, cfg.samples),
                             seed=cfg.seed)
-    generate("fashion-mnist-resnet20", out, sconf, cfg.samples, device=cfg.device, show_progress=progress,
-             image_size=None)
-    from .models import load_model
-
-    return pipeline.synthetic_calibration(out, load_model("fashion-mnist-resnet20"), cfg.samples)
+    generate(MODEL, out, sconf, cfg.samples, device=cfg.device, show_progress=progress, image_size=None)
+    return calibration.synthetic_calibration(out, load_model(MODEL), cfg.samples)
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> Dict[str, Any]:
-    from . import fashion_mnist
-    from .models import load_model
-
     t_start = time.perf_counter()
     os.makedirs(cfg.out, exist_ok=True)
-    loaded = load_model("fashion-mnist-resnet20")
+    loaded = load_model(MODEL)
     fp = loaded.model.to(cfg.device)
     test_u8, test_y = fashion_mnist.load_split(train=False)
     n_eval = min(cfg.eval_samples, test_u8.shape[0])
@@ -70,7 +85,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> Dict[str, Any
     test_y = test_y[:n_eval].to(cfg.device)
 
     def accuracy(model) -> float:
-        return pipeline.topk_accuracy(model, test_x, test_y, batch_size=500)[0]
+        return topk_accuracy(model, test_x, test_y, batch_size=500)[0]
 
     fp_acc = accuracy(fp)
     log(f"FP32 ResNet-20 on {n_eval} Fashion-MNIST test images: top-1 {fp_acc:.2f}%")
@@ -80,37 +95,38 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> Dict[str, Any
     for source in cfg.sources:
         t = time.perf_counter()
         if source == "real":
-            calib[source] = pipeline.real_fashion_mnist(cfg.samples, cfg.seed)
+            calib[source] = calibration.real_fashion_mnist(cfg.samples, cfg.seed)
         elif source == "noise":
-            calib[source] = pipeline.gaussian_noise(loaded.input, cfg.samples, cfg.seed)
+            calib[source] = calibration.gaussian_noise(loaded.input, cfg.samples, cfg.seed)
         elif source in ("zeroq", "dsg"):
             calib[source] = _synthetic(source, cfg, progress)
         else:
-            raise ValueError(f"unknown calibration source {source!r}; choose from {SOURCES}")
+            raise ConfigError(f"unknown calibration source {source!r}; choose from {SOURCES}")
         timings[f"data_{source}_s"] = time.perf_counter() - t
         log(f"calibration data {source}: {calib[source].shape[0]} images ({timings[f'data_{source}_s']:.1f} s)")
 
     rows: List[Dict[str, Any]] = []
     example = calib[cfg.sources[0]][:2].to(cfg.device)
-    ada = quantize.AdaRoundConfig(iterations=cfg.adaround_iterations, seed=cfg.seed)
+    ada = quant.AdaRoundConfig(iterations=cfg.adaround_iterations, seed=cfg.seed)
     for wbits, abits in cfg.bits:
-        qconf = quantize.QuantConfig(wbits=wbits, abits=abits, observer=cfg.observer)
+        qconf = quant.QuantConfig(wbits=wbits, abits=abits, observer=cfg.observer)
         for source in cfg.sources:
             images = calib[source].to(cfg.device)
             t = time.perf_counter()
-            q = quantize.quantize_model(fp, qconf, example)
-            quantize.calibrate(q, images, device=cfg.device)
+            q = quant.quantize_model(fp, qconf, example)
+            quant.calibrate(q, images, device=cfg.device)
             q_ada = copy.deepcopy(q)  # same activation ranges; AdaRound then rounds its weights
-            quantize.finalize_weights(q)
+            quant.finalize_weights(q)
             plain_acc = accuracy(q)
             t_ada = time.perf_counter()
-            quantize.adaround(q_ada, fp, images, ada, device=cfg.device, progress=False)
+            quant.reconstruct(q_ada, fp, images, ada, device=cfg.device, progress=False)
             ada_s = time.perf_counter() - t_ada
             ada_acc = accuracy(q_ada)
             row = {"bits": qconf.label(), "source": source, "calibration": plain_acc, "adaround": ada_acc,
                    "adaround_seconds": ada_s, "seconds": time.perf_counter() - t}
             rows.append(row)
-            log(f"{row['bits']:6s} {source:6s} calibration {plain_acc:6.2f}%  AdaRound {ada_acc:6.2f}%  ({row['seconds']:.1f} s)")
+            log(f"{row['bits']:6s} {source:6s} calibration {plain_acc:6.2f}%  AdaRound {ada_acc:6.2f}%  "
+                f"({row['seconds']:.1f} s)")
 
     result = {
         "fp32_top1": fp_acc,

@@ -1,6 +1,6 @@
 """Trains the shipped Fashion-MNIST ResNet-20 (CPU is enough: ~25 min on 2 cores for the defaults).
 
-    python -m dsg_ext.train_fashion_mnist [--epochs 8] [--out dsg_ext/weights/resnet20_fashion_mnist.safetensors]
+    python scripts/train_fashion_mnist.py [--epochs 8] [--out dsg_ext/weights/resnet20_fashion_mnist.safetensors]
 
 SGD with momentum 0.9, Nesterov, weight decay 5e-4, batch 128, one-cycle cosine learning rate
 (peak 0.1), random crops (4-pixel padding) and horizontal flips. Prints the test accuracy.
@@ -16,7 +16,14 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .fashion_mnist import WEIGHTS, ResNet20, evaluate, load_split, preprocess
+from dsg_ext.data.fashion_mnist import load_split, preprocess
+from dsg_ext.evaluation import topk_accuracy
+from dsg_ext.models.resnet20 import WEIGHTS, ResNet20
+
+
+def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor):
+    """(top-1, top-5) % of the model in eval mode on uint8 Fashion-MNIST images."""
+    return topk_accuracy(model.eval(), preprocess(images), labels, batch_size=1000)
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -68,13 +75,15 @@ def main(argv=None) -> int:
             correct += (logits.argmax(1) == y).sum().item()
             loss_sum += loss.item() * y.numel()
         top1, _ = evaluate(model, test_x, test_y)
-        print(f"epoch {epoch + 1}/{args.epochs}: train loss {loss_sum / total:.4f}, train acc {100 * correct / total:.2f}%, "
+        print(f"epoch {epoch + 1}/{args.epochs}: train loss {loss_sum / total:.4f}, "
+              f"train acc {100 * correct / total:.2f}%, "
               f"test top-1 {top1:.2f}% ({time.time() - start:.0f} s)", flush=True)
     top1, top5 = evaluate(model, test_x, test_y)
     from safetensors.torch import save_file
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    metadata = {"test_top1": f"{top1:.2f}", "test_top5": f"{top5:.2f}", "epochs": str(args.epochs), "seed": str(args.seed)}
+    metadata = {"test_top1": f"{top1:.2f}", "test_top5": f"{top5:.2f}", "epochs": str(args.epochs),
+                "seed": str(args.seed)}
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out, metadata=metadata)
     print(json.dumps({"weights": args.out, "test_top1": top1, "test_top5": top5}))
     return 0

@@ -8,12 +8,13 @@ import warnings
 
 import pytest
 import torch
+from tiny_models import tiny_bn_net
 from torch import nn
 
-from dsg_ext import quantize as Q
-from dsg_ext.models import ModelSourceError, load_model, model_identity
+from dsg_ext import quantization as Q
+from dsg_ext.errors import ModelSourceError
+from dsg_ext.models import load_model, model_identity
 from dsg_ext.synthesis import SynthesisConfig, synthesize_batch
-from tiny_models import tiny_bn_net
 
 SIZE = 64  # ResNet-18 reaches 2x2 feature maps (per-sample statistics need more than one pixel)
 

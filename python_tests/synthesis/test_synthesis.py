@@ -9,24 +9,23 @@ import sys
 
 import pytest
 import torch
+from tiny_models import no_bn_net, tiny_bn_net
 
-from dsg_ext import dataset
-from dsg_ext.generate import generate
+from dsg_ext.data import store as dataset
+from dsg_ext.errors import ConfigError, NoBatchNormError, NonFiniteLossError
 from dsg_ext.synthesis import (
     BatchNormTaps,
-    NoBatchNormError,
-    NonFiniteLossError,
     SynthesisConfig,
     batchnorm_layers,
     enhancement_weights,
+    generate,
     init_images,
     per_sample_statistics,
     slack_margins,
     synthesize_batch,
 )
-from tiny_models import no_bn_net, tiny_bn_net
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # python_tests/, for tiny_models
 SOURCE = "tiny_models:tiny_bn_net"
 
 
@@ -95,7 +94,7 @@ def test_no_batchnorm_named():
                  ({"method": "x"}, "method"), ({"batch_size": 0}, "batch size"), ({"lr": -1.0}, "learning rate")]
 )
 def test_bad_options(kw, word):
-    with pytest.raises(ValueError, match=word):
+    with pytest.raises(ConfigError, match=word):
         small_config(**kw).validate()
 
 
@@ -189,7 +188,7 @@ def test_clamp_pixels_keeps_valid_range():
     r = synthesize_batch(tiny_bn_net(), small_config(clamp_pixels=True, lr=0.5), 0, input_range=(lo, hi))
     for c in range(3):
         assert r.images[:, c].min() >= lo[c] and r.images[:, c].max() <= hi[c]
-    with pytest.raises(ValueError, match="input range"):
+    with pytest.raises(ConfigError, match="input range"):
         synthesize_batch(tiny_bn_net(), small_config(clamp_pixels=True), 0)
 
 
@@ -207,7 +206,7 @@ def test_initial_layer_weighting_starts_every_layer_at_one():
 
 
 def test_image_size_the_model_rejects(tmp_path):
-    with pytest.raises(ValueError, match="does not accept 3x16x16"):
+    with pytest.raises(ConfigError, match="does not accept 3x16x16"):
         generate("tiny_models:fixed_size_net", str(tmp_path), small_config(image_size=16), num_samples=2,
                  show_progress=False)
     assert not any(p.name.startswith("shard_") for p in tmp_path.iterdir())
@@ -226,7 +225,7 @@ def test_channels_last_and_bf16_autocast():
 
 def test_killed_run_resumes_and_guards_config(tmp_path, monkeypatch):
     """A run that dies after its first shard leaves a manifest claiming the directory."""
-    import dsg_ext.generate as gen
+    import dsg_ext.synthesis.writer as gen
 
     out = str(tmp_path / "ds")
     real = gen.synthesize_batch
@@ -251,9 +250,9 @@ def test_killed_run_resumes_and_guards_config(tmp_path, monkeypatch):
 
 
 def test_cuda_graph_option_errors():
-    with pytest.raises(ValueError, match="jitter"):
+    with pytest.raises(ConfigError, match="jitter"):
         small_config(cuda_graph=True, jitter=2).validate()
-    with pytest.raises(ValueError, match="needs a CUDA device"):
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
         synthesize_batch(tiny_bn_net(), small_config(cuda_graph=True), 0, device="cpu")
 
 
@@ -292,5 +291,5 @@ def test_random_label_cross_entropy_prior_steers_predictions():
         hit_ce = (model(with_ce.images).argmax(1) == labels).float().mean()
         hit_plain = (model(without.images).argmax(1) == labels).float().mean()
     assert hit_ce >= 0.75 and hit_ce > hit_plain
-    with pytest.raises(ValueError, match="ce_weight"):
+    with pytest.raises(ConfigError, match="ce_weight"):
         small_config(ce_weight=-1.0).validate()

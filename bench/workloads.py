@@ -1,7 +1,7 @@
 """Benchmark workloads: each fused op next to the plain-PyTorch way (and torch.compile of it).
 
 Shared by the pytest-benchmark suite (bench/test_bench_ops.py), the GPU script (bench/gpu_bench.py)
-and ``dsg bench``. A workload knows the bytes its operation must move at least, so a timing can be
+and bench/run.py (the table of ratios). A workload knows the bytes its operation must move at least, so a timing can be
 given as a ratio to the memory floor (bytes / measured copy bandwidth).
 """
 
@@ -11,10 +11,11 @@ import dataclasses
 import statistics
 from typing import Callable, Dict, List, Optional
 
+import plain
 import torch
 from torch import nn
 
-from . import ops, plain
+from dsg_ext import ops
 
 # Shapes: "gpu" are the issue's goal shapes (H100); "cpu" are small enough for a 2-core machine.
 SHAPES = {
@@ -258,8 +259,8 @@ def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "res
     """One full synthesis iteration (forward with BN taps + statistic loss + backward + Adam step) on a
     torchvision network: ours (``SynthesisLoop``, the code ``dsg generate`` runs) against the peers'
     plain loop (forward pre-hooks computing the loss with torch.mean/torch.var), and the network
-    alone (trivial loss). Ours taps BN layers through the fused ``bn_eval_slack`` op where
-    ``fused_bn_enabled`` (CPU and CUDA). With ``variants`` (GPU): each also under channels_last + bf16
+    alone (trivial loss). Ours taps BN layers through the fused ``bn_eval_slack`` op (CPU and CUDA)
+    unless ``SynthesisConfig.fused_bn`` is off. With ``variants`` (GPU): each also under channels_last + bf16
     autocast, ours replayed from a CUDA graph, and ours with pre-hooks instead of the fused op
     (``*_hooks*``, torch's BatchNorm). ``only`` keeps the named variants.
 
@@ -270,7 +271,7 @@ def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "res
         return []
     import copy
 
-    from .synthesis import BatchNormTaps, SynthesisConfig, SynthesisLoop, batchnorm_layers, enhancement_weights
+    from dsg_ext.synthesis import BatchNormTaps, SynthesisConfig, SynthesisLoop, batchnorm_layers, enhancement_weights
 
     default_batch, image = {"gpu": (256, 224), "cpu": (8, 112), "tiny": (2, 32)}[size]
     batch = batch or default_batch
@@ -285,8 +286,10 @@ def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "res
         p.requires_grad_(False)
     start = torch.randn(batch, 3, image, image, generator=gen)
 
-    def make(kind: str, fast: bool = False, graph: bool = False, cl_only: bool = False) -> Callable[[], object]:
-        # fast: channels_last + bf16 autocast (GPU); cl_only: channels_last in fp32 (CPU)
+    def make(kind: str, fast: bool = False, graph: bool = False, cl_only: bool = False,
+             fused_bn: bool = True) -> Callable[[], object]:
+        # fast: channels_last + bf16 autocast (GPU); cl_only: channels_last in fp32 (CPU);
+        # fused_bn=False: ours with pre-hooks and torch's BatchNorm instead of the fused BN op
         state = {}
 
         def build():
@@ -295,8 +298,9 @@ def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "res
             layers = batchnorm_layers(model)
             if kind == "dsg_ext":
                 config = SynthesisConfig(method="dsg", lr=0.1, batch_size=batch, image_size=image,
-                                         channels_last=fast or cl_only, autocast_bf16=fast, cuda_graph=graph)
-                taps = BatchNormTaps(layers, unbiased=True).__enter__()
+                                         channels_last=fast or cl_only, autocast_bf16=fast, cuda_graph=graph,
+                                         fused_bn=fused_bn)
+                taps = BatchNormTaps(layers, unbiased=True, fused=config.fused_bn).__enter__()
                 taps.set_slack([torch.full((), 0.05, device=device)] * len(layers),
                                [torch.full((), 0.05, device=device)] * len(layers))
                 weights = enhancement_weights(batch, len(layers), 2.0, device)
@@ -339,24 +343,6 @@ def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "res
 
         return run
 
-    def hooks(run: Callable[[], object]) -> Callable[[], object]:
-        """The same workload with the taps' fused BN op forced off (DSG_EXT_FUSED_BN=0): every BN layer
-        tapped by a forward pre-hook computing ``bn_stat_slack_loss``, BatchNorm left to torch."""
-        import os
-
-        def wrapped():
-            before = os.environ.get("DSG_EXT_FUSED_BN")
-            os.environ["DSG_EXT_FUSED_BN"] = "0"
-            try:
-                return run()
-            finally:
-                if before is None:
-                    del os.environ["DSG_EXT_FUSED_BN"]
-                else:
-                    os.environ["DSG_EXT_FUSED_BN"] = before
-
-        return wrapped
-
     impls = {"dsg_ext": make("dsg_ext"), "plain": make("plain"), "network_alone": make("network")}
     if torch.device(device).type == "cpu":  # channels_last in fp32 is the faster layout for oneDNN convolutions
         impls.update({"dsg_ext_cl": make("dsg_ext", cl_only=True), "plain_cl": make("plain", cl_only=True),
@@ -367,8 +353,8 @@ def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "res
             "dsg_ext_bf16_cl_graph": make("dsg_ext", fast=True, graph=True),
             "dsg_ext_fp32_graph": make("dsg_ext", graph=True),
             # the taps' other path: pre-hooks computing the statistics, torch's own BatchNorm
-            "dsg_ext_hooks_bf16_cl_graph": hooks(make("dsg_ext", fast=True, graph=True)),
-            "dsg_ext_hooks_fp32": hooks(make("dsg_ext")),
+            "dsg_ext_hooks_bf16_cl_graph": make("dsg_ext", fast=True, graph=True, fused_bn=False),
+            "dsg_ext_hooks_fp32": make("dsg_ext", fused_bn=False),
             "plain_bf16_cl": make("plain", fast=True),
             "network_alone_bf16_cl": make("network", fast=True),
         })
@@ -381,7 +367,7 @@ def adaround_layer_workloads(device: str = "cpu", size: str = "cpu") -> List[Wor
     """One AdaRound reconstruction iteration of a conv layer, as ``quantize.adaround`` runs it (conv
     forward with the soft-rounded weights, reconstruction loss + lambda R, backward to V, Adam step):
     the fused ``adaround`` op against the peers' elementwise chain (BRECQ/AIMET) in the same loop."""
-    from . import quantize as Q
+    from dsg_ext import quantization as Q
 
     cin, cout, hw, batch = {"gpu": (256, 256, 14, 32), "cpu": (128, 128, 8, 32), "tiny": (8, 8, 4, 4)}[size]
     gen = torch.Generator().manual_seed(0)
@@ -395,14 +381,15 @@ def adaround_layer_workloads(device: str = "cpu", size: str = "cpu") -> List[Wor
         q = Q.quantize_model(nn.Sequential(conv), Q.QuantConfig(wbits=4, abits=None, first_last_bits=None)).to(device)
         layer = q.get_submodule("0")
         wq = layer.parametrizations.weight[0]
-        wq.use_plain_adaround = plain_chain
+        if plain_chain:
+            wq.rounding = plain.plain_rounding
         wq.start_adaround(layer.parametrizations.weight.original)
         wq.beta = 10.0
         opt = torch.optim.Adam([wq.v], lr=1e-3)
 
         def step():
             opt.zero_grad(set_to_none=True)
-            loss = Q._rec_loss(layer(x), target) + 0.01 * wq.last_reg
+            loss = Q.reconstruction_loss(layer(x), target) + 0.01 * wq.last_reg
             loss.backward()
             opt.step()
 

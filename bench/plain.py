@@ -1,7 +1,7 @@
 """The peers' way: the same computations in plain PyTorch, as ZeroQ, DSG, BRECQ and AIMET write them.
 
-These are the baselines the fused ops are benchmarked against (bench/, ``dsg bench``); they are
-not used on any hot path. The tests keep their own float64 references in python_tests/.
+These are the baselines the fused ops are benchmarked against (bench/); the package never uses
+them. The tests keep their own float64 references in python_tests/.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .ops import ADAROUND_GAMMA, ADAROUND_ZETA
+from dsg_ext.ops import rectified_sigmoid
 
 
 def slack_loss(
@@ -70,7 +70,18 @@ def adaround(
     if hard:
         h = (v >= 0).to(w.dtype)
     else:
-        h = torch.clamp(torch.sigmoid(v) * (ADAROUND_ZETA - ADAROUND_GAMMA) + ADAROUND_GAMMA, 0, 1)
+        h = rectified_sigmoid(v)
     w_q = scale * (torch.clamp(w_floor + h + zero_point, quant_min, quant_max) - zero_point)
     reg = (1 - (2 * h - 1).abs().pow(beta)).sum()
     return w_q, reg
+
+
+def plain_rounding(w: Tensor, v: Tensor, scale: Tensor, zero_point: Tensor, quant_min: int, quant_max: int,
+                   axis: Optional[int] = None, *, beta: float = 2.0, hard: bool = False):
+    """``adaround`` with the signature of ``dsg_ext.adaround`` (per-channel parameters along ``axis``),
+    to put in place of a ``WeightQuantizer.rounding`` for timing comparisons."""
+    shape = [1] * w.dim()
+    if axis is not None:
+        shape[axis] = -1
+    return adaround(w, v, scale.view(shape), zero_point.view(shape).to(w.dtype), quant_min, quant_max, beta=beta,
+                    hard=hard)

@@ -1,4 +1,4 @@
-"""`dsg generate`: synthesise a calibration dataset to disk, resumably, on one process or many.
+"""`dsg generate`: the dataset writer -- synthesise a calibration dataset to disk, resumably, on one process or many.
 
 Under torchrun (torch.distributed: NCCL on GPUs, gloo on the CPU) rank r takes batches b with
 b % world_size == r; batch b is seeded from (seed, b) alone, so the dataset is the same whatever
@@ -15,9 +15,15 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from . import dataset
-from .models import LoadedModel, load_model
-from .synthesis import SynthesisConfig, batchnorm_layers, per_sample_statistics, synthesize_batch
+from .._io import atomic_write_json
+from ..data import store as dataset
+from ..errors import ConfigError
+from ..models import LoadedModel, load_model
+from .config import SynthesisConfig
+from .loop import per_sample_statistics, synthesize_batch
+from .taps import batchnorm_layers
+
+DEFAULT_NUM_SAMPLES = 256
 
 
 @dataclasses.dataclass
@@ -60,7 +66,8 @@ def dataset_identity(loaded: LoadedModel, config: SynthesisConfig, num_samples: 
     }
 
 
-def homogenization_summary(loaded: LoadedModel, images: torch.Tensor, device: str, unbiased: bool) -> List[Dict[str, Any]]:
+def homogenization_summary(loaded: LoadedModel, images: torch.Tensor, device: str,
+                           unbiased: bool) -> List[Dict[str, Any]]:
     """Per BN layer: spread across samples of the per-sample channel means (mean over channels of
     the std over samples). Collapsed, homogeneous samples give small values."""
     stats = per_sample_statistics(loaded.model, images, unbiased=unbiased, device=device)
@@ -101,11 +108,27 @@ def generate(
     image_size: Optional[int] = -1,
     compare_zeroq: bool = False,
 ) -> Dict[str, Any]:
-    """image_size: -1 uses config.image_size, None the model's own input size. compare_zeroq also
-    synthesises batch 0 with ZeroQ and reports both methods' sample spread (the paper's measure)."""
+    """Synthesises a calibration dataset into directory ``out`` (what ``dsg generate`` runs).
+
+    Args:
+        source: a model source string (``dsg_ext.models.load_model``: ``torchvision:NAME``, a file, ...).
+        out: the dataset directory; re-running the same call resumes it, a different config is refused.
+        config: the recipe; its ``channels`` and ``image_size`` are replaced by the model's input.
+        num_samples: images in all.
+        device: where to synthesise; under torchrun each rank takes its share of the batches.
+        weights: a state-dict file for the source, when it needs one.
+        preview: also write a PNG grid of (up to 64 of) the samples there.
+        show_progress: a tqdm bar on stderr.
+        image_size: -1 uses ``config.image_size``, None the model's own input size.
+        compare_zeroq: also synthesise batch 0 with ZeroQ and report both methods' sample spread (the
+            paper's homogenization measure) in the manifest's summary.
+
+    Returns:
+        The manifest (an empty dict on ranks other than 0).
+    """
     config.validate()
     if num_samples <= 0:
-        raise ValueError(f"--num-samples must be > 0, got {num_samples}")
+        raise ConfigError(f"--num-samples must be > 0, got {num_samples}")
     info = _init_distributed(device)
     if device.startswith("cuda") and info.world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', info.rank))}"
@@ -129,7 +152,8 @@ def generate(
     dataset.check_compatible(out, dataset.load_manifest(out), identity)
 
     spec = loaded.input
-    input_range = ([(0 - m) / s for m, s in zip(spec.mean, spec.std)], [(1 - m) / s for m, s in zip(spec.mean, spec.std)])
+    input_range = ([(0 - m) / s for m, s in zip(spec.mean, spec.std)],
+                   [(1 - m) / s for m, s in zip(spec.mean, spec.std)])
     mine = [b for b in range(num_batches) if b % info.world == info.rank]
     todo = [b for b in mine if dataset.verify_shard(out, b) is None]
     bar = None
@@ -180,7 +204,7 @@ def generate(
         if compare_zeroq and config.method != "zeroq":
             manifest["summary"]["zeroq_comparison"] = _compare_zeroq(
                 loaded, model, config, images[: config.batch_size], device, layers, input_range)
-        dataset.atomic_write_json(os.path.join(out, dataset.MANIFEST), manifest)
+        atomic_write_json(os.path.join(out, dataset.MANIFEST), manifest)
         if preview:
             write_preview(images, loaded.input, preview)
     return manifest
@@ -191,7 +215,7 @@ def _check_image_size(model, config: SynthesisConfig, device: str, source: str) 
         with torch.no_grad():
             model(torch.zeros(1, config.channels, config.image_size, config.image_size, device=device))
     except RuntimeError as e:
-        raise ValueError(
+        raise ConfigError(
             f"{source} does not accept {config.channels}x{config.image_size}x{config.image_size} images: {e}"
         ) from e
 
@@ -199,7 +223,8 @@ def _check_image_size(model, config: SynthesisConfig, device: str, source: str) 
 def _compare_zeroq(loaded, model, config, images, device, layers, input_range) -> Dict[str, Any]:
     """Batch 0 again with ZeroQ (same seed and options): mean per-layer sample spread of both."""
     zq = dataclasses.replace(config, method="zeroq")
-    result = synthesize_batch(model, zq, 0, count=images.shape[0], device=device, layers=layers, input_range=input_range)
+    result = synthesize_batch(model, zq, 0, count=images.shape[0], device=device, layers=layers,
+                              input_range=input_range)
     ours = homogenization_summary(loaded, images, device, config.unbiased)
     theirs = homogenization_summary(loaded, result.images, device, config.unbiased)
     return {

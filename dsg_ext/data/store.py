@@ -1,4 +1,4 @@
-"""Synthetic datasets on disk: safetensors shards, one JSON record per shard, and a manifest.
+"""The synthetic dataset store on disk: safetensors shards, one JSON record per shard, and a manifest.
 
 DIR/
   manifest.json               method, full config, model identity, shapes, every shard's record
@@ -15,17 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any, Dict, List, Optional
 
 import torch
 
+from .._io import atomic_write_bytes, atomic_write_json, sha256_file
+from ..errors import DatasetError
+
 FORMAT = "dsg_ext.synthetic/1"
 MANIFEST = "manifest.json"
-
-
-class DatasetError(RuntimeError):
-    """An unreadable, foreign or inconsistent dataset directory."""
 
 
 def shard_name(index: int) -> str:
@@ -34,36 +32,6 @@ def shard_name(index: int) -> str:
 
 def record_name(index: int) -> str:
     return f"shard_{index:05d}.json"
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def write_shard(directory: str, index: int, images: torch.Tensor, record: Dict[str, Any]) -> Dict[str, Any]:
@@ -104,7 +72,8 @@ def verify_shard(directory: str, index: int) -> Optional[Dict[str, Any]]:
     if digest != record.get("sha256"):
         import warnings
 
-        warnings.warn(f"{path}: checksum mismatch (expected {record.get('sha256')}, found {digest}); regenerating it")
+        warnings.warn(f"{path}: checksum mismatch (expected {record.get('sha256')}, found {digest}); regenerating it",
+                      stacklevel=2)
         return None
     return record
 
@@ -160,7 +129,8 @@ def load_images(directory: str, verify: bool = True, max_samples: Optional[int] 
             break
         path = os.path.join(directory, record["file"])
         if verify and sha256_file(path) != record["sha256"]:
-            raise DatasetError(f"{path}: checksum mismatch, the shard is corrupt; re-run `dsg generate` to regenerate it")
+            raise DatasetError(
+                f"{path}: checksum mismatch, the shard is corrupt; re-run `dsg generate` to regenerate it")
         parts.append(load_file(path)["images"])
     if not parts:
         raise DatasetError(f"{directory} holds no finished shard")

@@ -3,6 +3,7 @@ the `dsg quantize/eval/demo` commands (CPU)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -10,13 +11,16 @@ import sys
 
 import pytest
 import torch
+from tiny_models import tiny_bn_net
 from torch import nn
 
-from dsg_ext import quantize as Q
-from dsg_ext.pipeline import DataSourceError, synthetic_calibration
-from tiny_models import tiny_bn_net
+from dsg_ext import quantization as Q
+from dsg_ext.data.calibration import synthetic_calibration
+from dsg_ext.errors import ConfigError, DataSourceError, InvalidDataError, QuantizationError, QuantizedFileError
+from dsg_ext.evaluation import fidelity
+from dsg_ext.quantization.qparams import fake_quant_broadcast
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # python_tests/, for tiny_models
 FASHION = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
 needs_fashion = pytest.mark.skipif(not os.path.exists(FASHION), reason="needs the Debian package dataset-fashion-mnist")
 
@@ -90,7 +94,7 @@ def test_relu_placement_puts_quantizers_after_relus():
     model, q = quantized(Q.QuantConfig(act_placement="relu"))
     relus = [n for n, m in q.named_modules() if isinstance(m, nn.ReLU)]
     assert set(Q.act_quantizers(q)) == set(relus)
-    with pytest.raises(Q.QuantConfigError, match="ReLU"):
+    with pytest.raises(ConfigError, match="ReLU"):
         Q.quantize_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()), Q.QuantConfig(act_placement="relu"))
 
 
@@ -115,8 +119,8 @@ def test_bn_folding_keeps_the_float_function():
 
 
 def observe(observer, batches, **kw):
-    aq = Q.ActQuantizer(4, False, observer, **kw)
-    aq.calibrating = True
+    aq = Q.ActQuantizer(4, False, functools.partial(Q.OBSERVERS[observer], symmetric=False, **kw))
+    aq.start_calibration()
     for b in batches:
         aq(b)
     aq.finish_calibration()
@@ -172,20 +176,25 @@ def test_mse_observer_picks_the_best_candidate():
     mm = observe("minmax", BATCHES)
 
     def err_of(a):
-        return float((Q._fq_reference(allv, a.scale.double(), a.zero_point.double(), 0, 15) - allv).pow(2).mean())
+        return float((fake_quant_broadcast(allv, a.scale.double(), a.zero_point.double(), 0, 15) - allv).pow(2).mean())
 
     assert err_of(aq) <= err_of(mm)
 
 
 def test_observer_rejects_nan_and_unreached_layers():
-    aq = Q.ActQuantizer(4, False, "minmax")
-    aq.calibrating = True
-    with pytest.raises(ValueError, match="NaN"):
+    def quantizer():
+        return Q.ActQuantizer(4, False, functools.partial(Q.MinMaxObserver, symmetric=False))
+
+    aq = quantizer()
+    aq.start_calibration()
+    with pytest.raises(InvalidDataError, match="NaN"):
         aq(torch.tensor([1.0, float("nan")]))
-    with pytest.raises(RuntimeError, match="saw no data"):
-        Q.ActQuantizer(4, False, "minmax").finish_calibration()
-    with pytest.raises(RuntimeError, match="before calibration"):
-        Q.ActQuantizer(4, False, "minmax")(torch.ones(3))
+    unreached = quantizer()
+    unreached.start_calibration()
+    with pytest.raises(QuantizationError, match="saw no data"):
+        unreached.finish_calibration()
+    with pytest.raises(QuantizationError, match="before calibration"):
+        quantizer()(torch.ones(3))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,24 +202,22 @@ def test_observer_rejects_nan_and_unreached_layers():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("plain", [False, True])
-def test_adaround_reduces_reconstruction_error(plain):
+def test_adaround_reduces_reconstruction_error():
     model = tiny_bn_net()
     calib = images(64, seed=7)
     q = Q.quantize_model(model, Q.QuantConfig(wbits=3, abits=None, first_last_bits=None), calib[:2])
-    records = Q.adaround(q, model, calib, Q.AdaRoundConfig(iterations=400, lr=1e-2), progress=False, plain=plain,
-                         layers=["3"])
+    records = Q.reconstruct(q, model, calib, Q.AdaRoundConfig(iterations=400, lr=1e-2), progress=False, layers=["3"])
     (r,) = records
     assert r["rec_loss_adaround"] < 0.9 * r["rec_loss_nearest"]
     wq = Q.weight_quantizers(q)["3"]
-    assert wq.mode == "int" and wq.w_int.dtype == torch.int8
+    assert wq.mode is Q.WeightMode.INT and wq.w_int.dtype == torch.int8
     assert int(wq.w_int.min()) >= -4 and int(wq.w_int.max()) <= 3
 
 
 def _nearest_ints(q, name):
     wq = Q.weight_quantizers(q)[name]
     w = q.get_submodule(name).parametrizations.weight.original
-    shape = wq._bshape(w)
+    shape = wq.broadcast_shape(w)
     return torch.clamp(torch.round(w / wq.scale.view(shape)) + wq.zero_point.view(shape), wq.qmin, wq.qmax)
 
 
@@ -222,7 +229,7 @@ def test_adaround_never_left_worse_than_nearest_rounding(keep_better):
     calib = images(64, seed=7)
     q = Q.quantize_model(model, Q.QuantConfig(wbits=3, abits=None, first_last_bits=None), calib[:2])
     bad = Q.AdaRoundConfig(iterations=3, lr=50.0, warmup=0.99, keep_better=keep_better)
-    (r,) = Q.adaround(q, model, calib, bad, progress=False, layers=["3"])
+    (r,) = Q.reconstruct(q, model, calib, bad, progress=False, layers=["3"])
     assert r["rec_loss_adaround"] > r["rec_loss_nearest"]  # the sabotage worked
     assert r["changed_vs_nearest"] > 0.1
     wq = Q.weight_quantizers(q)["3"]
@@ -230,14 +237,14 @@ def test_adaround_never_left_worse_than_nearest_rounding(keep_better):
     assert r["kept"] == ("nearest" if keep_better else "adaround") and same == keep_better
     # a sane schedule is kept
     q2 = Q.quantize_model(model, Q.QuantConfig(wbits=3, abits=None, first_last_bits=None), calib[:2])
-    (r2,) = Q.adaround(q2, model, calib, Q.AdaRoundConfig(iterations=400, lr=1e-2), progress=False, layers=["3"])
+    (r2,) = Q.reconstruct(q2, model, calib, Q.AdaRoundConfig(iterations=400, lr=1e-2), progress=False, layers=["3"])
     assert r2["kept"] == "adaround" and 0 < r2["changed_vs_nearest"] < 0.5 and 0 <= r2["undecided"] <= 1
-    assert "1/1 layers" in Q.adaround_summary([r2])[0]
-    line, warning = Q.adaround_summary([r])
+    assert "1/1 layers" in Q.reconstruction_summary([r2])[0]
+    line, warning = Q.reconstruction_summary([r])
     assert "0/1 layers" in line and "too short" in warning
     settled = dict(r2, undecided=0.01)
-    assert Q.adaround_summary([settled] * 4)[1] is None
-    assert "too short" in Q.adaround_summary([settled] * 2 + [dict(r2, undecided=0.9)] * 2)[1]
+    assert Q.reconstruction_summary([settled] * 4)[1] is None
+    assert "too short" in Q.reconstruction_summary([settled] * 2 + [dict(r2, undecided=0.9)] * 2)[1]
 
 
 def test_find_blocks_on_real_architectures():
@@ -267,32 +274,14 @@ def test_block_reconstruction_rounds_a_residual_block_jointly():
     q = Q.quantize_model(model, Q.QuantConfig(wbits=3, abits=8, first_last_bits=None), calib[:2])
     Q.calibrate(q, calib)
     layers = ["layer1.0.conv1", "layer1.0.conv2", "layer1.1.conv1"]
-    records = Q.adaround(q, model, calib, Q.AdaRoundConfig(iterations=300, lr=1e-2, batch_size=8), progress=False,
+    records = Q.reconstruct(q, model, calib, Q.AdaRoundConfig(iterations=300, lr=1e-2, batch_size=8), progress=False,
                          layers=layers, blocks=["layer1.0", "layer1.1"])
     assert [r["layer"] for r in records] == ["layer1.0", "layer1.1"]
     assert records[0]["kind"] == "block" and records[0]["layers"] == layers[:2]
     assert records[1]["layers"] == ["layer1.1.conv1"]  # only the layers asked for are rounded
     assert records[0]["rec_loss_adaround"] < 0.9 * records[0]["rec_loss_nearest"]
     wqs = Q.weight_quantizers(q)
-    assert all(wqs[n].mode == "int" for n in layers) and wqs["layer1.1.conv2"].mode == "fake"
-
-
-def test_adaround_fused_and_plain_take_the_same_path():
-    """The fused op and the peers' chain give the same soft-rounded weights and regularizer."""
-    model = tiny_bn_net()
-    q = Q.quantize_model(model, Q.QuantConfig(wbits=4, abits=None, first_last_bits=None), images()[:2])
-    layer = q.get_submodule("3")
-    wq = layer.parametrizations.weight[0]
-    w = layer.parametrizations.weight.original
-    wq.start_adaround(w)
-    with torch.no_grad():
-        wq.v.add_(torch.randn(wq.v.shape, generator=torch.Generator().manual_seed(0)))
-    wq.beta = 7.0
-    a, ra = wq(w), wq.last_reg
-    wq.use_plain_adaround = True
-    b, rb = wq(w), wq.last_reg
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ra, rb.to(ra.dtype), rtol=1e-4, atol=1e-4)
+    assert all(wqs[n].mode is Q.WeightMode.INT for n in layers) and wqs["layer1.1.conv2"].mode is Q.WeightMode.FAKE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,21 +300,21 @@ def test_save_load_round_trip(tmp_path):
     x = images(16, seed=9)
     with torch.no_grad():
         assert torch.equal(loaded(x), q(x))
-    fid = Q.fidelity(q, loaded, x)
+    fid = fidelity(q, loaded, x)
     assert fid["top1_agreement"] == 100.0 and fid["mean_kl"] == pytest.approx(0.0, abs=1e-12)
-    with pytest.raises(Q.QuantizedFileError, match="another model"):
+    with pytest.raises(QuantizedFileError, match="another model"):
         Q.load_quantized(tiny_bn_net(seed=1), path, model_identity(tiny_bn_net(seed=1)))
     corrupt = tmp_path / "bad.safetensors"
     corrupt.write_bytes(b"\x00" * 64)
-    with pytest.raises(Q.QuantizedFileError, match="not a readable"):
+    with pytest.raises(QuantizedFileError, match="not a readable"):
         Q.read_quantized(str(corrupt))
-    with pytest.raises(Q.QuantizedFileError, match="no such file"):
+    with pytest.raises(QuantizedFileError, match="no such file"):
         Q.read_quantized(str(tmp_path / "missing.safetensors"))
 
 
 def test_fidelity_detects_a_different_model():
     model, q = quantized(Q.QuantConfig(wbits=2, abits=2, first_last_bits=None))
-    fid = Q.fidelity(model, q, images(64, seed=11))
+    fid = fidelity(model, q, images(64, seed=11))
     assert fid["mean_kl"] > 1e-3
 
 
@@ -337,27 +326,26 @@ def test_fidelity_detects_a_different_model():
 @pytest.mark.parametrize("kw", [{"wbits": 1}, {"wbits": 9}, {"abits": 0}, {"first_last_bits": 16}, {"observer": "max"},
                                 {"act_placement": "after"}, {"percentile": 20.0}])
 def test_bad_quant_options(kw):
-    with pytest.raises(Q.QuantConfigError):
+    with pytest.raises(ConfigError):
         Q.QuantConfig(**kw).validate()
 
 
 def test_bad_calibration_data():
     model = tiny_bn_net()
     q = Q.quantize_model(model, Q.QuantConfig())
-    with pytest.raises(ValueError, match="no calibration images"):
+    with pytest.raises(InvalidDataError, match="no calibration images"):
         Q.calibrate(q, torch.empty(0, 3, 12, 12))
     bad = images(4)
     bad[1, 0, 0, 0] = float("inf")
-    with pytest.raises(ValueError, match="NaN or Inf"):
+    with pytest.raises(InvalidDataError, match="NaN or Inf"):
         Q.calibrate(q, bad)
-    with pytest.raises(Q.QuantConfigError, match="no Conv2d or Linear"):
+    with pytest.raises(ConfigError, match="no Conv2d or Linear"):
         Q.quantize_model(nn.Sequential(nn.ReLU()), Q.QuantConfig())
 
 
 def test_synthetic_calibration_of_another_model_is_refused(tmp_path):
-    from dsg_ext.generate import generate
     from dsg_ext.models import load_model
-    from dsg_ext.synthesis import SynthesisConfig
+    from dsg_ext.synthesis import SynthesisConfig, generate
 
     out = str(tmp_path / "ds")
     generate("tiny_models:tiny_bn_net", out, SynthesisConfig(iterations=2, batch_size=4, image_size=12, lr=0.1),
@@ -440,8 +428,8 @@ def test_demo_pipeline_at_tiny_settings(tmp_path):
 
 def test_photo_crops_are_deterministic_real_images():
     pytest.importorskip("skimage", reason="needs scikit-image (installed by scripts/setup.sh)")
+    from dsg_ext.data.photos import photo_crops
     from dsg_ext.models import InputSpec
-    from dsg_ext.pipeline import photo_crops
 
     spec = InputSpec(3, 16, mean=(0.5,) * 3, std=(0.25,) * 3)
     a = photo_crops(spec, crops_per_photo=2, photos=["astronaut.png", "coffee.png"])

@@ -1,0 +1,37 @@
+"""Quantization, in the order a user applies it: ``quantize_model`` (build a fake-quantized copy) ->
+``calibrate`` (activation ranges from images) -> ``reconstruct`` (AdaRound / BRECQ rounding,
+optional) -> ``save_quantized`` / ``load_quantized`` (the native safetensors file).
+
+Rooms: config (options), qparams (scale / zero-point math), observers (activation range rules),
+quantizers (the weight and activation quantizer modules), prepare (builder, BN folding,
+calibration), reconstruct (AdaRound, BRECQ), serialization (the file format).
+"""
+
+from .config import PLACEMENTS, RECONSTRUCTION_UNITS, AdaRoundConfig, QuantConfig
+from .observers import OBSERVERS, EmaObserver, MinMaxObserver, MseObserver, Observer, PercentileObserver
+from .prepare import (
+    act_quantizers,
+    batches,
+    calibrate,
+    execution_order,
+    finalize_weights,
+    float_weight,
+    fold_batchnorm,
+    quantize_model,
+    weight_quantizers,
+)
+from .qparams import WEIGHT_OBSERVERS, mse_search, quant_range, range_to_qparams, weight_qparams
+from .quantizers import ActQuantizer, WeightMode, WeightQuantizer
+from .reconstruct import find_blocks, reconstruct, reconstruction_loss, reconstruction_summary
+from .serialization import FORMAT_VERSION, load_quantized, read_quantized, save_quantized
+
+__all__ = [
+    "PLACEMENTS", "RECONSTRUCTION_UNITS", "AdaRoundConfig", "QuantConfig",
+    "OBSERVERS", "WEIGHT_OBSERVERS", "Observer", "MinMaxObserver", "EmaObserver", "PercentileObserver", "MseObserver",
+    "act_quantizers", "batches", "calibrate", "execution_order", "finalize_weights", "float_weight",
+    "fold_batchnorm", "quantize_model", "weight_quantizers",
+    "mse_search", "quant_range", "range_to_qparams", "weight_qparams",
+    "ActQuantizer", "WeightMode", "WeightQuantizer",
+    "find_blocks", "reconstruct", "reconstruction_loss", "reconstruction_summary",
+    "FORMAT_VERSION", "load_quantized", "read_quantized", "save_quantized",
+]

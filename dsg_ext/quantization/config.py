@@ -1,0 +1,98 @@
+"""What a quantized model is made of (``QuantConfig``) and how its rounding is learned
+(``AdaRoundConfig``): the options of ``dsg quantize`` and of the Python API, defaults in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+from ..errors import ConfigError
+from .observers import OBSERVERS
+from .qparams import WEIGHT_OBSERVERS
+
+PLACEMENTS = ("input", "relu")
+RECONSTRUCTION_UNITS = ("layer", "block")
+MIN_BITS, MAX_BITS = 2, 8
+
+
+@dataclasses.dataclass
+class QuantConfig:
+    """A fake-quantized model: integer weights and activations of the given widths.
+
+    The defaults are the recommended recipe: 4-bit weights per output channel (symmetric, min/max)
+    and 4-bit activations per tensor at every layer input with MSE-searched ranges, first and last
+    layer at 8 bits. MSE ranges are the default because they measured best at W4A4 on every
+    calibration source (bench/RESULTS.md: ResNet-20 DSG data 92.53% vs 90.52% with min/max).
+    """
+
+    wbits: int = 4
+    abits: Optional[int] = 4  # None: activations stay float
+    w_per_channel: bool = True
+    w_symmetric: bool = True
+    a_symmetric: bool = False
+    act_placement: str = "input"  # "input": before every quantized layer; "relu": after each ReLU/ReLU6
+    first_last_bits: Optional[int] = 8  # weight and activation bits of the first and last layer (None: same)
+    observer: str = "mse"  # activation ranges: a name of observers.OBSERVERS
+    percentile: float = 99.99  # of the "percentile" observer
+    weight_observer: str = "minmax"
+    fold_bn: bool = False
+
+    def validate(self) -> "QuantConfig":
+        problems = []
+        for name in ("wbits", "abits", "first_last_bits"):
+            b = getattr(self, name)
+            if b is None and name != "wbits":
+                continue
+            if not isinstance(b, int) or isinstance(b, bool) or not MIN_BITS <= b <= MAX_BITS:
+                problems.append(f"{name} must be an integer in {MIN_BITS}..{MAX_BITS}, got {b!r}")
+        if self.observer not in OBSERVERS:
+            problems.append(f"observer must be one of {tuple(OBSERVERS)}, got {self.observer!r}")
+        if self.weight_observer not in WEIGHT_OBSERVERS:
+            problems.append(f"weight observer must be one of {WEIGHT_OBSERVERS}, got {self.weight_observer!r}")
+        if self.act_placement not in PLACEMENTS:
+            problems.append(f"activation placement must be one of {PLACEMENTS}, got {self.act_placement!r}")
+        if not 50.0 < self.percentile <= 100.0:
+            problems.append(f"percentile must lie in (50, 100], got {self.percentile}")
+        if problems:
+            raise ConfigError("invalid quantization options: " + "; ".join(problems))
+        return self
+
+    def label(self) -> str:
+        return f"W{self.wbits}A{self.abits if self.abits else 32}"
+
+
+@dataclasses.dataclass
+class AdaRoundConfig:
+    """AdaRound (Nagel et al., ICML 2020), or BRECQ's block-wise variant with ``unit="block"``."""
+
+    iterations: int = 10000  # per layer (or block)
+    batch_size: int = 32
+    lr: float = 1e-3
+    reg_weight: float = 0.01  # lambda
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2  # fraction of iterations without the regularizer
+    seed: int = 0
+    # Keep nearest rounding for a layer whose hard AdaRound rounding reconstructs the calibration data
+    # worse than nearest rounding does (happens with schedules far shorter than the paper's 10k).
+    keep_better: bool = True
+    # "layer": each layer's output (AdaRound); "block": the layers of each residual block rounded
+    # jointly against the block's output (BRECQ), other layers layer-wise.
+    unit: str = "layer"
+
+    def validate(self) -> "AdaRoundConfig":
+        problems = []
+        if not isinstance(self.iterations, int) or self.iterations <= 0:
+            problems.append(f"iterations must be a positive integer, got {self.iterations!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            problems.append(f"batch size must be a positive integer, got {self.batch_size!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"learning rate must be positive and finite, got {self.lr}")
+        if not 0 <= self.warmup < 1:
+            problems.append(f"warm-up fraction must lie in [0, 1), got {self.warmup}")
+        if self.unit not in RECONSTRUCTION_UNITS:
+            problems.append(f"unit must be one of {RECONSTRUCTION_UNITS}, got {self.unit!r}")
+        if problems:
+            raise ConfigError("invalid AdaRound options: " + "; ".join(problems))
+        return self

@@ -1,0 +1,191 @@
+"""Building a fake-quantized model and calibrating it.
+
+A quantized model is the float model with these additions, all through the fused ops:
+- every Conv2d/Linear weight gets a parametrization (``WeightQuantizer``);
+- an activation quantizer (``ActQuantizer``, per tensor) at the input of every quantized layer, or
+  after every ReLU/ReLU6 module (ZeroQ's placement);
+- optionally BatchNorm folded into the convolution before it.
+
+``quantize_model`` builds it, ``calibrate`` sets the activation ranges from images, and
+``finalize_weights`` stores the integer weights (what is saved and evaluated).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from ..errors import ConfigError, InvalidDataError
+from .config import QuantConfig
+from .observers import OBSERVERS
+from .quantizers import ActQuantizer, WeightMode, WeightQuantizer
+
+QUANT_TYPES = (nn.Conv2d, nn.Linear)
+
+
+def _act_pre_hook(module: nn.Module, inputs):
+    return (module.act_quant(inputs[0]),) + tuple(inputs[1:])
+
+
+def _act_post_hook(module: nn.Module, _inputs, output):
+    return module.act_quant(output)
+
+
+def execution_order(model: nn.Module, example: Optional[Tensor], types=QUANT_TYPES) -> List[str]:
+    """Names of the modules of ``types`` in the order the forward pass calls them (registration order
+    without an example input); modules never called come last."""
+    named = [(n, m) for n, m in model.named_modules() if isinstance(m, types)]
+    if example is None:
+        return [n for n, _ in named]
+    order: List[str] = []
+    handles = [m.register_forward_pre_hook(lambda mod, inp, _n=n: order.append(_n) if _n not in order else None)
+               for n, m in named]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return order + [n for n, _ in named if n not in order]
+
+
+def fold_batchnorm(model: nn.Module) -> List[Tuple[str, str]]:
+    """Folds each BatchNorm2d that directly follows a Conv2d (its only user) into that convolution,
+    in place; the BN becomes Identity. Needs a torch.fx-traceable model. Returns (conv, bn) pairs."""
+    import torch.fx
+
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as e:
+        raise ConfigError(f"BN folding needs a torch.fx-traceable model: {type(e).__name__}: {e}") from e
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+            continue
+        src = node.args[0]
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module"
+                and isinstance(modules.get(src.target), nn.Conv2d) and len(src.users) == 1):
+            pairs.append((src.target, node.target))
+    with torch.no_grad():
+        for conv_name, bn_name in pairs:
+            conv, bn = modules[conv_name], modules[bn_name]
+            std = torch.sqrt(bn.running_var + bn.eps)
+            gamma = bn.weight if bn.affine else torch.ones_like(std)
+            beta = bn.bias if bn.affine else torch.zeros_like(std)
+            k = gamma / std
+            conv.weight.mul_(k.view(-1, 1, 1, 1))
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(std)
+            new_bias = beta + (bias - bn.running_mean) * k
+            conv.bias = nn.Parameter(new_bias)
+            parent_name, _, attr = bn_name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, nn.Identity())
+    return pairs
+
+
+def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None,
+                   example: Optional[Tensor] = None) -> nn.Module:
+    """A fake-quantized copy of ``model``; the original is untouched.
+
+    Args:
+        model: the float network (any nn.Module with Conv2d / Linear layers).
+        config: bit widths, granularity, observers (default: ``QuantConfig()``, the recommended recipe).
+        example: one input batch; fixes which layers run first and last (otherwise registration order).
+
+    Returns:
+        The quantized model, in eval mode. Its activation quantizers still need ``calibrate``.
+    """
+    config = (config or QuantConfig()).validate()
+    qmodel = copy.deepcopy(model).eval()
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    if config.fold_bn:
+        fold_batchnorm(qmodel)
+    order = execution_order(qmodel, example)
+    if not order:
+        raise ConfigError("the model has no Conv2d or Linear layer to quantize")
+    make_observer = functools.partial(OBSERVERS[config.observer].from_config, config)
+    edge = {order[0], order[-1]}
+    for name in order:
+        layer = qmodel.get_submodule(name)
+        edge_bits = config.first_last_bits if (name in edge and config.first_last_bits) else None
+        wbits = edge_bits or config.wbits
+        parametrize.register_parametrization(
+            layer, "weight", WeightQuantizer(layer.weight, wbits, config.w_per_channel, config.w_symmetric,
+                                             config.weight_observer), unsafe=True)
+        if config.abits and config.act_placement == "input":
+            layer.act_quant = ActQuantizer(edge_bits or config.abits, config.a_symmetric, make_observer)
+            layer.register_forward_pre_hook(_act_pre_hook)
+    if config.abits and config.act_placement == "relu":
+        relus = [m for m in qmodel.modules() if isinstance(m, (nn.ReLU, nn.ReLU6))]
+        if not relus:
+            raise ConfigError("act_placement='relu' needs nn.ReLU/nn.ReLU6 modules; this model has none "
+                              "(it may call F.relu): use act_placement='input'")
+        for m in relus:
+            m.act_quant = ActQuantizer(config.abits, config.a_symmetric, make_observer)
+            m.register_forward_hook(_act_post_hook)
+    qmodel.dsg_quant_config = dataclasses.asdict(config)
+    qmodel.dsg_quant_order = order
+    return qmodel
+
+
+def weight_quantizers(qmodel: nn.Module) -> Dict[str, WeightQuantizer]:
+    return {name: qmodel.get_submodule(name).parametrizations.weight[0] for name in qmodel.dsg_quant_order}
+
+
+def act_quantizers(qmodel: nn.Module) -> Dict[str, ActQuantizer]:
+    return {n: m.act_quant for n, m in qmodel.named_modules()
+            if isinstance(getattr(m, "act_quant", None), ActQuantizer)}
+
+
+def float_weight(qmodel: nn.Module, name: str) -> Tensor:
+    """The float weight under layer ``name``'s quantizer."""
+    return qmodel.get_submodule(name).parametrizations.weight.original
+
+
+def batches(images: Tensor, batch_size: int) -> Iterable[Tensor]:
+    for i in range(0, images.shape[0], batch_size):
+        yield images[i : i + batch_size]
+
+
+@torch.no_grad()
+def calibrate(qmodel: nn.Module, images: Tensor, batch_size: int = 64, device: str = "cpu") -> None:
+    """Sets every activation quantizer's range from calibration images.
+
+    Args:
+        qmodel: a model from ``quantize_model``.
+        images: (N, C, H, W) in the model's normalised input space (synthetic or real).
+        batch_size: images per forward pass.
+        device: where ``qmodel`` lives.
+
+    The ranges are observed with the weights already quantized.
+    """
+    if images.numel() == 0:
+        raise InvalidDataError("no calibration images")
+    if not torch.isfinite(images).all():
+        raise InvalidDataError("calibration images contain NaN or Inf")
+    quantizers = act_quantizers(qmodel)
+    for q in quantizers.values():
+        q.start_calibration()
+    try:
+        for x in batches(images, batch_size):
+            qmodel(x.to(device))
+        for q in quantizers.values():
+            q.finish_calibration()
+    finally:
+        for q in quantizers.values():
+            q.abort_calibration()
+
+
+@torch.no_grad()
+def finalize_weights(qmodel: nn.Module) -> None:
+    """Nearest-rounds every weight not rounded yet and stores its integers (what is saved/evaluated)."""
+    for name, wq in weight_quantizers(qmodel).items():
+        if wq.mode is not WeightMode.INT:
+            wq.finalize(float_weight(qmodel, name))

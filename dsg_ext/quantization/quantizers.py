@@ -1,0 +1,133 @@
+"""The quantizer modules a quantized model is made of, both through the fused ops:
+
+- ``WeightQuantizer``: the parametrization of a Conv2d/Linear weight -- fake quantization per output
+  channel (or per tensor) with ``dsg_ext.fake_quant``; during AdaRound the soft rounding of
+  ``dsg_ext.adaround``; once finalised, the stored integer weights dequantized;
+- ``ActQuantizer``: per-tensor activation fake quantization, its range set by an observer during
+  calibration.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..errors import QuantizationError
+from .observers import Observer
+from .qparams import quant_range, weight_qparams
+
+# The signature of dsg_ext.adaround: (w, v, scale, zero_point, quant_min, quant_max, axis, *, beta) -> (w~, R)
+RoundingFn = Callable[..., Tuple[Tensor, Tensor]]
+
+
+class WeightMode(enum.Enum):
+    FAKE = "fake"  # nearest rounding, recomputed from the float weight
+    ADAROUND = "adaround"  # soft rounding with learnable rounding variables V
+    INT = "int"  # the stored integers, dequantized
+
+
+class WeightQuantizer(nn.Module):
+    """Parametrization of a Conv2d/Linear weight: fake quantization, AdaRound, or finalised integers.
+
+    ``rounding`` is the AdaRound rounding function (``dsg_ext.adaround``); a benchmark may replace
+    it with another implementation of the same signature."""
+
+    def __init__(self, weight: Tensor, bits: int, per_channel: bool, symmetric: bool, observer: str):
+        super().__init__()
+        self.bits, self.per_channel, self.symmetric = bits, per_channel, symmetric
+        self.qmin, self.qmax = quant_range(bits, symmetric)
+        scale, zp = weight_qparams(weight, self.qmin, self.qmax, per_channel, symmetric, observer)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zp)
+        self.register_buffer("w_int", torch.empty(0, dtype=torch.int8))  # set by finalize()
+        self.mode = WeightMode.FAKE
+        self.v: Optional[nn.Parameter] = None
+        self.beta = 20.0
+        self.last_reg: Optional[Tensor] = None
+        self.rounding: RoundingFn = ops.adaround
+
+    @property
+    def axis(self) -> Optional[int]:
+        return 0 if self.per_channel else None
+
+    def broadcast_shape(self, w: Tensor) -> List[int]:
+        """The shape that makes ``scale`` / ``zero_point`` broadcast against ``w``."""
+        return [-1] + [1] * (w.dim() - 1) if self.per_channel else [1] * w.dim()
+
+    def forward(self, w: Tensor) -> Tensor:
+        if self.mode is WeightMode.INT:
+            shape = self.broadcast_shape(w)
+            return ((self.w_int.float() - self.zero_point.view(shape).float()) * self.scale.view(shape)).to(w.dtype)
+        if self.mode is WeightMode.ADAROUND:
+            w_q, self.last_reg = self.rounding(w, self.v, self.scale, self.zero_point, self.qmin, self.qmax,
+                                               self.axis, beta=self.beta)
+            return w_q
+        return ops.fake_quant(w, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
+
+    def start_adaround(self, w: Tensor) -> None:
+        self.v = nn.Parameter(ops.adaround_init(w.detach().float(), self.scale, axis=self.axis))
+        self.mode = WeightMode.ADAROUND
+
+    def rounded_up(self) -> Tensor:
+        """AdaRound's hard rounding decision per weight (V >= 0: round up)."""
+        return self.v.detach() >= 0
+
+    @torch.no_grad()
+    def finalize(self, w: Tensor) -> None:
+        """Stores the integer weights: nearest rounding, or AdaRound's hard rounding (v >= 0)."""
+        shape = self.broadcast_shape(w)
+        s, z = self.scale.view(shape), self.zero_point.view(shape).float()
+        w = w.detach().float()
+        if self.mode is WeightMode.ADAROUND:
+            q = torch.floor(w / s) + self.rounded_up().float() + z
+        else:
+            q = torch.round(w / s) + z
+        dtype = torch.int8 if self.qmin >= -128 and self.qmax <= 127 else torch.uint8
+        self.w_int = q.clamp(self.qmin, self.qmax).to(dtype)
+        self.mode, self.v, self.last_reg = WeightMode.INT, None, None
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor activation fake quantization. Between ``start_calibration()`` and
+    ``finish_calibration()`` it passes activations through unchanged and shows them to a fresh
+    observer made by ``make_observer``; afterwards it quantizes with the range the observer chose."""
+
+    def __init__(self, bits: int, symmetric: bool, make_observer: Callable[[int, int], Observer]):
+        super().__init__()
+        self.bits, self.symmetric = bits, symmetric
+        self.qmin, self.qmax = quant_range(bits, symmetric)
+        self.make_observer = make_observer
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
+        self.observer: Optional[Observer] = None
+        self.calibrated = False
+
+    @property
+    def calibrating(self) -> bool:
+        return self.observer is not None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observer is not None:
+            self.observer.observe(x.detach())
+            return x
+        if not self.calibrated:
+            raise QuantizationError("activation quantizer used before calibration: run calibrate() first")
+        return ops.fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax)
+
+    def start_calibration(self) -> None:
+        self.observer = self.make_observer(self.qmin, self.qmax)
+
+    def abort_calibration(self) -> None:
+        self.observer = None
+
+    def finish_calibration(self) -> None:
+        if self.observer is None:
+            raise QuantizationError("finish_calibration() without start_calibration()")
+        scale, zp = self.observer.compute_qparams()
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zp)
+        self.observer, self.calibrated = None, True

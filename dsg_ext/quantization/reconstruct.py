@@ -1,0 +1,246 @@
+"""Reconstruction: AdaRound (Nagel et al., ICML 2020) layer by layer, or BRECQ (Li et al., 2021)
+block by block -- the rounding of each unit's weights learned to reconstruct its float output,
+||W x - W~ x^||^2 + lambda R(V, beta), with the fused ``dsg_ext.adaround`` op."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..errors import QuantizationError
+from .config import AdaRoundConfig
+from .prepare import batches, float_weight, weight_quantizers
+from .quantizers import WeightMode, WeightQuantizer
+
+
+class _Stop(Exception):
+    pass
+
+
+def _unit_inputs(model: nn.Module, unit_name: str, images: Tensor, batch_size: int, device: str,
+                 kwargs_out: Optional[Dict[str, Any]] = None) -> Tensor:
+    """The inputs the layer (or block) receives (before its activation quantizer) for all images; the
+    forward stops there. Its other keyword arguments (non-tensors, e.g. a drop-connect rate) go to
+    ``kwargs_out``; a module taking more than one tensor cannot be reconstructed on its own."""
+    unit = model.get_submodule(unit_name)
+    got: List[Tensor] = []
+
+    def grab(_m, inputs, kwargs):
+        if len(inputs) != 1 or not isinstance(inputs[0], Tensor) or any(isinstance(v, Tensor) for v in kwargs.values()):
+            raise QuantizationError(
+                f"{unit_name!r} takes more than one tensor input: it cannot be reconstructed on its own")
+        got.append(inputs[0].detach().cpu())
+        if kwargs_out is not None:
+            kwargs_out.update(kwargs)
+        raise _Stop
+
+    # prepend, so that the capture sees the raw input even when an activation quantizer hook exists
+    h = unit.register_forward_pre_hook(grab, prepend=True, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for x in batches(images, batch_size):
+                try:
+                    model(x.to(device))
+                except _Stop:
+                    pass
+    finally:
+        h.remove()
+    if not got:
+        raise QuantizationError(f"{unit_name!r} is never reached by the forward pass")
+    return torch.cat(got)
+
+
+def reconstruction_loss(out: Tensor, target: Tensor) -> Tensor:
+    """Squared error summed over channels (dim 1), mean over the rest (AdaRound/BRECQ)."""
+    d = (out - target).pow(2)
+    return d.sum(1).mean() if d.dim() > 1 else d.mean()
+
+
+def _loss_batched(unit: Callable[[Tensor], Tensor], x: Tensor, target: Tensor, batch_size: int = 64) -> float:
+    """reconstruction_loss over all of x, in batches (the value of one big batch; bounded memory)."""
+    total, n = 0.0, x.shape[0]
+    for i in range(0, n, batch_size):
+        loss = reconstruction_loss(unit(x[i : i + batch_size]), target[i : i + batch_size])
+        total += float(loss) * min(batch_size, n - i)
+    return total / n
+
+
+def find_blocks(qmodel: nn.Module) -> List[str]:
+    """Residual-style blocks for block-wise reconstruction (BRECQ): the innermost modules that are
+    elements of an nn.Sequential / nn.ModuleList and hold at least two quantized layers (torchvision
+    BasicBlock / Bottleneck / InvertedResidual, EfficientNet's MBConv blocks, our ResNet-20's blocks)."""
+    quantized = set(qmodel.dsg_quant_order)
+    candidates = []
+    for parent_name, parent in qmodel.named_modules():
+        if not isinstance(parent, (nn.Sequential, nn.ModuleList)):
+            continue
+        for child_name, _child in parent.named_children():
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            inside = [n for n in quantized if n == name or n.startswith(name + ".")]
+            if len(inside) >= 2:
+                candidates.append(name)
+    return [c for c in candidates if not any(o != c and o.startswith(c + ".") for o in candidates)]
+
+
+def _units(qmodel: nn.Module, layers: Optional[Sequence[str]],
+           blocks: Optional[Sequence[str]]) -> List[Tuple[str, List[str]]]:
+    """(module name, quantized layers inside) in execution order: each block once, other layers alone."""
+    names = list(layers) if layers is not None else list(qmodel.dsg_quant_order)
+    units: List[Tuple[str, List[str]]] = []
+    seen = set()
+    for name in names:
+        block = next((b for b in (blocks or ()) if name.startswith(b + ".")), None)
+        if block is None:
+            units.append((name, [name]))
+        elif block not in seen:
+            seen.add(block)
+            units.append((block, [n for n in names if n.startswith(block + ".")]))
+    return units
+
+
+def _rounding_state(quantizers: Sequence[WeightQuantizer], weights: Sequence[Tensor]) -> Tuple[float, float]:
+    """(fraction of rounding variables not settled at 0 or 1 yet, fraction rounded unlike nearest)."""
+    undecided = changed = 0.0
+    total = sum(w.numel() for w in weights)
+    for wq, w in zip(quantizers, weights):
+        h = ops.rectified_sigmoid(wq.v.detach().float())
+        undecided += float(((h > 0.01) & (h < 0.99)).sum()) / total
+        ws = w.detach().float() / wq.scale.view(wq.broadcast_shape(w))
+        changed += float((wq.rounded_up() != (ws - torch.floor(ws) >= 0.5)).sum()) / total
+    return undecided, changed
+
+
+def _reconstruct_unit(qmodel: nn.Module, fp_model: nn.Module, unit_name: str, unit_layers: List[str],
+                      images: Tensor, config: AdaRoundConfig, device: str, gen: torch.Generator,
+                      step: Callable[[], None]) -> Dict[str, Any]:
+    unit, fp_unit = qmodel.get_submodule(unit_name), fp_model.get_submodule(unit_name)
+    wqs = weight_quantizers(qmodel)
+    quantizers = [wqs[n] for n in unit_layers]
+    originals = [float_weight(qmodel, n) for n in unit_layers]
+    kw: Dict[str, Any] = {}
+    x_fp = _unit_inputs(fp_model, unit_name, images, 64, device, kw)
+    x_q = _unit_inputs(qmodel, unit_name, images, 64, device)
+    run = (lambda m, x: m(x, **kw)) if kw else (lambda m, x: m(x))
+    with torch.no_grad():
+        target = torch.cat([run(fp_unit, x.to(device)).cpu() for x in batches(x_fp, 64)])
+    for wq, w in zip(quantizers, originals):
+        wq.start_adaround(w)
+    opt = torch.optim.Adam([wq.v for wq in quantizers], lr=config.lr)
+    x_q, target = x_q.to(device), target.to(device)
+    warm = int(config.warmup * config.iterations)
+    start_loss = None
+    t0 = time.perf_counter()
+    for it in range(config.iterations):
+        idx = torch.randint(0, x_q.shape[0], (min(config.batch_size, x_q.shape[0]),), generator=gen).to(device)
+        if it < warm:
+            beta, lam = config.beta_start, 0.0
+        else:
+            frac = (it - warm) / max(1, config.iterations - warm)
+            beta, lam = config.beta_start + (config.beta_end - config.beta_start) * frac, config.reg_weight
+        for wq in quantizers:
+            wq.beta = beta
+        opt.zero_grad(set_to_none=True)
+        rec = reconstruction_loss(run(unit, x_q[idx]), target[idx])
+        loss = rec + lam * sum(wq.last_reg for wq in quantizers) if lam else rec
+        loss.backward()
+        opt.step()
+        if it == 0:
+            start_loss = float(rec.detach())
+        step()
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        undecided, changed = _rounding_state(quantizers, originals)
+        for wq in quantizers:
+            wq.mode = WeightMode.FAKE
+        nearest = _loss_batched(lambda x: run(unit, x), x_q, target)
+        for wq, w in zip(quantizers, originals):
+            wq.mode = WeightMode.ADAROUND
+            wq.finalize(w)
+        end_loss = _loss_batched(lambda x: run(unit, x), x_q, target)
+        kept = "adaround"
+        if config.keep_better and not end_loss <= nearest:
+            for wq, w in zip(quantizers, originals):  # back to nearest rounding, then store those integers
+                wq.mode = WeightMode.FAKE
+                wq.finalize(w)
+            kept = "nearest"
+    return {"layer": unit_name, "layers": unit_layers, "kind": "block" if unit_layers != [unit_name] else "layer",
+            "rec_loss_nearest": nearest, "rec_loss_adaround": end_loss, "kept": kept,
+            "undecided": undecided, "changed_vs_nearest": changed, "first_batch_loss": start_loss,
+            "seconds": seconds}
+
+
+def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, config: Optional[AdaRoundConfig] = None,
+                device: str = "cpu", progress: bool = True, layers: Optional[Sequence[str]] = None,
+                blocks: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    """Learns the rounding of every quantized layer (AdaRound) or block (BRECQ) in execution order.
+
+    Rounding variables V are optimised with Adam on the calibration images, beta annealed after the
+    warm-up, then rounded hard. Activations are quantized during reconstruction (x^ comes from the
+    already quantized model, through the unit's own activation quantizers).
+
+    Args:
+        qmodel: a calibrated model from ``quantize_model``; its weights are rounded in place.
+        fp_model: the float model it was made from (the reconstruction targets).
+        images: calibration images, (N, C, H, W) in the model's normalised input space.
+        config: the schedule (default ``AdaRoundConfig()``: the paper's 10k iterations per layer);
+            ``config.unit == "block"`` reconstructs the blocks ``find_blocks`` detects.
+        device: where both models live.
+        progress: show a tqdm bar.
+        layers: only these quantized layers (default: all).
+        blocks: module names to reconstruct jointly (overrides ``config.unit``'s detection).
+
+    Returns:
+        One record per layer or block: reconstruction loss with nearest and with learned rounding,
+        which was kept, the fraction of undecided rounding variables, seconds.
+    """
+    config = (config or AdaRoundConfig()).validate()
+    if blocks is None and config.unit == "block":
+        blocks = find_blocks(qmodel)
+    gen = torch.Generator().manual_seed(config.seed)
+    units = _units(qmodel, layers, blocks)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(units) * config.iterations, desc="AdaRound", unit="it", leave=False)
+    records = []
+    for unit_name, unit_layers in units:
+        if bar is not None:
+            bar.set_postfix_str(f"{len(records) + 1}/{len(units)} {unit_name}")
+        step = (lambda: bar.update(1)) if bar is not None else (lambda: None)
+        records.append(_reconstruct_unit(qmodel, fp_model, unit_name, unit_layers, images, config, device, gen, step))
+    if bar is not None:
+        bar.close()
+    return records
+
+
+def reconstruction_summary(records: Sequence[Dict[str, Any]]) -> Tuple[str, Optional[str]]:
+    """One line on what AdaRound did (layers improved, kept at nearest rounding, reconstruction gain)
+    and a warning when the rounding variables had not settled (a schedule too short), else None."""
+    if not records:
+        return "AdaRound: no layer", None
+    improved = [r for r in records if r.get("kept") == "adaround" and r["rec_loss_adaround"] < r["rec_loss_nearest"]]
+    kept_nearest = sum(r.get("kept") == "nearest" for r in records)
+    worse = sum(r["rec_loss_adaround"] > r["rec_loss_nearest"] for r in records)
+
+    def kept_loss(r):
+        return r["rec_loss_nearest"] if r.get("kept") == "nearest" else r["rec_loss_adaround"]
+
+    gains = sorted(1 - kept_loss(r) / r["rec_loss_nearest"] for r in records if r["rec_loss_nearest"] > 0)
+    median = gains[len(gains) // 2] if gains else 0.0
+    undecided = sum(r.get("undecided", 0.0) for r in records) / len(records)
+    units = "layers" if all(r.get("kind", "layer") == "layer" for r in records) else "blocks and layers"
+    line = (f"AdaRound: {len(improved)}/{len(records)} {units} reconstruct better than nearest rounding, "
+            f"{kept_nearest} kept nearest rounding (AdaRound was worse on the calibration data); median "
+            f"reconstruction-error reduction {100 * median:.1f}%; {100 * undecided:.1f}% of rounding variables "
+            "undecided at the end")
+    warning = None
+    if undecided > 0.2 or worse > len(records) // 4:
+        warning = ("AdaRound's schedule looks too short for these layers (rounding variables still undecided or "
+                   "worse than nearest rounding): raise the iterations per layer (the paper uses 10000) or the "
+                   "learning rate (the paper's 1e-3 moves a variable by at most ~1e-3 per iteration)")
+    return line, warning

@@ -1,0 +1,83 @@
+"""Everything that determines the generated images (``SynthesisConfig``, saved in the dataset
+manifest): the options of ``dsg generate`` and of ``dsg_ext.synthesize``, defaults in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from ..errors import ConfigError
+
+METHODS = ("zeroq", "dsg")
+INITS = ("gaussian", "uniform")
+LAYER_WEIGHTINGS = ("equal", "initial")
+
+
+@dataclasses.dataclass
+class SynthesisConfig:
+    """The synthesis recipe. ``method="dsg"`` with the other defaults is the paper's method;
+    ``"zeroq"`` is ZeroQ (no slack, equal layer weights)."""
+
+    method: str = "dsg"
+    iterations: int = 500
+    lr: float = 0.5
+    batch_size: int = 32
+    image_size: int = 224
+    channels: int = 3
+    epsilon: float = 0.9  # slack quantile (dsg)
+    enhancement: float = 2.0  # weight of each sample's own layer (dsg; the paper's I + 11^T)
+    init: str = "gaussian"
+    seed: int = 0
+    unbiased: bool = True  # ZeroQ's statistics use torch.var (unbiased)
+    # Optional image priors, off by default so that "dsg" is the paper's method.
+    tv_weight: float = 0.0
+    l2_weight: float = 0.0
+    jitter: int = 0
+    ce_weight: float = 0.0  # random-label cross-entropy prior (each sample pushed towards a random class)
+    plateau_patience: int = 100
+    min_lr: float = 1e-4
+    # Recipe options beyond the paper (off by default): "initial" divides each layer's loss by its
+    # value on the initial batch, so that a few layers cannot dominate; clamp_pixels keeps images
+    # inside the model's valid input range (pixels in [0, 1] before normalisation).
+    layer_weighting: str = "equal"
+    clamp_pixels: bool = False
+    # Speed: the network in channels_last and/or under bf16 autocast (statistics stay fp32).
+    channels_last: bool = False
+    autocast_bf16: bool = False
+    # Capture one whole iteration (forward, losses, backward, Adam, clamp) in a CUDA graph after a
+    # few eager warm-up iterations, and replay it: removes the launch overhead that dominates small
+    # batches on a GPU. CUDA only; not with jitter (its random shift is drawn on the host).
+    cuda_graph: bool = False
+    # Plain eval-mode BatchNorm2d layers run as the fused bn_eval_slack op (BN output and statistic
+    # loss in one pass) on devices with its kernels (CPU, CUDA); False taps them with forward
+    # pre-hooks and leaves BatchNorm to torch (the path benchmarks compare with).
+    fused_bn: bool = True
+
+    def validate(self) -> "SynthesisConfig":
+        problems = []
+        if self.method not in METHODS:
+            problems.append(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.init not in INITS:
+            problems.append(f"init must be one of {INITS}, got {self.init!r}")
+        if not (0.0 < self.epsilon <= 1.0):
+            problems.append(f"epsilon must lie in (0, 1], got {self.epsilon}")
+        if self.iterations <= 0:
+            problems.append(f"iterations must be > 0, got {self.iterations}")
+        if self.batch_size <= 0:
+            problems.append(f"batch size must be > 0, got {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            problems.append(f"learning rate must be positive, got {self.lr}")
+        if self.image_size <= 0 or self.channels <= 0:
+            problems.append(f"image size and channels must be > 0, got {self.image_size}, {self.channels}")
+        if self.layer_weighting not in LAYER_WEIGHTINGS:
+            problems.append(f"layer weighting must be one of {LAYER_WEIGHTINGS}, got {self.layer_weighting!r}")
+        if self.enhancement < 1.0:
+            problems.append(f"enhancement weight must be >= 1, got {self.enhancement}")
+        for name in ("tv_weight", "l2_weight", "jitter", "ce_weight"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.cuda_graph and self.jitter:
+            problems.append("cuda_graph cannot be combined with jitter (the shift is drawn on the host each step)")
+        if problems:
+            raise ConfigError("invalid synthesis options: " + "; ".join(problems))
+        return self

@@ -1,0 +1,154 @@
+"""Taps on a network's BatchNorm layers: each BN layer's input statistics and its per-sample
+slack loss (``dsg_ext.bn_stat_slack_loss`` / the fused ``dsg_ext.bn_eval_slack``), collected on every
+forward pass while the taps are active."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, NoBatchNormError, NonFiniteLossError, SynthesisError
+from ..ops import bn_eval_slack, bn_stat_slack_loss
+
+FUSED_BN_DEVICES = ("cpu", "cuda")  # where bn_eval_slack has kernels
+
+
+def batchnorm_layers(model: nn.Module, model_name: str = "model") -> List[Tuple[str, nn.BatchNorm2d]]:
+    """The model's BatchNorm2d layers with running statistics, in forward-registration order."""
+    layers = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None and m.running_var is not None
+    ]
+    if not layers:
+        raise NoBatchNormError(
+            f"{model_name} has no BatchNorm2d layer with running statistics: DSG/ZeroQ synthesis needs them"
+        )
+    return layers
+
+
+class BatchNormTaps:
+    """Taps each BN layer's input and computes its per-sample statistic loss there.
+
+    While active, every forward pass fills ``losses`` (one (N) tensor per layer, in layer order)
+    and, with ``record_stats``, ``stats`` (mean~, std~ per layer). A plain eval-mode nn.BatchNorm2d
+    has its forward replaced by the fused ``bn_eval_slack`` op (the BN output and the loss from one
+    pass over the input, and one backward pass) when ``fused`` and on a device in ``FUSED_BN_DEVICES``;
+    every other BN layer (subclasses such as timm's BatchNormAct2d, layers in training mode) gets a
+    forward pre-hook computing ``bn_stat_slack_loss``.
+    """
+
+    def __init__(self, layers: Sequence[Tuple[str, nn.BatchNorm2d]], unbiased: bool, fused: bool = True):
+        self.names = [name for name, _ in layers]
+        self.layers = [bn for _, bn in layers]
+        self.unbiased = unbiased
+        self.fused = fused
+        self.delta: List[Tensor] = []
+        self.gamma: List[Tensor] = []
+        self.losses: List[Optional[Tensor]] = [None] * len(layers)
+        self.stats: List[Optional[Tuple[Tensor, Tensor]]] = [None] * len(layers)
+        self.record_stats = False
+        self._handles = []
+        self._patched: List[nn.BatchNorm2d] = []
+        self._device_params: Dict[Tuple[int, torch.device], Tuple[Tensor, ...]] = {}
+        self.targets = [
+            (bn.running_mean.detach().float(), torch.sqrt(bn.running_var.detach().float() + bn.eps))
+            for bn in self.layers
+        ]
+        for name, (mean, std) in zip(self.names, self.targets):
+            if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+                raise NonFiniteLossError(f"BN layer {name!r}: its running statistics contain NaN or Inf")
+
+    def set_slack(self, delta: Sequence[Tensor], gamma: Sequence[Tensor]) -> None:
+        self.delta, self.gamma = list(delta), list(gamma)
+
+    def _params(self, index: int, device: torch.device) -> Tuple[Tensor, ...]:
+        """(target mean, target std, bn_scale, bn_shift) of a layer on ``device``, made once (the model is
+        frozen while tapped), so no host-to-device copy happens per iteration."""
+        key = (index, device)
+        if key not in self._device_params:
+            bn = self.layers[index]
+            mean, std = self.targets[index]
+            with torch.no_grad():
+                inv = 1.0 / torch.sqrt(bn.running_var.detach().float() + bn.eps)
+                scale = inv * bn.weight.detach().float() if bn.weight is not None else inv
+                shift = -bn.running_mean.detach().float() * scale
+                if bn.bias is not None:
+                    shift = shift + bn.bias.detach().float()
+            self._device_params[key] = tuple(t.to(device) for t in (mean, std, scale, shift))
+        return self._device_params[key]
+
+    def _check_size(self, index: int, x: Tensor) -> None:
+        if x.dim() == 4 and x.shape[2] * x.shape[3] < 2:
+            raise ConfigError(
+                f"BN layer {self.names[index]!r} sees {x.shape[2]}x{x.shape[3]} feature maps at this image size: "
+                "per-sample statistics need at least 2 pixels per channel; use a larger --image-size")
+
+    def _record(self, index: int, loss: Tensor, stat_mean: Tensor, stat_std: Tensor) -> None:
+        self.losses[index] = loss
+        if self.record_stats:
+            self.stats[index] = (stat_mean, stat_std)
+
+    def _hook(self, index: int) -> Callable:
+        bn = self.layers[index]
+
+        def hook(_module, inputs):
+            x = inputs[0]
+            self._check_size(index, x)
+            mean, std = self._params(index, x.device)[:2]
+            delta = self.delta[index] if self.delta else 0.0
+            gamma = self.gamma[index] if self.gamma else 0.0
+            loss, stat_mean, stat_std = bn_stat_slack_loss(
+                x, mean, std, delta, gamma, eps=bn.eps, unbiased=self.unbiased, return_stats=True,
+            )
+            self._record(index, loss, stat_mean, stat_std)
+
+        return hook
+
+    def _fused_forward(self, index: int) -> Callable:
+        bn = self.layers[index]
+        plain_forward = bn.forward
+        hook = self._hook(index)
+
+        def forward(x: Tensor) -> Tensor:
+            if bn.training or x.dim() != 4 or x.device.type not in FUSED_BN_DEVICES:
+                hook(bn, (x,))
+                return plain_forward(x)
+            self._check_size(index, x)
+            mean, std, scale, shift = self._params(index, x.device)
+            delta = self.delta[index] if self.delta else 0.0
+            gamma = self.gamma[index] if self.gamma else 0.0
+            y, loss, stat_mean, stat_std = bn_eval_slack(x, scale, shift, mean, std, delta, gamma, eps=bn.eps,
+                                                         unbiased=self.unbiased)
+            self._record(index, loss, stat_mean, stat_std)
+            return y
+
+        return forward
+
+    def __enter__(self) -> "BatchNormTaps":
+        for i, bn in enumerate(self.layers):
+            if self.fused and type(bn) is nn.BatchNorm2d and bn.track_running_stats and "forward" not in bn.__dict__:
+                bn.forward = self._fused_forward(i)  # an instance attribute: nn.Module.__call__ uses it
+                self._patched.append(bn)
+            else:
+                self._handles.append(bn.register_forward_pre_hook(self._hook(i)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        for bn in self._patched:
+            del bn.forward
+        self._handles, self._patched = [], []
+
+    def collected(self) -> List[Tensor]:
+        missing = [self.names[i] for i, l in enumerate(self.losses) if l is None]
+        if missing:
+            raise SynthesisError(f"BN layers not reached by the forward pass: {missing[:5]}")
+        return list(self.losses)  # type: ignore[arg-type]
+
+    def reset(self) -> None:
+        self.losses = [None] * len(self.layers)
+        self.stats = [None] * len(self.layers)

@@ -1,0 +1,102 @@
+"""The `dsg` command takes every default and choice from the config classes (one source of truth),
+and reports a user's mistake as one line with exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+
+import pytest
+
+from dsg_ext import cli
+from dsg_ext.demo import DemoConfig
+from dsg_ext.quantization import (
+    OBSERVERS,
+    PLACEMENTS,
+    RECONSTRUCTION_UNITS,
+    WEIGHT_OBSERVERS,
+    AdaRoundConfig,
+    QuantConfig,
+)
+from dsg_ext.synthesis import INITS, LAYER_WEIGHTINGS, METHODS, SynthesisConfig
+
+
+def _subparser(name: str) -> argparse.ArgumentParser:
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def _shown_defaults(name: str, monkeypatch) -> dict:
+    """{flag: the default its --help line shows} of a subcommand."""
+    monkeypatch.setenv("COLUMNS", "400")  # no wrapped help texts
+    text = _subparser(name).format_help()
+    entries = re.split(r"\n(?=  -)", text.split("options:", 1)[1])  # one entry per option, help included
+    shown = {}
+    for entry in entries:
+        flag = re.match(r"\s*(--[a-z][a-z0-9-]*)", entry)
+        default = re.search(r"\(default: ([^)]*)\)\s*$", entry)
+        if flag and default:
+            shown[flag.group(1)] = default.group(1)
+    return shown
+
+
+def test_quantize_defaults_are_quant_config_and_adaround_config():
+    args = cli.build_parser().parse_args(["quantize", "--model", "m", "--real", "noise", "--out", "q.safetensors"])
+    assert cli.config_from_args(args, QuantConfig) == QuantConfig()
+    assert cli.config_from_args(args, AdaRoundConfig) == AdaRoundConfig()
+
+
+def test_quantize_help_shows_the_config_defaults(monkeypatch):
+    shown = _shown_defaults("quantize", monkeypatch)
+    q, a = QuantConfig(), AdaRoundConfig()
+    expected = {"--wbits": q.wbits, "--abits": q.abits, "--first-last-bits": q.first_last_bits,
+                "--placement": q.act_placement, "--observer": q.observer, "--percentile": q.percentile,
+                "--weight-observer": q.weight_observer, "--adaround-iters": a.iterations,
+                "--adaround-batch": a.batch_size, "--adaround-lr": a.lr, "--reconstruct": a.unit}
+    assert {k: shown.get(k) for k in expected} == {k: str(v) for k, v in expected.items()}
+    # the switches flip the config's booleans
+    args = cli.build_parser().parse_args(["quantize", "--model", "m", "--real", "noise", "--out", "q",
+                                          "--per-tensor", "--asymmetric-weights", "--fold-bn", "--abits", "32",
+                                          "--first-last-bits", "0", "--reconstruct", "block"])
+    assert cli.config_from_args(args, QuantConfig) == dataclasses.replace(
+        q, w_per_channel=False, w_symmetric=False, fold_bn=True, abits=None, first_last_bits=None)
+    assert cli.config_from_args(args, AdaRoundConfig).unit == "block"
+
+
+def test_generate_defaults_are_synthesis_config(monkeypatch):
+    args = cli.build_parser().parse_args(["generate", "--model", "m", "--out", "d"])
+    assert cli.config_from_args(args, SynthesisConfig) == SynthesisConfig()
+    shown = _shown_defaults("generate", monkeypatch)
+    s = SynthesisConfig()
+    expected = {"--iterations": s.iterations, "--lr": s.lr, "--epsilon": s.epsilon, "--enhancement": s.enhancement,
+                "--batch-size": s.batch_size, "--method": s.method, "--init": s.init, "--seed": s.seed,
+                "--tv": s.tv_weight, "--layer-weighting": s.layer_weighting}
+    assert {k: shown.get(k) for k in expected} == {k: str(v) for k, v in expected.items()}
+
+
+def test_demo_defaults_are_demo_config():
+    args = cli.build_parser().parse_args(["demo"])
+    assert cli.config_from_args(args, DemoConfig) == DemoConfig()
+
+
+@pytest.mark.parametrize("command,flag,choices", [
+    ("quantize", "--observer", tuple(OBSERVERS)), ("quantize", "--weight-observer", WEIGHT_OBSERVERS),
+    ("quantize", "--placement", PLACEMENTS), ("quantize", "--reconstruct", RECONSTRUCTION_UNITS),
+    ("generate", "--method", METHODS), ("generate", "--init", INITS),
+    ("generate", "--layer-weighting", LAYER_WEIGHTINGS), ("demo", "--observer", tuple(OBSERVERS)),
+])
+def test_choices_come_from_the_module_constants(command, flag, choices):
+    action = next(a for a in _subparser(command)._actions if flag in a.option_strings)
+    assert tuple(action.choices) == tuple(choices)
+
+
+def test_a_user_mistake_is_one_line_and_exit_code_2(tmp_path, capsys):
+    out = str(tmp_path / "q.safetensors")
+    assert cli.main(["quantize", "--model", "no-such-model", "--real", "noise", "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dsg quantize: unknown model source 'no-such-model'")
+    assert cli.main(["quantize", "--model", "fashion-mnist-resnet20", "--real", "noise", "--out", out,
+                     "--wbits", "9"]) == 2
+    assert "wbits must be an integer in 2..8, got 9" in capsys.readouterr().err
