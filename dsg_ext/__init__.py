@@ -22,6 +22,7 @@ from .errors import (
     ModelSourceError,
     NoBatchNormError,
     NonFiniteLossError,
+    OutputError,
     QuantizationError,
     QuantizedFileError,
     SynthesisError,
@@ -63,6 +64,6 @@ __all__ = [
     "InputSpec", "load_model", "model_identity", "topk_accuracy", "fidelity",
     # errors
     "DsgError", "ConfigError", "ModelSourceError", "NoBatchNormError", "SynthesisError", "NonFiniteLossError",
-    "DatasetError", "DataSourceError", "InvalidDataError", "QuantizationError", "QuantizedFileError",
+    "DatasetError", "DataSourceError", "InvalidDataError", "QuantizationError", "QuantizedFileError", "OutputError",
     "__version__",
 ]

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import platform
 import sys
 from typing import Any, Callable, Dict, List, Optional
@@ -61,10 +59,31 @@ def _optional_bits(off: int) -> Callable[[str], Optional[int]]:
     return parse
 
 
-def _check_out(path: str, force: bool) -> None:
-    if os.path.exists(path) and not force:
-        raise ConfigError(f"{path} exists; use --force to replace it "
-                          "(it is replaced only once the new file is complete)")
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of images or samples)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+_positive_int.__name__ = "count"
+
+
+def _device(text: str) -> str:
+    """argparse type: a device torch can use on this machine."""
+    from .models.spec import check_device
+
+    try:
+        return check_device(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+_device.__name__ = "device"
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,7 +109,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     config = config_from_args(args, SynthesisConfig, image_size=args.model_image_size or SynthesisConfig().image_size)
     manifest = generate(args.model, args.out, config.validate(), args.num_samples, device=args.device,
                         weights=args.weights, preview=args.preview, image_size=args.model_image_size,
-                        compare_zeroq=args.compare_zeroq)
+                        compare_zeroq=args.compare_zeroq, trust_model_code=args.trust_model_code)
     if manifest:
         _print_generation_summary(args, manifest)
     return 0
@@ -124,15 +143,19 @@ def _example(loaded):
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from . import quantization as quant
+    from ._io import check_output_file
     from .data.calibration import calibration_images
     from .models import load_model
+    from .models.spec import probe_model
 
-    _check_out(args.out, args.force)
+    check_output_file(args.out, "--out", force=args.force)
     config = config_from_args(args, quant.QuantConfig).validate()
     ada = config_from_args(args, quant.AdaRoundConfig).validate() if args.adaround else None
-    loaded = load_model(args.model, weights=args.weights, image_size=args.image_size)
+    loaded = load_model(args.model, weights=args.weights, image_size=args.image_size,
+                        trust_model_code=args.trust_model_code)
     images, described = calibration_images(loaded, args.calib, args.real, args.num_samples)
     fp = loaded.model.to(args.device)
+    probe_model(fp, _example(loaded).to(args.device), args.model)
     qmodel = quant.quantize_model(fp, config, _example(loaded).to(args.device))
     quant.calibrate(qmodel, images, device=args.device)
     records = []
@@ -152,12 +175,18 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from ._io import atomic_write_json, check_output_file
     from .evaluation import evaluate
     from .models import load_model
+    from .models.spec import probe_model
     from .quantization import load_quantized
 
-    loaded = load_model(args.model, weights=args.weights, image_size=args.image_size)
+    if args.json:
+        check_output_file(args.json, "--json")
+    loaded = load_model(args.model, weights=args.weights, image_size=args.image_size,
+                        trust_model_code=args.trust_model_code)
     fp = loaded.model
+    probe_model(fp, _example(loaded), args.model)
     model, fp_ref = fp, None
     if args.quantized:
         model = load_quantized(fp, args.quantized, loaded.identity, _example(loaded))
@@ -171,8 +200,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         parts.append(f"agreement with FP32 {result['top1_agreement']:.2f}%, mean KL {result['mean_kl']:.4g}")
     print(f"{what} on {args.data}: " + "; ".join(parts))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        atomic_write_json(args.json, result)
     return 0
 
 
@@ -208,8 +236,11 @@ def _add_generate(sub) -> None:
                    help="torchvision:NAME, timm:NAME, efficientnet-lite0, fashion-mnist-resnet20, module:function, "
                         "a torch.export .pt2 or a TorchScript file")
     p.add_argument("--weights", help="state-dict file for torchvision:/timm:/module: sources")
+    p.add_argument("--trust-model-code", action="store_true",
+                   help="allow a TorchScript model file, whose loading runs the code it holds (.pt2 files are "
+                        "checked and need no trust)")
     _option(p, "--method", S, "method", "zeroq: ZeroQ; dsg: DSG (slack + layerwise enhancement)", choices=METHODS)
-    p.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES, help="images in all")
+    p.add_argument("--num-samples", type=_positive_int, default=DEFAULT_NUM_SAMPLES, help="images in all")
     _option(p, "--batch-size", S, "batch_size", "images optimised together")
     _option(p, "--iterations", S, "iterations", "optimisation steps per batch")
     _option(p, "--lr", S, "lr", "Adam learning rate on the pixels")
@@ -232,7 +263,7 @@ def _add_generate(sub) -> None:
     _option(p, "--bf16", S, "autocast_bf16", "run the network under bf16 autocast; statistics stay fp32")
     _option(p, "--cuda-graph", S, "cuda_graph",
             "capture one whole iteration in a CUDA graph and replay it (GPU; removes launch overhead)")
-    p.add_argument("--device", default=DEFAULT_DEVICE)
+    p.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     p.add_argument("--out", required=True, help="dataset directory (re-running the same command resumes it)")
     p.add_argument("--preview", help="also write a PNG grid of the samples")
     p.add_argument("--compare-zeroq", action="store_true",
@@ -252,11 +283,15 @@ def _add_quantize(sub) -> None:
                        help="fake-quantize a model, calibrated on synthetic or real images")
     p.add_argument("--model", required=True, help="model source, as for generate")
     p.add_argument("--weights", help="state-dict file for torchvision:/timm:/module: sources")
+    p.add_argument("--trust-model-code", action="store_true",
+                   help="allow a TorchScript model file, whose loading runs the code it holds (.pt2 files are "
+                        "checked and need no trust)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--calib", metavar="DIR", help="a dataset directory written by dsg generate for this model")
     src.add_argument("--real", metavar="DIR",
                      help="a directory of real images, 'fashion-mnist' (training split), 'skimage-photos' or 'noise'")
-    p.add_argument("--num-samples", type=int, default=DEFAULT_CALIBRATION_IMAGES, help="calibration images used")
+    p.add_argument("--num-samples", type=_positive_int, default=DEFAULT_CALIBRATION_IMAGES,
+                   help="calibration images used")
     p.add_argument("--image-size", type=int, default=None, help="the model's input size (default: the source's own)")
     _option(p, "--wbits", Q, "wbits", "weight bits")
     _option(p, "--abits", Q, "abits", "activation bits (32 = activations stay float)", type=_optional_bits(32))
@@ -279,7 +314,7 @@ def _add_quantize(sub) -> None:
     _option(p, "--reconstruct", A, "unit", "AdaRound target: each layer's output (AdaRound) or each residual block's "
             "output, its layers rounded jointly (BRECQ); layers outside blocks stay layer-wise",
             choices=RECONSTRUCTION_UNITS)
-    p.add_argument("--device", default=DEFAULT_DEVICE)
+    p.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     p.add_argument("--out", required=True, help="quantized model file (.safetensors)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=_cmd_quantize)
@@ -290,11 +325,14 @@ def _add_eval(sub) -> None:
                        help="accuracy (and fidelity to FP32) of a model or a quantized model")
     p.add_argument("--model", required=True)
     p.add_argument("--weights")
+    p.add_argument("--trust-model-code", action="store_true",
+                   help="allow a TorchScript model file, whose loading runs the code it holds (.pt2 files are "
+                        "checked and need no trust)")
     p.add_argument("--quantized", metavar="FILE", help="a file written by dsg quantize for this model")
     p.add_argument("--data", required=True, help="'fashion-mnist' (test split), 'skimage-photos', an image directory "
                    "(ImageFolder layout for accuracy; any images for fidelity) or a `dsg generate` directory made "
                    "for this model (fidelity on synthetic images)")
-    p.add_argument("--max-images", type=int, default=None)
+    p.add_argument("--max-images", type=_positive_int, default=None, help="evaluate only this many images")
     p.add_argument("--image-size", type=int, default=None, help="the model's input size (default: the source's own)")
     p.add_argument("--json", metavar="FILE")
     p.set_defaults(func=_cmd_eval)
@@ -308,14 +346,14 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", formatter_class=_Formatter,
                        help="end to end on the shipped Fashion-MNIST network (CPU, about 8 minutes)")
     _option(p, "--out", D, "out", "directory for the synthetic data, demo.json and demo.png")
-    _option(p, "--samples", D, "samples", "calibration images per source")
+    _option(p, "--samples", D, "samples", "calibration images per source", type=_positive_int)
     _option(p, "--synth-iters", D, "synth_iterations", "synthesis iterations (the papers: 500)")
     _option(p, "--adaround-iters", D, "adaround_iterations", "AdaRound iterations per layer (the paper: 10000)")
-    _option(p, "--eval-samples", D, "eval_samples", "test images evaluated (10000 = all)")
+    _option(p, "--eval-samples", D, "eval_samples", "test images evaluated (10000 = all)", type=_positive_int)
     _option(p, "--bits", D, "bits", "bit settings", type=parse_bits, shown_default=format_bits(D().bits))
     _option(p, "--observer", D, "observer", "activation ranges (min/max shows the calibration data's influence most)",
             choices=tuple(OBSERVERS))
-    _option(p, "--device", D, "device", "where to run")
+    _option(p, "--device", D, "device", "where to run", type=_device)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 
@@ -336,9 +374,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except DsgError as e:
+    except DsgError as e:  # every user-fixable problem: one line, exit code 2; other exceptions are our bugs
         print(f"dsg {args.command}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"dsg {args.command}: interrupted (finished work is kept; re-running resumes `dsg generate`)",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

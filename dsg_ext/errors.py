@@ -21,6 +21,7 @@ __all__ = [
     "InvalidDataError",
     "QuantizationError",
     "QuantizedFileError",
+    "OutputError",
 ]
 
 
@@ -67,3 +68,8 @@ class QuantizationError(DsgError, RuntimeError):
 
 class QuantizedFileError(DsgError, RuntimeError):
     """A quantized-model file that cannot be read or does not belong to the model."""
+
+
+class OutputError(DsgError, OSError):
+    """An output file or directory that cannot be written (missing or read-only directory, a full
+    disk, a directory where a file belongs); checked before long work starts wherever possible."""

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the library that registers the ops)
-from ._shape_checks import _check_channels, _check_quant_shapes, _check_same_shape, _check_slack_shapes
+from ._arg_checks import _check_target_std, _float_arg, _int_arg
+from ._fake_kernels import _acc_dtype  # importing it registers the fake kernels (tracing, torch.compile)
 
 _ops = torch.ops.dsg_ext
 
@@ -38,18 +39,6 @@ def _as_tensor(value, device, dtype) -> Tensor:
     if isinstance(value, Tensor):
         return value
     return torch.tensor(value, dtype=dtype, device=device)
-
-
-def _empty_in_layout(x: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """An empty tensor shaped like x in the layout the kernels write (contiguous or channels_last)."""
-    dtype = dtype or x.dtype
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.empty_like(x, dtype=dtype, memory_format=torch.channels_last)
-    return x.new_empty(x.shape, dtype=dtype)
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,31 +87,14 @@ def bn_stat_slack_loss(
     if mode not in _SLACK_MODES:
         raise ValueError(f"bn_stat_slack_loss: mode must be one of {_SLACK_MODES}, got {mode!r}")
     delta, gamma = _slack_margins("bn_stat_slack_loss", x, delta, gamma, mean=mean, std=std)
+    eps = _float_arg("bn_stat_slack_loss", "eps", eps, 0.0)
+    _check_target_std("bn_stat_slack_loss", std)
     loss, stat_mean, stat_std = _ops.bn_stat_slack_loss(
-        x, mean, std, delta, gamma, float(eps), bool(unbiased), mode == "per_sample"
+        x, mean, std, delta, gamma, eps, bool(unbiased), mode == "per_sample"
     )
     if return_stats:
         return loss, stat_mean, stat_std
     return loss
-
-
-@torch.library.register_fake("dsg_ext::bn_stat_slack_loss")
-def _slack_fake(x, mean, std, delta, gamma, eps, unbiased, per_sample):
-    _check_slack_shapes("bn_stat_slack_loss", x, mean, std, delta, gamma)
-    acc = _acc_dtype(x)
-    n, c = x.shape[0], x.shape[1]
-    if per_sample:
-        return x.new_empty((n,), dtype=acc), x.new_empty((n, c), dtype=acc), x.new_empty((n, c), dtype=acc)
-    return x.new_empty((), dtype=acc), x.new_empty((c,), dtype=acc), x.new_empty((c,), dtype=acc)
-
-
-@torch.library.register_fake("dsg_ext::bn_stat_slack_loss_backward")
-def _slack_backward_fake(grad_loss, x, mean, std, delta, gamma, stat_mean, stat_std, unbiased, per_sample):
-    op = "bn_stat_slack_loss_backward"
-    _check_slack_shapes(op, x, mean, std, delta, gamma)
-    torch._check(grad_loss.numel() == (x.shape[0] if per_sample else 1),
-                 lambda: f"{op}: grad_loss must have one value per {'sample' if per_sample else 'batch'}")
-    return _empty_in_layout(x)
 
 
 def _slack_setup(ctx, inputs, output):
@@ -169,29 +141,9 @@ def bn_eval_slack(
     """
     delta, gamma = _slack_margins("bn_eval_slack", x, delta, gamma, bn_scale=bn_scale, bn_shift=bn_shift, mean=mean,
                                   std=std)
-    return _ops.bn_eval_slack(x, bn_scale, bn_shift, mean, std, delta, gamma, float(eps), bool(unbiased))
-
-
-@torch.library.register_fake("dsg_ext::bn_eval_slack")
-def _bn_eval_slack_fake(x, bn_scale, bn_shift, mean, std, delta, gamma, eps, unbiased):
-    _check_slack_shapes("bn_eval_slack", x, mean, std, delta, gamma)
-    _check_channels("bn_eval_slack", "bn_scale", bn_scale, x.shape[1], False)
-    _check_channels("bn_eval_slack", "bn_shift", bn_shift, x.shape[1], False)
-    acc = _acc_dtype(x)
-    n, c = x.shape[0], x.shape[1]
-    return (_empty_in_layout(x), x.new_empty((n,), dtype=acc), x.new_empty((n, c), dtype=acc),
-            x.new_empty((n, c), dtype=acc))
-
-
-@torch.library.register_fake("dsg_ext::bn_eval_slack_backward")
-def _bn_eval_slack_backward_fake(grad_y, grad_loss, x, bn_scale, mean, std, delta, gamma, stat_mean, stat_std,
-                                 unbiased):
-    op = "bn_eval_slack_backward"
-    _check_slack_shapes(op, x, mean, std, delta, gamma)
-    _check_channels(op, "bn_scale", bn_scale, x.shape[1], False)
-    _check_same_shape(op, "x", x, "grad_y", grad_y)
-    torch._check(grad_loss.numel() == x.shape[0], lambda: f"{op}: grad_loss must have shape (N) = ({x.shape[0]})")
-    return _empty_in_layout(x)
+    eps = _float_arg("bn_eval_slack", "eps", eps, 0.0)
+    _check_target_std("bn_eval_slack", std)
+    return _ops.bn_eval_slack(x, bn_scale, bn_shift, mean, std, delta, gamma, eps, bool(unbiased))
 
 
 def _bn_eval_slack_setup(ctx, inputs, output):
@@ -250,10 +202,12 @@ def fake_quant(
     scale = _as_tensor(scale, x.device, torch.float32)
     if not isinstance(zero_point, Tensor):
         zero_point = _as_tensor(zero_point, x.device, torch.float32 if isinstance(zero_point, float) else torch.int32)
+    grad_factor = _float_arg("fake_quant", "grad_factor", grad_factor)
     if grad_factor != 1.0:
         scale = grad_scale(scale, grad_factor) if scale.requires_grad else scale
         zero_point = grad_scale(zero_point, grad_factor) if zero_point.requires_grad else zero_point
-    return _ops.fake_quant(x, scale, zero_point, int(quant_min), int(quant_max), axis)
+    return _ops.fake_quant(x, scale, zero_point, _int_arg("fake_quant", "quant_min", quant_min),
+                           _int_arg("fake_quant", "quant_max", quant_max), axis)
 
 
 @torch.library.custom_op("dsg_ext::grad_scale", mutates_args=())
@@ -276,19 +230,6 @@ def _grad_scale_backward(ctx, grad):
 
 
 grad_scale.register_autograd(_grad_scale_backward, setup_context=_grad_scale_setup)
-
-
-@torch.library.register_fake("dsg_ext::fake_quant")
-def _fake_quant_fake(x, scale, zero_point, quant_min, quant_max, axis):
-    _check_quant_shapes("fake_quant", x, scale, zero_point, axis)
-    return _empty_in_layout(x)
-
-
-@torch.library.register_fake("dsg_ext::fake_quant_backward")
-def _fake_quant_backward_fake(grad, x, scale, zero_point, quant_min, quant_max, axis, param_grads):
-    _check_quant_shapes("fake_quant_backward", x, scale, zero_point, axis)
-    _check_same_shape("fake_quant_backward", "x", x, "grad", grad)
-    return _empty_in_layout(x), torch.empty_like(scale), torch.empty_like(zero_point)
 
 
 def _fake_quant_setup(ctx, inputs, output):
@@ -337,22 +278,8 @@ def adaround(
     scale = _as_tensor(scale, w.device, acc)
     if not isinstance(zero_point, Tensor):
         zero_point = _as_tensor(zero_point, w.device, acc if isinstance(zero_point, float) else torch.int32)
-    return _ops.adaround(w, v, scale, zero_point, int(quant_min), int(quant_max), axis, float(beta), bool(hard))
-
-
-@torch.library.register_fake("dsg_ext::adaround")
-def _adaround_fake(w, v, scale, zero_point, quant_min, quant_max, axis, beta, hard):
-    _check_quant_shapes("adaround", w, scale, zero_point, axis)
-    _check_same_shape("adaround", "w", w, "v", v)
-    return _empty_in_layout(w), w.new_empty((), dtype=_acc_dtype(w))
-
-
-@torch.library.register_fake("dsg_ext::adaround_backward")
-def _adaround_backward_fake(grad_w, grad_reg, w, v, scale, zero_point, quant_min, quant_max, axis, beta, hard, sg):
-    _check_quant_shapes("adaround_backward", w, scale, zero_point, axis)
-    _check_same_shape("adaround_backward", "w", w, "v", v)
-    _check_same_shape("adaround_backward", "w", w, "grad_w", grad_w)
-    return _empty_in_layout(w), torch.empty_like(scale)
+    return _ops.adaround(w, v, scale, zero_point, _int_arg("adaround", "quant_min", quant_min),
+                         _int_arg("adaround", "quant_max", quant_max), axis, float(beta), bool(hard))
 
 
 def _adaround_setup(ctx, inputs, output):
@@ -379,10 +306,25 @@ def rectified_sigmoid(v: Tensor) -> Tensor:
 
 
 def adaround_init(w: Tensor, scale: Union[float, Tensor], axis: Optional[int] = None) -> Tensor:
-    """Rounding variables V0 with h(V0) = frac(w / scale): AdaRound starts from the float weights."""
-    if not w.is_floating_point():
-        raise TypeError(f"adaround_init: w must be a floating tensor, got {w.dtype}")
+    """Rounding variables V0 with h(V0) = frac(w / scale): AdaRound starts from the float weights.
+
+    Checks what ``adaround`` checks: scale finite and > 0, one scale per tensor (axis=None) or one
+    per channel along a valid ``axis``."""
+    if not isinstance(w, Tensor) or not w.is_floating_point():
+        raise TypeError(f"adaround_init: w must be a floating tensor, got {getattr(w, 'dtype', type(w).__name__)}")
     scale = _as_tensor(scale, w.device, w.dtype).to(w.dtype)
+    if not scale.is_floating_point() or not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        raise ValueError("adaround_init: scale must be finite and > 0")
+    if axis is None:
+        if scale.numel() != 1:
+            raise ValueError(f"adaround_init: {scale.numel()} scales need an axis (per-channel), got axis=None")
+    else:
+        if isinstance(axis, bool) or not isinstance(axis, int) or not -w.dim() <= axis < w.dim():
+            raise ValueError(f"adaround_init: axis {axis!r} out of range for a {w.dim()}-d w")
+        axis = axis % w.dim()
+        if scale.numel() not in (1, w.shape[axis]):
+            raise ValueError(f"adaround_init: scale must have {w.shape[axis]} values (w.shape[{axis}]), "
+                             f"got {scale.numel()}")
     if axis is not None and scale.numel() > 1:
         shape = [1] * w.dim()
         shape[axis] = -1

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..errors import DataSourceError
+from ..errors import ConfigError, DataSourceError
 from ..models.spec import InputSpec, LoadedModel
 from . import fashion_mnist, store
 from .images import load_image_folder
@@ -19,6 +19,11 @@ from .photos import photo_crops
 
 DEFAULT_CALIBRATION_IMAGES = 256
 FASHION_MNIST_MODEL = "fashion-mnist-resnet20"  # the model source --real fashion-mnist goes with
+
+
+def _check_count(what: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what} must be a positive integer, got {value!r}")
 
 
 def real_fashion_mnist(num: int = DEFAULT_CALIBRATION_IMAGES, seed: int = 0) -> Tensor:
@@ -59,6 +64,7 @@ def calibration_images(loaded: LoadedModel, calib: Optional[str], real: Optional
                        max_samples: int = DEFAULT_CALIBRATION_IMAGES) -> Tuple[Tensor, str]:
     """(images, description) from exactly one of a synthetic dataset directory (``calib``) or real
     images (``real``: a directory, "fashion-mnist", "skimage-photos" or "noise")."""
+    _check_count("calibration images (--num-samples)", max_samples)
     if (calib is None) == (real is None):
         raise DataSourceError("give exactly one calibration source: --calib DIR (from dsg generate) or --real DIR")
     if calib is not None:
@@ -80,6 +86,8 @@ def evaluation_images(loaded: LoadedModel, data: str,
     """(images, labels or None) for ``dsg eval --data``: the Fashion-MNIST test split, an ImageFolder
     directory (labels from its class subdirectories), any image directory, "skimage-photos" or a
     `dsg generate` dataset made for the model (the last three without labels: fidelity only)."""
+    if max_images is not None:
+        _check_count("--max-images", max_images)
     if data == "skimage-photos":
         images = photo_crops(loaded.input)
         return (images[:max_images] if max_images else images), None

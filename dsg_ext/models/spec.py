@@ -10,6 +10,8 @@ from typing import Tuple
 import torch
 from torch import nn
 
+from ..errors import ConfigError, DsgError, ModelSourceError
+
 
 @dataclasses.dataclass
 class InputSpec:
@@ -38,3 +40,33 @@ def model_identity(model: nn.Module) -> str:
         h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def probe_model(model: nn.Module, example: torch.Tensor, source: str) -> None:
+    """One forward pass of ``example`` before long work starts: an exception from the model's own
+    code (a shape assert, a wrong channel count) becomes ModelSourceError "the model rejected ...",
+    with the original message."""
+    try:
+        with torch.no_grad():
+            model(example)
+    except DsgError:
+        raise
+    except Exception as e:
+        raise ModelSourceError(f"the model {source} rejected a {'x'.join(map(str, example.shape))} input "
+                               f"({example.dtype}, {example.device}): {type(e).__name__}: {e}") from e
+
+
+def check_device(device: str) -> str:
+    """``device`` if torch can use it here, else ConfigError naming why (not a device name, no GPU)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"--device {device!r} is not a device (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA GPU is available on this machine (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif dev.type != "cpu":
+        raise ConfigError(f"--device {device}: only cpu and cuda are supported")
+    return device

@@ -7,6 +7,7 @@ import dataclasses
 import math
 from typing import Optional
 
+from .._validation import field_problems
 from ..errors import ConfigError
 from .observers import OBSERVERS
 from .qparams import WEIGHT_OBSERVERS
@@ -39,7 +40,9 @@ class QuantConfig:
     fold_bn: bool = False
 
     def validate(self) -> "QuantConfig":
-        problems = []
+        problems = field_problems(self)
+        if problems:
+            raise ConfigError("invalid quantization options: " + "; ".join(problems))
         for name in ("wbits", "abits", "first_last_bits"):
             b = getattr(self, name)
             if b is None and name != "wbits":
@@ -82,7 +85,9 @@ class AdaRoundConfig:
     unit: str = "layer"
 
     def validate(self) -> "AdaRoundConfig":
-        problems = []
+        problems = field_problems(self)
+        if problems:
+            raise ConfigError("invalid AdaRound options: " + "; ".join(problems))
         if not isinstance(self.iterations, int) or self.iterations <= 0:
             problems.append(f"iterations must be a positive integer, got {self.iterations!r}")
         if not isinstance(self.batch_size, int) or self.batch_size <= 0:
@@ -91,6 +96,9 @@ class AdaRoundConfig:
             problems.append(f"learning rate must be positive and finite, got {self.lr}")
         if not 0 <= self.warmup < 1:
             problems.append(f"warm-up fraction must lie in [0, 1), got {self.warmup}")
+        if self.reg_weight < 0 or not 0 < self.beta_end <= self.beta_start:
+            problems.append(f"need reg_weight >= 0 and 0 < beta_end <= beta_start, got {self.reg_weight}, "
+                            f"{self.beta_end}, {self.beta_start}")
         if self.unit not in RECONSTRUCTION_UNITS:
             problems.append(f"unit must be one of {RECONSTRUCTION_UNITS}, got {self.unit!r}")
         if problems:

@@ -1,17 +1,19 @@
 """The native quantized-model file: one safetensors file with the integer weights, their scales and
 zero points, the activation ranges and biases; the JSON config, layer order, model identity and
-calibration source in its metadata (key ``dsg_ext``). Reading it runs no code."""
+calibration source in its metadata (key ``dsg_ext``). Reading it runs no code, and
+every value is checked before it is used (``load_quantized``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .._io import atomic_write_bytes
-from ..errors import QuantizationError, QuantizedFileError
+from .._io import atomic_write_bytes, read_regular
+from ..errors import ConfigError, QuantizationError, QuantizedFileError
 from .config import QuantConfig
 from .prepare import act_quantizers, finalize_weights, float_weight, quantize_model, weight_quantizers
 from .quantizers import WeightMode
@@ -54,24 +56,61 @@ def save_quantized(qmodel: nn.Module, path: str, source: str, identity: str,
 
 
 def read_quantized(path: str) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
-    """(tensors, metadata) of a quantized-model file."""
-    from safetensors import safe_open
+    """(tensors, metadata) of a quantized-model file: a regular safetensors file whose metadata
+    holds our JSON record with the model identity, a known config, and the layer order."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
 
+    data = read_regular(path, QuantizedFileError, "quantized-model file")
+    header_len = int.from_bytes(data[:8], "little")
+    if len(data) < 8 or header_len > len(data) - 8:
+        raise QuantizedFileError(f"{path}: not a readable quantized-model file (truncated safetensors header)")
     try:
-        with safe_open(path, framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("dsg_ext", "null"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except FileNotFoundError:
-        raise QuantizedFileError(f"{path}: no such file") from None
-    except Exception as e:
-        raise QuantizedFileError(f"{path}: not a readable quantized-model file ({type(e).__name__}: {e})") from e
+        header = json.loads(data[8:8 + header_len].decode("utf-8"))
+        meta = json.loads(((header.get("__metadata__") or {}).get("dsg_ext")) or "null")
+        tensors = load(data)
+    except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError, TypeError) as e:
+        raise QuantizedFileError(f"{path}: not a readable quantized-model file ({type(e).__name__}: {e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
         raise QuantizedFileError(f"{path}: not a dsg_ext quantized-model file (format {FORMAT_VERSION})")
+    if not isinstance(meta.get("model_identity"), str):
+        raise QuantizedFileError(f"{path}: its metadata names no model identity")
+    config = meta.get("config")
+    known = {f.name for f in dataclasses.fields(QuantConfig)}
+    if not isinstance(config, dict) or set(config) - known:
+        raise QuantizedFileError(f"{path}: its quantization config is missing or has unknown keys "
+                                 f"{sorted(set(config) - known) if isinstance(config, dict) else ''}")
+    try:
+        QuantConfig(**config).validate()
+    except ConfigError as e:
+        raise QuantizedFileError(f"{path}: {e}") from None
+    order = meta.get("order")
+    if not isinstance(order, list) or not all(isinstance(n, str) for n in order):
+        raise QuantizedFileError(f"{path}: its metadata has no layer order")
     return tensors, meta
+
+
+def _tensor(tensors: Dict[str, Tensor], key: str, path: str) -> Tensor:
+    if key not in tensors:
+        raise QuantizedFileError(f"{path}: missing tensor {key!r}")
+    return tensors[key]
+
+
+def _check_qparams(path: str, what: str, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> None:
+    if scale.is_complex() or not scale.is_floating_point() or not bool(torch.isfinite(scale).all()) \
+            or not bool((scale > 0).all()):
+        raise QuantizedFileError(f"{path}: {what} has scales that are not finite and > 0")
+    if zero_point.is_floating_point() or zero_point.is_complex() or \
+            not bool(((zero_point >= qmin) & (zero_point <= qmax)).all()):
+        raise QuantizedFileError(f"{path}: {what} has zero points outside {qmin}..{qmax} (or not integers)")
 
 
 def load_quantized(model: nn.Module, path: str, identity: str, example: Optional[Tensor] = None) -> nn.Module:
     """Rebuilds a quantized model from the float model it was made from and a saved file.
+
+    Everything in the file is checked before it is used: the model identity, the config, every
+    layer's integer weights (integers inside the layer's bit range, the model's shape), scales
+    (finite, > 0), zero points (in range) and biases (finite); a file failing any check is refused.
 
     Args:
         model: the float model (untouched).
@@ -92,26 +131,37 @@ def load_quantized(model: nn.Module, path: str, identity: str, example: Optional
         raise QuantizedFileError(f"{path}: its layers do not match the model's")
     with torch.no_grad():
         for name, wq in weight_quantizers(qmodel).items():
-            try:
-                w_int = tensors[f"{name}.weight_int"]
-                wq.scale.copy_(tensors[f"{name}.weight_scale"])
-                wq.zero_point.copy_(tensors[f"{name}.weight_zero_point"])
-            except KeyError as e:
-                raise QuantizedFileError(f"{path}: missing {e.args[0]}") from e
-            except RuntimeError as e:
-                raise QuantizedFileError(f"{path}: layer {name!r} does not match the model: {e}") from e
+            w_int = _tensor(tensors, f"{name}.weight_int", path)
+            scale = _tensor(tensors, f"{name}.weight_scale", path)
+            zero_point = _tensor(tensors, f"{name}.weight_zero_point", path)
             w = float_weight(qmodel, name)
-            if tuple(w_int.shape) != tuple(w.shape):
+            if tuple(w_int.shape) != tuple(w.shape) or scale.shape != wq.scale.shape \
+                    or zero_point.shape != wq.zero_point.shape:
                 raise QuantizedFileError(
-                    f"{path}: layer {name!r} has weights {tuple(w_int.shape)}, the model {tuple(w.shape)}")
+                    f"{path}: layer {name!r} has weights {tuple(w_int.shape)} (scales {tuple(scale.shape)}), the "
+                    f"model {tuple(w.shape)} (scales {tuple(wq.scale.shape)})")
+            if w_int.is_floating_point() or w_int.is_complex() or w_int.dtype == torch.bool or \
+                    not bool(((w_int >= wq.qmin) & (w_int <= wq.qmax)).all()):
+                raise QuantizedFileError(f"{path}: layer {name!r} has weights that are not integers in "
+                                         f"{wq.qmin}..{wq.qmax} ({wq.bits} bits)")
+            _check_qparams(path, f"layer {name!r}", scale, zero_point, wq.qmin, wq.qmax)
+            wq.scale.copy_(scale)
+            wq.zero_point.copy_(zero_point)
             wq.w_int, wq.mode = w_int, WeightMode.INT
             layer = qmodel.get_submodule(name)
             if f"{name}.bias" in tensors:
-                layer.bias.copy_(tensors[f"{name}.bias"])
+                bias = tensors[f"{name}.bias"]
+                if layer.bias is None or bias.shape != layer.bias.shape or not bias.is_floating_point() \
+                        or not bool(torch.isfinite(bias).all()):
+                    raise QuantizedFileError(f"{path}: layer {name!r} has a bias that does not fit or is not finite")
+                layer.bias.copy_(bias)
         for name, aq in act_quantizers(qmodel).items():
-            if f"{name}.act_scale" not in tensors:
-                raise QuantizedFileError(f"{path}: missing activation range of {name!r}")
-            aq.scale.copy_(tensors[f"{name}.act_scale"].reshape(()))
-            aq.zero_point.copy_(tensors[f"{name}.act_zero_point"].reshape(()))
+            scale = _tensor(tensors, f"{name}.act_scale", path)
+            zero_point = _tensor(tensors, f"{name}.act_zero_point", path)
+            if scale.numel() != 1 or zero_point.numel() != 1:
+                raise QuantizedFileError(f"{path}: activation range of {name!r} is not one scale and zero point")
+            _check_qparams(path, f"the activation range of {name!r}", scale, zero_point, aq.qmin, aq.qmax)
+            aq.scale.copy_(scale.reshape(()))
+            aq.zero_point.copy_(zero_point.reshape(()))
             aq.calibrated = True
     return qmodel

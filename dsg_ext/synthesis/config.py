@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from .._validation import field_problems
 from ..errors import ConfigError
 
 METHODS = ("zeroq", "dsg")
@@ -54,7 +55,9 @@ class SynthesisConfig:
     fused_bn: bool = True
 
     def validate(self) -> "SynthesisConfig":
-        problems = []
+        problems = field_problems(self)
+        if problems:  # the range checks below assume numbers
+            raise ConfigError("invalid synthesis options: " + "; ".join(problems))
         if self.method not in METHODS:
             problems.append(f"method must be one of {METHODS}, got {self.method!r}")
         if self.init not in INITS:
@@ -76,6 +79,8 @@ class SynthesisConfig:
         for name in ("tv_weight", "l2_weight", "jitter", "ce_weight"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.plateau_patience <= 0 or not self.min_lr >= 0:
+            problems.append(f"plateau patience must be > 0 and min_lr >= 0, got {self.plateau_patience}, {self.min_lr}")
         if self.cuda_graph and self.jitter:
             problems.append("cuda_graph cannot be combined with jitter (the shift is drawn on the host each step)")
         if problems:

@@ -36,8 +36,9 @@ class BatchNormTaps:
     and, with ``record_stats``, ``stats`` (mean~, std~ per layer). A plain eval-mode nn.BatchNorm2d
     has its forward replaced by the fused ``bn_eval_slack`` op (the BN output and the loss from one
     pass over the input, and one backward pass) when ``fused`` and on a device in ``FUSED_BN_DEVICES``;
-    every other BN layer (subclasses such as timm's BatchNormAct2d, layers in training mode) gets a
-    forward pre-hook computing ``bn_stat_slack_loss``.
+    every other BN layer (subclasses such as timm's BatchNormAct2d) gets a
+    forward pre-hook computing ``bn_stat_slack_loss``. A BN layer found in training mode during a
+    forward pass is refused (SynthesisError) before it runs, so its running statistics stay as they were.
     """
 
     def __init__(self, layers: Sequence[Tuple[str, nn.BatchNorm2d]], unbiased: bool, fused: bool = True):
@@ -81,6 +82,11 @@ class BatchNormTaps:
         return self._device_params[key]
 
     def _check_size(self, index: int, x: Tensor) -> None:
+        if self.layers[index].training:
+            raise SynthesisError(
+                f"BN layer {self.names[index]!r} runs in training mode (the model's forward switches it, or the "
+                "model was not put in eval mode): it would normalise with batch statistics and overwrite its "
+                "running statistics, which are what synthesis matches; keep BatchNorm in eval mode")
         if x.dim() == 4 and x.shape[2] * x.shape[3] < 2:
             raise ConfigError(
                 f"BN layer {self.names[index]!r} sees {x.shape[2]}x{x.shape[3]} feature maps at this image size: "
@@ -113,7 +119,7 @@ class BatchNormTaps:
         hook = self._hook(index)
 
         def forward(x: Tensor) -> Tensor:
-            if bn.training or x.dim() != 4 or x.device.type not in FUSED_BN_DEVICES:
+            if x.dim() != 4 or x.device.type not in FUSED_BN_DEVICES:
                 hook(bn, (x,))
                 return plain_forward(x)
             self._check_size(index, x)

@@ -15,10 +15,11 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .._io import atomic_write_json
+from .._io import atomic_write_json, check_output_dir, check_output_file, prepare_output_dir
 from ..data import store as dataset
 from ..errors import ConfigError
 from ..models import LoadedModel, load_model
+from ..models.spec import check_device, probe_model
 from .config import SynthesisConfig
 from .loop import per_sample_statistics, synthesize_batch
 from .taps import batchnorm_layers
@@ -107,6 +108,7 @@ def generate(
     show_progress: bool = True,
     image_size: Optional[int] = -1,
     compare_zeroq: bool = False,
+    trust_model_code: bool = False,
 ) -> Dict[str, Any]:
     """Synthesises a calibration dataset into directory ``out`` (what ``dsg generate`` runs).
 
@@ -122,18 +124,28 @@ def generate(
         image_size: -1 uses ``config.image_size``, None the model's own input size.
         compare_zeroq: also synthesise batch 0 with ZeroQ and report both methods' sample spread (the
             paper's homogenization measure) in the manifest's summary.
+        trust_model_code: allow model files whose loading runs code (TorchScript).
+
+    Every problem that can be seen before synthesis starts is refused then (a bad option or device,
+    an unwritable ``out`` or ``preview``, a model that rejects its input). A finished dataset is
+    returned as it is, without writing (it may lie on read-only media).
 
     Returns:
         The manifest (an empty dict on ranks other than 0).
     """
     config.validate()
-    if num_samples <= 0:
-        raise ConfigError(f"--num-samples must be > 0, got {num_samples}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+        raise ConfigError(f"--num-samples must be a positive integer, got {num_samples!r}")
+    check_device(device)
+    check_output_dir(out, "dataset directory")
+    if preview is not None:
+        check_output_file(preview, "preview")
     info = _init_distributed(device)
     if device.startswith("cuda") and info.world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', info.rank))}"
         torch.cuda.set_device(device)
-    loaded = load_model(source, weights=weights, image_size=config.image_size if image_size == -1 else image_size)
+    loaded = load_model(source, weights=weights, image_size=config.image_size if image_size == -1 else image_size,
+                        trust_model_code=trust_model_code)
     config = dataclasses.replace(config, channels=loaded.input.channels, image_size=loaded.input.image_size)
     layers = batchnorm_layers(loaded.model, source)
     model = loaded.model.to(device)
@@ -143,9 +155,13 @@ def generate(
     num_batches = math.ceil(num_samples / config.batch_size)
     layer_names = [name for name, _ in layers]
     if info.main:
-        os.makedirs(out, exist_ok=True)
-        existing = dataset.load_manifest(out)
+        existing = dataset.load_manifest(out) if os.path.isdir(out) else None
         dataset.check_compatible(out, existing, identity)
+        if _finished(out, existing, num_batches):
+            if preview:
+                write_preview(dataset.load_images(out, max_samples=256), loaded.input, preview)
+            return existing
+        prepare_output_dir(out, "dataset directory")  # from here on it is written
         if existing is None:  # claim the directory before any shard exists, so a killed run resumes safely
             dataset.build_manifest(out, identity, num_batches, {"layers": layer_names})
     _barrier(info)
@@ -211,13 +227,14 @@ def generate(
 
 
 def _check_image_size(model, config: SynthesisConfig, device: str, source: str) -> None:
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, config.channels, config.image_size, config.image_size, device=device))
-    except RuntimeError as e:
-        raise ConfigError(
-            f"{source} does not accept {config.channels}x{config.image_size}x{config.image_size} images: {e}"
-        ) from e
+    probe_model(model, torch.zeros(1, config.channels, config.image_size, config.image_size, device=device), source)
+
+
+def _finished(out: str, manifest: Optional[Dict[str, Any]], num_batches: int) -> bool:
+    """Whether ``out`` holds this dataset complete, summarised and intact (nothing left to write)."""
+    if not manifest or not manifest.get("complete") or "summary" not in manifest:
+        return False
+    return all(dataset.verify_shard(out, b) is not None for b in range(num_batches))
 
 
 def _compare_zeroq(loaded, model, config, images, device, layers, input_range) -> Dict[str, Any]:

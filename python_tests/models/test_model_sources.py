@@ -59,7 +59,7 @@ def _counts(model: nn.Module):
 def test_graph_sources_match_the_eager_model(tmp_path, make, kind, suffix):
     eager = make()
     path = _save(eager, kind, tmp_path / f"model{suffix}")
-    loaded = load_model(path, image_size=SIZE)
+    loaded = load_model(path, image_size=SIZE, trust_model_code=kind != "export")
     model = loaded.model
     assert loaded.input.channels == 3 and loaded.input.image_size == SIZE
     # every BN / Conv2d / Linear is a module again, holding the same tensors
@@ -100,8 +100,10 @@ def test_export_program_keeps_the_eager_identity(tmp_path):
 def test_unreadable_graph_file_is_named(tmp_path):
     bad = tmp_path / "model.pt"
     bad.write_bytes(b"not a model at all")
-    with pytest.raises(ModelSourceError, match="neither a TorchScript file nor a torch.export program"):
+    with pytest.raises(ModelSourceError, match="--trust-model-code"):
         load_model(str(bad))
+    with pytest.raises(ModelSourceError, match="neither a TorchScript file nor a torch.export program"):
+        load_model(str(bad), trust_model_code=True)
     bad2 = tmp_path / "model.pt2"
     bad2.write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(ModelSourceError, match="not a torch.export program file"):
@@ -142,12 +144,16 @@ def test_cli_generate_quantize_eval_from_a_torchscript_file(tmp_path):
         return r
 
     data, out = str(tmp_path / "data"), str(tmp_path / "q.safetensors")
-    dsg("generate", "--model", path, "--num-samples", "8", "--batch-size", "4", "--iterations", "3",
+    r = subprocess.run([sys.executable, "-m", "dsg_ext", "generate", "--model", path, "--out", data],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--trust-model-code" in r.stderr and not os.path.exists(data)
+    path = (path, "--trust-model-code")
+    dsg("generate", "--model", *path, "--num-samples", "8", "--batch-size", "4", "--iterations", "3",
         "--image-size", "16", "--out", data)
-    r = dsg("quantize", "--model", path, "--calib", data, "--image-size", "16", "--wbits", "4", "--abits", "8",
+    r = dsg("quantize", "--model", *path, "--calib", data, "--image-size", "16", "--wbits", "4", "--abits", "8",
             "--adaround", "--adaround-iters", "3", "--out", out)
     assert "AdaRound: " in r.stdout
-    r = dsg("eval", "--model", path, "--quantized", out, "--data", "skimage-photos", "--image-size", "16")
+    r = dsg("eval", "--model", *path, "--quantized", out, "--data", "skimage-photos", "--image-size", "16")
     assert "agreement with FP32" in r.stdout
-    r = dsg("eval", "--model", path, "--quantized", out, "--data", data, "--image-size", "16")  # synthetic images
+    r = dsg("eval", "--model", *path, "--quantized", out, "--data", data, "--image-size", "16")  # synthetic images
     assert "agreement with FP32" in r.stdout and "8 images" in r.stdout.replace(":", "")

@@ -308,7 +308,7 @@ def test_save_load_round_trip(tmp_path):
     corrupt.write_bytes(b"\x00" * 64)
     with pytest.raises(QuantizedFileError, match="not a readable"):
         Q.read_quantized(str(corrupt))
-    with pytest.raises(QuantizedFileError, match="no such file"):
+    with pytest.raises(QuantizedFileError, match="does not exist"):
         Q.read_quantized(str(tmp_path / "missing.safetensors"))
 
 
@@ -393,8 +393,11 @@ def test_cli_quantize_eval_round_trip_and_refusals(tmp_path):
             "--out", out, "--force")
     assert r.returncode == 2 and "wbits" in r.stderr
     assert open(out, "rb").read() == before
-    r = dsg("eval", "--model", "tiny_models:fixed_size_net", "--quantized", out, "--data", str(tmp_path / "imgs"))
+    r = dsg("eval", "--model", "tiny_models:fixed_size_net", "--quantized", out, "--data", str(tmp_path / "imgs"),
+            "--image-size", "12")
     assert r.returncode == 2 and "another model" in r.stderr
+    r = dsg("eval", "--model", "tiny_models:fixed_size_net", "--quantized", out, "--data", str(tmp_path / "imgs"))
+    assert r.returncode == 2 and "rejected a 1x3x224x224 input" in r.stderr and "Traceback" not in r.stderr
     r = dsg("quantize", "--model", "tiny_models:tiny_bn_net", "--real", str(tmp_path / "empty"), "--out", out, "--force")
     assert r.returncode == 2 and "no such directory" in r.stderr
     # block reconstruction (BRECQ) from the command line, on a residual network

@@ -12,7 +12,7 @@ import torch
 from tiny_models import no_bn_net, tiny_bn_net
 
 from dsg_ext.data import store as dataset
-from dsg_ext.errors import ConfigError, NoBatchNormError, NonFiniteLossError
+from dsg_ext.errors import ConfigError, ModelSourceError, NoBatchNormError, NonFiniteLossError
 from dsg_ext.synthesis import (
     BatchNormTaps,
     SynthesisConfig,
@@ -206,7 +206,7 @@ def test_initial_layer_weighting_starts_every_layer_at_one():
 
 
 def test_image_size_the_model_rejects(tmp_path):
-    with pytest.raises(ConfigError, match="does not accept 3x16x16"):
+    with pytest.raises(ModelSourceError, match="rejected a 1x3x16x16 input"):
         generate("tiny_models:fixed_size_net", str(tmp_path), small_config(image_size=16), num_samples=2,
                  show_progress=False)
     assert not any(p.name.startswith("shard_") for p in tmp_path.iterdir())
