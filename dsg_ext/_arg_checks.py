@@ -46,3 +46,17 @@ def _check_target_std(op: str, std: Tensor) -> None:
         if not bool((std > 0).all()) or not bool(torch.isfinite(std).all()):
             raise ValueError(f"{op}: the target std must be finite and > 0 (sqrt(running_var + eps)), "
                              f"got values in [{float(std.min())}, {float(std.max())}]")
+
+
+def _zero_point_arg(op: str, value, device, float_dtype: torch.dtype) -> Tensor:
+    """A Python zero point as the tensor the kernels take: int32 for an integer (refused, naming the
+    op, when it does not fit), ``float_dtype`` for a float; tensors pass through."""
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: zero_point must be a number or a tensor, got {value!r}")
+    if isinstance(value, int):
+        if not -(2 ** 31) <= value < 2 ** 31:
+            raise ValueError(f"{op}: zero_point {value} does not fit in int32")
+        return torch.tensor(value, dtype=torch.int32, device=device)
+    return torch.tensor(value, dtype=float_dtype, device=device)

@@ -38,10 +38,11 @@ def read_regular(path: str, error: Type[DsgError], what: str = "file", follow_li
         if os.path.isdir(path):
             raise error(f"{what} {path} is a directory, not a file") from None
         raise error(f"cannot open {what} {path}: {e.strerror or e}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise error(f"{what} {path} is {_kind(mode)}, not a regular file")
     with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise error(f"{what} {path} is {_kind(mode)}, not a regular file")
         os.set_blocking(fd, True)
         try:
             return f.read()

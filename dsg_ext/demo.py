@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 
 from . import quantization as quant
-from ._io import atomic_write_bytes
+from ._io import atomic_write_bytes, prepare_output_dir
 from .data import calibration, fashion_mnist
 from .errors import ConfigError
 from .evaluation import topk_accuracy
@@ -76,7 +76,7 @@ def _synthetic(method: str, cfg: DemoConfig, progress: bool) -> torch.Tensor:
 
 def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> Dict[str, Any]:
     t_start = time.perf_counter()
-    os.makedirs(cfg.out, exist_ok=True)
+    prepare_output_dir(cfg.out, "demo directory")
     loaded = load_model(MODEL)
     fp = loaded.model.to(cfg.device)
     test_u8, test_y = fashion_mnist.load_split(train=False)

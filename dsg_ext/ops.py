@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loads the library that registers the ops)
-from ._arg_checks import _check_target_std, _float_arg, _int_arg
+from ._arg_checks import _check_target_std, _float_arg, _int_arg, _zero_point_arg
 from ._fake_kernels import _acc_dtype  # importing it registers the fake kernels (tracing, torch.compile)
 
 _ops = torch.ops.dsg_ext
@@ -200,8 +200,7 @@ def fake_quant(
     outputs. On CUDA an invalid scale or zero point gives NaN (checking it would need a device sync).
     """
     scale = _as_tensor(scale, x.device, torch.float32)
-    if not isinstance(zero_point, Tensor):
-        zero_point = _as_tensor(zero_point, x.device, torch.float32 if isinstance(zero_point, float) else torch.int32)
+    zero_point = _zero_point_arg("fake_quant", zero_point, x.device, torch.float32)
     grad_factor = _float_arg("fake_quant", "grad_factor", grad_factor)
     if grad_factor != 1.0:
         scale = grad_scale(scale, grad_factor) if scale.requires_grad else scale
@@ -276,8 +275,7 @@ def adaround(
     """
     acc = _acc_dtype(w) if w.is_floating_point() else torch.float32
     scale = _as_tensor(scale, w.device, acc)
-    if not isinstance(zero_point, Tensor):
-        zero_point = _as_tensor(zero_point, w.device, acc if isinstance(zero_point, float) else torch.int32)
+    zero_point = _zero_point_arg("adaround", zero_point, w.device, acc)
     return _ops.adaround(w, v, scale, zero_point, _int_arg("adaround", "quant_min", quant_min),
                          _int_arg("adaround", "quant_max", quant_max), axis, float(beta), bool(hard))
 
@@ -330,6 +328,9 @@ def adaround_init(w: Tensor, scale: Union[float, Tensor], axis: Optional[int] = 
         shape[axis] = -1
         scale = scale.reshape(shape)
     scaled = w / scale
+    if not bool(torch.isfinite(scaled[torch.isfinite(w)]).all()):
+        raise ValueError(f"adaround_init: w / scale overflows {w.dtype} (a scale of {float(scale.min()):.3g} is too "
+                         "small for these weights)")
     frac = scaled - torch.floor(scaled)
     ratio = (ADAROUND_ZETA - ADAROUND_GAMMA) / (frac - ADAROUND_GAMMA) - 1.0
     return -torch.log(ratio)

@@ -41,3 +41,38 @@ def fixed_size_net() -> nn.Module:
         torch.manual_seed(0)
         return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
                              nn.Linear(4 * 12 * 12, 10)).eval()
+
+
+def raising_constructor() -> nn.Module:
+    """A model source whose own constructor fails."""
+    raise RuntimeError("weights for this variant are not configured")
+
+
+class _AssertsInputSize(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = tiny_bn_net()
+
+    def forward(self, x):
+        assert x.shape[-1] == 12, f"this network takes 12x12 images, got {tuple(x.shape)}"
+        return self.body(x)
+
+
+def asserting_forward_net() -> nn.Module:
+    """Its forward asserts a 12x12 input (as many user models do)."""
+    return _AssertsInputSize().eval()
+
+
+class _SwitchesBnToTraining(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = tiny_bn_net()
+
+    def forward(self, x):
+        self.body.train()  # a bug found in real code: the forward re-enables training mode
+        return self.body(x)
+
+
+def bn_training_net() -> nn.Module:
+    """Its forward switches its BatchNorm layers to training mode."""
+    return _SwitchesBnToTraining().eval()

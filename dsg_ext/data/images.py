@@ -9,6 +9,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .._io import read_regular
 from ..errors import DataSourceError
 from ..models.spec import InputSpec
 
@@ -34,10 +35,13 @@ def load_image(path: str, spec: InputSpec, crop_fraction: float = 0.875) -> Tens
     """One image file -> (C, S, S) in the model's normalised input space: shorter side resized to
     S / crop_fraction, centre crop S (the ImageNet evaluation recipe; for 28x28 Fashion-MNIST-like
     images, which are smaller than S, a zero-pad to S as in training)."""
+    import io
+
     from PIL import Image
 
+    data = read_regular(path, DataSourceError, "image file")  # a FIFO among the images must not block
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im = im.convert("L" if spec.channels == 1 else "RGB")
             w, h = im.size
             s = spec.image_size
