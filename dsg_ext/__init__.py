@@ -18,6 +18,7 @@ from .errors import (
     DatasetError,
     DataSourceError,
     DsgError,
+    ExportError,
     InvalidDataError,
     ModelSourceError,
     NoBatchNormError,
@@ -28,6 +29,7 @@ from .errors import (
     SynthesisError,
 )
 from .evaluation import fidelity, topk_accuracy
+from .export import export_onnx
 from .models import InputSpec, load_model, model_identity
 from .ops import adaround, adaround_init, bn_eval_slack, bn_stat_slack_loss, fake_quant
 from .quantization import (
@@ -56,7 +58,7 @@ __all__ = [
     # ops
     "adaround", "adaround_init", "bn_eval_slack", "bn_stat_slack_loss", "fake_quant", "cuda_ops_built",
     # synthesis
-    "SynthesisConfig", "synthesize", "generate",
+    "SynthesisConfig", "synthesize", "generate", "export_onnx",
     # quantization
     "QuantConfig", "AdaRoundConfig", "quantize_model", "calibrate", "reconstruct", "finalize_weights",
     "save_quantized", "load_quantized",
@@ -65,5 +67,6 @@ __all__ = [
     # errors
     "DsgError", "ConfigError", "ModelSourceError", "NoBatchNormError", "SynthesisError", "NonFiniteLossError",
     "DatasetError", "DataSourceError", "InvalidDataError", "QuantizationError", "QuantizedFileError", "OutputError",
+    "ExportError",
     "__version__",
 ]

@@ -204,6 +204,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ._io import check_output_file
+    from .export import export_onnx
+    from .models import load_model
+    from .models.spec import probe_model
+    from .quantization import load_quantized
+
+    check_output_file(args.out, "--out", force=args.force)
+    loaded = load_model(args.model, weights=args.weights, image_size=args.image_size,
+                        trust_model_code=args.trust_model_code)
+    example = _example(loaded).expand(2, -1, -1, -1).contiguous()
+    probe_model(loaded.model, example, args.model)
+    qmodel = load_quantized(loaded.model, args.quantized, loaded.identity, _example(loaded))
+    record = export_onnx(qmodel, example, args.out, opset=args.opset)
+    nodes = record["nodes"]
+    check = record.get("max_abs_diff_vs_ours")
+    print(f"{args.out}: ONNX opset {record['opset']}, input {record['input']!r} (dynamic batch), "
+          f"{nodes.get('QuantizeLinear', 0)} QuantizeLinear / {nodes.get('DequantizeLinear', 0)} DequantizeLinear, "
+          f"{record['bytes'] / 1e6:.2f} MB"
+          + (f"; onnxruntime vs dsg_ext max |logit diff| {check:.3g}" if check is not None else ""))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
@@ -338,6 +361,23 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=_cmd_eval)
 
 
+def _add_export(sub) -> None:
+    from .export.qdq import DEFAULT_OPSET
+
+    p = sub.add_parser("export", formatter_class=_Formatter,
+                       help="write a quantized model as standard ONNX with QuantizeLinear/DequantizeLinear")
+    p.add_argument("--model", required=True, help="the model source the quantized file was made from")
+    p.add_argument("--weights", help="state-dict file for torchvision:/timm:/module: sources")
+    p.add_argument("--trust-model-code", action="store_true",
+                   help="allow a TorchScript model file, whose loading runs the code it holds")
+    p.add_argument("--quantized", required=True, metavar="FILE", help="a file written by dsg quantize for this model")
+    p.add_argument("--image-size", type=int, default=None, help="the model's input size (default: the source's own)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (>= 13)")
+    p.add_argument("--out", required=True, help="the .onnx file")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=_cmd_export)
+
+
 def _add_demo(sub) -> None:
     from .demo import DemoConfig as D
     from .demo import format_bits, parse_bits
@@ -366,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_quantize(sub)
     _add_eval(sub)
+    _add_export(sub)
     _add_demo(sub)
     return parser
 

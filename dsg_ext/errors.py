@@ -22,6 +22,7 @@ __all__ = [
     "QuantizationError",
     "QuantizedFileError",
     "OutputError",
+    "ExportError",
 ]
 
 
@@ -73,3 +74,8 @@ class QuantizedFileError(DsgError, RuntimeError):
 class OutputError(DsgError, OSError):
     """An output file or directory that cannot be written (missing or read-only directory, a full
     disk, a directory where a file belongs); checked before long work starts wherever possible."""
+
+
+class ExportError(DsgError, RuntimeError):
+    """A quantized model that cannot be written as ONNX: an operation ONNX export cannot express
+    (named), a layer not finalised, an opset too old."""
