@@ -11,8 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from dsg_ext import (SynthesisConfig, SyntheticDataset, calibration_batches, forward_loop, generate,
-                     ort_calibration_reader)
+from dsg_ext import (
+    SynthesisConfig,
+    SyntheticDataset,
+    calibration_batches,
+    forward_loop,
+    generate,
+    ort_calibration_reader,
+)
 from dsg_ext.data import fashion_mnist, store
 from dsg_ext.errors import ConfigError, DatasetError
 from dsg_ext.models import load_model
