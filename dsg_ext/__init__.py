@@ -27,6 +27,7 @@ from .errors import (
     OutputError,
     QuantizationError,
     QuantizedFileError,
+    ReportError,
     SynthesisError,
 )
 from .evaluation import fidelity, topk_accuracy
@@ -69,6 +70,6 @@ __all__ = [
     # errors
     "DsgError", "ConfigError", "ModelSourceError", "NoBatchNormError", "SynthesisError", "NonFiniteLossError",
     "DatasetError", "DataSourceError", "InvalidDataError", "QuantizationError", "QuantizedFileError", "OutputError",
-    "ExportError",
+    "ExportError", "ReportError",
     "__version__",
 ]

@@ -227,6 +227,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from ._io import check_output_file
+    from .report import write_report
+
+    check_output_file(args.out, "--out", force=args.force)
+    write_report(args.dirs, args.out, args.quantized or (), demo=args.demo, weights=args.weights,
+                 trust_model_code=args.trust_model_code)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
@@ -378,6 +389,19 @@ def _add_export(sub) -> None:
     p.set_defaults(func=_cmd_export)
 
 
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", formatter_class=_Formatter,
+                       help="one HTML page: samples, BN alignment, homogenisation, quantization results")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="`dsg generate` directories (several are compared)")
+    p.add_argument("--quantized", nargs="*", metavar="FILE", help="quantized files: fidelity to FP32 on the samples")
+    p.add_argument("--demo", metavar="FILE", help="a `dsg demo` result (demo.json): accuracy bars")
+    p.add_argument("--weights", help="state-dict file of the model the data were made from, when it needs one")
+    p.add_argument("--trust-model-code", action="store_true", help="allow a TorchScript model file")
+    p.add_argument("--out", required=True, help="the .html file")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=_cmd_report)
+
+
 def _add_demo(sub) -> None:
     from .demo import DemoConfig as D
     from .demo import format_bits, parse_bits
@@ -407,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quantize(sub)
     _add_eval(sub)
     _add_export(sub)
+    _add_report(sub)
     _add_demo(sub)
     return parser
 

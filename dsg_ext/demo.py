@@ -142,7 +142,13 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> Dict[str, Any
     log(format_table(result))
     try:
         write_chart(result, os.path.join(cfg.out, "demo.png"))
-        log(f"wrote {os.path.join(cfg.out, 'demo.json')} and {os.path.join(cfg.out, 'demo.png')}")
+        from .report import write_report
+
+        dirs = [os.path.join(cfg.out, "data", m) for m in ("dsg", "zeroq") if m in cfg.sources]
+        if dirs:
+            write_report(dirs, os.path.join(cfg.out, "report.html"), demo=os.path.join(cfg.out, "demo.json"))
+        log(f"wrote {os.path.join(cfg.out, 'demo.json')}, {os.path.join(cfg.out, 'demo.png')}"
+            + (f" and {os.path.join(cfg.out, 'report.html')}" if dirs else ""))
     except ImportError:
         log(f"wrote {os.path.join(cfg.out, 'demo.json')} (matplotlib missing: no chart)")
     return result

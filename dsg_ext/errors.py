@@ -23,6 +23,7 @@ __all__ = [
     "QuantizedFileError",
     "OutputError",
     "ExportError",
+    "ReportError",
 ]
 
 
@@ -79,3 +80,7 @@ class OutputError(DsgError, OSError):
 class ExportError(DsgError, RuntimeError):
     """A quantized model that cannot be written as ONNX: an operation ONNX export cannot express
     (named), a layer not finalised, an opset too old."""
+
+
+class ReportError(DsgError, RuntimeError):
+    """A report that cannot be made from what it was given (no dataset directory, a foreign file)."""

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import sys
+import time
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -188,8 +189,10 @@ def generate(
                     bar.set_postfix(batch=f"{_done + 1}/{len(todo)}", loss=f"{loss:.4g}", refresh=False)
                     bar.refresh()
 
+            started = time.perf_counter()
             result = synthesize_batch(model, config, b, count=count, device=device, layers=layers, progress=progress,
                                       input_range=input_range)
+            seconds = time.perf_counter() - started
             dataset.write_shard(
                 out,
                 b,
@@ -202,6 +205,7 @@ def generate(
                     "final_loss": result.final_loss,
                     "initial_layer_losses": result.initial_layer_losses,
                     "final_layer_losses": result.final_layer_losses,
+                    "seconds": seconds,
                 },
             )
     except BaseException as e:  # finished shards are on disk already; record them before failing
