@@ -12,79 +12,18 @@ import argparse
 import dataclasses
 import platform
 import sys
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
-from .errors import ConfigError, DsgError
-
-DEFAULT_DEVICE = "cpu"
-# Prefixes of the argparse destinations of each config's fields (a field may exist in two configs).
-_DEST = {"SynthesisConfig": "synthesis_", "QuantConfig": "quant_", "AdaRoundConfig": "adaround_",
-         "DemoConfig": "demo_"}
-
-
-def _default(cls, field: str) -> Any:
-    return getattr(cls(), field)
-
-
-def _option(parser, flag: str, cls, field: str, help: str, **kwargs) -> None:
-    """An option that sets ``cls``'s ``field``: the default comes from the dataclass. A boolean
-    field becomes a switch that flips its default (``--per-tensor`` sets w_per_channel=False)."""
-    dest = _DEST[cls.__name__] + field
-    default = _default(cls, field)
-    if isinstance(default, bool):
-        action = "store_false" if default else "store_true"
-        parser.add_argument(flag, dest=dest, action=action, default=default, help=help)
-        return
-    if "choices" not in kwargs:
-        kwargs.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
-        if "type" not in kwargs and default is not None:
-            kwargs["type"] = type(default)
-    parser.add_argument(flag, dest=dest, default=kwargs.pop("shown_default", default), help=help, **kwargs)
-
-
-def config_from_args(args: argparse.Namespace, cls, **overrides):
-    """The ``cls`` instance the parsed options describe; fields without an option keep the default."""
-    prefix = _DEST[cls.__name__]
-    values = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls) if hasattr(args, prefix + f.name)}
-    return cls(**{**values, **overrides})
-
-
-def _optional_bits(off: int) -> Callable[[str], Optional[int]]:
-    """A bit-width parser where ``off`` means None (float activations / the same width as the rest)."""
-    def parse(text: str) -> Optional[int]:
-        value = int(text)
-        return None if value == off else value
-
-    parse.__name__ = "bits"
-    return parse
-
-
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a count of images or samples)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-_positive_int.__name__ = "count"
-
-
-def _device(text: str) -> str:
-    """argparse type: a device torch can use on this machine."""
-    from .models.spec import check_device
-
-    try:
-        return check_device(text)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-_device.__name__ = "device"
-
+from .cli_options import (
+    DEFAULT_DEVICE,
+    _device,
+    _Formatter,
+    _option,
+    _optional_bits,
+    _positive_int,
+    config_from_args,
+)
+from .errors import DsgError
 
 # --------------------------------------------------------------------------------------------
 # Commands
@@ -248,15 +187,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 # The parser
 # --------------------------------------------------------------------------------------------
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every option's default (taken from the config dataclasses)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def _add_generate(sub) -> None:

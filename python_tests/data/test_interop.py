@@ -120,15 +120,31 @@ def _onnx_top1(path, x, y):
 
 
 def test_onnxruntime_quantize_static_with_our_data(fm, tmp_path):
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    """DSG data against Gaussian noise as onnxruntime's calibration set (the README's table has the
+    full-size figures: with min/max observers DSG data calibrate worse than noise)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from dsg_ext.data.calibration import gaussian_noise
 
     data, fp32, x, y, loaded = fm
-    out = str(tmp_path / "w8a8.onnx")
-    quantize_static(fp32, out, ort_calibration_reader(data, "x", model_identity=loaded.identity),
-                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
-    fp_top1, q_top1 = _onnx_top1(fp32, x, y), _onnx_top1(out, x, y)
-    assert fp_top1 > 93 and q_top1 > 80, (fp_top1, q_top1)  # a working W8A8 model (README: the figures)
+
+    class Noise(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(gaussian_noise(loaded.input, 128).numpy().reshape(4, 32, 1, 32, 32))
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {"x": batch}
+
+    top1 = {"fp32": _onnx_top1(fp32, x, y)}
+    for name, reader in (("dsg", ort_calibration_reader(data, "x", model_identity=loaded.identity)),
+                         ("noise", Noise())):
+        out = str(tmp_path / f"w8a8-{name}.onnx")
+        quantize_static(fp32, out, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        top1[name] = _onnx_top1(out, x, y)
+    print("onnxruntime quantize_static W8A8 top-1:", top1)
+    assert top1["fp32"] > 93 and top1["dsg"] > 80 and top1["noise"] > 80, top1  # working W8A8 models
 
 
 def test_torchao_pt2e_with_our_data(fm):
