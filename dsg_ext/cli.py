@@ -62,6 +62,12 @@ def _print_generation_summary(args: argparse.Namespace, manifest: Dict[str, Any]
              if s else ""))
     if not s:
         return
+    d = s.get("diversity")
+    if d:
+        classes = f"{d['classes_predicted']} of {d['num_classes']}" if d.get("num_classes") else "n/a"
+        print(f"  diversity on {d['images_measured']} samples: relative spread {d['relative_sample_spread_mean']:.3g}, "
+              f"classes predicted {classes}, pixels {d['pixel_min']:.2f}..{d['pixel_max']:.2f} "
+              f"({100 * d['pixels_outside_valid_range']:.1f}% outside the valid 0..1)")
     worst = sorted(s["per_layer"], key=lambda r: -r["final"])[:5]
     print(f"  {'BN layer (worst 5 at the end)':36s} {'start':>10s} {'end':>10s} {'sample spread':>14s}")
     for r in worst:

@@ -22,6 +22,7 @@ from ..errors import ConfigError
 from ..models import LoadedModel, load_model
 from ..models.spec import check_device, probe_model
 from .config import SynthesisConfig
+from .diversity import diversity
 from .loop import per_sample_statistics, synthesize_batch
 from .taps import batchnorm_layers
 
@@ -261,6 +262,7 @@ def _summary(manifest, layer_names, loaded, images, device, unbiased) -> Dict[st
     initial = torch.tensor([s["initial_layer_losses"] for s in manifest["shards"]]).mean(0)
     spread = homogenization_summary(loaded, images, device, unbiased)
     return {
+        "diversity": diversity(loaded, images, device, unbiased),
         "layer_loss_initial_mean": float(initial.mean()),
         "layer_loss_final_mean": float(final.mean()),
         "layer_loss_final_max": float(final.max()),
