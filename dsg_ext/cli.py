@@ -195,6 +195,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+_TRUST_HELP = ("allow a TorchScript model file, whose loading runs the code it holds (.pt2 files are checked "
+               "and need no trust)")
+
+
+def _add_model_options(p, model_help: str = "model source, as for generate") -> None:
+    """--model, --weights and --trust-model-code: where the network comes from (every command that loads one)."""
+    p.add_argument("--model", required=True, help=model_help)
+    p.add_argument("--weights", help="state-dict file for torchvision:/timm:/module: sources")
+    p.add_argument("--trust-model-code", action="store_true", help=_TRUST_HELP)
+
+
 def _add_generate(sub) -> None:
     from .synthesis.config import INITS, LAYER_WEIGHTINGS, METHODS
     from .synthesis.config import SynthesisConfig as S
@@ -202,13 +213,8 @@ def _add_generate(sub) -> None:
 
     p = sub.add_parser("generate", formatter_class=_Formatter,
                        help="synthesise calibration images from a model's BatchNorm statistics")
-    p.add_argument("--model", required=True,
-                   help="torchvision:NAME, timm:NAME, efficientnet-lite0, fashion-mnist-resnet20, module:function, "
-                        "a torch.export .pt2 or a TorchScript file")
-    p.add_argument("--weights", help="state-dict file for torchvision:/timm:/module: sources")
-    p.add_argument("--trust-model-code", action="store_true",
-                   help="allow a TorchScript model file, whose loading runs the code it holds (.pt2 files are "
-                        "checked and need no trust)")
+    _add_model_options(p, "torchvision:NAME, timm:NAME, efficientnet-lite0, fashion-mnist-resnet20, module:function, "
+                          "a torch.export .pt2 or a TorchScript file")
     _option(p, "--method", S, "method", "zeroq: ZeroQ; dsg: DSG (slack + layerwise enhancement)", choices=METHODS)
     p.add_argument("--num-samples", type=_positive_int, default=DEFAULT_NUM_SAMPLES, help="images in all")
     _option(p, "--batch-size", S, "batch_size", "images optimised together")
@@ -251,11 +257,7 @@ def _add_quantize(sub) -> None:
 
     p = sub.add_parser("quantize", formatter_class=_Formatter,
                        help="fake-quantize a model, calibrated on synthetic or real images")
-    p.add_argument("--model", required=True, help="model source, as for generate")
-    p.add_argument("--weights", help="state-dict file for torchvision:/timm:/module: sources")
-    p.add_argument("--trust-model-code", action="store_true",
-                   help="allow a TorchScript model file, whose loading runs the code it holds (.pt2 files are "
-                        "checked and need no trust)")
+    _add_model_options(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--calib", metavar="DIR", help="a dataset directory written by dsg generate for this model")
     src.add_argument("--real", metavar="DIR",
@@ -293,11 +295,7 @@ def _add_quantize(sub) -> None:
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", formatter_class=_Formatter,
                        help="accuracy (and fidelity to FP32) of a model or a quantized model")
-    p.add_argument("--model", required=True)
-    p.add_argument("--weights")
-    p.add_argument("--trust-model-code", action="store_true",
-                   help="allow a TorchScript model file, whose loading runs the code it holds (.pt2 files are "
-                        "checked and need no trust)")
+    _add_model_options(p)
     p.add_argument("--quantized", metavar="FILE", help="a file written by dsg quantize for this model")
     p.add_argument("--data", required=True, help="'fashion-mnist' (test split), 'skimage-photos', an image directory "
                    "(ImageFolder layout for accuracy; any images for fidelity) or a `dsg generate` directory made "
@@ -313,10 +311,7 @@ def _add_export(sub) -> None:
 
     p = sub.add_parser("export", formatter_class=_Formatter,
                        help="write a quantized model as standard ONNX with QuantizeLinear/DequantizeLinear")
-    p.add_argument("--model", required=True, help="the model source the quantized file was made from")
-    p.add_argument("--weights", help="state-dict file for torchvision:/timm:/module: sources")
-    p.add_argument("--trust-model-code", action="store_true",
-                   help="allow a TorchScript model file, whose loading runs the code it holds")
+    _add_model_options(p, "the model source the quantized file was made from")
     p.add_argument("--quantized", required=True, metavar="FILE", help="a file written by dsg quantize for this model")
     p.add_argument("--image-size", type=int, default=None, help="the model's input size (default: the source's own)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (>= 13)")
@@ -332,7 +327,7 @@ def _add_report(sub) -> None:
     p.add_argument("--quantized", nargs="*", metavar="FILE", help="quantized files: fidelity to FP32 on the samples")
     p.add_argument("--demo", metavar="FILE", help="a `dsg demo` result (demo.json): accuracy bars")
     p.add_argument("--weights", help="state-dict file of the model the data were made from, when it needs one")
-    p.add_argument("--trust-model-code", action="store_true", help="allow a TorchScript model file")
+    p.add_argument("--trust-model-code", action="store_true", help=_TRUST_HELP)
     p.add_argument("--out", required=True, help="the .html file")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=_cmd_report)

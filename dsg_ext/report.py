@@ -111,13 +111,15 @@ class _Source:
         self.stats = _layer_statistics(self.model.model, self.images) if self.model else None
 
 
-def _alignment(sources: List[_Source]) -> str:
-    fig, axes = _figure(10, 3.4)
+def _two_panels():
+    fig, _ = _figure(10, 3.4)
     fig.clear()
-    ax1, ax2 = fig.subplots(1, 2)
-    for s in sources:
-        if not s.stats:
-            continue
+    return (fig, *fig.subplots(1, 2))
+
+
+def _alignment(sources: List[_Source]) -> str:
+    fig, ax1, ax2 = _two_panels()
+    for s in (s for s in sources if s.stats):
         gaps, ratios = [], []
         for st in s.stats.values():
             batch_mean = st["mean"].mean(0)
@@ -147,12 +149,8 @@ def _losses(sources: List[_Source]) -> str:
 
 
 def _homogenization(sources: List[_Source]) -> str:
-    fig, _ = _figure(10, 3.4)
-    fig.clear()
-    ax1, ax2 = fig.subplots(1, 2)
-    for s in sources:
-        if not s.stats:
-            continue
+    fig, ax1, ax2 = _two_panels()
+    for s in (s for s in sources if s.stats):
         spread = [float((st["mean"].std(0) / st["bn_std"]).mean()) for st in s.stats.values()]
         ax1.plot(spread, marker=".", label=s.label)
         middle = list(s.stats.values())[len(s.stats) // 2]
