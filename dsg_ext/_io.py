@@ -101,10 +101,7 @@ def check_output_dir(path: str, what: str = "output directory") -> None:
 def prepare_output_dir(path: str, what: str = "output directory", need_write: bool = True) -> None:
     """Creates ``path`` (and its parents) and checks it can be written; refuses an empty name, a
     file, a path below a file, a read-only or unwritable place, with the reason."""
-    if not path:
-        raise OutputError(f"the {what} name is empty")
-    if os.path.lexists(path) and not os.path.isdir(path):
-        raise OutputError(f"{what} {path} exists and is not a directory")
+    check_output_dir(path, what)
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:

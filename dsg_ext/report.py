@@ -39,49 +39,34 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _figure(width=9, height=3.2):
+def _figure(width=9, height=3.2, cols=1):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(figsize=(width, height))
+    return plt.subplots(1, cols, figsize=(width, height))
 
 
-def _grid(images: torch.Tensor, spec: Dict[str, Any], max_images: int = 64) -> str:
-    import math
+def _grid(images: torch.Tensor, spec: Dict[str, Any]) -> str:
+    from .synthesis.writer import image_grid
 
-    x = images[:max_images].float()
-    mean = torch.tensor(spec["mean"][: x.shape[1]]).view(1, -1, 1, 1)
-    std = torch.tensor(spec["std"][: x.shape[1]]).view(1, -1, 1, 1)
-    x = (x * std + mean).clamp(0, 1)
-    cols = math.ceil(math.sqrt(x.shape[0]))
-    rows = math.ceil(x.shape[0] / cols)
-    c, h, w = x.shape[1:]
-    grid = torch.ones(c, rows * (h + 2), cols * (w + 2))
-    for i in range(x.shape[0]):
-        r, q = divmod(i, cols)
-        grid[:, r * (h + 2) + 1: r * (h + 2) + 1 + h, q * (w + 2) + 1: q * (w + 2) + 1 + w] = x[i]
+    img = image_grid(images, spec["mean"], spec["std"])
     fig, ax = _figure(5, 5)
-    img = grid.permute(1, 2, 0).numpy()
-    ax.imshow(img[..., 0] if c == 1 else img, cmap="gray" if c == 1 else None, vmin=0, vmax=1)
+    ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
     ax.axis("off")
     return _png(fig)
 
 
-def _layer_statistics(model, images: torch.Tensor) -> Optional[Dict[str, Dict[str, torch.Tensor]]]:
+def _layer_statistics(model, images: torch.Tensor) -> Dict[str, Dict[str, torch.Tensor]]:
     """Per BN layer: per-sample (N, C) means and stds of its input, and its running mean / std."""
-    from .synthesis.taps import BatchNormTaps, batchnorm_layers
+    from .synthesis.loop import per_sample_moments
+    from .synthesis.taps import batchnorm_layers
 
-    layers = batchnorm_layers(model)
-    taps = BatchNormTaps(layers, unbiased=True, fused=False)
-    taps.record_stats = True
-    with taps, torch.no_grad():
-        model.eval()(images)
-    out = {}
-    for (name, _bn), (mean, std), target in zip(layers, taps.stats, taps.targets):
-        out[name] = {"mean": mean.float(), "std": std.float(), "bn_mean": target[0], "bn_std": target[1]}
-    return out
+    moments = per_sample_moments(model, images)
+    return {name: {"mean": moments[name][0].float(), "std": moments[name][1].float(),
+                   "bn_mean": bn.running_mean.float(), "bn_std": torch.sqrt(bn.running_var.float() + bn.eps)}
+            for name, bn in batchnorm_layers(model)}
 
 
 class _Source:
@@ -111,14 +96,8 @@ class _Source:
         self.stats = _layer_statistics(self.model.model, self.images) if self.model else None
 
 
-def _two_panels():
-    fig, _ = _figure(10, 3.4)
-    fig.clear()
-    return (fig, *fig.subplots(1, 2))
-
-
 def _alignment(sources: List[_Source]) -> str:
-    fig, ax1, ax2 = _two_panels()
+    fig, (ax1, ax2) = _figure(10, 3.4, cols=2)
     for s in (s for s in sources if s.stats):
         gaps, ratios = [], []
         for st in s.stats.values():
@@ -149,7 +128,7 @@ def _losses(sources: List[_Source]) -> str:
 
 
 def _homogenization(sources: List[_Source]) -> str:
-    fig, ax1, ax2 = _two_panels()
+    fig, (ax1, ax2) = _figure(10, 3.4, cols=2)
     for s in (s for s in sources if s.stats):
         spread = [float((st["mean"].std(0) / st["bn_std"]).mean()) for st in s.stats.values()]
         ax1.plot(spread, marker=".", label=s.label)

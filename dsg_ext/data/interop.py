@@ -94,23 +94,20 @@ def calibration_batches(directory: str, batch_size: int = 32, device: Optional[s
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     data = SyntheticDataset(directory, model_identity, max_samples)
-    pending: List[Tensor] = []
-    count = have = 0
+    rest: Optional[Tensor] = None  # images of the previous shard not yet in a batch
+    have = 0
     for s in range(len(data.records)):
         if have >= len(data):
             break
         images = data.shard(s)[: len(data) - have]
         have += images.shape[0]
-        pending.append(images)
-        count += images.shape[0]
-        while count >= batch_size:
-            joined = torch.cat(pending)
-            batch, rest = joined[:batch_size], joined[batch_size:]
-            pending, count = ([rest] if rest.shape[0] else []), rest.shape[0]
-            yield batch.to(device) if device else batch
-    if count:
-        batch = torch.cat(pending)
-        yield batch.to(device) if device else batch
+        images = images if rest is None else torch.cat([rest, images])  # one copy per shard, at most
+        full = images.shape[0] // batch_size * batch_size
+        for i in range(0, full, batch_size):
+            yield images[i:i + batch_size].to(device) if device else images[i:i + batch_size]
+        rest = images[full:] if full < images.shape[0] else None
+    if rest is not None:
+        yield rest.to(device) if device else rest
 
 
 def forward_loop(directory: str, batch_size: int = 32, device: Optional[str] = None,

@@ -71,12 +71,11 @@ def read_record(directory: str, index: int) -> Optional[Dict[str, Any]]:
     path = os.path.join(directory, record_name(index))
     if not os.path.lexists(path):
         return None
+    data = read_regular(path, DatasetError, "shard record", follow_links=False)  # a FIFO or link: refused
     try:
-        record = _read_json(path, "shard record")
-    except DatasetError as e:
-        if "not readable JSON" not in str(e):
-            raise  # a FIFO, a device or a link where a record belongs: never read it
-        return None
+        record = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None  # a damaged record: the shard is made again
     ok = (isinstance(record, dict) and record.get("file") == shard_name(index) and isinstance(record.get("sha256"), str)
           and isinstance(record.get("num_samples"), int))
     return record if ok else None

@@ -100,15 +100,15 @@ def check_expression(expr: str) -> bool:
     return True
 
 
-def _walk(obj, key: str = "") -> Iterator[tuple]:
-    """(key, value) of every dict entry in a JSON document, nested ones included."""
+def _walk(obj) -> Iterator[tuple]:
+    """(key, value, the dict holding it) of every dict entry in a JSON document, nested ones included."""
     if isinstance(obj, dict):
         for k, v in obj.items():
             yield k, v, obj
-            yield from _walk(v, k)
+            yield from _walk(v)
     elif isinstance(obj, list):
         for v in obj:
-            yield from _walk(v, key)
+            yield from _walk(v)
 
 
 def _check_program(path: str, name: str, doc) -> None:
@@ -167,7 +167,7 @@ def check_pt2(path: str, data: bytes) -> None:
 def _check_payloads(path: str, archive: zipfile.ZipFile, config_member: str, doc) -> None:
     """Weights and constants listed in a payload config: pickled tensors must load weights-only,
     pickled Python objects are refused."""
-    folder = config_member.rsplit("/", 1)[0]
+    folder, names = config_member.rsplit("/", 1)[0], set(archive.namelist())
     entries = doc.get("config", {})
     if not isinstance(entries, dict):
         raise _refuse(path, f"{config_member} has no payload table")
@@ -179,6 +179,6 @@ def _check_payloads(path: str, archive: zipfile.ZipFile, config_member: str, doc
             raise _refuse(path, f"{fqn!r} is a pickled Python object ({name}), not a tensor")
         if meta.get("use_pickle"):
             member = f"{folder}/{name}"
-            if member not in archive.namelist():
+            if member not in names:
                 raise _refuse(path, f"{config_member}: payload {name!r} is missing")
             _check_pickle(path, archive, member)

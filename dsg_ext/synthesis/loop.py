@@ -270,15 +270,21 @@ def _first_nonfinite_layer(names: Sequence[str], first_bad: Sequence[int]) -> Op
     return names[min(went_bad)[1]] if went_bad else None
 
 
-def per_sample_statistics(model: nn.Module, images: Tensor, unbiased: bool = True,
-                          device: str = "cpu") -> Dict[str, Tensor]:
-    """Per-sample BN-input statistics (N, C) per layer: the paper's homogenisation measure reads their spread."""
+def per_sample_moments(model: nn.Module, images: Tensor, unbiased: bool = True,
+                       device: str = "cpu") -> Dict[str, Tuple[Tensor, Tensor]]:
+    """Per BN layer, the (N, C) per-sample means and stds of its input."""
     layers = batchnorm_layers(model)
     taps = BatchNormTaps(layers, unbiased)
     taps.record_stats = True
     with taps, torch.no_grad():
         model.eval()(images.to(device))
-    return {name: stats[0] for name, stats in zip(taps.names, taps.stats)}
+    return dict(zip(taps.names, taps.stats))
+
+
+def per_sample_statistics(model: nn.Module, images: Tensor, unbiased: bool = True,
+                          device: str = "cpu") -> Dict[str, Tensor]:
+    """Per-sample BN-input means (N, C) per layer: the paper's homogenisation measure reads their spread."""
+    return {name: mean for name, (mean, _std) in per_sample_moments(model, images, unbiased, device).items()}
 
 
 def synthesize(model: nn.Module, config: Optional[SynthesisConfig] = None, num_samples: Optional[int] = None,

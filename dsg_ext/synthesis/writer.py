@@ -77,15 +77,12 @@ def homogenization_summary(loaded: LoadedModel, images: torch.Tensor, device: st
     return [{"layer": name, "sample_spread": float(m.std(0).mean())} for name, m in stats.items()]
 
 
-def write_preview(images: torch.Tensor, spec, path: str, max_images: int = 64) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def image_grid(images: torch.Tensor, mean, std, max_images: int = 64):
+    """Up to ``max_images`` samples back in [0, 1] image space (``mean``/``std``: the model's input
+    normalisation), tiled on a white grid: an (H, W) or (H, W, 3) array."""
     x = images[:max_images].float()
-    mean = torch.tensor(spec.mean[: x.shape[1]]).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std[: x.shape[1]]).view(1, -1, 1, 1)
+    mean = torch.tensor(mean[: x.shape[1]]).view(1, -1, 1, 1)
+    std = torch.tensor(std[: x.shape[1]]).view(1, -1, 1, 1)
     x = (x * std + mean).clamp(0, 1)
     n = x.shape[0]
     cols = math.ceil(math.sqrt(n))
@@ -96,7 +93,17 @@ def write_preview(images: torch.Tensor, spec, path: str, max_images: int = 64) -
         r, q = divmod(i, cols)
         grid[:, r * (h + 2) + 1 : r * (h + 2) + 1 + h, q * (w + 2) + 1 : q * (w + 2) + 1 + w] = x[i]
     img = grid.permute(1, 2, 0).numpy()
-    plt.imsave(path, img[..., 0] if c == 1 else img, cmap="gray" if c == 1 else None)
+    return img[..., 0] if c == 1 else img
+
+
+def write_preview(images: torch.Tensor, spec, path: str, max_images: int = 64) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img = image_grid(images, spec.mean, spec.std, max_images)
+    plt.imsave(path, img, cmap="gray" if img.ndim == 2 else None)
 
 
 def generate(
