@@ -6,14 +6,14 @@ the optimisation ``loop`` -> ``writer`` (``generate``: a resumable dataset on di
 in ``config``.
 """
 
-from .config import INITS, LAYER_WEIGHTINGS, METHODS, SynthesisConfig
+from .config import INITS, LAYER_WEIGHTINGS, METHODS, RECIPES, SynthesisConfig
 from .dsg import enhancement_weights, slack_margins
 from .loop import BatchResult, SynthesisLoop, init_images, per_sample_statistics, synthesize, synthesize_batch
 from .taps import FUSED_BN_DEVICES, BatchNormTaps, batchnorm_layers
 from .writer import generate, homogenization_summary
 
 __all__ = [
-    "INITS", "LAYER_WEIGHTINGS", "METHODS", "SynthesisConfig", "enhancement_weights", "slack_margins",
+    "INITS", "LAYER_WEIGHTINGS", "METHODS", "RECIPES", "SynthesisConfig", "enhancement_weights", "slack_margins",
     "generate", "homogenization_summary", "BatchResult", "SynthesisLoop", "init_images", "per_sample_statistics",
     "synthesize", "synthesize_batch", "FUSED_BN_DEVICES", "BatchNormTaps", "batchnorm_layers",
 ]

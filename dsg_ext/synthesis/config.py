@@ -9,15 +9,27 @@ import math
 from .._validation import field_problems
 from ..errors import ConfigError
 
-METHODS = ("zeroq", "dsg")
+METHODS = ("zeroq", "dsg", "batch", "batch-dsg")
+BATCH_METHODS = ("batch", "batch-dsg")  # statistics over the whole batch (N*H*W), as Genie and MCT
 INITS = ("gaussian", "uniform")
 LAYER_WEIGHTINGS = ("equal", "initial")
+CE_LABELS = ("random", "balanced")
+
+# Named presets (``dsg generate --recipe NAME``, ``SynthesisConfig.from_recipe``): SynthesisConfig fields
+# on top of the defaults. "paper-dsg" and "zeroq" are the papers' recipes.
+RECIPES = {
+    "paper-dsg": {"method": "dsg"},
+    "zeroq": {"method": "zeroq"},
+}
 
 
 @dataclasses.dataclass
 class SynthesisConfig:
     """The synthesis recipe. ``method="dsg"`` with the other defaults is the paper's method;
-    ``"zeroq"`` is ZeroQ (no slack, equal layer weights)."""
+    ``"zeroq"`` is ZeroQ (no slack, equal layer weights). ``"batch"`` matches the statistics of the
+    whole batch (mean/var over N*H*W) instead of each sample's; ``"batch-dsg"`` adds DSG on top: slack
+    on the batch statistics (the epsilon-quantile of the initial batch's channel gaps) and each
+    sample's enhanced layer as an extra per-sample term, weighted ``enhancement - 1``."""
 
     method: str = "dsg"
     iterations: int = 500
@@ -42,6 +54,15 @@ class SynthesisConfig:
     # inside the model's valid input range (pixels in [0, 1] before normalisation).
     layer_weighting: str = "equal"
     clamp_pixels: bool = False
+    # Augmentation during synthesis (see synthesis/augment.py): random crop from images crop_pad pixels
+    # larger on every side, random horizontal flips, 3x3 Gaussian smoothing of sigma `smoothing`, and
+    # swing convolution (a random 1-pixel shift before every strided convolution).
+    crop_pad: int = 0
+    flip: bool = False
+    smoothing: float = 0.0
+    swing: bool = False
+    # Targets of the cross-entropy prior: "random" classes, or "balanced" (sample n -> class n mod K).
+    ce_labels: str = "random"
     # Speed: the network in channels_last and/or under bf16 autocast (statistics stay fp32).
     channels_last: bool = False
     autocast_bf16: bool = False
@@ -53,6 +74,13 @@ class SynthesisConfig:
     # loss in one pass) on devices with its kernels (CPU, CUDA); False taps them with forward
     # pre-hooks and leaves BatchNorm to torch (the path benchmarks compare with).
     fused_bn: bool = True
+
+    @classmethod
+    def from_recipe(cls, name: str, **fields) -> "SynthesisConfig":
+        """The preset ``name`` (RECIPES), with ``fields`` on top of it."""
+        if name not in RECIPES:
+            raise ConfigError(f"unknown synthesis recipe {name!r}; choose from {sorted(RECIPES)}")
+        return cls(**{**RECIPES[name], **fields})
 
     def validate(self) -> "SynthesisConfig":
         problems = field_problems(self)
@@ -76,13 +104,18 @@ class SynthesisConfig:
             problems.append(f"layer weighting must be one of {LAYER_WEIGHTINGS}, got {self.layer_weighting!r}")
         if self.enhancement < 1.0:
             problems.append(f"enhancement weight must be >= 1, got {self.enhancement}")
-        for name in ("tv_weight", "l2_weight", "jitter", "ce_weight"):
+        if self.ce_labels not in CE_LABELS:
+            problems.append(f"ce_labels must be one of {CE_LABELS}, got {self.ce_labels!r}")
+        for name in ("tv_weight", "l2_weight", "jitter", "ce_weight", "crop_pad", "smoothing"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.plateau_patience <= 0 or not self.min_lr >= 0:
             problems.append(f"plateau patience must be > 0 and min_lr >= 0, got {self.plateau_patience}, {self.min_lr}")
-        if self.cuda_graph and self.jitter:
-            problems.append("cuda_graph cannot be combined with jitter (the shift is drawn on the host each step)")
+        if self.crop_pad >= self.image_size:
+            problems.append(f"crop_pad must be smaller than the image size, got {self.crop_pad} for {self.image_size}")
+        if self.cuda_graph and (self.jitter or self.crop_pad or self.flip or self.swing):
+            problems.append("cuda_graph cannot be combined with jitter, crop_pad, flip or swing "
+                            "(their random shifts are drawn on the host each step)")
         if problems:
             raise ConfigError("invalid synthesis options: " + "; ".join(problems))
         return self

@@ -18,18 +18,20 @@ from .taps import BatchNormTaps
 
 
 def slack_margins(
-    model: nn.Module, taps: BatchNormTaps, images: Tensor, epsilon: float
+    model: nn.Module, taps: BatchNormTaps, images: Tensor, epsilon: float, batch: bool = False
 ) -> Tuple[List[Tensor], List[Tensor]]:
     """Per-layer slack (delta_l, gamma_l): the epsilon-quantile of |mean~ - mean| and |std~ - std| over
-    all samples and channels of the freshly initialised batch at layer l (one scalar per layer)."""
+    all samples and channels of the freshly initialised batch at layer l (one scalar per layer).
+    ``batch``: of the batch statistics' gaps (over channels), for the batch-statistic loss."""
     taps.set_slack([], [])
+    taps.set_batch_slack([], [])
     taps.record_stats = True
     taps.reset()
     with torch.no_grad():
         model(images)
     taps.record_stats = False
     deltas, gammas = [], []
-    for (mean, std), stats in zip(taps.targets, taps.stats):
+    for (mean, std), stats in zip(taps.targets, taps.batch_stats if batch else taps.stats):
         stat_mean, stat_std = stats  # type: ignore[misc]
         gap_mean = (stat_mean - mean.to(stat_mean.device)).abs().flatten().double()
         gap_std = (stat_std - std.to(stat_std.device)).abs().flatten().double()

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, NonFiniteLossError
 from ..ops import bn_stat_slack_loss
-from .config import SynthesisConfig
+from .augment import Augmenter
+from .config import BATCH_METHODS, SynthesisConfig
 from .dsg import enhancement_weights, slack_margins
 from .taps import BatchNormTaps, batchnorm_layers
 
@@ -37,7 +38,8 @@ class BatchResult:
 def init_images(config: SynthesisConfig, batch_index: int, count: int) -> Tensor:
     """The starting batch, seeded from (seed, batch index) only: independent of rank and world size."""
     gen = torch.Generator().manual_seed(config.seed * 1_000_003 + batch_index)
-    shape = (count, config.channels, config.image_size, config.image_size)
+    size = config.image_size + 2 * config.crop_pad  # random crops of image_size are what the network sees
+    shape = (count, config.channels, size, size)
     if config.init == "gaussian":
         return torch.randn(shape, generator=gen)
     return torch.rand(shape, generator=gen) * 2 - 1
@@ -62,8 +64,10 @@ class SynthesisLoop:
     def __init__(self, model: nn.Module, taps: BatchNormTaps, images: Tensor, weights: Tensor,
                  config: SynthesisConfig, device: str,
                  input_range: Optional[Tuple[Sequence[float], Sequence[float]]] = None, sync_every: int = 10,
-                 labels_seed: int = 0):
+                 labels_seed: int = 0, augmenter: Optional[Augmenter] = None):
         self.model, self.taps, self.weights, self.config = model, taps, weights, config
+        self.augmenter = augmenter or Augmenter(config, model, images.shape[1], device, labels_seed)
+        self.batch_stats = config.method in BATCH_METHODS
         self.device_type = torch.device(device).type
         self.use_graph = config.cuda_graph
         if self.use_graph and self.device_type != "cuda":
@@ -105,24 +109,40 @@ class SynthesisLoop:
         self._graph_out: Optional[Tuple[Tensor, Tensor]] = None
         self._side_stream = torch.cuda.Stream() if self.use_graph else None
 
-    def step(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        """Total loss and the per-layer mean losses (L) for images x (no backward)."""
-        config, taps = self.config, self.taps
+    def step(self, x: Tensor, train: bool = False) -> Tuple[Tensor, Tensor]:
+        """Total loss and the per-layer losses (L) for images x (no backward): mean over samples of the
+        per-sample losses, or the batch-statistic losses. ``train``: through the random augmentations."""
+        config, taps, aug = self.config, self.taps, self.augmenter
         taps.reset()
+        x = aug.view(x, train)
         inp = x
-        if config.jitter:
+        if config.jitter and train:
             dx, dy = torch.randint(-config.jitter, config.jitter + 1, (2,)).tolist()
             inp = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
         if config.channels_last:
             inp = inp.contiguous(memory_format=torch.channels_last)
         # Autocast's weight cache must be off while a graph is captured.
-        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=config.autocast_bf16,
-                            cache_enabled=not self.use_graph):
-            logits = self.model(inp)
-        per_layer = torch.stack(taps.collected(), dim=1)  # (N, L)
+        aug.active = train
+        try:
+            with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=config.autocast_bf16,
+                                cache_enabled=not self.use_graph):
+                logits = self.model(inp)
+        finally:
+            aug.active = False
+        mode = "batch" if self.batch_stats else "per_sample"
         input_term = bn_stat_slack_loss(x, self.zeros, self.ones, self.no_slack, self.no_slack, eps=1e-5,
-                                        unbiased=config.unbiased)
-        loss = (per_layer * self.layer_scale * self.weights).sum(1).mean() + input_term.mean()
+                                        unbiased=config.unbiased, mode=mode).mean()
+        if self.batch_stats:
+            layers = torch.stack(taps.collected_batch())  # (L)
+            loss = (layers * self.layer_scale).sum() + input_term
+            if config.method == "batch-dsg":  # each sample's own layer, per sample (weights - 1: 0 elsewhere)
+                per_layer = torch.stack(taps.collected(), dim=1)
+                loss = loss + (per_layer * self.layer_scale * (self.weights - 1)).sum(1).mean()
+            layer_values = layers.detach()
+        else:
+            per_layer = torch.stack(taps.collected(), dim=1)  # (N, L)
+            loss = (per_layer * self.layer_scale * self.weights).sum(1).mean() + input_term
+            layer_values = per_layer.detach().mean(0)
         if config.tv_weight:
             loss = loss + config.tv_weight * _total_variation(x)
         if config.l2_weight:
@@ -131,13 +151,17 @@ class SynthesisLoop:
             if not (isinstance(logits, Tensor) and logits.dim() == 2):
                 raise ConfigError("the cross-entropy prior needs a model that returns (N, classes) logits")
             if self.labels is None:
-                gen = torch.Generator().manual_seed(self._labels_seed)
-                self.labels = torch.randint(0, logits.shape[1], (logits.shape[0],), generator=gen).to(logits.device)
+                n, classes = logits.shape
+                if config.ce_labels == "balanced":
+                    self.labels = (torch.arange(n) % classes).to(logits.device)
+                else:
+                    gen = torch.Generator().manual_seed(self._labels_seed)
+                    self.labels = torch.randint(0, classes, (n,), generator=gen).to(logits.device)
             loss = loss + config.ce_weight * nn.functional.cross_entropy(logits.float(), self.labels)
-        return loss, per_layer.detach().mean(0)
+        return loss, layer_values
 
     def _body(self) -> Tuple[Tensor, Tensor]:
-        loss, layer_means = self.step(self.images)
+        loss, layer_means = self.step(self.images, train=True)
         loss.backward()
         self.optimizer.step()
         with torch.no_grad():
@@ -208,22 +232,29 @@ def synthesize_batch(
     for p in model.parameters():
         p.requires_grad_(False)
     layers = list(layers) if layers is not None else batchnorm_layers(model)
-    taps = BatchNormTaps(layers, config.unbiased, fused=config.fused_bn)
+    batch_stats = config.method in BATCH_METHODS
+    taps = BatchNormTaps(layers, config.unbiased, fused=config.fused_bn, batch=batch_stats,
+                         per_sample=config.method != "batch")
     images = init_images(config, batch_index, count).to(device)
+    seed = config.seed * 1_000_003 + batch_index + 7
+    augmenter = Augmenter(config, model, config.channels, device, seed)
 
-    with taps:
-        if config.method == "dsg":
-            deltas, gammas = slack_margins(model, taps, images, config.epsilon)
+    with taps, augmenter:
+        zeros = [torch.zeros(()) for _ in layers]
+        deltas, gammas = zeros, zeros
+        weights = torch.ones(count, len(layers), device=device)
+        with torch.no_grad():
+            start = augmenter.result(images)  # what the network sees of the initial batch
+        if config.method in ("dsg", "batch-dsg"):
+            deltas, gammas = slack_margins(model, taps, start, config.epsilon)
             weights = enhancement_weights(count, len(layers), config.enhancement, device)
-        else:
-            deltas = [torch.zeros(()) for _ in layers]
-            gammas = [torch.zeros(()) for _ in layers]
-            weights = torch.ones(count, len(layers), device=device)
+        if config.method == "batch-dsg":
+            batch_deltas, batch_gammas = slack_margins(model, taps, start, config.epsilon, batch=True)
+            taps.set_batch_slack([d.to(device) for d in batch_deltas], [g.to(device) for g in batch_gammas])
         taps.set_slack([d.to(device) for d in deltas], [g.to(device) for g in gammas])
 
         loop = SynthesisLoop(model, taps, images, weights, config, device, input_range=input_range,
-                             sync_every=sync_every,
-                             labels_seed=config.seed * 1_000_003 + batch_index + 7)
+                             sync_every=sync_every, labels_seed=seed, augmenter=augmenter)
         initial_layers = initial_loss = None
         for it in range(config.iterations):
             loss, layer_means = loop.iterate()
@@ -240,13 +271,11 @@ def synthesize_batch(
                 loop.scheduler.step(value)
                 if progress is not None:
                     progress(it + 1, value)
-        step = loop.step
-        images = loop.images
-
         with torch.no_grad():
-            final_loss, final_layers = step(images.detach())
+            final_loss, final_layers = loop.step(loop.images.detach())
+            images = augmenter.result(loop.images.detach())
     result = BatchResult(
-        images=images.detach().cpu(),
+        images=images.cpu(),
         initial_layer_losses=initial_layers.cpu().tolist(),
         final_layer_losses=final_layers.cpu().tolist(),
         initial_loss=float(initial_loss),

@@ -41,8 +41,15 @@ class BatchNormTaps:
     forward pass is refused (SynthesisError) before it runs, so its running statistics stay as they were.
     """
 
-    def __init__(self, layers: Sequence[Tuple[str, nn.BatchNorm2d]], unbiased: bool, fused: bool = True):
+    def __init__(self, layers: Sequence[Tuple[str, nn.BatchNorm2d]], unbiased: bool, fused: bool = True,
+                 batch: bool = False, per_sample: bool = True):
         self.names = [name for name, _ in layers]
+        # batch: also the batch-statistic loss of every layer (``batch_losses``, scalars);
+        # per_sample False: the per-sample losses are not needed (not computed where BN runs unfused).
+        self.batch, self.per_sample = batch, per_sample
+        self.batch_delta: List[Tensor] = []
+        self.batch_gamma: List[Tensor] = []
+        self.batch_losses: List[Optional[Tensor]] = [None] * len(layers)
         self.layers = [bn for _, bn in layers]
         self.unbiased = unbiased
         self.fused = fused
@@ -50,6 +57,7 @@ class BatchNormTaps:
         self.gamma: List[Tensor] = []
         self.losses: List[Optional[Tensor]] = [None] * len(layers)
         self.stats: List[Optional[Tuple[Tensor, Tensor]]] = [None] * len(layers)
+        self.batch_stats: List[Optional[Tuple[Tensor, Tensor]]] = [None] * len(layers)
         self.record_stats = False
         self._handles = []
         self._patched: List[nn.BatchNorm2d] = []
@@ -64,6 +72,21 @@ class BatchNormTaps:
 
     def set_slack(self, delta: Sequence[Tensor], gamma: Sequence[Tensor]) -> None:
         self.delta, self.gamma = list(delta), list(gamma)
+
+    def set_batch_slack(self, delta: Sequence[Tensor], gamma: Sequence[Tensor]) -> None:
+        self.batch_delta, self.batch_gamma = list(delta), list(gamma)
+
+    def _batch_loss(self, index: int, x: Tensor) -> None:
+        if not self.batch:
+            return
+        mean, std = self._params(index, x.device)[:2]
+        delta = self.batch_delta[index] if self.batch_delta else 0.0
+        gamma = self.batch_gamma[index] if self.batch_gamma else 0.0
+        loss, stat_mean, stat_std = bn_stat_slack_loss(x, mean, std, delta, gamma, eps=self.layers[index].eps,
+                                                       unbiased=self.unbiased, mode="batch", return_stats=True)
+        self.batch_losses[index] = loss
+        if self.record_stats:
+            self.batch_stats[index] = (stat_mean, stat_std)
 
     def _params(self, index: int, device: torch.device) -> Tuple[Tensor, ...]:
         """(target mean, target std, bn_scale, bn_shift) of a layer on ``device``, made once (the model is
@@ -103,6 +126,9 @@ class BatchNormTaps:
         def hook(_module, inputs):
             x = inputs[0]
             self._check_size(index, x)
+            self._batch_loss(index, x)
+            if not self.per_sample:
+                return
             mean, std = self._params(index, x.device)[:2]
             delta = self.delta[index] if self.delta else 0.0
             gamma = self.gamma[index] if self.gamma else 0.0
@@ -119,10 +145,11 @@ class BatchNormTaps:
         hook = self._hook(index)
 
         def forward(x: Tensor) -> Tensor:
-            if x.dim() != 4 or x.device.type not in FUSED_BN_DEVICES:
+            if x.dim() != 4 or x.device.type not in FUSED_BN_DEVICES or not self.per_sample:
                 hook(bn, (x,))
                 return plain_forward(x)
             self._check_size(index, x)
+            self._batch_loss(index, x)
             mean, std, scale, shift = self._params(index, x.device)
             delta = self.delta[index] if self.delta else 0.0
             gamma = self.gamma[index] if self.gamma else 0.0
@@ -155,6 +182,14 @@ class BatchNormTaps:
             raise SynthesisError(f"BN layers not reached by the forward pass: {missing[:5]}")
         return list(self.losses)  # type: ignore[arg-type]
 
+    def collected_batch(self) -> List[Tensor]:
+        missing = [self.names[i] for i, l in enumerate(self.batch_losses) if l is None]
+        if missing:
+            raise SynthesisError(f"BN layers not reached by the forward pass: {missing[:5]}")
+        return list(self.batch_losses)  # type: ignore[arg-type]
+
     def reset(self) -> None:
         self.losses = [None] * len(self.layers)
         self.stats = [None] * len(self.layers)
+        self.batch_losses = [None] * len(self.layers)
+        self.batch_stats: List[Optional[Tuple[Tensor, Tensor]]] = [None] * len(self.layers)
