@@ -22,7 +22,9 @@ from .cli_options import (
     _optional_bits,
     _positive_int,
     config_from_args,
+    recipe_in,
 )
+from .cli_options import _option as _config_option
 from .errors import DsgError
 
 # --------------------------------------------------------------------------------------------
@@ -45,7 +47,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .synthesis import SynthesisConfig, generate
 
-    config = config_from_args(args, SynthesisConfig, image_size=args.model_image_size or SynthesisConfig().image_size)
+    base = SynthesisConfig.from_recipe(args.recipe) if args.recipe else SynthesisConfig()
+    config = config_from_args(args, SynthesisConfig, base, image_size=args.model_image_size or base.image_size)
     manifest = generate(args.model, args.out, config.validate(), args.num_samples, device=args.device,
                         weights=args.weights, preview=args.preview, image_size=args.model_image_size,
                         compare_zeroq=args.compare_zeroq, trust_model_code=args.trust_model_code)
@@ -206,16 +209,25 @@ def _add_model_options(p, model_help: str = "model source, as for generate") -> 
     p.add_argument("--trust-model-code", action="store_true", help=_TRUST_HELP)
 
 
-def _add_generate(sub) -> None:
-    from .synthesis.config import INITS, LAYER_WEIGHTINGS, METHODS
+def _add_generate(sub, recipe: Optional[str] = None) -> None:
+    from .synthesis.config import CE_LABELS, INITS, LAYER_WEIGHTINGS, METHODS, RECIPES
     from .synthesis.config import SynthesisConfig as S
     from .synthesis.writer import DEFAULT_NUM_SAMPLES
+
+    base = S.from_recipe(recipe) if recipe in RECIPES else S()
+
+    def _option(p, flag, cls, field, help, **kw):  # defaults: the named recipe's values
+        _config_option(p, flag, cls, field, help, defaults=base, **kw)
 
     p = sub.add_parser("generate", formatter_class=_Formatter,
                        help="synthesise calibration images from a model's BatchNorm statistics")
     _add_model_options(p, "torchvision:NAME, timm:NAME, efficientnet-lite0, fashion-mnist-resnet20, module:function, "
                           "a torch.export .pt2 or a TorchScript file")
-    _option(p, "--method", S, "method", "zeroq: ZeroQ; dsg: DSG (slack + layerwise enhancement)", choices=METHODS)
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="a named preset that sets the options below (given options override it); "
+                        "'recommended' is the README's")
+    _option(p, "--method", S, "method", "zeroq: ZeroQ; dsg: DSG (slack + layerwise enhancement); batch: batch "
+            "statistics (Genie, MCT); batch-dsg: batch statistics + DSG's slack and enhancement", choices=METHODS)
     p.add_argument("--num-samples", type=_positive_int, default=DEFAULT_NUM_SAMPLES, help="images in all")
     _option(p, "--batch-size", S, "batch_size", "images optimised together")
     _option(p, "--iterations", S, "iterations", "optimisation steps per batch")
@@ -233,8 +245,17 @@ def _add_generate(sub) -> None:
             "class; 0 = off)")
     _option(p, "--layer-weighting", S, "layer_weighting", "'initial' divides each BN layer's loss by its value on the "
             "initial batch (not in the paper)", choices=LAYER_WEIGHTINGS)
+    _option(p, "--ce-labels", S, "ce_labels", "targets of the cross-entropy prior: random classes, or balanced "
+            "(sample n -> class n mod classes)", choices=CE_LABELS)
     _option(p, "--clamp-pixels", S, "clamp_pixels",
-            "keep images inside the model's valid input range (not in the paper)")
+            "keep images inside the model's valid input range (not in the paper)", toggle=True)
+    _option(p, "--crop-pad", S, "crop_pad", "augmentation: optimise images this many pixels larger on every side "
+            "and show the network a random crop each step (0 = off)")
+    _option(p, "--flip", S, "flip", "augmentation: random horizontal flips", toggle=True)
+    _option(p, "--smoothing", S, "smoothing", "augmentation: sigma of a 3x3 Gaussian smoothing of what the network "
+            "sees and of the result (0 = off)")
+    _option(p, "--swing", S, "swing", "swing convolution: a random 1-pixel shift before every strided convolution",
+            toggle=True)
     _option(p, "--channels-last", S, "channels_last", "run the network in channels_last (GPU speed)")
     _option(p, "--bf16", S, "autocast_bf16", "run the network under bf16 autocast; statistics stay fp32")
     _option(p, "--cuda-graph", S, "cuda_graph",
@@ -353,12 +374,13 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(recipe: Optional[str] = None) -> argparse.ArgumentParser:
+    """The ``dsg`` parser; ``recipe``: the named synthesis recipe whose values ``generate``'s options default to."""
     parser = argparse.ArgumentParser(prog="dsg", description="Data-free quantization with Diverse Sample Generation")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions and which backends this build has")
     p.set_defaults(func=_cmd_info)
-    _add_generate(sub)
+    _add_generate(sub, recipe)
     _add_quantize(sub)
     _add_eval(sub)
     _add_export(sub)
@@ -368,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(recipe_in(sys.argv[1:] if argv is None else argv)).parse_args(argv)
     try:
         return args.func(args)
     except DsgError as e:  # every user-fixable problem: one line, exit code 2; other exceptions are our bugs

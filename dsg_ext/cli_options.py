@@ -16,15 +16,20 @@ _DEST = {"SynthesisConfig": "synthesis_", "QuantConfig": "quant_", "AdaRoundConf
          "DemoConfig": "demo_"}
 
 
-def _default(cls, field: str) -> Any:
-    return getattr(cls(), field)
+def _default(cls, field: str, defaults: Any = None) -> Any:
+    return getattr(cls() if defaults is None else defaults, field)
 
 
-def _option(parser, flag: str, cls, field: str, help: str, **kwargs) -> None:
-    """An option that sets ``cls``'s ``field``: the default comes from the dataclass. A boolean
-    field becomes a switch that flips its default (``--per-tensor`` sets w_per_channel=False)."""
+def _option(parser, flag: str, cls, field: str, help: str, defaults: Any = None, toggle: bool = False,
+            **kwargs) -> None:
+    """An option that sets ``cls``'s ``field``: the default comes from the dataclass (or from the
+    instance ``defaults``, e.g. a named recipe). A boolean field becomes a switch that flips its
+    default (``--per-tensor`` sets w_per_channel=False), or with ``toggle`` a --flag/--no-flag pair."""
     dest = _DEST[cls.__name__] + field
-    default = _default(cls, field)
+    default = _default(cls, field, defaults)
+    if isinstance(default, bool) and toggle:
+        parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help)
+        return
     if isinstance(default, bool):
         action = "store_false" if default else "store_true"
         parser.add_argument(flag, dest=dest, action=action, default=default, help=help)
@@ -36,11 +41,23 @@ def _option(parser, flag: str, cls, field: str, help: str, **kwargs) -> None:
     parser.add_argument(flag, dest=dest, default=kwargs.pop("shown_default", default), help=help, **kwargs)
 
 
-def config_from_args(args: argparse.Namespace, cls, **overrides):
-    """The ``cls`` instance the parsed options describe; fields without an option keep the default."""
+def config_from_args(args: argparse.Namespace, cls, base: Any = None, **overrides):
+    """The ``cls`` instance the parsed options describe; fields without an option keep the default
+    (``base``'s value where given, e.g. a named recipe's)."""
     prefix = _DEST[cls.__name__]
     values = {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls) if hasattr(args, prefix + f.name)}
-    return cls(**{**values, **overrides})
+    return dataclasses.replace(cls() if base is None else base, **{**values, **overrides})
+
+
+def recipe_in(argv) -> Optional[str]:
+    """The ``--recipe`` a ``dsg generate`` command line names (None if none), read before the full
+    parse so that the recipe's values become the options' defaults."""
+    if not argv or argv[0] != "generate":
+        return None
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--recipe")
+    known, _ = pre.parse_known_args(argv[1:])
+    return known.recipe
 
 
 def _optional_bits(off: int) -> Callable[[str], Optional[int]]:

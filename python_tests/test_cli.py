@@ -100,3 +100,29 @@ def test_a_user_mistake_is_one_line_and_exit_code_2(tmp_path, capsys):
     assert cli.main(["quantize", "--model", "fashion-mnist-resnet20", "--real", "noise", "--out", out,
                      "--wbits", "9"]) == 2
     assert "wbits must be an integer in 2..8, got 9" in capsys.readouterr().err
+
+
+def _generate_config(argv):
+    argv = ["generate", "--model", "m", "--out", "d", *argv]
+    args = cli.build_parser(cli.recipe_in(argv)).parse_args(argv)
+    base = SynthesisConfig.from_recipe(args.recipe) if args.recipe else SynthesisConfig()
+    return cli.config_from_args(args, SynthesisConfig, base)
+
+
+def test_generate_recipe_sets_defaults_and_options_override_it():
+    from dsg_ext.synthesis import RECIPES
+
+    for name in RECIPES:
+        assert _generate_config(["--recipe", name]) == SynthesisConfig.from_recipe(name)
+    assert _generate_config(["--recipe", "zeroq"]).method == "zeroq"
+    assert _generate_config(["--recipe", "zeroq", "--method", "batch"]).method == "batch"
+    assert _generate_config(["--method", "batch", "--recipe=zeroq"]).method == "batch"  # order does not matter
+    assert _generate_config(["--flip", "--swing", "--crop-pad", "3"]) == SynthesisConfig(flip=True, swing=True,
+                                                                                          crop_pad=3)
+    assert _generate_config(["--flip", "--no-flip"]).flip is False
+
+
+def test_generate_unknown_recipe_exit_code_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", "--model", "m", "--out", "d", "--recipe", "best"])
+    assert e.value.code == 2 and "invalid choice: 'best'" in capsys.readouterr().err

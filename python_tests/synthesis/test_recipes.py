@@ -1,0 +1,237 @@
+"""The synthesis recipe options beyond the papers: batch-statistic alignment (batch, batch-dsg),
+augmentation (crop with extra pixels, flips, smoothing), swing convolution, balanced labels, and the
+named presets -- each checked against an independent float64 computation where it computes a loss."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from tiny_models import tiny_bn_net
+from torch import nn
+
+from dsg_ext.errors import ConfigError
+from dsg_ext.synthesis import RECIPES, SynthesisConfig, batchnorm_layers, init_images, synthesize_batch
+from dsg_ext.synthesis.augment import Augmenter, gaussian_kernel
+
+
+def small_config(**kw) -> SynthesisConfig:
+    base = dict(method="batch", iterations=30, lr=0.1, batch_size=6, image_size=12, seed=3)
+    base.update(kw)
+    return SynthesisConfig(**base)
+
+
+def _bn_inputs(model, images):
+    """Each BN layer's input in float64 (the model run in float64)."""
+    model = _double(model)
+    inputs = []
+    hooks = [bn.register_forward_pre_hook(lambda m, i: inputs.append(i[0])) for _, bn in batchnorm_layers(model)]
+    with torch.no_grad():
+        model(images.double())
+    for h in hooks:
+        h.remove()
+    return inputs
+
+
+def _double(model):
+    import copy
+
+    return copy.deepcopy(model).double()
+
+
+def _hinge(gap, slack):
+    return (gap.abs() - slack).clamp_min(0).pow(2)
+
+
+def _batch_terms(x, mean, std, eps, delta=0.0, gamma=0.0):
+    m = x.mean((0, 2, 3))
+    s = torch.sqrt(x.var((0, 2, 3), unbiased=True) + eps)
+    return float((_hinge(m - mean, delta) + _hinge(s - std, gamma)).sum())
+
+
+def _sample_terms(x, mean, std, eps, delta=0.0, gamma=0.0):
+    m = x.mean((2, 3))
+    s = torch.sqrt(x.var((2, 3), unbiased=True) + eps)
+    return (_hinge(m - mean, delta) + _hinge(s - std, gamma)).sum(1)  # (N)
+
+
+def _targets(bn):
+    return bn.running_mean.double(), torch.sqrt(bn.running_var.double() + bn.eps)
+
+
+def test_batch_loss_matches_float64_reference():
+    model, config = tiny_bn_net(), small_config(iterations=1)
+    images = init_images(config, 0, config.batch_size)
+    r = synthesize_batch(model, config, 0)
+    layers = batchnorm_layers(model)
+    expected = [_batch_terms(x, *_targets(bn), bn.eps) for x, (_, bn) in zip(_bn_inputs(model, images), layers)]
+    torch.testing.assert_close(torch.tensor(r.initial_layer_losses, dtype=torch.float64),
+                               torch.tensor(expected, dtype=torch.float64), rtol=1e-4, atol=1e-6)
+    input_term = _batch_terms(images.double(), torch.zeros(3, dtype=torch.float64),
+                              torch.ones(3, dtype=torch.float64), 1e-5)
+    assert r.initial_loss == pytest.approx(sum(expected) + input_term, rel=1e-4)
+
+
+def test_batch_dsg_loss_matches_float64_reference():
+    config = small_config(method="batch-dsg", iterations=1, epsilon=0.7, enhancement=3.0)
+    model = tiny_bn_net()
+    images = init_images(config, 0, config.batch_size).double()
+    layers = batchnorm_layers(model)
+    total = _batch_terms(images, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), 1e-5)
+    for index, (x, (_, bn)) in enumerate(zip(_bn_inputs(model, images), layers)):
+        mean, std = _targets(bn)
+        std_b = torch.sqrt(x.var((0, 2, 3), unbiased=True) + bn.eps)
+        bd = torch.quantile((x.mean((0, 2, 3)) - mean).abs(), 0.7)
+        bg = torch.quantile((std_b - std).abs(), 0.7)
+        total += _batch_terms(x, mean, std, bn.eps, bd, bg)
+        m = x.mean((2, 3))
+        s = torch.sqrt(x.var((2, 3), unbiased=True) + bn.eps)
+        d = torch.quantile((m - mean).abs().flatten(), 0.7)
+        g = torch.quantile((s - std).abs().flatten(), 0.7)
+        own = torch.arange(config.batch_size) % len(layers) == index  # the samples whose layer this is
+        total += float((_sample_terms(x, mean, std, bn.eps, d, g) * own * (3.0 - 1)).sum() / config.batch_size)
+    r = synthesize_batch(model, config, 0)
+    assert r.initial_loss == pytest.approx(total, rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["batch", "batch-dsg"])
+def test_batch_methods_lower_the_loss_and_spread_samples(method):
+    r = synthesize_batch(tiny_bn_net(), small_config(method=method, iterations=60), 0)
+    assert r.final_loss < 0.5 * r.initial_loss, (r.initial_loss, r.final_loss)
+    assert r.images.shape == (6, 3, 12, 12)
+
+
+def test_batch_method_keeps_samples_apart_where_zeroq_pulls_them_together():
+    """Per-sample matching pulls every sample to the BN means; batch matching only constrains the
+    batch, so the per-sample channel means stay spread (the homogenisation the issue measures)."""
+    from dsg_ext.synthesis import per_sample_statistics
+
+    spreads = {}
+    for method in ("zeroq", "batch"):
+        r = synthesize_batch(tiny_bn_net(), small_config(method=method, iterations=80, batch_size=12), 0)
+        stats = per_sample_statistics(tiny_bn_net(), r.images)
+        spreads[method] = sum(float(m.std(0).mean()) for m in stats.values())
+    assert spreads["batch"] > 1.5 * spreads["zeroq"], spreads
+
+
+def test_crop_pad_optimises_larger_images_and_returns_the_centre():
+    config = small_config(crop_pad=3, iterations=5)
+    assert init_images(config, 0, 2).shape == (2, 3, 18, 18)
+    aug = Augmenter(config, tiny_bn_net(), 3, "cpu", seed=0)
+    x = torch.randn(2, 3, 18, 18)
+    assert torch.equal(aug.view(x, train=False), x[..., 3:15, 3:15])
+    views = [aug.view(x, train=True) for _ in range(40)]
+    assert all(v.shape == (2, 3, 12, 12) for v in views)
+    windows = [(oy, ox) for oy in range(7) for ox in range(7)]
+    used = [[w for w in windows if torch.equal(v, x[..., w[0]:w[0] + 12, w[1]:w[1] + 12])] for v in views]
+    assert all(len(u) == 1 for u in used)  # every view is one of the 49 windows
+    assert len({u[0] for u in used}) > 15  # and they are drawn at random
+    r = synthesize_batch(tiny_bn_net(), config, 0)
+    assert r.images.shape == (6, 3, 12, 12)
+
+
+def test_flip_shows_both_orientations():
+    aug = Augmenter(small_config(flip=True), tiny_bn_net(), 3, "cpu", seed=1)
+    x = torch.randn(2, 3, 12, 12)
+    views = [aug.view(x, train=True) for _ in range(30)]
+    flipped = sum(torch.equal(v, x.flip(3)) for v in views)
+    assert 5 < flipped < 25 and all(torch.equal(v, x) or torch.equal(v, x.flip(3)) for v in views)
+    assert torch.equal(aug.view(x, train=False), x)
+
+
+def test_smoothing_is_a_normalised_gaussian_with_reflect_padding():
+    sigma = 0.7
+    k = gaussian_kernel(sigma, 2, "cpu", torch.float64)
+    w = [math.exp(-(d * d) / (2 * sigma * sigma)) for d in (-1, 0, 1)]
+    ref = torch.tensor([[a * b for b in w] for a in w], dtype=torch.float64)
+    torch.testing.assert_close(k[0, 0], ref / ref.sum())
+    aug = Augmenter(small_config(smoothing=sigma), tiny_bn_net(), 2, "cpu", seed=0)
+    aug.kernel = k
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64)
+    out = aug.result(x)
+    xp = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    for i, j in ((0, 0), (2, 3), (4, 5)):
+        expected = (xp[0, 1, i:i + 3, j:j + 3] * (ref / ref.sum())).sum()
+        torch.testing.assert_close(out[0, 1, i, j], expected)
+    assert torch.allclose(aug.result(torch.full((1, 2, 5, 6), 0.3, dtype=torch.float64)),
+                          torch.full((1, 2, 5, 6), 0.3, dtype=torch.float64))
+
+
+def test_swing_shifts_strided_convolution_inputs_only_while_training():
+    model = tiny_bn_net()
+    strided = [m for m in model.modules() if isinstance(m, nn.Conv2d) and max(m.stride) > 1]
+    seen = []
+    x = torch.randn(2, 3, 12, 12)
+    with Augmenter(small_config(swing=True), model, 3, "cpu", seed=0) as aug:
+        # registered after the swing hook, so it sees what the convolution gets
+        strided[0].register_forward_pre_hook(lambda m, i: seen.append(i[0].clone()))
+        model(x)
+        aug.active = True
+        for _ in range(10):
+            model(x)
+        aug.active = False
+    plain = seen[0]
+    assert all(s.shape == plain.shape for s in seen)
+    assert any(not torch.equal(s, plain) for s in seen[1:])
+    for s in seen[1:]:  # each a shift of the plain input by -1..1 pixels with reflect padding
+        padded = nn.functional.pad(plain, (1, 1, 1, 1), mode="reflect")
+        assert any(torch.equal(s, padded[..., a:a + 12, b:b + 12]) for a in range(3) for b in range(3))
+    assert len(strided[0]._forward_pre_hooks) == 1  # the swing hook is gone, the test's own remains
+
+
+class _FailsOnThirdCall(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net, self.calls = tiny_bn_net(), 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 3:
+            raise RuntimeError("the model broke mid-synthesis")
+        return self.net(x)
+
+
+def test_swing_hooks_removed_when_synthesis_fails():
+    model = _FailsOnThirdCall()
+    with pytest.raises(RuntimeError, match="mid-synthesis"):
+        synthesize_batch(model, small_config(swing=True, iterations=5), 0)
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_augmented_recipe_reproducible_and_seed_dependent():
+    config = small_config(crop_pad=2, flip=True, smoothing=0.5, swing=True, iterations=10)
+    a = synthesize_batch(tiny_bn_net(), config, 0).images
+    b = synthesize_batch(tiny_bn_net(), config, 0).images
+    c = synthesize_batch(tiny_bn_net(), dataclasses.replace(config, seed=4), 0).images
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_balanced_labels_cover_every_class():
+    config = small_config(method="batch", ce_weight=200.0, ce_labels="balanced", batch_size=20, iterations=100)
+    r = synthesize_batch(tiny_bn_net(), config, 0)
+    with torch.no_grad():
+        pred = tiny_bn_net()(r.images).argmax(1)
+    assert (pred == torch.arange(20) % 10).float().mean() >= 0.8, pred  # sample n steered to class n mod 10
+
+
+@pytest.mark.parametrize("kw, word", [
+    (dict(crop_pad=-1), "crop_pad"), (dict(crop_pad=12), "crop_pad"), (dict(smoothing=-0.5), "smoothing"),
+    (dict(ce_labels="sorted"), "ce_labels"), (dict(method="genie"), "method"),
+    (dict(cuda_graph=True, flip=True), "cuda_graph"), (dict(cuda_graph=True, swing=True), "cuda_graph"),
+    (dict(cuda_graph=True, crop_pad=2), "cuda_graph"), (dict(smoothing=float("nan")), "smoothing"),
+])
+def test_bad_recipe_options(kw, word):
+    with pytest.raises(ConfigError, match=word):
+        small_config(**kw).validate()
+
+
+def test_named_recipes():
+    for name in RECIPES:
+        SynthesisConfig.from_recipe(name).validate()
+    assert SynthesisConfig.from_recipe("paper-dsg") == SynthesisConfig()
+    assert SynthesisConfig.from_recipe("zeroq", iterations=7).iterations == 7
+    with pytest.raises(ConfigError, match="unknown synthesis recipe 'best'"):
+        SynthesisConfig.from_recipe("best")
