@@ -5,7 +5,7 @@ valid range) and used for min/max W4A4 calibration (the demo's quantizer, no rec
 evaluated on the whole test set. Real training images and Gaussian noise are measured in the same
 run. This is the table that chose `--recipe recommended` (README, Synthesis recipes).
 
-    python bench/synthesis_recipes.py [--recipes a,b] [--samples 256] [--iterations 150] [--json out.json]
+    python bench/synthesis_recipes.py [--recipes a,b] [--samples 256] [--iterations 150] [--seeds 0,1,2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import dataclasses
 import json
 import sys
 import time
-
-import torch
 
 from dsg_ext import quantization as quant
 from dsg_ext.data import calibration, fashion_mnist
@@ -65,12 +63,12 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--iterations", type=int, default=150)
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="comma-separated: every source is made and measured per seed")
     p.add_argument("--eval", type=int, default=10000, help="test images (10000: the whole test set)")
     p.add_argument("--bits", default="4,4")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    torch.manual_seed(args.seed)
+    seeds = [int(v) for v in args.seeds.split(",")]
     wbits, abits = (int(v) for v in args.bits.split(","))
     loaded = load_model(MODEL)
     model = loaded.model.eval()
@@ -82,33 +80,46 @@ def main(argv=None) -> int:
     fp_acc = topk_accuracy(model, test_x, test_y, batch_size=500)[0]
     print(f"FP32 top-1 {fp_acc:.2f} on {test_x.shape[0]} test images; W{wbits}A{abits} min/max calibration", flush=True)
 
-    sources = {"real": (lambda: calibration.real_fashion_mnist(args.samples, args.seed), None),
-               "noise": (lambda: calibration.gaussian_noise(spec, args.samples, args.seed), None)}
-    for name in args.recipes.split(","):
-        config = recipe_config(name, args.iterations, args.batch, args.seed)
-        sources[name] = ((lambda c=config: synthesize(model, c, args.samples, input_range=input_range)),
-                         dataclasses.asdict(config))
-    rows = []
-    real_spread = None
-    for name, (make, config) in sources.items():
-        t = time.perf_counter()
-        images = make()
-        seconds = time.perf_counter() - t
-        d = diversity(loaded, images)
-        q = quant.quantize_model(model, quant.QuantConfig(wbits=wbits, abits=abits, observer="minmax"), images[:2])
-        quant.calibrate(q, images)
-        quant.finalize_weights(q)
-        acc = topk_accuracy(q, test_x, test_y, batch_size=500)[0]
+    def source(name: str, seed: int):
         if name == "real":
-            real_spread = d["relative_sample_spread_mean"]
-        row = {"source": name, "top1": acc, "spread": d["relative_sample_spread_mean"],
-               "spread_vs_real": d["relative_sample_spread_mean"] / real_spread,
-               "classes": d["classes_predicted"], "pixel_min": d["pixel_min"], "pixel_max": d["pixel_max"],
-               "outside": d["pixels_outside_valid_range"], "seconds": seconds, "config": config}
-        rows.append(row)
-        print(f"| {name} | {acc:.2f} | {row['spread']:.3f} ({row['spread_vs_real']:.2f}x) | {row['classes']} | "
-              f"{row['pixel_min']:.2f}..{row['pixel_max']:.2f} ({100 * row['outside']:.1f}% out) | {seconds:.0f} s |",
-              flush=True)
+            return (lambda: calibration.real_fashion_mnist(args.samples, seed)), None
+        if name == "noise":
+            return (lambda: calibration.gaussian_noise(spec, args.samples, seed)), None
+        config = recipe_config(name, args.iterations, args.batch, seed)
+        return (lambda: synthesize(model, config, args.samples, input_range=input_range)), dataclasses.asdict(config)
+
+    rows = []
+    real_spread = {}
+    for name in ["real", "noise", *args.recipes.split(",")]:
+        for seed in seeds:
+            make, config = source(name, seed)
+            t = time.perf_counter()
+            images = make()
+            seconds = time.perf_counter() - t
+            d = diversity(loaded, images)
+            q = quant.quantize_model(model, quant.QuantConfig(wbits=wbits, abits=abits, observer="minmax"), images[:2])
+            quant.calibrate(q, images)
+            quant.finalize_weights(q)
+            acc = topk_accuracy(q, test_x, test_y, batch_size=500)[0]
+            spread = d["relative_sample_spread_mean"]
+            real_spread.setdefault(seed, spread)  # real comes first
+            row = {"source": name, "seed": seed, "top1": acc, "spread": spread,
+                   "spread_vs_real": spread / real_spread[seed], "classes": d["classes_predicted"],
+                   "pixel_min": d["pixel_min"], "pixel_max": d["pixel_max"],
+                   "outside": d["pixels_outside_valid_range"], "seconds": seconds, "config": config}
+            rows.append(row)
+            print(f"  {name} seed {seed}: top-1 {acc:.2f}, spread {spread:.3f}, {row['classes']} classes, pixels "
+                  f"{row['pixel_min']:.2f}..{row['pixel_max']:.2f} ({100 * row['outside']:.1f}% outside), {seconds:.0f} s",
+                  flush=True)
+    print(f"\n| source | W{wbits}A{abits} top-1, mean (min..max over seeds {args.seeds}) | spread vs real | "
+          "classes predicted | pixels outside 0..1 | synthesis s |\n|---|---|---|---|---|---|")
+    for name in dict.fromkeys(r["source"] for r in rows):
+        rs = [r for r in rows if r["source"] == name]
+        top = [r["top1"] for r in rs]
+        print(f"| {name} | {sum(top) / len(top):.2f} ({min(top):.2f}..{max(top):.2f}) | "
+              f"{sum(r['spread_vs_real'] for r in rs) / len(rs):.2f}x | {min(r['classes'] for r in rs)}"
+              f"..{max(r['classes'] for r in rs)} | {100 * max(r['outside'] for r in rs):.1f}% | "
+              f"{sum(r['seconds'] for r in rs) / len(rs):.0f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"fp32_top1": fp_acc, "args": vars(args), "rows": rows}, f, indent=2)
