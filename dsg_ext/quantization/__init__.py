@@ -7,7 +7,7 @@ quantizers (the weight and activation quantizer modules), prepare (builder, BN f
 calibration), reconstruct (AdaRound, BRECQ), serialization (the file format).
 """
 
-from .config import PLACEMENTS, RECONSTRUCTION_UNITS, AdaRoundConfig, QuantConfig
+from .config import PLACEMENTS, RECONSTRUCTION_PRESETS, RECONSTRUCTION_UNITS, AdaRoundConfig, QuantConfig
 from .observers import OBSERVERS, EmaObserver, MinMaxObserver, MseObserver, Observer, PercentileObserver
 from .prepare import (
     act_quantizers,
@@ -26,7 +26,7 @@ from .reconstruct import find_blocks, reconstruct, reconstruction_loss, reconstr
 from .serialization import FORMAT_VERSION, load_quantized, read_quantized, save_quantized
 
 __all__ = [
-    "PLACEMENTS", "RECONSTRUCTION_UNITS", "AdaRoundConfig", "QuantConfig",
+    "PLACEMENTS", "RECONSTRUCTION_PRESETS", "RECONSTRUCTION_UNITS", "AdaRoundConfig", "QuantConfig",
     "OBSERVERS", "WEIGHT_OBSERVERS", "Observer", "MinMaxObserver", "EmaObserver", "PercentileObserver", "MseObserver",
     "act_quantizers", "batches", "calibrate", "execution_order", "finalize_weights", "float_weight",
     "fold_batchnorm", "quantize_model", "weight_quantizers",

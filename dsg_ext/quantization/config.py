@@ -14,6 +14,16 @@ from .qparams import WEIGHT_OBSERVERS
 
 PLACEMENTS = ("input", "relu")
 RECONSTRUCTION_UNITS = ("layer", "block")
+# Named reconstructions (``dsg quantize --reconstruction NAME``): AdaRoundConfig fields on top of the defaults.
+RECONSTRUCTION_PRESETS = {
+    "adaround": {"unit": "layer"},
+    "brecq": {"unit": "block"},
+    "qdrop": {"unit": "block", "qdrop": 0.5},
+    # Genie (CVPR'23): 20k iterations per block, batch 32, QDrop 0.5, rounding lr 1e-3, weight scales
+    # lr 1e-4 and LSQ activation step sizes lr 4e-5 learned together.
+    "genie": {"unit": "block", "iterations": 20000, "batch_size": 32, "lr": 1e-3, "qdrop": 0.5,
+              "learn_act_scale": True, "act_scale_lr": 4e-5, "learn_weight_scale": True, "weight_scale_lr": 1e-4},
+}
 MIN_BITS, MAX_BITS = 2, 8
 
 
@@ -83,6 +93,19 @@ class AdaRoundConfig:
     # "layer": each layer's output (AdaRound); "block": the layers of each residual block rounded
     # jointly against the block's output (BRECQ), other layers layer-wise.
     unit: str = "layer"
+    # Beyond the rounding (all off by default = AdaRound / BRECQ as published):
+    qdrop: float = 0.0  # QDrop: each activation quantizer of the unit keeps an element in float with this probability
+    learn_act_scale: bool = False  # LSQ: the unit's activation step sizes learned jointly (lr act_scale_lr)
+    act_scale_lr: float = 4e-5
+    learn_weight_scale: bool = False  # the unit's weight scales learned jointly (lr weight_scale_lr)
+    weight_scale_lr: float = 1e-4
+
+    @classmethod
+    def from_preset(cls, name: str, **fields) -> "AdaRoundConfig":
+        """A named reconstruction (RECONSTRUCTION_PRESETS), with ``fields`` on top of it."""
+        if name not in RECONSTRUCTION_PRESETS:
+            raise ConfigError(f"unknown reconstruction preset {name!r}; choose from {sorted(RECONSTRUCTION_PRESETS)}")
+        return cls(**{**RECONSTRUCTION_PRESETS[name], **fields})
 
     def validate(self) -> "AdaRoundConfig":
         problems = field_problems(self)
@@ -101,6 +124,10 @@ class AdaRoundConfig:
                             f"{self.beta_end}, {self.beta_start}")
         if self.unit not in RECONSTRUCTION_UNITS:
             problems.append(f"unit must be one of {RECONSTRUCTION_UNITS}, got {self.unit!r}")
+        if not 0 <= self.qdrop < 1:
+            problems.append(f"qdrop must lie in [0, 1), got {self.qdrop}")
+        if not (self.act_scale_lr > 0 and self.weight_scale_lr > 0):
+            problems.append(f"scale learning rates must be positive, got {self.act_scale_lr}, {self.weight_scale_lr}")
         if problems:
             raise ConfigError("invalid AdaRound options: " + "; ".join(problems))
         return self

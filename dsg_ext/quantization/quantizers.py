@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -49,6 +50,7 @@ class WeightQuantizer(nn.Module):
         self.beta = 20.0
         self.last_reg: Optional[Tensor] = None
         self.rounding: RoundingFn = ops.adaround
+        self.scale_param: Optional[nn.Parameter] = None  # learned jointly with the rounding (reconstruction)
 
     @property
     def axis(self) -> Optional[int]:
@@ -63,7 +65,8 @@ class WeightQuantizer(nn.Module):
             shape = self.broadcast_shape(w)
             return ((self.w_int.float() - self.zero_point.view(shape).float()) * self.scale.view(shape)).to(w.dtype)
         if self.mode is WeightMode.ADAROUND:
-            w_q, self.last_reg = self.rounding(w, self.v, self.scale, self.zero_point, self.qmin, self.qmax,
+            scale = self.scale if self.scale_param is None else self.scale_param
+            w_q, self.last_reg = self.rounding(w, self.v, scale, self.zero_point, self.qmin, self.qmax,
                                                self.axis, beta=self.beta)
             return w_q
         return ops.fake_quant(w, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
@@ -71,6 +74,20 @@ class WeightQuantizer(nn.Module):
     def start_adaround(self, w: Tensor) -> None:
         self.v = nn.Parameter(ops.adaround_init(w.detach().float(), self.scale, axis=self.axis))
         self.mode = WeightMode.ADAROUND
+
+    def learn_scale(self) -> nn.Parameter:
+        """Makes the scale a parameter of the soft rounding until ``freeze_scale()``."""
+        self.scale_param = nn.Parameter(self.scale.detach().clone())
+        return self.scale_param
+
+    @torch.no_grad()
+    def freeze_scale(self, keep: bool = True) -> None:
+        """Stores the learned scale (``keep``, and only if every entry stayed finite and > 0)."""
+        if self.scale_param is not None and keep:
+            value = self.scale_param.detach()
+            if bool(torch.isfinite(value).all()) and bool((value > 0).all()):
+                self.scale.copy_(value)
+        self.scale_param = None
 
     def rounded_up(self) -> Tensor:
         """AdaRound's hard rounding decision per weight (V >= 0: round up)."""
@@ -105,6 +122,11 @@ class ActQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
         self.observer: Optional[Observer] = None
         self.calibrated = False
+        # Reconstruction only: QDrop (each element keeps its float value with probability drop_prob,
+        # drawn from drop_generator) and LSQ (the step size learned as scale_param).
+        self.drop_prob = 0.0
+        self.drop_generator: Optional[torch.Generator] = None
+        self.scale_param: Optional[nn.Parameter] = None
 
     @property
     def calibrating(self) -> bool:
@@ -116,7 +138,30 @@ class ActQuantizer(nn.Module):
             return x
         if not self.calibrated:
             raise QuantizationError("activation quantizer used before calibration: run calibrate() first")
-        return ops.fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax)
+        if self.scale_param is None:
+            q = ops.fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax)
+        else:  # LSQ: gradient of the step size scaled by 1 / sqrt(features * qmax)
+            factor = 1.0 / math.sqrt(max(1, x[0].numel()) * max(1, self.qmax))
+            q = ops.fake_quant(x, self.scale_param, self.zero_point, self.qmin, self.qmax, grad_factor=factor)
+        if self.drop_prob > 0:
+            keep_float = torch.rand(x.shape, generator=self.drop_generator, device=x.device) < self.drop_prob
+            q = torch.where(keep_float, x, q)
+        return q
+
+    def learn_scale(self) -> nn.Parameter:
+        """Makes the step size a parameter (LSQ) until ``freeze_scale()``."""
+        self.scale_param = nn.Parameter(self.scale.detach().clone())
+        return self.scale_param
+
+    @torch.no_grad()
+    def freeze_scale(self, keep: bool = True) -> None:
+        """Stores the learned step size (``keep``; a step that went non-positive or non-finite keeps the
+        calibrated one) and ends learning."""
+        if self.scale_param is not None and keep:
+            value = self.scale_param.detach()
+            if bool(torch.isfinite(value).all()) and bool((value > 0).all()):
+                self.scale.copy_(value)
+        self.scale_param = None
 
     def start_calibration(self) -> None:
         self.observer = self.make_observer(self.qmin, self.qmax)

@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from .. import ops
 from ..errors import QuantizationError
 from .config import AdaRoundConfig
-from .prepare import batches, float_weight, weight_quantizers
-from .quantizers import WeightMode, WeightQuantizer
+from .prepare import act_quantizers, batches, float_weight, weight_quantizers
+from .quantizers import ActQuantizer, WeightMode, WeightQuantizer
 
 
 class _Stop(Exception):
@@ -102,6 +102,18 @@ def _units(qmodel: nn.Module, layers: Optional[Sequence[str]],
     return units
 
 
+def _unit_act_quantizers(qmodel: nn.Module, unit_name: str) -> List[ActQuantizer]:
+    """The activation quantizers inside a unit (a layer's own input quantizer included)."""
+    return [aq for name, aq in act_quantizers(qmodel).items() if name == unit_name or name.startswith(unit_name + ".")]
+
+
+def _learned(q) -> Tensor:
+    """A quantizer's learned scale if it is usable (finite, > 0), else its current one."""
+    value = q.scale if q.scale_param is None else q.scale_param.detach()
+    ok = bool(torch.isfinite(value).all()) and bool((value > 0).all())
+    return (value if ok else q.scale).clone()
+
+
 def _rounding_state(quantizers: Sequence[WeightQuantizer], weights: Sequence[Tensor]) -> Tuple[float, float]:
     """(fraction of rounding variables not settled at 0 or 1 yet, fraction rounded unlike nearest)."""
     undecided = changed = 0.0
@@ -114,23 +126,11 @@ def _rounding_state(quantizers: Sequence[WeightQuantizer], weights: Sequence[Ten
     return undecided, changed
 
 
-def _reconstruct_unit(qmodel: nn.Module, fp_model: nn.Module, unit_name: str, unit_layers: List[str],
-                      images: Tensor, config: AdaRoundConfig, device: str, gen: torch.Generator,
-                      step: Callable[[], None]) -> Dict[str, Any]:
-    unit, fp_unit = qmodel.get_submodule(unit_name), fp_model.get_submodule(unit_name)
-    wqs = weight_quantizers(qmodel)
-    quantizers = [wqs[n] for n in unit_layers]
-    originals = [float_weight(qmodel, n) for n in unit_layers]
-    kw: Dict[str, Any] = {}
-    x_fp = _unit_inputs(fp_model, unit_name, images, 64, device, kw)
-    x_q = _unit_inputs(qmodel, unit_name, images, 64, device)
-    run = (lambda m, x: m(x, **kw)) if kw else (lambda m, x: m(x))
-    with torch.no_grad():
-        target = torch.cat([run(fp_unit, x.to(device)).cpu() for x in batches(x_fp, 64)])
-    for wq, w in zip(quantizers, originals):
-        wq.start_adaround(w)
-    opt = torch.optim.Adam([wq.v for wq in quantizers], lr=config.lr)
-    x_q, target = x_q.to(device), target.to(device)
+def _optimise(unit, run, quantizers, groups, x_q: Tensor, target: Tensor, config: AdaRoundConfig,
+              gen: torch.Generator, device: str, step: Callable[[], None]) -> Tuple[Optional[float], float]:
+    """The reconstruction loop: Adam on the rounding variables (and the scales being learned), beta
+    annealed after the warm-up. Returns (loss of the first batch, seconds)."""
+    opt = torch.optim.Adam(groups)
     warm = int(config.warmup * config.iterations)
     start_loss = None
     t0 = time.perf_counter()
@@ -152,18 +152,67 @@ def _reconstruct_unit(qmodel: nn.Module, fp_model: nn.Module, unit_name: str, un
             start_loss = float(rec.detach())
         step()
     seconds = time.perf_counter() - t0
+    return start_loss, seconds
+
+
+def _reconstruct_unit(qmodel: nn.Module, fp_model: nn.Module, unit_name: str, unit_layers: List[str],
+                      images: Tensor, config: AdaRoundConfig, device: str, gen: torch.Generator,
+                      step: Callable[[], None]) -> Dict[str, Any]:
+    unit, fp_unit = qmodel.get_submodule(unit_name), fp_model.get_submodule(unit_name)
+    wqs = weight_quantizers(qmodel)
+    quantizers = [wqs[n] for n in unit_layers]
+    originals = [float_weight(qmodel, n) for n in unit_layers]
+    kw: Dict[str, Any] = {}
+    x_fp = _unit_inputs(fp_model, unit_name, images, 64, device, kw)
+    x_q = _unit_inputs(qmodel, unit_name, images, 64, device)
+    run = (lambda m, x: m(x, **kw)) if kw else (lambda m, x: m(x))
     with torch.no_grad():
-        undecided, changed = _rounding_state(quantizers, originals)
+        target = torch.cat([run(fp_unit, x.to(device)).cpu() for x in batches(x_fp, 64)])
+    acts = _unit_act_quantizers(qmodel, unit_name)
+    for wq, w in zip(quantizers, originals):
+        wq.start_adaround(w)
+    groups = [{"params": [wq.v for wq in quantizers], "lr": config.lr}]
+    if config.learn_weight_scale:
+        groups.append({"params": [wq.learn_scale() for wq in quantizers], "lr": config.weight_scale_lr})
+    if config.learn_act_scale and acts:
+        groups.append({"params": [aq.learn_scale() for aq in acts], "lr": config.act_scale_lr})
+    if config.qdrop:  # drawn only when used, so that the schedule without QDrop is unchanged
+        drop_gen = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        for aq in acts:
+            aq.drop_prob, aq.drop_generator = config.qdrop, drop_gen
+    x_q, target = x_q.to(device), target.to(device)
+    try:
+        start_loss, seconds = _optimise(unit, run, quantizers, groups, x_q, target, config, gen, device, step)
+    except BaseException:
+        for q in (*quantizers, *acts):
+            q.freeze_scale(keep=False)
+        raise
+    finally:
+        for aq in acts:
+            aq.drop_prob, aq.drop_generator = 0.0, None
+
+    with torch.no_grad():
+        start_scales = [wq.scale.clone() for wq in quantizers]
+        start_steps = [aq.scale.clone() for aq in acts]
+        learned_scales = [_learned(wq) for wq in quantizers]
+        learned_steps = [_learned(aq) for aq in acts]
+        for q in (*quantizers, *acts):
+            q.freeze_scale(keep=False)  # the starting scales and steps, for the nearest-rounding comparison
         for wq in quantizers:
             wq.mode = WeightMode.FAKE
         nearest = _loss_batched(lambda x: run(unit, x), x_q, target)
+        for q, learned in zip((*quantizers, *acts), (*learned_scales, *learned_steps)):
+            q.scale.copy_(learned)
+        undecided, changed = _rounding_state(quantizers, originals)
         for wq, w in zip(quantizers, originals):
             wq.mode = WeightMode.ADAROUND
             wq.finalize(w)
         end_loss = _loss_batched(lambda x: run(unit, x), x_q, target)
         kept = "adaround"
         if config.keep_better and not end_loss <= nearest:
-            for wq, w in zip(quantizers, originals):  # back to nearest rounding, then store those integers
+            for q, start in zip((*quantizers, *acts), (*start_scales, *start_steps)):
+                q.scale.copy_(start)
+            for wq, w in zip(quantizers, originals):  # back to nearest rounding at the starting scales
                 wq.mode = WeightMode.FAKE
                 wq.finalize(w)
             kept = "nearest"
