@@ -15,16 +15,15 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from .cli_options import (
-    DEFAULT_DEVICE,
     _device,
     _Formatter,
     _option,
-    _optional_bits,
     _positive_int,
     config_from_args,
+    preset_in,
     recipe_in,
 )
-from .cli_options import _option as _config_option
+from .cli_parsers import TRUST_HELP, add_generate_parser, add_model_options, add_quantize_parser
 from .errors import DsgError
 
 # --------------------------------------------------------------------------------------------
@@ -98,7 +97,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     check_output_file(args.out, "--out", force=args.force)
     config = config_from_args(args, quant.QuantConfig).validate()
-    ada = config_from_args(args, quant.AdaRoundConfig).validate() if args.adaround else None
+    ada = None
+    if args.adaround or args.reconstruction:
+        base = quant.AdaRoundConfig.from_preset(args.reconstruction) if args.reconstruction else None
+        ada = config_from_args(args, quant.AdaRoundConfig, base).validate()
     loaded = load_model(args.model, weights=args.weights, image_size=args.image_size,
                         trust_model_code=args.trust_model_code)
     images, described = calibration_images(loaded, args.calib, args.real, args.num_samples)
@@ -198,125 +200,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-_TRUST_HELP = ("allow a TorchScript model file, whose loading runs the code it holds (.pt2 files are checked "
-               "and need no trust)")
-
-
-def _add_model_options(p, model_help: str = "model source, as for generate") -> None:
-    """--model, --weights and --trust-model-code: where the network comes from (every command that loads one)."""
-    p.add_argument("--model", required=True, help=model_help)
-    p.add_argument("--weights", help="state-dict file for torchvision:/timm:/module: sources")
-    p.add_argument("--trust-model-code", action="store_true", help=_TRUST_HELP)
-
-
 def _add_generate(sub, recipe: Optional[str] = None) -> None:
-    from .synthesis.config import CE_LABELS, INITS, LAYER_WEIGHTINGS, METHODS, RECIPES
-    from .synthesis.config import SynthesisConfig as S
-    from .synthesis.writer import DEFAULT_NUM_SAMPLES
-
-    base = S.from_recipe(recipe) if recipe in RECIPES else S()
-
-    def _option(p, flag, cls, field, help, **kw):  # defaults: the named recipe's values
-        _config_option(p, flag, cls, field, help, defaults=base, **kw)
-
-    p = sub.add_parser("generate", formatter_class=_Formatter,
-                       help="synthesise calibration images from a model's BatchNorm statistics")
-    _add_model_options(p, "torchvision:NAME, timm:NAME, efficientnet-lite0, fashion-mnist-resnet20, module:function, "
-                          "a torch.export .pt2 or a TorchScript file")
-    p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
-                   help="a named preset that sets the options below (given options override it); "
-                        "'recommended' is the README's")
-    _option(p, "--method", S, "method", "zeroq: ZeroQ; dsg: DSG (slack + layerwise enhancement); batch: batch "
-            "statistics (Genie, MCT); batch-dsg: batch statistics + DSG's slack and enhancement", choices=METHODS)
-    p.add_argument("--num-samples", type=_positive_int, default=DEFAULT_NUM_SAMPLES, help="images in all")
-    _option(p, "--batch-size", S, "batch_size", "images optimised together")
-    _option(p, "--iterations", S, "iterations", "optimisation steps per batch")
-    _option(p, "--lr", S, "lr", "Adam learning rate on the pixels")
-    _option(p, "--epsilon", S, "epsilon", "slack quantile, in (0, 1] (dsg)")
-    _option(p, "--enhancement", S, "enhancement", "weight of each sample's own layer (dsg)")
-    _option(p, "--init", S, "init", "starting images", choices=INITS)
-    p.add_argument("--image-size", dest="model_image_size", metavar="IMAGE_SIZE", type=int, default=None,
-                   help="default: the model's (224 for ImageNet models)")
-    _option(p, "--seed", S, "seed", "batch b starts from seed (seed, b)")
-    _option(p, "--tv", S, "tv_weight", "total-variation prior weight (0 = off)")
-    _option(p, "--l2", S, "l2_weight", "l2 prior weight (0 = off)")
-    _option(p, "--jitter", S, "jitter", "random shift in pixels (0 = off)")
-    _option(p, "--ce", S, "ce_weight", "weight of a random-label cross-entropy prior (each sample towards a random "
-            "class; 0 = off)")
-    _option(p, "--layer-weighting", S, "layer_weighting", "'initial' divides each BN layer's loss by its value on the "
-            "initial batch (not in the paper)", choices=LAYER_WEIGHTINGS)
-    _option(p, "--ce-labels", S, "ce_labels", "targets of the cross-entropy prior: random classes, or balanced "
-            "(sample n -> class n mod classes)", choices=CE_LABELS)
-    _option(p, "--clamp-pixels", S, "clamp_pixels",
-            "keep images inside the model's valid input range (not in the paper)", toggle=True)
-    _option(p, "--crop-pad", S, "crop_pad", "augmentation: optimise images this many pixels larger on every side "
-            "and show the network a random crop each step (0 = off)")
-    _option(p, "--flip", S, "flip", "augmentation: random horizontal flips", toggle=True)
-    _option(p, "--smoothing", S, "smoothing", "augmentation: sigma of a 3x3 Gaussian smoothing of what the network "
-            "sees and of the result (0 = off)")
-    _option(p, "--swing", S, "swing", "swing convolution: a random 1-pixel shift before every strided convolution",
-            toggle=True)
-    _option(p, "--channels-last", S, "channels_last", "run the network in channels_last (GPU speed)")
-    _option(p, "--bf16", S, "autocast_bf16", "run the network under bf16 autocast; statistics stay fp32")
-    _option(p, "--cuda-graph", S, "cuda_graph",
-            "capture one whole iteration in a CUDA graph and replay it (GPU; removes launch overhead)")
-    p.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
-    p.add_argument("--out", required=True, help="dataset directory (re-running the same command resumes it)")
-    p.add_argument("--preview", help="also write a PNG grid of the samples")
-    p.add_argument("--compare-zeroq", action="store_true",
-                   help="also synthesise batch 0 with ZeroQ and report both methods' sample spread")
-    p.set_defaults(func=_cmd_generate)
+    add_generate_parser(sub, _cmd_generate, recipe)
 
 
-def _add_quantize(sub) -> None:
-    from .data.calibration import DEFAULT_CALIBRATION_IMAGES
-    from .quantization.config import PLACEMENTS, RECONSTRUCTION_UNITS
-    from .quantization.config import AdaRoundConfig as A
-    from .quantization.config import QuantConfig as Q
-    from .quantization.observers import OBSERVERS
-    from .quantization.qparams import WEIGHT_OBSERVERS
-
-    p = sub.add_parser("quantize", formatter_class=_Formatter,
-                       help="fake-quantize a model, calibrated on synthetic or real images")
-    _add_model_options(p)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--calib", metavar="DIR", help="a dataset directory written by dsg generate for this model")
-    src.add_argument("--real", metavar="DIR",
-                     help="a directory of real images, 'fashion-mnist' (training split), 'skimage-photos' or 'noise'")
-    p.add_argument("--num-samples", type=_positive_int, default=DEFAULT_CALIBRATION_IMAGES,
-                   help="calibration images used")
-    p.add_argument("--image-size", type=int, default=None, help="the model's input size (default: the source's own)")
-    _option(p, "--wbits", Q, "wbits", "weight bits")
-    _option(p, "--abits", Q, "abits", "activation bits (32 = activations stay float)", type=_optional_bits(32))
-    _option(p, "--first-last-bits", Q, "first_last_bits", "bits of the first and last layer (0 = same as the rest)",
-            type=_optional_bits(0))
-    _option(p, "--per-tensor", Q, "w_per_channel", "one weight scale per layer instead of per output channel")
-    _option(p, "--asymmetric-weights", Q, "w_symmetric", "asymmetric (unsigned, with a zero point) weight ranges")
-    _option(p, "--placement", Q, "act_placement",
-            "activation quantizers at every layer input, or after each ReLU (ZeroQ)", choices=PLACEMENTS)
-    _option(p, "--observer", Q, "observer", "activation ranges", choices=tuple(OBSERVERS))
-    _option(p, "--percentile", Q, "percentile", "percentile of the 'percentile' observer")
-    _option(p, "--weight-observer", Q, "weight_observer", "weight ranges per channel", choices=WEIGHT_OBSERVERS)
-    _option(p, "--fold-bn", Q, "fold_bn", "fold BatchNorm into the preceding convolution first")
-    p.add_argument("--adaround", action="store_true", help="learn the weight rounding (AdaRound, Nagel et al. 2020)")
-    _option(p, "--adaround-iters", A, "iterations", "AdaRound iterations per layer (or block)")
-    _option(p, "--adaround-batch", A, "batch_size", "AdaRound batch size")
-    _option(p, "--adaround-lr", A, "lr",
-            "Adam learning rate of the rounding variables (the paper's 1e-3 assumes ~10k iterations; shorter "
-            "schedules leave most variables undecided unless it is raised)")
-    _option(p, "--reconstruct", A, "unit", "AdaRound target: each layer's output (AdaRound) or each residual block's "
-            "output, its layers rounded jointly (BRECQ); layers outside blocks stay layer-wise",
-            choices=RECONSTRUCTION_UNITS)
-    p.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
-    p.add_argument("--out", required=True, help="quantized model file (.safetensors)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
-    p.set_defaults(func=_cmd_quantize)
+def _add_quantize(sub, reconstruction: Optional[str] = None) -> None:
+    add_quantize_parser(sub, _cmd_quantize, reconstruction)
 
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", formatter_class=_Formatter,
                        help="accuracy (and fidelity to FP32) of a model or a quantized model")
-    _add_model_options(p)
+    add_model_options(p)
     p.add_argument("--quantized", metavar="FILE", help="a file written by dsg quantize for this model")
     p.add_argument("--data", required=True, help="'fashion-mnist' (test split), 'skimage-photos', an image directory "
                    "(ImageFolder layout for accuracy; any images for fidelity) or a `dsg generate` directory made "
@@ -332,7 +227,7 @@ def _add_export(sub) -> None:
 
     p = sub.add_parser("export", formatter_class=_Formatter,
                        help="write a quantized model as standard ONNX with QuantizeLinear/DequantizeLinear")
-    _add_model_options(p, "the model source the quantized file was made from")
+    add_model_options(p, "the model source the quantized file was made from")
     p.add_argument("--quantized", required=True, metavar="FILE", help="a file written by dsg quantize for this model")
     p.add_argument("--image-size", type=int, default=None, help="the model's input size (default: the source's own)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (>= 13)")
@@ -348,7 +243,7 @@ def _add_report(sub) -> None:
     p.add_argument("--quantized", nargs="*", metavar="FILE", help="quantized files: fidelity to FP32 on the samples")
     p.add_argument("--demo", metavar="FILE", help="a `dsg demo` result (demo.json): accuracy bars")
     p.add_argument("--weights", help="state-dict file of the model the data were made from, when it needs one")
-    p.add_argument("--trust-model-code", action="store_true", help=_TRUST_HELP)
+    p.add_argument("--trust-model-code", action="store_true", help=TRUST_HELP)
     p.add_argument("--out", required=True, help="the .html file")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=_cmd_report)
@@ -374,14 +269,15 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
-def build_parser(recipe: Optional[str] = None) -> argparse.ArgumentParser:
-    """The ``dsg`` parser; ``recipe``: the named synthesis recipe whose values ``generate``'s options default to."""
+def build_parser(recipe: Optional[str] = None, reconstruction: Optional[str] = None) -> argparse.ArgumentParser:
+    """The ``dsg`` parser; ``recipe`` / ``reconstruction``: the named presets whose values the options of
+    ``generate`` / ``quantize`` default to."""
     parser = argparse.ArgumentParser(prog="dsg", description="Data-free quantization with Diverse Sample Generation")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions and which backends this build has")
     p.set_defaults(func=_cmd_info)
     _add_generate(sub, recipe)
-    _add_quantize(sub)
+    _add_quantize(sub, reconstruction)
     _add_eval(sub)
     _add_export(sub)
     _add_report(sub)
@@ -390,7 +286,8 @@ def build_parser(recipe: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser(recipe_in(sys.argv[1:] if argv is None else argv)).parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args = build_parser(recipe_in(words), preset_in(words, "quantize", "--reconstruction")).parse_args(argv)
     try:
         return args.func(args)
     except DsgError as e:  # every user-fixable problem: one line, exit code 2; other exceptions are our bugs

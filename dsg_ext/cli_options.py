@@ -49,15 +49,21 @@ def config_from_args(args: argparse.Namespace, cls, base: Any = None, **override
     return dataclasses.replace(cls() if base is None else base, **{**values, **overrides})
 
 
-def recipe_in(argv) -> Optional[str]:
-    """The ``--recipe`` a ``dsg generate`` command line names (None if none), read before the full
-    parse so that the recipe's values become the options' defaults."""
-    if not argv or argv[0] != "generate":
+def preset_in(argv, command: str, flag: str) -> Optional[str]:
+    """The preset a ``dsg COMMAND`` command line names with ``flag`` (``generate --recipe``, ``quantize
+    --reconstruction``; None if none), read before the full parse so that the preset's values
+    become the options' defaults."""
+    if not argv or argv[0] != command:
         return None
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--recipe")
+    pre.add_argument(flag, dest="preset")
     known, _ = pre.parse_known_args(argv[1:])
-    return known.recipe
+    return known.preset
+
+
+def recipe_in(argv) -> Optional[str]:
+    """The ``--recipe`` of a ``dsg generate`` command line."""
+    return preset_in(argv, "generate", "--recipe")
 
 
 def _optional_bits(off: int) -> Callable[[str], Optional[int]]:

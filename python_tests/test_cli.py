@@ -126,3 +126,23 @@ def test_generate_unknown_recipe_exit_code_2(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["generate", "--model", "m", "--out", "d", "--recipe", "best"])
     assert e.value.code == 2 and "invalid choice: 'best'" in capsys.readouterr().err
+
+
+def _reconstruction_config(argv):
+    argv = ["quantize", "--model", "m", "--real", "noise", "--out", "q", *argv]
+    args = cli.build_parser(None, cli.preset_in(argv, "quantize", "--reconstruction")).parse_args(argv)
+    base = AdaRoundConfig.from_preset(args.reconstruction) if args.reconstruction else None
+    return cli.config_from_args(args, AdaRoundConfig, base)
+
+
+def test_quantize_reconstruction_preset_and_overrides():
+    from dsg_ext.quantization import RECONSTRUCTION_PRESETS
+
+    for name in RECONSTRUCTION_PRESETS:
+        assert _reconstruction_config(["--reconstruction", name]) == AdaRoundConfig.from_preset(name)
+    assert _reconstruction_config([]) == AdaRoundConfig()
+    got = _reconstruction_config(["--reconstruction", "genie", "--qdrop", "0.25", "--no-learn-act-scale",
+                                  "--adaround-iters", "300"])
+    assert got == AdaRoundConfig.from_preset("genie", qdrop=0.25, learn_act_scale=False, iterations=300)
+    assert _reconstruction_config(["--learn-weight-scale", "--weight-scale-lr", "1e-3"]) == AdaRoundConfig(
+        learn_weight_scale=True, weight_scale_lr=1e-3)
