@@ -41,7 +41,8 @@ DEFAULT_CANDIDATES = ("zeroq", "dsg", "batch", "batch-dsg", "batch+clamp", "batc
                       "batch+aug+swing+clamp")
 
 
-def recipe_config(name: str, iterations: int, batch: int, seed: int) -> SynthesisConfig:
+def recipe_config(name: str, iterations: int, batch: int, seed: int, image_size: int = 28,
+                  channels: int = 1) -> SynthesisConfig:
     """A named preset (RECIPES) or METHOD+modifier+..., at this schedule."""
     if name in RECIPES:
         fields = dict(RECIPES[name])
@@ -53,7 +54,7 @@ def recipe_config(name: str, iterations: int, batch: int, seed: int) -> Synthesi
         fields = {"method": method}
         for m in mods:
             fields.update(MODIFIERS[m])
-    fields.update(iterations=iterations, batch_size=batch, seed=seed, image_size=28, channels=1)
+    fields.update(iterations=iterations, batch_size=batch, seed=seed, image_size=image_size, channels=channels)
     return SynthesisConfig(**fields).validate()
 
 

@@ -252,6 +252,7 @@ def _add_report(sub) -> None:
 def _add_demo(sub) -> None:
     from .demo import DemoConfig as D
     from .demo import format_bits, parse_bits
+    from .quantization.config import RECONSTRUCTION_PRESETS
     from .quantization.observers import OBSERVERS
 
     p = sub.add_parser("demo", formatter_class=_Formatter,
@@ -259,7 +260,9 @@ def _add_demo(sub) -> None:
     _option(p, "--out", D, "out", "directory for the synthetic data, demo.json and demo.png")
     _option(p, "--samples", D, "samples", "calibration images per source", type=_positive_int)
     _option(p, "--synth-iters", D, "synth_iterations", "synthesis iterations (the papers: 500)")
-    _option(p, "--adaround-iters", D, "adaround_iterations", "AdaRound iterations per layer (the paper: 10000)")
+    _option(p, "--adaround-iters", D, "adaround_iterations", "reconstruction iterations per layer or block "
+            "(the papers: 10000-20000)")
+    _option(p, "--reconstruction", D, "reconstruction", "named reconstruction", choices=sorted(RECONSTRUCTION_PRESETS))
     _option(p, "--eval-samples", D, "eval_samples", "test images evaluated (10000 = all)", type=_positive_int)
     _option(p, "--bits", D, "bits", "bit settings", type=parse_bits, shown_default=format_bits(D().bits))
     _option(p, "--observer", D, "observer", "activation ranges (min/max shows the calibration data's influence most)",

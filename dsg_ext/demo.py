@@ -1,8 +1,9 @@
 """`dsg demo`: the whole product on the shipped Fashion-MNIST ResNet-20, on the CPU.
 
 FP32 accuracy, then for each bit setting the test accuracy when calibrated with (a) real training
-images, (b) ZeroQ data, (c) DSG data, (d) Gaussian noise, each with plain calibration and with
-AdaRound (a shortened schedule, stated in the output). Prints a table, writes JSON and a PNG chart.
+images, (b) data of our recommended synthesis recipe, (c) the paper's DSG data, (d) ZeroQ data,
+(e) Gaussian noise, each with plain calibration and with reconstruction (the recommended one, on a
+shortened schedule stated in the output). Prints a table, writes JSON and a PNG chart.
 Synthetic datasets are written with `dsg generate`'s machinery under OUT/data and reused (verified)
 when the demo is run again.
 """
@@ -28,7 +29,9 @@ from .synthesis import SynthesisConfig, generate
 
 MODEL = "fashion-mnist-resnet20"
 
-SOURCES = ("real", "zeroq", "dsg", "noise")
+SOURCES = ("real", "recommended", "dsg", "zeroq", "noise")
+# synthetic sources -> the named synthesis recipe that makes them
+SOURCE_RECIPES = {"recommended": "recommended", "dsg": "paper-dsg", "zeroq": "zeroq"}
 DEFAULT_BITS = ((8, 8), (6, 6), (4, 8), (4, 4))
 
 
@@ -38,7 +41,8 @@ class DemoConfig:
     samples: int = 256  # calibration images per source
     synth_iterations: int = 150  # the papers use 500; shortened so that the demo fits 10 minutes on 2 cores
     synth_batch: int = 256
-    adaround_iterations: int = 80  # per layer; the paper uses 10k (use --adaround-iters to scale up)
+    adaround_iterations: int = 80  # per layer or block; the papers use 10k-20k (use --adaround-iters to scale up)
+    reconstruction: str = "recommended"  # a named reconstruction (quantization.RECONSTRUCTION_PRESETS)
     eval_samples: int = 2000  # first N test images; 10000 = the whole test set
     bits: Sequence[Tuple[int, int]] = DEFAULT_BITS
     sources: Sequence[str] = SOURCES
@@ -65,17 +69,21 @@ def parse_bits(text: str) -> Tuple[Tuple[int, int], ...]:
     return bits
 
 
-def _synthetic(method: str, cfg: DemoConfig, progress: bool) -> torch.Tensor:
-    out = os.path.join(cfg.out, "data", method)
-    sconf = SynthesisConfig(method=method, iterations=cfg.synth_iterations,
-                            batch_size=min(cfg.synth_batch, cfg.samples),
-                            seed=cfg.seed)
+def _synthetic(source: str, cfg: DemoConfig, progress: bool) -> torch.Tensor:
+    out = os.path.join(cfg.out, "data", source)
+    sconf = SynthesisConfig.from_recipe(SOURCE_RECIPES[source], iterations=cfg.synth_iterations,
+                                        batch_size=min(cfg.synth_batch, cfg.samples), seed=cfg.seed)
     generate(MODEL, out, sconf, cfg.samples, device=cfg.device, show_progress=progress, image_size=None)
     return calibration.synthetic_calibration(out, load_model(MODEL), cfg.samples)
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> Dict[str, Any]:
     t_start = time.perf_counter()
+    ada = quant.AdaRoundConfig.from_preset(cfg.reconstruction, iterations=cfg.adaround_iterations,
+                                           seed=cfg.seed).validate()  # refused before any work
+    unknown = [s for s in cfg.sources if s not in SOURCES]
+    if unknown:
+        raise ConfigError(f"unknown calibration source {unknown[0]!r}; choose from {SOURCES}")
     prepare_output_dir(cfg.out, "demo directory")
     loaded = load_model(MODEL)
     fp = loaded.model.to(cfg.device)
@@ -98,7 +106,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> Dict[str, Any
             calib[source] = calibration.real_fashion_mnist(cfg.samples, cfg.seed)
         elif source == "noise":
             calib[source] = calibration.gaussian_noise(loaded.input, cfg.samples, cfg.seed)
-        elif source in ("zeroq", "dsg"):
+        elif source in SOURCE_RECIPES:
             calib[source] = _synthetic(source, cfg, progress)
         else:
             raise ConfigError(f"unknown calibration source {source!r}; choose from {SOURCES}")
@@ -107,7 +115,6 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> Dict[str, Any
 
     rows: List[Dict[str, Any]] = []
     example = calib[cfg.sources[0]][:2].to(cfg.device)
-    ada = quant.AdaRoundConfig(iterations=cfg.adaround_iterations, seed=cfg.seed)
     for wbits, abits in cfg.bits:
         qconf = quant.QuantConfig(wbits=wbits, abits=abits, observer=cfg.observer)
         for source in cfg.sources:
@@ -144,7 +151,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> Dict[str, Any
         write_chart(result, os.path.join(cfg.out, "demo.png"))
         from .report import write_report
 
-        dirs = [os.path.join(cfg.out, "data", m) for m in ("dsg", "zeroq") if m in cfg.sources]
+        dirs = [os.path.join(cfg.out, "data", m) for m in SOURCE_RECIPES if m in cfg.sources]
         if dirs:
             write_report(dirs, os.path.join(cfg.out, "report.html"), demo=os.path.join(cfg.out, "demo.json"))
         log(f"wrote {os.path.join(cfg.out, 'demo.json')}, {os.path.join(cfg.out, 'demo.png')}"
@@ -160,8 +167,8 @@ def format_table(result: Dict[str, Any]) -> str:
     bits = list(dict.fromkeys(r["bits"] for r in rows))
     cell = {(r["bits"], r["source"]): r for r in rows}
     lines = [f"top-1 % on {result['eval_images']} Fashion-MNIST test images (FP32 {result['fp32_top1']:.2f}); "
-             "each cell: plain calibration / AdaRound "
-             f"({result['config']['adaround_iterations']} iterations per layer)"]
+             f"each cell: plain calibration / reconstruction ({result['config'].get('reconstruction', 'adaround')}, "
+             f"{result['config']['adaround_iterations']} iterations per layer or block)"]
     lines.append(f"{'bits':8s}" + "".join(f"{s:>18s}" for s in sources))
     for b in bits:
         lines.append(f"{b:8s}" + "".join(
@@ -184,7 +191,7 @@ def write_chart(result: Dict[str, Any], path: str) -> None:
     cell = {(r["bits"], r["source"]): r for r in rows}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     width = 0.8 / len(sources)
-    for ax, key, title in zip(axes, ("calibration", "adaround"), ("plain calibration", "AdaRound")):
+    for ax, key, title in zip(axes, ("calibration", "adaround"), ("plain calibration", "reconstruction")):
         for i, s in enumerate(sources):
             vals = [cell[b, s][key] if (b, s) in cell else 0 for b in bits]
             ax.bar([j + i * width for j in range(len(bits))], vals, width, label=s)

@@ -21,6 +21,7 @@ RECONSTRUCTION_PRESETS = {
     "qdrop": {"unit": "block", "qdrop": 0.5},
     # Genie (CVPR'23): 20k iterations per block, batch 32, QDrop 0.5, rounding lr 1e-3, weight scales
     # lr 1e-4 and LSQ activation step sizes lr 4e-5 learned together.
+    "recommended": {"unit": "block", "qdrop": 0.5},
     "genie": {"unit": "block", "iterations": 20000, "batch_size": 32, "lr": 1e-3, "qdrop": 0.5,
               "learn_act_scale": True, "act_scale_lr": 4e-5, "learn_weight_scale": True, "weight_scale_lr": 1e-4},
 }

@@ -17,9 +17,13 @@ CE_LABELS = ("random", "balanced")
 
 # Named presets (``dsg generate --recipe NAME``, ``SynthesisConfig.from_recipe``): SynthesisConfig fields
 # on top of the defaults. "paper-dsg" and "zeroq" are the papers' recipes.
+_BATCH_AUG = {"method": "batch", "crop_pad": 2, "flip": True, "smoothing": 0.5, "swing": True, "clamp_pixels": True}
 RECIPES = {
     "paper-dsg": {"method": "dsg"},
     "zeroq": {"method": "zeroq"},
+    # batch statistics + augmentation + swing convolution + valid pixels (bench/synthesis_recipes.py)
+    "batch-aug": dict(_BATCH_AUG),
+    "recommended": dict(_BATCH_AUG),
 }
 
 

@@ -419,7 +419,8 @@ def test_demo_pipeline_at_tiny_settings(tmp_path):
     cfg = DemoConfig(out=str(tmp_path / "demo"), samples=8, synth_iterations=2, synth_batch=8, adaround_iterations=2,
                      eval_samples=50, bits=[(4, 4)])
     result = run_demo(cfg, progress=False, log=lambda *_: None)
-    assert [r["source"] for r in result["rows"]] == ["real", "zeroq", "dsg", "noise"]
+    assert [r["source"] for r in result["rows"]] == ["real", "recommended", "dsg", "zeroq", "noise"]
+    assert result["config"]["reconstruction"] == "recommended"
     assert 0 <= result["rows"][0]["calibration"] <= 100 and result["fp32_top1"] > 80
     saved = json.load(open(tmp_path / "demo" / "demo.json"))
     assert saved["rows"] == result["rows"]
@@ -427,6 +428,14 @@ def test_demo_pipeline_at_tiny_settings(tmp_path):
     # a second run reuses the verified synthetic datasets
     again = run_demo(cfg, progress=False, log=lambda *_: None)
     assert again["timings"]["data_dsg_s"] < result["timings"]["data_dsg_s"] + 5
+    from dsg_ext.data import store
+
+    made = {m: store.load_manifest(str(tmp_path / "demo" / "data" / m))["config"] for m in ("recommended", "dsg")}
+    assert made["recommended"]["method"] == "batch" and made["recommended"]["clamp_pixels"]
+    assert made["dsg"]["method"] == "dsg" and not made["dsg"]["swing"]
+    with pytest.raises(ConfigError, match="unknown reconstruction preset"):
+        run_demo(DemoConfig(out=str(tmp_path / "demo2"), reconstruction="fast"), progress=False, log=lambda *_: None)
+    assert not (tmp_path / "demo2").exists()  # refused before any work
 
 
 def test_photo_crops_are_deterministic_real_images():
