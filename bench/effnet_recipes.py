@@ -25,6 +25,7 @@ from synthesis_recipes import recipe_config  # noqa: E402
 
 from dsg_ext import quantization as quant  # noqa: E402
 from dsg_ext.data import calibration, photos  # noqa: E402
+from dsg_ext.demo import parse_bits  # noqa: E402
 from dsg_ext.evaluation import fidelity  # noqa: E402
 from dsg_ext.models import load_model  # noqa: E402
 from dsg_ext.synthesis import synthesize  # noqa: E402
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--iterations", type=int, default=100, help="synthesis iterations")
-    p.add_argument("--bits", default="8,8;6,6;4,8;4,4")
+    p.add_argument("--bits", default="W8A8,W6A6,W4A8,W4A4")
     p.add_argument("--observer", default="minmax")
     p.add_argument("--reconstruction", default=None, help="a named reconstruction, run on every source and bit setting")
     p.add_argument("--recon-iterations", type=int, default=None)
@@ -69,8 +70,7 @@ def main(argv=None) -> int:
                "spread_vs_photos": d["relative_sample_spread_mean"] / real_spread,
                "classes": d["classes_predicted"], "outside": d["pixels_outside_valid_range"],
                "synthesis_s": timings.get(name), "bits": {}}
-        for bits in args.bits.split(";"):
-            wbits, abits = (int(v) for v in bits.split(","))
+        for wbits, abits in parse_bits(args.bits):
             q = quant.quantize_model(fp, quant.QuantConfig(wbits=wbits, abits=abits, observer=args.observer),
                                      images[:2].to(args.device))
             quant.calibrate(q, images, device=args.device)

@@ -4,7 +4,8 @@
 # separate processes, then the CUDA tests. Logs and JSON go to $LOG, packed into $OUT/logs.tgz after
 # each part; a short summary is printed after each part.
 #   device run:  bash bench/gpu_check.sh        (carry .whl, timeout_s ~ 540)
-#   PARTS orders the parts (default "errors checks timings tests"): "errors" = bench/gpu_errors.py
+#   PARTS orders the parts (default "errors checks timings tests"; "recipes" = bench/effnet_recipes.py, issue 13's
+#   recipe comparison + Genie-preset reconstruction on EfficientNet-Lite0, ~6 min): "errors" = bench/gpu_errors.py
 #   --diagnose (~1 min); "checks" = CUDA-vs-CPU of every op; "timings" = CUDA-event timings (ops and
 #   synthesis; BENCH_ARGS=--no-compile skips torch.compile); "tests" = python_tests -k cuda (TESTS="-k x"
 #   narrows them); "sweep" = the statistic ops at synthesis' bf16 channels_last shape and ResNet-50 b256
@@ -59,6 +60,11 @@ for path in sorted(glob.glob(sys.argv[1] + "/sweep_*.json"), key=key):
               f" {r['ratio_to_floor']:8.2f}")
 PY
     ;;
+  recipes)  # issue 13: synthesis recipes + reconstruction on EfficientNet-Lite0 (RECIPE_ARGS to change the budget)
+    timeout ${RECIPES_TIMEOUT:-400} python3 bench/effnet_recipes.py --device cuda ${RECIPE_ARGS:---samples 256 --batch 64 \
+      --iterations 500 --reconstruction genie --recon-iterations 2000 --bits W8A8,W6A6,W4A8,W4A4} \
+      --json "$LOG/effnet_recipes.json" >"$LOG/recipes.log" 2>&1
+    echo "recipes rc $? after $(( $(date +%s) - start )) s"; grep -E "^\||W4A4" "$LOG/recipes.log" | head -20 ;;
   tests)
     timeout ${TEST_TIMEOUT:-150} python3 -m pytest python_tests -q ${TESTS:--k cuda} --maxfail=25 -p no:cacheprovider \
       >"$LOG/tests.log" 2>&1
