@@ -256,7 +256,7 @@ def _add_demo(sub) -> None:
     from .quantization.observers import OBSERVERS
 
     p = sub.add_parser("demo", formatter_class=_Formatter,
-                       help="end to end on the shipped Fashion-MNIST network (CPU, about 8 minutes)")
+                       help="end to end on the shipped Fashion-MNIST network (CPU, about 10 minutes)")
     _option(p, "--out", D, "out", "directory for the synthetic data, demo.json and demo.png")
     _option(p, "--samples", D, "samples", "calibration images per source", type=_positive_int)
     _option(p, "--synth-iters", D, "synth_iterations", "synthesis iterations (the papers: 500)")
@@ -267,6 +267,8 @@ def _add_demo(sub) -> None:
     _option(p, "--bits", D, "bits", "bit settings", type=parse_bits, shown_default=format_bits(D().bits))
     _option(p, "--observer", D, "observer", "activation ranges (min/max shows the calibration data's influence most)",
             choices=tuple(OBSERVERS))
+    _option(p, "--reconstruct-max-wbits", D, "reconstruct_max_wbits", "reconstruct only bit settings with at most "
+            "this many weight bits (8 = all)")
     _option(p, "--device", D, "device", "where to run", type=_device)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)

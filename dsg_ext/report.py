@@ -168,7 +168,8 @@ def _bars(rows: List[Dict[str, Any]], demo: Optional[Dict[str, Any]]) -> Optiona
         width = 0.8 / (2 * len(sources))
         for j, src in enumerate(sources):
             for k, key in enumerate(("calibration", "adaround")):
-                vals = [next(r[key] for r in demo["rows"] if r["bits"] == b and r["source"] == src) for b in bits]
+                vals = [next(r[key] for r in demo["rows"] if r["bits"] == b and r["source"] == src) or 0
+                        for b in bits]  # None: not reconstructed at that bit setting
                 ax.bar([i + (2 * j + k) * width for i in range(len(bits))], vals, width,
                        label=f"{src} {key}", alpha=0.6 if key == "calibration" else 1.0)
         ax.axhline(demo["fp32_top1"], color="k", lw=0.8, label="FP32")
