@@ -21,7 +21,9 @@ RECONSTRUCTION_PRESETS = {
     "qdrop": {"unit": "block", "qdrop": 0.5},
     # Genie (CVPR'23): 20k iterations per block, batch 32, QDrop 0.5, rounding lr 1e-3, weight scales
     # lr 1e-4 and LSQ activation step sizes lr 4e-5 learned together.
-    "recommended": {"unit": "block", "qdrop": 0.5},
+    # BRECQ blocks: as good as layer-wise AdaRound within the evaluation noise and faster; QDrop, LSQ and
+    # learned weight scales did not help at the CPU schedule (README, Reconstruction variants).
+    "recommended": {"unit": "block"},
     "genie": {"unit": "block", "iterations": 20000, "batch_size": 32, "lr": 1e-3, "qdrop": 0.5,
               "learn_act_scale": True, "act_scale_lr": 4e-5, "learn_weight_scale": True, "weight_scale_lr": 1e-4},
 }
@@ -91,9 +93,9 @@ class AdaRoundConfig:
     # Keep nearest rounding for a layer whose hard AdaRound rounding reconstructs the calibration data
     # worse than nearest rounding does (happens with schedules far shorter than the paper's 10k).
     keep_better: bool = True
-    # "layer": each layer's output (AdaRound); "block": the layers of each residual block rounded
-    # jointly against the block's output (BRECQ), other layers layer-wise.
-    unit: str = "layer"
+    # "layer": each layer's output (AdaRound); "block" (default): the layers of each residual block
+    # rounded jointly against the block's output (BRECQ), other layers layer-wise.
+    unit: str = "block"
     # Beyond the rounding (all off by default = AdaRound / BRECQ as published):
     qdrop: float = 0.0  # QDrop: each activation quantizer of the unit keeps an element in float with this probability
     learn_act_scale: bool = False  # LSQ: the unit's activation step sizes learned jointly (lr act_scale_lr)
