@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     loaded = load_model(args.model)
     spec = loaded.input
     fp = loaded.model.to(args.device)
-    input_range = ([(0 - m) / s for m, s in zip(spec.mean, spec.std)], [(1 - m) / s for m, s in zip(spec.mean, spec.std)])
+    input_range = spec.valid_range()
     names = list(photos.SKIMAGE_PHOTOS)
     eval_x = photos.photo_crops(spec, 8, names[1::2], seed=1).to(args.device)
     sources = {"real photos": photos.photo_crops(spec, 8, names[::2], seed=2)[: args.samples],

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     loaded = load_model(MODEL)
     model = loaded.model.eval()
     spec = loaded.input
-    input_range = ([(0 - m) / s for m, s in zip(spec.mean, spec.std)], [(1 - m) / s for m, s in zip(spec.mean, spec.std)])
+    input_range = spec.valid_range()
     test_u8, test_y = fashion_mnist.load_split(train=False)
     test_x = fashion_mnist.preprocess(test_u8)
     fp_acc = topk_accuracy(model, test_x, test_y, batch_size=500)[0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 from torch import nn
@@ -22,6 +22,10 @@ class InputSpec:
     image_size: int = 224
     mean: Tuple[float, ...] = (0.485, 0.456, 0.406)
     std: Tuple[float, ...] = (0.229, 0.224, 0.225)
+
+    def valid_range(self) -> Tuple[List[float], List[float]]:
+        """Per-channel (low, high) of normalised pixels whose image-space value lies in [0, 1]."""
+        return ([(0 - m) / s for m, s in zip(self.mean, self.std)], [(1 - m) / s for m, s in zip(self.mean, self.std)])
 
 
 @dataclasses.dataclass

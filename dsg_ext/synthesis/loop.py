@@ -68,6 +68,7 @@ class SynthesisLoop:
         self.model, self.taps, self.weights, self.config = model, taps, weights, config
         self.augmenter = augmenter or Augmenter(config, model, images.shape[1], device, labels_seed)
         self.batch_stats = config.method in BATCH_METHODS
+        self.extra_weights = weights - 1  # batch-dsg: each sample's own layer once more, 0 elsewhere
         self.device_type = torch.device(device).type
         self.use_graph = config.cuda_graph
         if self.use_graph and self.device_type != "cuda":
@@ -137,7 +138,7 @@ class SynthesisLoop:
             loss = (layers * self.layer_scale).sum() + input_term
             if config.method == "batch-dsg":  # each sample's own layer, per sample (weights - 1: 0 elsewhere)
                 per_layer = torch.stack(taps.collected(), dim=1)
-                loss = loss + (per_layer * self.layer_scale * (self.weights - 1)).sum(1).mean()
+                loss = loss + (per_layer * self.layer_scale * self.extra_weights).sum(1).mean()
             layer_values = layers.detach()
         else:
             per_layer = torch.stack(taps.collected(), dim=1)  # (N, L)

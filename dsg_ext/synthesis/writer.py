@@ -177,8 +177,7 @@ def generate(
     dataset.check_compatible(out, dataset.load_manifest(out), identity)
 
     spec = loaded.input
-    input_range = ([(0 - m) / s for m, s in zip(spec.mean, spec.std)],
-                   [(1 - m) / s for m, s in zip(spec.mean, spec.std)])
+    input_range = spec.valid_range()
     mine = [b for b in range(num_batches) if b % info.world == info.rank]
     todo = [b for b in mine if dataset.verify_shard(out, b) is None]
     bar = None
