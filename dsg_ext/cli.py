@@ -94,6 +94,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from .data.calibration import calibration_images
     from .models import load_model
     from .models.spec import probe_model
+    from .quantization.engine import resolve_engine
 
     check_output_file(args.out, "--out", force=args.force)
     config = config_from_args(args, quant.QuantConfig).validate()
@@ -101,6 +102,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.adaround or args.reconstruction:
         base = quant.AdaRoundConfig.from_preset(args.reconstruction) if args.reconstruction else None
         ada = config_from_args(args, quant.AdaRoundConfig, base).validate()
+        resolve_engine(ada.engine, args.device)  # a CUDA graph asked for off CUDA: refused before any work
     loaded = load_model(args.model, weights=args.weights, image_size=args.image_size,
                         trust_model_code=args.trust_model_code)
     images, described = calibration_images(loaded, args.calib, args.real, args.num_samples)

@@ -86,6 +86,7 @@ def add_quantize_parser(sub, handler: Callable, reconstruction: Optional[str] = 
     from .quantization.config import PLACEMENTS, RECONSTRUCTION_PRESETS, RECONSTRUCTION_UNITS
     from .quantization.config import AdaRoundConfig as A
     from .quantization.config import QuantConfig as Q
+    from .quantization.engine import ENGINES
     from .quantization.observers import OBSERVERS
     from .quantization.qparams import WEIGHT_OBSERVERS
 
@@ -136,6 +137,9 @@ def add_quantize_parser(sub, handler: Callable, reconstruction: Optional[str] = 
     _option_a(p, "--learn-weight-scale", "learn_weight_scale", "learn the weight scales with the rounding",
               toggle=True)
     _option_a(p, "--weight-scale-lr", "weight_scale_lr", "learning rate of the weight scales")
+    _option_a(p, "--recon-engine", "engine", "how the iterations run: graph = one CUDA-graph replay per iteration "
+              "(CUDA), device = no host sync per iteration, loop = the plain PyTorch loop; auto = graph on CUDA, "
+              "device elsewhere (same schedule and batches whichever runs)", choices=ENGINES)
     p.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     p.add_argument("--out", required=True, help="quantized model file (.safetensors)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")

@@ -29,6 +29,7 @@ __all__ = [
     "adaround",
     "adaround_init",
     "rectified_sigmoid",
+    "rounding_regularizer",
     "grad_scale",
     "ADAROUND_ZETA",
     "ADAROUND_GAMMA",
@@ -301,6 +302,14 @@ def rectified_sigmoid(v: Tensor) -> Tensor:
     """AdaRound's soft rounding h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1), in plain torch:
     the formula ``adaround`` fuses (csrc/adaround.h), for statistics on V and for baselines."""
     return torch.clamp(torch.sigmoid(v) * (ADAROUND_ZETA - ADAROUND_GAMMA) + ADAROUND_GAMMA, 0, 1)
+
+
+def rounding_regularizer(v: Tensor, beta: Union[float, Tensor]) -> Tensor:
+    """AdaRound's R(V) = sum(1 - |2 h(V) - 1|^beta) in plain torch (float32 or wider), for a beta held in
+    a device tensor: a CUDA-graph-captured reconstruction step reads the annealed beta there, where
+    ``adaround``'s fused R takes beta as a host number fixed at capture."""
+    u = (2 * rectified_sigmoid(v if v.dtype == torch.float64 else v.float()) - 1).abs()
+    return (1 - u.pow(beta)).sum()
 
 
 def adaround_init(w: Tensor, scale: Union[float, Tensor], axis: Optional[int] = None) -> Tensor:

@@ -19,6 +19,7 @@ from dsg_ext.quantization import (
     AdaRoundConfig,
     QuantConfig,
 )
+from dsg_ext.quantization.engine import ENGINES
 from dsg_ext.synthesis import INITS, LAYER_WEIGHTINGS, METHODS, SynthesisConfig
 
 
@@ -84,6 +85,7 @@ def test_demo_defaults_are_demo_config():
 @pytest.mark.parametrize("command,flag,choices", [
     ("quantize", "--observer", tuple(OBSERVERS)), ("quantize", "--weight-observer", WEIGHT_OBSERVERS),
     ("quantize", "--placement", PLACEMENTS), ("quantize", "--reconstruct", RECONSTRUCTION_UNITS),
+    ("quantize", "--recon-engine", ENGINES),
     ("generate", "--method", METHODS), ("generate", "--init", INITS),
     ("generate", "--layer-weighting", LAYER_WEIGHTINGS), ("demo", "--observer", tuple(OBSERVERS)),
 ])
@@ -133,6 +135,15 @@ def _reconstruction_config(argv):
     args = cli.build_parser(None, cli.preset_in(argv, "quantize", "--reconstruction")).parse_args(argv)
     base = AdaRoundConfig.from_preset(args.reconstruction) if args.reconstruction else None
     return cli.config_from_args(args, AdaRoundConfig, base)
+
+
+def test_quantize_engine_option_and_graph_off_cuda_refused_before_work(tmp_path, capsys, monkeypatch):
+    assert _reconstruction_config(["--recon-engine", "loop"]) == AdaRoundConfig(engine="loop")
+    monkeypatch.setattr("dsg_ext.models.load_model", lambda *a, **k: pytest.fail("model loaded before the refusal"))
+    out = str(tmp_path / "q.safetensors")
+    assert cli.main(["quantize", "--model", "fashion-mnist-resnet20", "--real", "noise", "--out", out, "--adaround",
+                     "--recon-engine", "graph", "--device", "cpu"]) == 2
+    assert "engine 'graph' needs a CUDA device" in capsys.readouterr().err
 
 
 def test_quantize_reconstruction_preset_and_overrides():

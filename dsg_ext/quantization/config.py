@@ -9,6 +9,7 @@ from typing import Optional
 
 from .._validation import field_problems
 from ..errors import ConfigError
+from .engine import ENGINES
 from .observers import OBSERVERS
 from .qparams import WEIGHT_OBSERVERS
 
@@ -102,6 +103,10 @@ class AdaRoundConfig:
     act_scale_lr: float = 4e-5
     learn_weight_scale: bool = False  # the unit's weight scales learned jointly (lr weight_scale_lr)
     weight_scale_lr: float = 1e-4
+    # How the iterations run (quantization/engine.py): "loop" (plain PyTorch, BRECQ's way), "device"
+    # (no host sync per iteration), "graph" (device's step replayed from a CUDA graph), "auto" (graph on
+    # CUDA, device elsewhere). Same schedule and batches whichever runs.
+    engine: str = "auto"
 
     @classmethod
     def from_preset(cls, name: str, **fields) -> "AdaRoundConfig":
@@ -127,6 +132,8 @@ class AdaRoundConfig:
                             f"{self.beta_end}, {self.beta_start}")
         if self.unit not in RECONSTRUCTION_UNITS:
             problems.append(f"unit must be one of {RECONSTRUCTION_UNITS}, got {self.unit!r}")
+        if self.engine not in ENGINES:
+            problems.append(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if not 0 <= self.qdrop < 1:
             problems.append(f"qdrop must lie in [0, 1), got {self.qdrop}")
         if not (self.act_scale_lr > 0 and self.weight_scale_lr > 0):

@@ -47,7 +47,7 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("w_int", torch.empty(0, dtype=torch.int8))  # set by finalize()
         self.mode = WeightMode.FAKE
         self.v: Optional[nn.Parameter] = None
-        self.beta = 20.0
+        self.beta: "float | Tensor" = 20.0  # a 0-dim tensor when the reconstruction anneals it on the device
         self.last_reg: Optional[Tensor] = None
         self.rounding: RoundingFn = ops.adaround
         self.scale_param: Optional[nn.Parameter] = None  # learned jointly with the rounding (reconstruction)
@@ -66,6 +66,10 @@ class WeightQuantizer(nn.Module):
             return ((self.w_int.float() - self.zero_point.view(shape).float()) * self.scale.view(shape)).to(w.dtype)
         if self.mode is WeightMode.ADAROUND:
             scale = self.scale if self.scale_param is None else self.scale_param
+            if isinstance(self.beta, Tensor):  # beta on the device (reconstruction engines "device"/"graph")
+                w_q, _ = self.rounding(w, self.v, scale, self.zero_point, self.qmin, self.qmax, self.axis)
+                self.last_reg = ops.rounding_regularizer(self.v, self.beta)
+                return w_q
             w_q, self.last_reg = self.rounding(w, self.v, scale, self.zero_point, self.qmin, self.qmax,
                                                self.axis, beta=self.beta)
             return w_q

@@ -4,7 +4,6 @@ block by block -- the rounding of each unit's weights learned to reconstruct its
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -13,6 +12,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..errors import QuantizationError
 from .config import AdaRoundConfig
+from .engine import optimise_device, optimise_loop, reconstruction_loss, resolve_engine
 from .prepare import act_quantizers, batches, float_weight, weight_quantizers
 from .quantizers import ActQuantizer, WeightMode, WeightQuantizer
 
@@ -23,7 +23,8 @@ class _Stop(Exception):
 
 def _unit_inputs(model: nn.Module, unit_name: str, images: Tensor, batch_size: int, device: str,
                  kwargs_out: Optional[Dict[str, Any]] = None) -> Tensor:
-    """The inputs the layer (or block) receives (before its activation quantizer) for all images; the
+    """The inputs the layer (or block) receives (before its activation quantizer) for all images, kept
+    on ``device`` (computed once per unit; the reconstruction loop indexes them there); the
     forward stops there. Its other keyword arguments (non-tensors, e.g. a drop-connect rate) go to
     ``kwargs_out``; a module taking more than one tensor cannot be reconstructed on its own."""
     unit = model.get_submodule(unit_name)
@@ -33,7 +34,7 @@ def _unit_inputs(model: nn.Module, unit_name: str, images: Tensor, batch_size: i
         if len(inputs) != 1 or not isinstance(inputs[0], Tensor) or any(isinstance(v, Tensor) for v in kwargs.values()):
             raise QuantizationError(
                 f"{unit_name!r} takes more than one tensor input: it cannot be reconstructed on its own")
-        got.append(inputs[0].detach().cpu())
+        got.append(inputs[0].detach())
         if kwargs_out is not None:
             kwargs_out.update(kwargs)
         raise _Stop
@@ -52,12 +53,6 @@ def _unit_inputs(model: nn.Module, unit_name: str, images: Tensor, batch_size: i
     if not got:
         raise QuantizationError(f"{unit_name!r} is never reached by the forward pass")
     return torch.cat(got)
-
-
-def reconstruction_loss(out: Tensor, target: Tensor) -> Tensor:
-    """Squared error summed over channels (dim 1), mean over the rest (AdaRound/BRECQ)."""
-    d = (out - target).pow(2)
-    return d.sum(1).mean() if d.dim() > 1 else d.mean()
 
 
 def _loss_batched(unit: Callable[[Tensor], Tensor], x: Tensor, target: Tensor, batch_size: int = 64) -> float:
@@ -126,48 +121,20 @@ def _rounding_state(quantizers: Sequence[WeightQuantizer], weights: Sequence[Ten
     return undecided, changed
 
 
-def _optimise(unit, run, quantizers, groups, x_q: Tensor, target: Tensor, config: AdaRoundConfig,
-              gen: torch.Generator, device: str, step: Callable[[], None]) -> Tuple[Optional[float], float]:
-    """The reconstruction loop: Adam on the rounding variables (and the scales being learned), beta
-    annealed after the warm-up. Returns (loss of the first batch, seconds)."""
-    opt = torch.optim.Adam(groups)
-    warm = int(config.warmup * config.iterations)
-    start_loss = None
-    t0 = time.perf_counter()
-    for it in range(config.iterations):
-        idx = torch.randint(0, x_q.shape[0], (min(config.batch_size, x_q.shape[0]),), generator=gen).to(device)
-        if it < warm:
-            beta, lam = config.beta_start, 0.0
-        else:
-            frac = (it - warm) / max(1, config.iterations - warm)
-            beta, lam = config.beta_start + (config.beta_end - config.beta_start) * frac, config.reg_weight
-        for wq in quantizers:
-            wq.beta = beta
-        opt.zero_grad(set_to_none=True)
-        rec = reconstruction_loss(run(unit, x_q[idx]), target[idx])
-        loss = rec + lam * sum(wq.last_reg for wq in quantizers) if lam else rec
-        loss.backward()
-        opt.step()
-        if it == 0:
-            start_loss = float(rec.detach())
-        step()
-    seconds = time.perf_counter() - t0
-    return start_loss, seconds
-
-
 def _reconstruct_unit(qmodel: nn.Module, fp_model: nn.Module, unit_name: str, unit_layers: List[str],
                       images: Tensor, config: AdaRoundConfig, device: str, gen: torch.Generator,
-                      step: Callable[[], None]) -> Dict[str, Any]:
+                      step: Callable[[], None], engine: str) -> Dict[str, Any]:
     unit, fp_unit = qmodel.get_submodule(unit_name), fp_model.get_submodule(unit_name)
     wqs = weight_quantizers(qmodel)
     quantizers = [wqs[n] for n in unit_layers]
     originals = [float_weight(qmodel, n) for n in unit_layers]
     kw: Dict[str, Any] = {}
     x_fp = _unit_inputs(fp_model, unit_name, images, 64, device, kw)
-    x_q = _unit_inputs(qmodel, unit_name, images, 64, device)
     run = (lambda m, x: m(x, **kw)) if kw else (lambda m, x: m(x))
     with torch.no_grad():
-        target = torch.cat([run(fp_unit, x.to(device)).cpu() for x in batches(x_fp, 64)])
+        target = torch.cat([run(fp_unit, x) for x in batches(x_fp, 64)])
+    del x_fp
+    x_q = _unit_inputs(qmodel, unit_name, images, 64, device)
     acts = _unit_act_quantizers(qmodel, unit_name)
     for wq, w in zip(quantizers, originals):
         wq.start_adaround(w)
@@ -180,9 +147,12 @@ def _reconstruct_unit(qmodel: nn.Module, fp_model: nn.Module, unit_name: str, un
         drop_gen = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
         for aq in acts:
             aq.drop_prob, aq.drop_generator = config.qdrop, drop_gen
-    x_q, target = x_q.to(device), target.to(device)
     try:
-        start_loss, seconds = _optimise(unit, run, quantizers, groups, x_q, target, config, gen, device, step)
+        if engine == "loop":
+            start_loss, seconds = optimise_loop(unit, run, quantizers, groups, x_q, target, config, gen, device, step)
+        else:
+            start_loss, seconds = optimise_device(unit, run, quantizers, groups, x_q, target, config, gen, device,
+                                                  step, graph=engine == "graph")
     except BaseException:
         for q in (*quantizers, *acts):
             q.freeze_scale(keep=False)
@@ -219,7 +189,7 @@ def _reconstruct_unit(qmodel: nn.Module, fp_model: nn.Module, unit_name: str, un
     return {"layer": unit_name, "layers": unit_layers, "kind": "block" if unit_layers != [unit_name] else "layer",
             "rec_loss_nearest": nearest, "rec_loss_adaround": end_loss, "kept": kept,
             "undecided": undecided, "changed_vs_nearest": changed, "first_batch_loss": start_loss,
-            "seconds": seconds}
+            "seconds": seconds, "engine": engine}
 
 
 def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, config: Optional[AdaRoundConfig] = None,
@@ -249,6 +219,7 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, config: 
     config = (config or AdaRoundConfig()).validate()
     if blocks is None and config.unit == "block":
         blocks = find_blocks(qmodel)
+    engine = resolve_engine(config.engine, device)
     gen = torch.Generator().manual_seed(config.seed)
     units = _units(qmodel, layers, blocks)
     bar = None
@@ -261,7 +232,8 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, config: 
         if bar is not None:
             bar.set_postfix_str(f"{len(records) + 1}/{len(units)} {unit_name}")
         step = (lambda: bar.update(1)) if bar is not None else (lambda: None)
-        records.append(_reconstruct_unit(qmodel, fp_model, unit_name, unit_layers, images, config, device, gen, step))
+        records.append(_reconstruct_unit(qmodel, fp_model, unit_name, unit_layers, images, config, device, gen, step,
+                                         engine))
     if bar is not None:
         bar.close()
     return records

@@ -132,7 +132,8 @@ def test_interrupted_reconstruction_leaves_no_learnable_scale_or_dropping():
 
     config = Q.AdaRoundConfig(iterations=20, qdrop=0.5, learn_act_scale=True, learn_weight_scale=True)
     with pytest.raises(KeyboardInterrupt):
-        R._reconstruct_unit(q, model, "3", ["3"], calib, config, "cpu", torch.Generator().manual_seed(0), interrupt)
+        R._reconstruct_unit(q, model, "3", ["3"], calib, config, "cpu", torch.Generator().manual_seed(0), interrupt,
+                            "device")
     assert all(a.scale_param is None and a.drop_prob == 0 for a in Q.act_quantizers(q).values())
     assert all(w.scale_param is None for w in Q.weight_quantizers(q).values())
 
