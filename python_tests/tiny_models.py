@@ -76,3 +76,19 @@ class _SwitchesBnToTraining(nn.Module):
 def bn_training_net() -> nn.Module:
     """Its forward switches its BatchNorm layers to training mode."""
     return _SwitchesBnToTraining().eval()
+
+
+def residual_net() -> nn.Module:
+    """torchvision ResNet-18 (residual adds, downsample branches, max pool) with non-trivial BN statistics."""
+    import torchvision
+
+    torch.manual_seed(0)
+    m = torchvision.models.resnet18(num_classes=10).eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.normal_(1, 0.2)
+                mod.bias.normal_(0, 0.2)
+    return m

@@ -25,6 +25,23 @@ from ..errors import QuantizationError
 
 ENGINES = ("auto", "loop", "device", "graph")
 GRAPH_WARMUP = 3  # eager iterations on a side stream before capture (they are iterations of the schedule)
+# A learned scale is kept at or above this fraction of its starting value after every step: Adam moves a
+# parameter by about its learning rate per step whatever its size, and Genie's 1e-4 for weight scales
+# would drive EfficientNet-Lite0's smallest per-channel scales (~1e-5) negative within a few steps.
+SCALE_FLOOR = 0.01
+
+
+def scale_group(params: Sequence[Tensor], lr: float) -> dict:
+    """An Adam parameter group of learned scales, each with its floor (SCALE_FLOOR x its start)."""
+    return {"params": list(params), "lr": lr, "floor": [SCALE_FLOOR * p.detach().clone() for p in params]}
+
+
+@torch.no_grad()
+def project(opt: torch.optim.Optimizer) -> None:
+    """Clamps every learned scale to its floor (a projected step; device-side, no sync)."""
+    for group in opt.param_groups:
+        for p, floor in zip(group["params"], group.get("floor", ())):
+            torch.maximum(p, floor, out=p)
 
 
 def schedule(config, it: int) -> Tuple[float, float]:
@@ -76,6 +93,7 @@ def optimise_loop(unit, run, quantizers, groups, x_q: Tensor, target: Tensor, co
         loss = rec + lam * sum(wq.last_reg for wq in quantizers) if lam else rec
         loss.backward()
         opt.step()
+        project(opt)
         if it == 0:
             start_loss = float(rec.detach())
         step()
@@ -126,6 +144,7 @@ class DeviceStep:
         self.host_it += 1
         loss.backward()
         opt.step()
+        project(opt)
 
     def release(self) -> None:
         for wq in self.quantizers:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..errors import QuantizationError
 from .config import AdaRoundConfig
-from .engine import optimise_device, optimise_loop, reconstruction_loss, resolve_engine
+from .engine import optimise_device, optimise_loop, reconstruction_loss, resolve_engine, scale_group
 from .prepare import act_quantizers, batches, float_weight, weight_quantizers
 from .quantizers import ActQuantizer, WeightMode, WeightQuantizer
 
@@ -140,9 +140,9 @@ def _reconstruct_unit(qmodel: nn.Module, fp_model: nn.Module, unit_name: str, un
         wq.start_adaround(w)
     groups = [{"params": [wq.v for wq in quantizers], "lr": config.lr}]
     if config.learn_weight_scale:
-        groups.append({"params": [wq.learn_scale() for wq in quantizers], "lr": config.weight_scale_lr})
+        groups.append(scale_group([wq.learn_scale() for wq in quantizers], config.weight_scale_lr))
     if config.learn_act_scale and acts:
-        groups.append({"params": [aq.learn_scale() for aq in acts], "lr": config.act_scale_lr})
+        groups.append(scale_group([aq.learn_scale() for aq in acts], config.act_scale_lr))
     if config.qdrop:  # drawn only when used, so that the schedule without QDrop is unchanged
         drop_gen = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
         for aq in acts:

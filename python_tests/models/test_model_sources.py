@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import tiny_bn_net
+from tiny_models import residual_net, tiny_bn_net
 from torch import nn
 
 from dsg_ext import quantization as Q
@@ -17,22 +17,6 @@ from dsg_ext.models import load_model, model_identity
 from dsg_ext.synthesis import SynthesisConfig, synthesize_batch
 
 SIZE = 64  # ResNet-18 reaches 2x2 feature maps (per-sample statistics need more than one pixel)
-
-
-def residual_net() -> nn.Module:
-    """torchvision ResNet-18 (residual adds, downsample branches, max pool) with non-trivial BN statistics."""
-    import torchvision
-
-    torch.manual_seed(0)
-    m = torchvision.models.resnet18(num_classes=10).eval()
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.normal_(0, 0.5)
-                mod.running_var.uniform_(0.5, 2.0)
-                mod.weight.normal_(1, 0.2)
-                mod.bias.normal_(0, 0.2)
-    return m
 
 
 def _save(model: nn.Module, kind: str, path) -> str:

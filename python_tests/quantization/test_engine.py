@@ -129,3 +129,18 @@ def test_cuda_graph_replay_matches_the_device_engine(options):
     assert all(r["engine"] == "graph" for r in rec_graph)
     assert torch.equal(ints_dev, ints_loop)
     assert (ints_graph != ints_dev).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("engine_name", ["loop", "device"])
+def test_learned_scales_stay_above_their_floor(engine_name):
+    """Adam moves a parameter by ~lr per step whatever its size: a learning rate far above the scales
+    would make them negative (the op refuses that, CUDA would give NaN) without the projection."""
+    model, q, calib = calibrated()
+    start_w = {n: w.scale.clone() for n, w in Q.weight_quantizers(q).items()}
+    start_a = {n: a.scale.clone() for n, a in Q.act_quantizers(q).items()}
+    config = Q.AdaRoundConfig(iterations=30, learn_weight_scale=True, weight_scale_lr=1.0, learn_act_scale=True,
+                              act_scale_lr=1.0, keep_better=False, engine=engine_name)
+    Q.reconstruct(q, model, calib, config, progress=False)
+    for starts, quantizers in ((start_w, Q.weight_quantizers(q)), (start_a, Q.act_quantizers(q))):
+        for n, qz in quantizers.items():
+            assert bool((qz.scale >= engine.SCALE_FLOOR * starts[n] * (1 - 1e-6)).all()), n

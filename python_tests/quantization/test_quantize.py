@@ -267,7 +267,7 @@ def test_find_blocks_on_real_architectures():
 def test_block_reconstruction_rounds_a_residual_block_jointly():
     """BRECQ-style: both convolutions of a ResNet block rounded together to reconstruct the block's
     output (with its residual add and activation quantizers), never left worse than nearest rounding."""
-    from test_model_sources import residual_net
+    from tiny_models import residual_net
 
     model = residual_net()
     calib = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
