@@ -124,16 +124,26 @@ def load_manifest(directory: str) -> Optional[Dict[str, Any]]:
     return manifest
 
 
+_MISSING = object()
+
+
 def check_compatible(directory: str, manifest: Optional[Dict[str, Any]], identity: Dict[str, Any]) -> None:
     """Refuses to mix datasets: an existing DIR must have been made with the same settings."""
     if manifest is None:
         return
     for key, value in identity.items():
-        if manifest.get(key) != value:
-            raise DatasetError(
-                f"{directory} holds a dataset made with a different {key}:\n  existing: {manifest.get(key)}\n"
-                f"  requested: {value}\nuse another --out, or delete {directory} to start over"
-            )
+        have = manifest.get(key)
+        if have != value:
+            if isinstance(have, dict) and isinstance(value, dict):  # name the fields that differ
+                fields = sorted(set(have) | set(value), key=str)
+                shown = lambda d, f: repr(d[f]) if f in d else "not recorded"  # noqa: E731
+                diff = "; ".join(f"{f}: {shown(have, f)} there, {shown(value, f)} requested"
+                                 for f in fields if have.get(f, _MISSING) != value.get(f, _MISSING))
+                detail = f"\n  {diff}"
+            else:
+                detail = f"\n  existing: {have}\n  requested: {value}"
+            raise DatasetError(f"{directory} holds a dataset made with a different {key}:{detail}\n"
+                               f"use another --out, or delete {directory} to start over")
 
 
 def build_manifest(directory: str, identity: Dict[str, Any], num_batches: int, extra: Dict[str, Any]) -> Dict[str, Any]:

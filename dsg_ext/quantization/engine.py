@@ -196,6 +196,9 @@ def quantizers_generators(unit) -> List[torch.Generator]:
 
 def _capture(body: DeviceStep, opt: torch.optim.Optimizer, generators: Sequence[torch.Generator]):
     graph = torch.cuda.CUDAGraph()
+    if generators and not hasattr(graph, "register_generator_state"):
+        raise QuantizationError(f"this torch ({torch.__version__}) cannot replay QDrop's random draws in a CUDA graph "
+                                "(CUDAGraph.register_generator_state is missing): use engine 'device'")
     for g in generators:
         graph.register_generator_state(g)
     opt.zero_grad(set_to_none=True)  # the captured backward then writes (not accumulates) the gradients

@@ -17,6 +17,10 @@ CE_LABELS = ("random", "balanced")
 
 # Named presets (``dsg generate --recipe NAME``, ``SynthesisConfig.from_recipe``): SynthesisConfig fields
 # on top of the defaults. "paper-dsg" and "zeroq" are the papers' recipes.
+# Fields added after datasets were first written, with the value that reproduces the images made before
+# they existed (checked: byte-identical shards): a dataset whose manifest lacks one of them resumes when
+# the requested config has that value (synthesis/writer.py).
+LATER_FIELDS = {"crop_pad": 0, "flip": False, "smoothing": 0.0, "swing": False, "ce_labels": "random"}
 _BATCH_AUG = {"method": "batch", "crop_pad": 2, "flip": True, "smoothing": 0.5, "swing": True, "clamp_pixels": True}
 RECIPES = {
     "paper-dsg": {"method": "dsg"},

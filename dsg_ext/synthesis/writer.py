@@ -21,7 +21,7 @@ from ..data import store as dataset
 from ..errors import ConfigError
 from ..models import LoadedModel, load_model
 from ..models.spec import check_device, probe_model
-from .config import SynthesisConfig
+from .config import LATER_FIELDS, SynthesisConfig
 from .diversity import diversity
 from .loop import per_sample_statistics, synthesize_batch
 from .taps import batchnorm_layers
@@ -67,6 +67,17 @@ def dataset_identity(loaded: LoadedModel, config: SynthesisConfig, num_samples: 
         "image_shape": [config.channels, config.image_size, config.image_size],
         "input_normalization": {"mean": list(loaded.input.mean), "std": list(loaded.input.std)},
     }
+
+
+def _as_written(identity: Dict[str, Any], manifest: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """``identity`` in the form an existing dataset recorded it: config fields added after that dataset was
+    written (LATER_FIELDS) are left out while they hold the value that makes the same images."""
+    written = (manifest or {}).get("config")
+    if not isinstance(written, dict):
+        return identity
+    config = {k: v for k, v in identity["config"].items()
+              if k in written or k not in LATER_FIELDS or v != LATER_FIELDS[k]}
+    return {**identity, "config": config}
 
 
 def homogenization_summary(loaded: LoadedModel, images: torch.Tensor, device: str,
@@ -165,6 +176,7 @@ def generate(
     layer_names = [name for name, _ in layers]
     if info.main:
         existing = dataset.load_manifest(out) if os.path.isdir(out) else None
+        identity = _as_written(identity, existing)
         dataset.check_compatible(out, existing, identity)
         if _finished(out, existing, num_batches):
             if preview:
@@ -174,7 +186,9 @@ def generate(
         if existing is None:  # claim the directory before any shard exists, so a killed run resumes safely
             dataset.build_manifest(out, identity, num_batches, {"layers": layer_names})
     _barrier(info)
-    dataset.check_compatible(out, dataset.load_manifest(out), identity)
+    manifest = dataset.load_manifest(out)
+    identity = _as_written(identity, manifest)
+    dataset.check_compatible(out, manifest, identity)
 
     spec = loaded.input
     input_range = spec.valid_range()

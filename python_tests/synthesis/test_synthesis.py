@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -143,9 +144,30 @@ def test_generate_resume_corruption_and_config_guard(tmp_path):
     assert os.path.getmtime(os.path.join(out, dataset.shard_name(0))) == mtime0  # kept, not redone
     assert torch.equal(dataset.load_images(out), images)  # regenerated bitwise identically
 
-    # Another config against the same directory is refused.
-    with pytest.raises(dataset.DatasetError, match="different config"):
+    # Another config against the same directory is refused, naming the field.
+    with pytest.raises(dataset.DatasetError, match="different config:\n  iterations: "):
         generate(SOURCE, out, small_config(iterations=16), num_samples=14, show_progress=False)
+
+
+def test_dataset_written_before_later_fields_existed_resumes(tmp_path):
+    """A manifest without the fields added later (augmentation, swing, CE labels) was made with their
+    neutral values: it resumes when those are requested, and is refused, naming the field, otherwise."""
+    from dsg_ext.synthesis.config import LATER_FIELDS
+
+    out = str(tmp_path / "ds")
+    config = small_config(iterations=3)
+    generate(SOURCE, out, config, num_samples=14, show_progress=False)
+    images = dataset.load_images(out)
+    path = os.path.join(out, dataset.MANIFEST)
+    manifest = json.loads(open(path).read())
+    for field in LATER_FIELDS:
+        del manifest["config"][field]
+    open(path, "w").write(json.dumps(manifest))
+    os.unlink(os.path.join(out, dataset.record_name(1)))  # an unfinished shard, redone on resume
+    assert generate(SOURCE, out, config, num_samples=14, show_progress=False)["complete"]
+    assert torch.equal(dataset.load_images(out), images)
+    with pytest.raises(dataset.DatasetError, match="flip: not recorded there, True requested"):
+        generate(SOURCE, out, dataclasses.replace(config, flip=True), num_samples=14, show_progress=False)
 
 
 def test_foreign_manifest_refused(tmp_path):
