@@ -14,7 +14,8 @@ Every random draw comes from a generator seeded by the batch, so a batch is repr
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import contextlib
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -42,10 +43,8 @@ class Augmenter:
         self.kernel = gaussian_kernel(config.smoothing, channels, device) if config.smoothing > 0 else None
         self.active = False  # swing shifts only while a training view is being computed
         self._handles: List = []
-        if config.swing:
-            for m in model.modules():
-                if isinstance(m, nn.Conv2d) and max(m.stride) > 1:
-                    self._handles.append(m.register_forward_pre_hook(self._swing))
+        self._strided = [m for m in model.modules() if isinstance(m, nn.Conv2d) and max(m.stride) > 1] \
+            if config.swing else []
 
     @property
     def enabled(self) -> bool:
@@ -84,6 +83,21 @@ class Augmenter:
     def result(self, x: Tensor) -> Tensor:
         """The images synthesis hands out: the smoothed centre crop."""
         return self.view(x, train=False)
+
+    @contextlib.contextmanager
+    def training(self, train: bool = True) -> Iterator["Augmenter"]:
+        """The window of a training forward: swing's hooks are on the strided convolutions only inside
+        it, so nothing stays on the model whoever holds the Augmenter, and however the forward ends."""
+        if not train:
+            yield self
+            return
+        self._handles = [m.register_forward_pre_hook(self._swing) for m in self._strided]
+        self.active = True
+        try:
+            yield self
+        finally:
+            self.active = False
+            self.close()
 
     def __enter__(self) -> "Augmenter":
         return self

@@ -123,13 +123,9 @@ class SynthesisLoop:
         if config.channels_last:
             inp = inp.contiguous(memory_format=torch.channels_last)
         # Autocast's weight cache must be off while a graph is captured.
-        aug.active = train
-        try:
-            with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=config.autocast_bf16,
-                                cache_enabled=not self.use_graph):
-                logits = self.model(inp)
-        finally:
-            aug.active = False
+        with aug.training(train), torch.autocast(self.device_type, dtype=torch.bfloat16,
+                                                 enabled=config.autocast_bf16, cache_enabled=not self.use_graph):
+            logits = self.model(inp)
         mode = "batch" if self.batch_stats else "per_sample"
         input_term = bn_stat_slack_loss(x, self.zeros, self.ones, self.no_slack, self.no_slack, eps=1e-5,
                                         unbiased=config.unbiased, mode=mode).mean()

@@ -164,14 +164,18 @@ def test_swing_shifts_strided_convolution_inputs_only_while_training():
     strided = [m for m in model.modules() if isinstance(m, nn.Conv2d) and max(m.stride) > 1]
     seen = []
     x = torch.randn(2, 3, 12, 12)
-    with Augmenter(small_config(swing=True), model, 3, "cpu", seed=0) as aug:
-        # registered after the swing hook, so it sees what the convolution gets
-        strided[0].register_forward_pre_hook(lambda m, i: seen.append(i[0].clone()))
-        model(x)
-        aug.active = True
-        for _ in range(10):
+    aug = Augmenter(small_config(swing=True), model, 3, "cpu", seed=0)
+    model(x)
+    for _ in range(10):
+        with aug.training():
+            # registered after the swing hook, so it sees what the convolution gets
+            h = strided[0].register_forward_pre_hook(lambda m, i: seen.append(i[0].clone()))
             model(x)
-        aug.active = False
+            h.remove()
+        assert all(not m._forward_pre_hooks for m in strided)  # nothing left between training forwards
+    strided[0].register_forward_pre_hook(lambda m, i: seen.insert(0, i[0].clone()))
+    with aug.training(False):
+        model(x)
     plain = seen[0]
     assert all(s.shape == plain.shape for s in seen)
     assert any(not torch.equal(s, plain) for s in seen[1:])
@@ -235,3 +239,24 @@ def test_named_recipes():
     assert SynthesisConfig.from_recipe("zeroq", iterations=7).iterations == 7
     with pytest.raises(ConfigError, match="unknown synthesis recipe 'best'"):
         SynthesisConfig.from_recipe("best")
+
+
+def test_a_synthesis_loop_with_its_own_augmenter_leaves_no_hook_on_the_model():
+    """SynthesisLoop builds its own Augmenter when none is passed (benchmarks do): with swing on, the
+    hooks exist only during each training forward, so none stays on the model afterwards."""
+    from dsg_ext.synthesis.loop import SynthesisLoop
+    from dsg_ext.synthesis.taps import BatchNormTaps, batchnorm_layers
+
+    model = tiny_bn_net().eval()
+    config = small_config(swing=True, method="batch", iterations=3)
+    taps = BatchNormTaps(batchnorm_layers(model), unbiased=True, batch=True, per_sample=False)
+    images = torch.randn(4, 3, 12, 12)
+    strided = [m for m in model.modules() if isinstance(m, nn.Conv2d) and max(m.stride) > 1]
+    seen = []
+    with taps:
+        loop = SynthesisLoop(model, taps, images, torch.ones(4, len(taps.layers)), config, "cpu")
+        for _ in range(3):
+            seen.append(len(strided[0]._forward_pre_hooks))
+            loop.iterate()
+    assert strided and seen == [0, 0, 0]
+    assert not any(m._forward_pre_hooks for m in model.modules() if isinstance(m, nn.Conv2d))
