@@ -144,3 +144,27 @@ def test_learned_scales_stay_above_their_floor(engine_name):
     for starts, quantizers in ((start_w, Q.weight_quantizers(q)), (start_a, Q.act_quantizers(q))):
         for n, qz in quantizers.items():
             assert bool((qz.scale >= engine.SCALE_FLOOR * starts[n] * (1 - 1e-6)).all()), n
+
+
+@needs_cuda
+@pytest.mark.parametrize("engine_name", ["device", "graph"])
+def test_no_host_sync_between_iterations_on_cuda(engine_name):
+    """torch's sync debug mode set to "error" from the end of the first iteration (for the graph: of the
+    first replay; capturing it synchronises once) to the end of the last: any device-to-host wait inside
+    the loop raises."""
+    model, q, calib = calibrated("cuda")
+    R = importlib.import_module("dsg_ext.quantization.reconstruct")
+    config = Q.AdaRoundConfig(iterations=12, qdrop=0.5, learn_act_scale=True, learn_weight_scale=True)
+    calls = []
+
+    def step():
+        calls.append(1)
+        first = engine.GRAPH_WARMUP + 1 if engine_name == "graph" else 1
+        torch.cuda.set_sync_debug_mode("error" if first <= len(calls) < config.iterations else "default")
+
+    try:
+        record = R._reconstruct_unit(q, model, "3", ["3"], calib, config, "cuda", torch.Generator().manual_seed(0),
+                                     step, engine_name)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(calls) == config.iterations and record["engine"] == engine_name
