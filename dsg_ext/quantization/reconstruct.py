@@ -4,7 +4,7 @@ block by block -- the rounding of each unit's weights learned to reconstruct its
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +53,48 @@ def _unit_inputs(model: nn.Module, unit_name: str, images: Tensor, batch_size: i
     if not got:
         raise QuantizationError(f"{unit_name!r} is never reached by the forward pass")
     return torch.cat(got)
+
+
+def _chained_inputs(qmodel: nn.Module, fp_model: nn.Module, unit_name: str, images: Tensor, device: str,
+                    prev: Optional["_Carry"]) -> Optional[Tuple[Tensor, Tensor, Dict[str, Any]]]:
+    """(x_fp, x_q, keyword arguments) of ``unit_name`` from the previous unit's outputs -- its float
+    output (the previous target) and its quantized output on its quantized inputs, one unit forward
+    instead of the whole prefix -- when ``unit_name``'s input is the previous unit's output (a chain of
+    blocks), checked on the first images against the full forward of both models; else None."""
+    if prev is None:
+        return None
+    k = min(CHAIN_CHECK_IMAGES, images.shape[0])
+    kw: Dict[str, Any] = {}
+    head_fp = _unit_inputs(fp_model, unit_name, images[:k], k, device, kw)
+    if not _same(head_fp, prev.target[:k]):
+        return None
+    q_prev = qmodel.get_submodule(prev.name)
+    with torch.no_grad():
+        x_q = torch.cat([prev.run(q_prev, x) for x in batches(prev.x_q, 64)])
+    if not _same(_unit_inputs(qmodel, unit_name, images[:k], k, device), x_q[:k]):
+        return None
+    return prev.target, x_q, kw
+
+
+CHAIN_CHECK_IMAGES = 16
+
+
+class _Carry(NamedTuple):
+    """What the next unit may take its inputs from (engines other than the plain loop)."""
+
+    name: str
+    run: Callable
+    target: Tensor
+    x_q: Tensor
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """The same tensor up to float rounding (batch sizes change the summation order), not a different
+    computation (a module or a quantizer between the two units differs far more)."""
+    if a.shape != b.shape:
+        return False
+    scale = float(a.abs().max()) if a.numel() else 0.0
+    return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale))
 
 
 def _loss_batched(unit: Callable[[Tensor], Tensor], x: Tensor, target: Tensor, batch_size: int = 64) -> float:
@@ -123,18 +165,26 @@ def _rounding_state(quantizers: Sequence[WeightQuantizer], weights: Sequence[Ten
 
 def _reconstruct_unit(qmodel: nn.Module, fp_model: nn.Module, unit_name: str, unit_layers: List[str],
                       images: Tensor, config: AdaRoundConfig, device: str, gen: torch.Generator,
-                      step: Callable[[], None], engine: str) -> Dict[str, Any]:
+                      step: Callable[[], None], engine: str,
+                      prev: Optional[_Carry] = None) -> Tuple[Dict[str, Any], _Carry]:
+    """One unit reconstructed; with ``prev`` (the previous unit's outputs) its inputs come from them
+    where the units form a chain. Returns the record and what the next unit may take its inputs from."""
     unit, fp_unit = qmodel.get_submodule(unit_name), fp_model.get_submodule(unit_name)
     wqs = weight_quantizers(qmodel)
     quantizers = [wqs[n] for n in unit_layers]
     originals = [float_weight(qmodel, n) for n in unit_layers]
-    kw: Dict[str, Any] = {}
-    x_fp = _unit_inputs(fp_model, unit_name, images, 64, device, kw)
+    chained = _chained_inputs(qmodel, fp_model, unit_name, images, device, prev)
+    if chained is not None:
+        x_fp, x_q, kw = chained
+    else:
+        kw = {}
+        x_fp = _unit_inputs(fp_model, unit_name, images, 64, device, kw)
     run = (lambda m, x: m(x, **kw)) if kw else (lambda m, x: m(x))
     with torch.no_grad():
         target = torch.cat([run(fp_unit, x) for x in batches(x_fp, 64)])
     del x_fp
-    x_q = _unit_inputs(qmodel, unit_name, images, 64, device)
+    if chained is None:
+        x_q = _unit_inputs(qmodel, unit_name, images, 64, device)
     acts = _unit_act_quantizers(qmodel, unit_name)
     for wq, w in zip(quantizers, originals):
         wq.start_adaround(w)
@@ -189,7 +239,8 @@ def _reconstruct_unit(qmodel: nn.Module, fp_model: nn.Module, unit_name: str, un
     return {"layer": unit_name, "layers": unit_layers, "kind": "block" if unit_layers != [unit_name] else "layer",
             "rec_loss_nearest": nearest, "rec_loss_adaround": end_loss, "kept": kept,
             "undecided": undecided, "changed_vs_nearest": changed, "first_batch_loss": start_loss,
-            "seconds": seconds, "engine": engine}
+            "seconds": seconds, "engine": engine, "inputs": "chained" if chained is not None else "forward"}, \
+        _Carry(unit_name, run, target, x_q)
 
 
 def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, config: Optional[AdaRoundConfig] = None,
@@ -212,6 +263,10 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, config: 
         layers: only these quantized layers (default: all).
         blocks: module names to reconstruct jointly (overrides ``config.unit``'s detection).
 
+    Each unit's inputs (float and quantized) and targets are computed once and kept on ``device``. With
+    ``config.engine`` other than "loop" (BRECQ's way: the whole prefix of the model run again for every
+    unit), a unit whose input is the previous unit's output takes it from there (checked per unit).
+
     Returns:
         One record per layer or block: reconstruction loss with nearest and with learned rounding,
         which was kept, the fraction of undecided rounding variables, seconds.
@@ -227,13 +282,14 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, config: 
         from tqdm import tqdm
 
         bar = tqdm(total=len(units) * config.iterations, desc="AdaRound", unit="it", leave=False)
-    records = []
+    records, carry = [], None
     for unit_name, unit_layers in units:
         if bar is not None:
             bar.set_postfix_str(f"{len(records) + 1}/{len(units)} {unit_name}")
         step = (lambda: bar.update(1)) if bar is not None else (lambda: None)
-        records.append(_reconstruct_unit(qmodel, fp_model, unit_name, unit_layers, images, config, device, gen, step,
-                                         engine))
+        record, carry = _reconstruct_unit(qmodel, fp_model, unit_name, unit_layers, images, config, device, gen,
+                                          step, engine, carry if engine != "loop" else None)
+        records.append(record)
     if bar is not None:
         bar.close()
     return records

@@ -163,8 +163,39 @@ def test_no_host_sync_between_iterations_on_cuda(engine_name):
         torch.cuda.set_sync_debug_mode("error" if first <= len(calls) < config.iterations else "default")
 
     try:
-        record = R._reconstruct_unit(q, model, "3", ["3"], calib, config, "cuda", torch.Generator().manual_seed(0),
+        record, _ = R._reconstruct_unit(q, model, "3", ["3"], calib, config, "cuda", torch.Generator().manual_seed(0),
                                      step, engine_name)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len(calls) == config.iterations and record["engine"] == engine_name
+
+
+def test_chained_inputs_equal_the_full_forward_and_only_where_units_chain(monkeypatch):
+    """The device engines take a block's inputs from the previous block's outputs (one block forward
+    instead of the whole prefix) where the blocks form a chain: ResNet-18's blocks after the first of
+    each stage follow one another; the first block (after the max pool) and fc (after the average pool)
+    do not. The rounding is the one full-forward inputs give."""
+    from tiny_models import residual_net
+
+    R = importlib.import_module("dsg_ext.quantization.reconstruct")
+    model = residual_net()
+    calib = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+
+    def rounded(chain: bool):
+        q = Q.quantize_model(model, Q.QuantConfig(wbits=4, abits=8), calib[:2])
+        Q.calibrate(q, calib)
+        if not chain:
+            monkeypatch.setattr(R, "_chained_inputs", lambda *a: None)
+        records = Q.reconstruct(q, model, calib, Q.AdaRoundConfig(iterations=6, engine="device"), progress=False)
+        monkeypatch.undo()
+        return torch.cat([w.w_int.flatten().float() for w in Q.weight_quantizers(q).values()]), records
+
+    ints_chain, records = rounded(True)
+    ints_forward, records_forward = rounded(False)
+    how = {r["layer"]: r["inputs"] for r in records}
+    assert how["conv1"] == how["layer1.0"] == how["fc"] == "forward"
+    assert how["layer1.1"] == how["layer2.0"] == how["layer4.1"] == "chained"
+    assert all(r["inputs"] == "forward" for r in records_forward)
+    assert (ints_chain == ints_forward).float().mean() > 0.999
+    for a, b in zip(records, records_forward):
+        assert a["rec_loss_adaround"] == pytest.approx(b["rec_loss_adaround"], rel=1e-3)
