@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -77,9 +78,9 @@ def _synchronize(device: str) -> None:
 
 
 def optimise_loop(unit, run, quantizers, groups, x_q: Tensor, target: Tensor, config, gen: torch.Generator,
-                  device: str, step: Callable[[], None]) -> Tuple[Optional[float], float]:
+                  device: str, step: Callable[[], None]) -> Tuple[Optional[float], float, str]:
     """The plain loop: Adam on the rounding variables (and the scales being learned). Returns (loss of
-    the first batch, seconds)."""
+    the first batch, seconds, "loop")."""
     opt = torch.optim.Adam(groups)
     start_loss = None
     t0 = time.perf_counter()
@@ -98,7 +99,7 @@ def optimise_loop(unit, run, quantizers, groups, x_q: Tensor, target: Tensor, co
             start_loss = float(rec.detach())
         step()
     _synchronize(device)
-    return start_loss, time.perf_counter() - t0
+    return start_loss, time.perf_counter() - t0, "loop"
 
 
 class DeviceStep:
@@ -152,10 +153,12 @@ class DeviceStep:
 
 
 def optimise_device(unit, run, quantizers, groups, x_q: Tensor, target: Tensor, config, gen: torch.Generator,
-                    device: str, step: Callable[[], None], graph: bool,
-                    resident: Optional[bool] = None) -> Tuple[Optional[float], float]:
+                    device: str, step: Callable[[], None], graph: bool, fallback: bool = False,
+                    resident: Optional[bool] = None) -> Tuple[Optional[float], float, str]:
     """The ``device`` engine, or with ``graph`` the same step replayed from a CUDA graph (``resident``,
-    default ``graph``: the step reads its schedule on the device, as captured; tests run it eagerly)."""
+    default ``graph``: the step reads its schedule on the device, as captured; tests run it eagerly).
+    ``fallback`` (engine "auto"): a step that cannot be captured runs on eagerly, with a warning.
+    Returns (loss of the first batch, seconds, the engine that ran)."""
     t0 = time.perf_counter()
     on_cuda = torch.device(device).type == "cuda"
     # capturable: Adam keeps its step count on the device (needed in a graph, and no host sync)
@@ -163,7 +166,7 @@ def optimise_device(unit, run, quantizers, groups, x_q: Tensor, target: Tensor, 
     body = DeviceStep(unit, run, quantizers, x_q, target, config, gen, device, graph if resident is None else resident)
     try:
         eager = config.iterations if not graph else min(config.iterations, GRAPH_WARMUP)
-        stream = torch.cuda.Stream(device) if graph else None
+        stream = torch.cuda.Stream(device) if graph and on_cuda else None  # warm-up off the capture stream
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
@@ -173,13 +176,25 @@ def optimise_device(unit, run, quantizers, groups, x_q: Tensor, target: Tensor, 
                 step()
         if stream is not None:
             torch.cuda.current_stream(device).wait_stream(stream)
+        ran = "graph" if graph else "device"
         if eager < config.iterations:
-            g = _capture(body, opt, quantizers_generators(unit))
+            try:
+                g = _capture(body, opt, quantizers_generators(unit))
+            except QuantizationError as e:
+                if not fallback:
+                    raise
+                warnings.warn(f"{e}; this unit runs on with the device engine", stacklevel=2)
+                g, ran = None, "device"
+                opt.zero_grad(set_to_none=True)
             for _ in range(config.iterations - eager):
-                g.replay()
+                if g is not None:
+                    g.replay()
+                else:  # the captured step's body, eagerly (its state is on the device: it resumes exactly)
+                    opt.zero_grad(set_to_none=True)
+                    body(opt)
                 step()
         _synchronize(device)
-        return float(body.first_loss), time.perf_counter() - t0
+        return float(body.first_loss), time.perf_counter() - t0, ran
     finally:
         body.release()
 

@@ -199,10 +199,12 @@ def _reconstruct_unit(qmodel: nn.Module, fp_model: nn.Module, unit_name: str, un
             aq.drop_prob, aq.drop_generator = config.qdrop, drop_gen
     try:
         if engine == "loop":
-            start_loss, seconds = optimise_loop(unit, run, quantizers, groups, x_q, target, config, gen, device, step)
+            start_loss, seconds, ran = optimise_loop(unit, run, quantizers, groups, x_q, target, config, gen, device,
+                                                     step)
         else:
-            start_loss, seconds = optimise_device(unit, run, quantizers, groups, x_q, target, config, gen, device,
-                                                  step, graph=engine == "graph")
+            start_loss, seconds, ran = optimise_device(unit, run, quantizers, groups, x_q, target, config, gen,
+                                                       device, step, graph=engine == "graph",
+                                                       fallback=config.engine == "auto")
     except BaseException:
         for q in (*quantizers, *acts):
             q.freeze_scale(keep=False)
@@ -239,7 +241,7 @@ def _reconstruct_unit(qmodel: nn.Module, fp_model: nn.Module, unit_name: str, un
     return {"layer": unit_name, "layers": unit_layers, "kind": "block" if unit_layers != [unit_name] else "layer",
             "rec_loss_nearest": nearest, "rec_loss_adaround": end_loss, "kept": kept,
             "undecided": undecided, "changed_vs_nearest": changed, "first_batch_loss": start_loss,
-            "seconds": seconds, "engine": engine, "inputs": "chained" if chained is not None else "forward"}, \
+            "seconds": seconds, "engine": ran, "inputs": "chained" if chained is not None else "forward"}, \
         _Carry(unit_name, run, target, x_q)
 
 

@@ -199,3 +199,22 @@ def test_chained_inputs_equal_the_full_forward_and_only_where_units_chain(monkey
     assert (ints_chain == ints_forward).float().mean() > 0.999
     for a, b in zip(records, records_forward):
         assert a["rec_loss_adaround"] == pytest.approx(b["rec_loss_adaround"], rel=1e-3)
+
+
+def test_auto_engine_runs_on_eagerly_when_the_step_cannot_be_captured(monkeypatch):
+    """engine "auto": a capture failure warns and the unit goes on with the captured step's body,
+    eagerly, from where the warm-up left it; engine "graph" asked for explicitly raises."""
+    R = importlib.import_module("dsg_ext.quantization.reconstruct")
+
+    def cannot(*_a):
+        raise QuantizationError("the reconstruction step could not be captured in a CUDA graph (test)")
+
+    monkeypatch.setattr(engine, "_capture", cannot)
+    monkeypatch.setattr(R, "resolve_engine", lambda name, device: "graph" if name in ("auto", "graph") else name)
+    with pytest.warns(UserWarning, match="runs on with the device engine"):
+        ints, records = run("auto")
+    assert all(r["engine"] == "device" for r in records)
+    ints_loop, _ = run("loop")
+    assert (ints != ints_loop).float().mean() < 0.01
+    with pytest.raises(QuantizationError, match="could not be captured"):
+        run("graph")
