@@ -121,6 +121,7 @@ class DeviceStep:
             self.it = torch.zeros((), dtype=torch.int64, device=device)
             self.first_loss = torch.zeros((), dtype=torch.float32, device=device)
         self.unit, self.run, self.quantizers, self.x_q, self.target = unit, run, list(quantizers), x_q, target
+        self._betas = [wq.beta for wq in self.quantizers]  # restored by release()
 
     def __call__(self, opt: torch.optim.Optimizer) -> None:
         if self.resident:
@@ -148,8 +149,8 @@ class DeviceStep:
         project(opt)
 
     def release(self) -> None:
-        for wq in self.quantizers:
-            wq.beta = 20.0
+        for wq, beta in zip(self.quantizers, self._betas):
+            wq.beta = beta
 
 
 def optimise_device(unit, run, quantizers, groups, x_q: Tensor, target: Tensor, config, gen: torch.Generator,
