@@ -135,6 +135,17 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None,
     return qmodel
 
 
+def float_reference(qmodel: nn.Module, fp_model: nn.Module) -> nn.Module:
+    """The float model whose layers correspond to ``qmodel``'s one to one: ``fp_model`` itself, or a
+    BN-folded copy of it when ``qmodel`` was built with ``fold_bn`` (an unfolded convolution's output
+    is its BatchNorm's input, not the folded layer's output)."""
+    if not getattr(qmodel, "dsg_quant_config", {}).get("fold_bn"):
+        return fp_model
+    folded = copy.deepcopy(fp_model).eval()
+    fold_batchnorm(folded)
+    return folded
+
+
 def weight_quantizers(qmodel: nn.Module) -> Dict[str, WeightQuantizer]:
     return {name: qmodel.get_submodule(name).parametrizations.weight[0] for name in qmodel.dsg_quant_order}
 

@@ -13,7 +13,7 @@ from .. import ops
 from ..errors import QuantizationError
 from .config import AdaRoundConfig
 from .engine import optimise_device, optimise_loop, reconstruction_loss, resolve_engine, scale_group
-from .prepare import act_quantizers, batches, float_weight, weight_quantizers
+from .prepare import act_quantizers, batches, float_reference, float_weight, weight_quantizers
 from .quantizers import ActQuantizer, WeightMode, WeightQuantizer
 
 
@@ -256,7 +256,8 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, config: 
 
     Args:
         qmodel: a calibrated model from ``quantize_model``; its weights are rounded in place.
-        fp_model: the float model it was made from (the reconstruction targets).
+        fp_model: the float model it was made from (the reconstruction targets; folded like ``qmodel``
+            when that was built with ``fold_bn``).
         images: calibration images, (N, C, H, W) in the model's normalised input space.
         config: the schedule (default ``AdaRoundConfig()``: the paper's 10k iterations per layer);
             ``config.unit == "block"`` reconstructs the blocks ``find_blocks`` detects.
@@ -274,6 +275,7 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, config: 
         which was kept, the fraction of undecided rounding variables, seconds.
     """
     config = (config or AdaRoundConfig()).validate()
+    fp_model = float_reference(qmodel, fp_model)
     if blocks is None and config.unit == "block":
         blocks = find_blocks(qmodel)
     engine = resolve_engine(config.engine, device)

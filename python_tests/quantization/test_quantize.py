@@ -247,6 +247,20 @@ def test_adaround_never_left_worse_than_nearest_rounding(keep_better):
     assert "too short" in Q.reconstruction_summary([settled] * 2 + [dict(r2, undecided=0.9)] * 2)[1]
 
 
+def test_reconstruction_of_a_bn_folded_model_targets_the_folded_float_layers():
+    """With fold_bn the quantized convolution computes conv+BN: its target is the folded float layer,
+    not the unfolded convolution's output (BN's input). At 8 bits nearest rounding then reconstructs
+    the layer about as well as without folding."""
+    model, calib = tiny_bn_net(), images(32, seed=5)
+    losses = {}
+    for fold in (False, True):
+        q = Q.quantize_model(model, Q.QuantConfig(wbits=8, abits=None, first_last_bits=None, fold_bn=fold), calib[:2])
+        (r,) = Q.reconstruct(q, model, calib, Q.AdaRoundConfig(iterations=20), progress=False, layers=["3"])
+        losses[fold] = r["rec_loss_nearest"]
+    assert losses[True] < 3 * losses[False]
+    assert Q.float_reference(Q.quantize_model(model, Q.QuantConfig(), calib[:2]), model) is model
+
+
 def test_find_blocks_on_real_architectures():
     import torchvision
 
