@@ -117,8 +117,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         print(line)
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
+    corrections = quant.correct_bias(qmodel, fp, images, device=args.device) if args.bias_correction else None
+    if corrections:
+        print(f"bias correction: {len(corrections)} layers, mean shift "
+              f"{sum(r['relative'] for r in corrections) / len(corrections):.1%} of the float output means")
     quant.save_quantized(qmodel, args.out, args.model, loaded.identity,
                          {"calibration": described, "calibration_images": int(images.shape[0]),
+                          "bias_correction": corrections,
                           "adaround": dataclasses.asdict(ada) if ada else None,
                           "reconstruct": ada.unit if ada else None, "adaround_layers": records})
     print(f"{args.out}: {config.label()} {args.model}, calibrated on {images.shape[0]} images ({described})"

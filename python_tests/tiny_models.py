@@ -78,6 +78,21 @@ def bn_training_net() -> nn.Module:
     return _SwitchesBnToTraining().eval()
 
 
+def bias_free_net() -> nn.Module:
+    """Convolutions and a Linear head without biases (bias correction must add them); same weights on every call."""
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 6, 3, stride=2, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5, bias=False))
+        with torch.no_grad():
+            for mod in m.modules():
+                if isinstance(mod, nn.BatchNorm2d):
+                    mod.running_mean.normal_(0, 0.5)
+                    mod.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
 def residual_net() -> nn.Module:
     """torchvision ResNet-18 (residual adds, downsample branches, max pool) with non-trivial BN statistics."""
     import torchvision

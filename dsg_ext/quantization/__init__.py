@@ -1,12 +1,13 @@
 """Quantization, in the order a user applies it: ``quantize_model`` (build a fake-quantized copy) ->
 ``calibrate`` (activation ranges from images) -> ``reconstruct`` (AdaRound / BRECQ rounding,
-optional) -> ``save_quantized`` / ``load_quantized`` (the native safetensors file).
+optional) -> ``correct_bias`` (optional) -> ``save_quantized`` / ``load_quantized`` (the native safetensors file).
 
 Rooms: config (options), qparams (scale / zero-point math), observers (activation range rules),
 quantizers (the weight and activation quantizer modules), prepare (builder, BN folding,
-calibration), reconstruct (AdaRound, BRECQ), serialization (the file format).
+calibration), reconstruct (AdaRound, BRECQ), bias_correction, serialization (the file format).
 """
 
+from .bias_correction import correct_bias
 from .config import PLACEMENTS, RECONSTRUCTION_PRESETS, RECONSTRUCTION_UNITS, AdaRoundConfig, QuantConfig
 from .observers import OBSERVERS, EmaObserver, MinMaxObserver, MseObserver, Observer, PercentileObserver
 from .prepare import (
@@ -29,7 +30,7 @@ from .serialization import FORMAT_VERSION, load_quantized, read_quantized, save_
 __all__ = [
     "PLACEMENTS", "RECONSTRUCTION_PRESETS", "RECONSTRUCTION_UNITS", "AdaRoundConfig", "QuantConfig",
     "OBSERVERS", "WEIGHT_OBSERVERS", "Observer", "MinMaxObserver", "EmaObserver", "PercentileObserver", "MseObserver",
-    "act_quantizers", "batches", "calibrate", "execution_order", "finalize_weights", "float_weight",
+    "correct_bias", "act_quantizers", "batches", "calibrate", "execution_order", "finalize_weights", "float_weight",
     "float_reference", "fold_batchnorm", "quantize_model", "weight_quantizers",
     "mse_search", "quant_range", "range_to_qparams", "weight_qparams",
     "ActQuantizer", "WeightMode", "WeightQuantizer",

@@ -151,9 +151,13 @@ def load_quantized(model: nn.Module, path: str, identity: str, example: Optional
             layer = qmodel.get_submodule(name)
             if f"{name}.bias" in tensors:
                 bias = tensors[f"{name}.bias"]
-                if layer.bias is None or bias.shape != layer.bias.shape or not bias.is_floating_point() \
+                expected = (w.shape[0],) if layer.bias is None else tuple(layer.bias.shape)
+                if tuple(bias.shape) != expected or not bias.is_floating_point() \
                         or not bool(torch.isfinite(bias).all()):
                     raise QuantizedFileError(f"{path}: layer {name!r} has a bias that does not fit or is not finite")
+                if layer.bias is None:  # added by the bias correction
+                    layer.bias = nn.Parameter(torch.zeros(expected, dtype=w.dtype, device=w.device),
+                                              requires_grad=False)
                 layer.bias.copy_(bias)
         for name, aq in act_quantizers(qmodel).items():
             scale = _tensor(tensors, f"{name}.act_scale", path)
