@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, default=100, help="synthesis iterations")
     p.add_argument("--bits", default="W8A8,W6A6,W4A8,W4A4")
     p.add_argument("--observer", default="minmax")
+    p.add_argument("--weight-observer", default="minmax")
+    p.add_argument("--bias-correction", action="store_true",
+                   help="also measure each cell after empirical bias correction on the same source")
     p.add_argument("--reconstruction", default=None, help="a named reconstruction, run on every source and bit setting")
     p.add_argument("--recon-iterations", type=int, default=None)
     p.add_argument("--device", default="cpu")
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
     sources = {"real photos": photos.photo_crops(spec, 8, names[::2], seed=2)[: args.samples],
                "noise": calibration.gaussian_noise(spec, args.samples, args.seed)}
     timings = {}
-    for name in args.recipes.split(","):
+    for name in filter(None, args.recipes.split(",")):
         config = recipe_config(name, args.iterations, args.batch, args.seed, spec.image_size, spec.channels)
         t = time.perf_counter()
         sources[name] = synthesize(fp, config, args.samples, device=args.device, input_range=input_range)
@@ -71,7 +74,8 @@ def main(argv=None) -> int:
                "classes": d["classes_predicted"], "outside": d["pixels_outside_valid_range"],
                "synthesis_s": timings.get(name), "bits": {}}
         for wbits, abits in parse_bits(args.bits):
-            q = quant.quantize_model(fp, quant.QuantConfig(wbits=wbits, abits=abits, observer=args.observer),
+            q = quant.quantize_model(fp, quant.QuantConfig(wbits=wbits, abits=abits, observer=args.observer,
+                                                       weight_observer=args.weight_observer),
                                      images[:2].to(args.device))
             quant.calibrate(q, images, device=args.device)
             cell = {}
@@ -85,12 +89,17 @@ def main(argv=None) -> int:
                 cell["reconstructed"] = fidelity(fp, qr, eval_x)
             quant.finalize_weights(q)
             cell["calibration"] = fidelity(fp, q, eval_x)
+            if args.bias_correction:
+                quant.correct_bias(q, fp, images, device=args.device)
+                cell["bias_corrected"] = fidelity(fp, q, eval_x)
             row["bits"][f"W{wbits}A{abits}"] = cell
             recon = cell.get("reconstructed")
             print(f"{name:12s} W{wbits}A{abits}: calibration {cell['calibration']['top1_agreement']:.1f}% "
                   f"(KL {cell['calibration']['mean_kl']:.3f})"
                   + (f", {args.reconstruction} {recon['top1_agreement']:.1f}% (KL {recon['mean_kl']:.3f})"
-                     if recon else ""), flush=True)
+                     if recon else "")
+                  + (f", bias-corrected {cell['bias_corrected']['top1_agreement']:.1f}% "
+                     f"(KL {cell['bias_corrected']['mean_kl']:.3f})" if "bias_corrected" in cell else ""), flush=True)
         rows.append(row)
         print(f"| {name} | spread {row['spread']:.3f} ({row['spread_vs_photos']:.2f}x photos) | "
               f"{row['classes']} classes of 1000 | {100 * row['outside']:.1f}% pixels outside |", flush=True)
