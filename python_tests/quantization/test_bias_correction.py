@@ -127,3 +127,9 @@ def test_cli_bias_correction(tmp_path):
     r = dsg("eval", "--model", "tiny_models:bias_free_net", "--quantized", out, "--data", str(tmp_path / "imgs"),
             "--image-size", "16")
     assert r.returncode == 0, r.stderr
+    # the added biases reach the deployed file: onnxruntime computes what our model does
+    r = dsg("export", "--model", "tiny_models:bias_free_net", "--quantized", out, "--image-size", "16",
+            "--out", str(tmp_path / "q.onnx"))
+    assert r.returncode == 0, r.stderr
+    diff = float(r.stdout.split("max |logit diff|")[1].split()[0])
+    assert diff < 1e-4, r.stdout
