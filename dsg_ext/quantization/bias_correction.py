@@ -18,16 +18,20 @@ from ..errors import ConfigError, InvalidDataError
 from .prepare import float_reference
 
 
-def _channel_mean(out: Tensor, name: str) -> Tensor:
-    """Mean per output channel: dim 1 of a convolution's (N, C, ...) output, the last dim of a Linear's."""
+def _channel_dim(layer: nn.Module) -> int:
+    """A convolution's output channels are dim 1 of (N, C, ...); a Linear's are its last dim (any rank)."""
+    return -1 if isinstance(layer, nn.Linear) else 1
+
+
+def _channel_mean(out: Tensor, layer: nn.Module, name: str) -> Tensor:
     if not isinstance(out, Tensor) or out.dim() < 2:
         raise ConfigError(f"layer {name!r} does not return a batch of channels: cannot correct its bias")
-    dims = [d for d in range(out.dim()) if d != (1 if out.dim() > 2 else out.dim() - 1)]
-    return out.double().mean(dim=dims)
+    c = _channel_dim(layer) % out.dim()
+    return out.double().mean(dim=[d for d in range(out.dim()) if d != c])
 
 
-def _broadcast(delta: Tensor, out: Tensor) -> Tensor:
-    return delta.view(1, -1, *([1] * (out.dim() - 2))) if out.dim() > 2 else delta
+def _broadcast(delta: Tensor, out: Tensor, layer: nn.Module) -> Tensor:
+    return delta if _channel_dim(layer) == -1 else delta.view(1, -1, *([1] * (out.dim() - 2)))
 
 
 @torch.no_grad()
@@ -63,9 +67,9 @@ def correct_bias(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, max_ima
     target: Dict[str, Tensor] = {}
 
     def record(name):
-        def hook(_m, _inputs, out):
+        def hook(m, _inputs, out):
             if name not in target:  # a layer called twice: its first call
-                target[name] = _channel_mean(out, name)
+                target[name] = _channel_mean(out, m, name)
         return hook
 
     handles = [fp_modules[n].register_forward_hook(record(n)) for n in order]
@@ -75,12 +79,13 @@ def correct_bias(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, max_ima
         for h in handles:
             h.remove()
     records: List[Dict[str, float]] = []
+    done = set()
 
     def correct(name):
         def hook(layer, _inputs, out):
-            if name not in target or any(r["layer"] == name for r in records):
+            if name not in target or name in done:
                 return None
-            mean = _channel_mean(out, name)
+            mean = _channel_mean(out, layer, name)
             if mean.shape != target[name].shape:
                 raise ConfigError(f"layer {name!r} has {mean.numel()} output channels here, {target[name].numel()} "
                                   "in the float model: not the model this one was made from")
@@ -91,9 +96,10 @@ def correct_bias(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, max_ima
                 layer.bias = nn.Parameter(torch.zeros_like(delta), requires_grad=False)
             layer.bias.add_(delta.to(layer.bias.dtype))
             scale = float(target[name].abs().mean())
+            done.add(name)
             records.append({"layer": name, "max_abs": float(delta.abs().max()), "mean_abs": float(delta.abs().mean()),
                             "relative": float(delta.abs().mean()) / scale if scale > 0 else 0.0})
-            return out + _broadcast(delta, out)
+            return out + _broadcast(delta, out, layer)
         return hook
 
     handles = [qmodel.get_submodule(n).register_forward_hook(correct(n)) for n in order]
