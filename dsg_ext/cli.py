@@ -24,7 +24,7 @@ from .cli_options import (
     recipe_in,
 )
 from .cli_parsers import TRUST_HELP, add_generate_parser, add_model_options, add_quantize_parser
-from .errors import DsgError
+from .errors import DsgError, QuantizationError
 
 # --------------------------------------------------------------------------------------------
 # Commands
@@ -117,18 +117,39 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         print(line)
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
-    corrections = quant.correct_bias(qmodel, fp, images, device=args.device) if args.bias_correction else None
-    if corrections:
-        print(f"bias correction: {len(corrections)} layers, mean shift "
-              f"{sum(r['relative'] for r in corrections) / len(corrections):.1%} of the float output means")
+    corrections, failed = _bias_correction(args, quant, qmodel, fp, images, keep=ada is not None)
     quant.save_quantized(qmodel, args.out, args.model, loaded.identity,
                          {"calibration": described, "calibration_images": int(images.shape[0]),
-                          "bias_correction": corrections,
+                          "bias_correction": corrections, "bias_correction_failed": str(failed) if failed else None,
                           "adaround": dataclasses.asdict(ada) if ada else None,
                           "reconstruct": ada.unit if ada else None, "adaround_layers": records})
     print(f"{args.out}: {config.label()} {args.model}, calibrated on {images.shape[0]} images ({described})"
           + (f", AdaRound {ada.iterations} iterations per {ada.unit}" if ada else ""))
+    if isinstance(failed, KeyboardInterrupt):
+        raise failed
+    if failed:
+        raise QuantizationError(f"bias correction failed ({failed}); the reconstructed model was saved without it "
+                                f"to {args.out}")
     return 0
+
+
+def _bias_correction(args, quant, qmodel, fp, images, keep: bool):
+    """``--bias-correction``: (records, None), or -- when ``keep`` (a reconstruction finished before it) and
+    the correction fails or is interrupted -- (None, the error), the model left uncorrected so that the
+    finished reconstruction is still saved."""
+    import torch
+
+    if not args.bias_correction:
+        return None, None
+    try:
+        corrections = quant.correct_bias(qmodel, fp, images, device=args.device)
+    except (DsgError, torch.OutOfMemoryError, KeyboardInterrupt) as e:
+        if not keep:
+            raise
+        return None, e
+    print(f"bias correction: {len(corrections)} layers, mean shift "
+          f"{sum(r['relative'] for r in corrections) / len(corrections):.1%} of the float output means")
+    return corrections, None
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -277,6 +298,8 @@ def _add_demo(sub) -> None:
     _option(p, "--reconstruct-max-wbits", D, "reconstruct_max_wbits", "reconstruct only bit settings with at most "
             "this many weight bits (8 = all)")
     _option(p, "--device", D, "device", "where to run", type=_device)
+    _option(p, "--bias-correction", D, "bias_correction", "also correct the biases (empirical bias correction) after "
+            "calibration and after reconstruction")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 

@@ -53,6 +53,7 @@ class DemoConfig:
     # min/max ranges: sensitive to what the calibration images look like, so the sources differ
     # (with "mse" every source, even noise, lands within ~1 point of FP32 on this network at W4A4).
     observer: str = "minmax"
+    bias_correction: bool = False  # empirical bias correction (quantization.correct_bias) last, in both columns
     seed: int = 0
 
 
@@ -127,11 +128,15 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> Dict[str, Any
             quant.calibrate(q, images, device=cfg.device)
             q_ada = copy.deepcopy(q)  # same activation ranges; reconstruction then rounds its weights
             quant.finalize_weights(q)
+            if cfg.bias_correction:
+                quant.correct_bias(q, fp, images, device=cfg.device)
             plain_acc = accuracy(q)
             t_ada = time.perf_counter()
             ada_acc = None
             if wbits <= cfg.reconstruct_max_wbits:
                 quant.reconstruct(q_ada, fp, images, ada, device=cfg.device, progress=False)
+                if cfg.bias_correction:
+                    quant.correct_bias(q_ada, fp, images, device=cfg.device)
                 ada_acc = accuracy(q_ada)
             ada_s = time.perf_counter() - t_ada
             row = {"bits": qconf.label(), "source": source, "calibration": plain_acc, "adaround": ada_acc,
@@ -178,7 +183,8 @@ def format_table(result: Dict[str, Any]) -> str:
     cell = {(r["bits"], r["source"]): r for r in rows}
     lines = [f"top-1 % on {result['eval_images']} Fashion-MNIST test images (FP32 {result['fp32_top1']:.2f}); "
              f"each cell: plain calibration / reconstruction ({result['config'].get('reconstruction', 'adaround')}, "
-             f"{result['config']['adaround_iterations']} iterations per layer or block)"]
+             f"{result['config']['adaround_iterations']} iterations per layer or block)"
+             + (", both bias-corrected" if result["config"].get("bias_correction") else "")]
     lines.append(f"{'bits':8s}" + "".join(f"{s:>18s}" for s in sources))
     for b in bits:
         lines.append(f"{b:8s}" + "".join(

@@ -133,3 +133,42 @@ def test_cli_bias_correction(tmp_path):
     assert r.returncode == 0, r.stderr
     diff = float(r.stdout.split("max |logit diff|")[1].split()[0])
     assert diff < 1e-4, r.stdout
+
+
+@pytest.mark.parametrize("error", [InvalidDataError("the output mean is not finite"), KeyboardInterrupt()])
+def test_a_failed_bias_correction_after_reconstruction_keeps_the_reconstructed_model(tmp_path, monkeypatch, capsys,
+                                                                                     error):
+    from PIL import Image
+
+    from dsg_ext.cli import main
+
+    img_dir = tmp_path / "imgs" / "cls"
+    img_dir.mkdir(parents=True)
+    g = torch.Generator().manual_seed(1)
+    for i in range(6):
+        Image.fromarray((torch.rand(20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()).save(img_dir / f"{i}.png")
+    calls = []
+
+    def fail(*args, **kwargs):
+        calls.append(1)
+        raise error
+
+    monkeypatch.setattr(Q, "correct_bias", fail)
+    common = ["--model", "tiny_models:bias_free_net", "--real", str(tmp_path / "imgs"), "--image-size", "16",
+              "--bias-correction"]
+    out = tmp_path / "q.safetensors"
+    argv = ["quantize", *common, "--adaround", "--adaround-iters", "3", "--out", str(out)]
+    if isinstance(error, KeyboardInterrupt):
+        assert main(argv) == 130
+    else:
+        assert main(argv) == 2
+        assert "bias correction failed (the output mean is not finite)" in capsys.readouterr().err
+    assert calls and out.exists()  # the reconstruction is kept, uncorrected, and the file says why
+    _, meta = Q.read_quantized(str(out))
+    assert meta["bias_correction"] is None and meta["adaround_layers"]
+    assert meta["bias_correction_failed"] == str(error)
+    # without a reconstruction before it nothing is worth keeping: the refusal writes no file
+    out2 = tmp_path / "plain.safetensors"
+    if not isinstance(error, KeyboardInterrupt):
+        assert main(["quantize", *common, "--out", str(out2)]) == 2
+        assert not out2.exists()

@@ -452,6 +452,22 @@ def test_demo_pipeline_at_tiny_settings(tmp_path):
     assert not (tmp_path / "demo2").exists()  # refused before any work
 
 
+@needs_fashion
+def test_demo_bias_correction_corrects_both_columns(tmp_path, monkeypatch):
+    from dsg_ext.demo import DemoConfig, format_table, run_demo
+
+    corrected = []
+    real = Q.correct_bias
+    monkeypatch.setattr(Q, "correct_bias", lambda q, *a, **k: corrected.append(q) or real(q, *a, **k))
+    cfg = DemoConfig(out=str(tmp_path / "demo"), samples=8, adaround_iterations=2, eval_samples=50,
+                     bits=[(4, 4), (8, 8)], sources=("real", "noise"), bias_correction=True)
+    result = run_demo(cfg, progress=False, log=lambda *_: None)
+    # W4A4: the plain and the reconstructed model of each source; W8A8 (not reconstructed): the plain one
+    assert len(corrected) == 6 and len({id(q) for q in corrected}) == 6
+    assert all(q.get_submodule(q.dsg_quant_order[0]).bias is not None for q in corrected)
+    assert "both bias-corrected" in format_table(result)
+
+
 def test_photo_crops_are_deterministic_real_images():
     pytest.importorskip("skimage", reason="needs scikit-image (installed by scripts/setup.sh)")
     from dsg_ext.data.photos import photo_crops
