@@ -117,18 +117,19 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         print(line)
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
-    corrections, failed = _bias_correction(args, quant, qmodel, fp, images, keep=ada is not None)
+    corrections, error = _bias_correction(args, quant, qmodel, fp, images, keep=ada is not None)
     quant.save_quantized(qmodel, args.out, args.model, loaded.identity,
                          {"calibration": described, "calibration_images": int(images.shape[0]),
-                          "bias_correction": corrections, "bias_correction_failed": str(failed) if failed else None,
+                          "bias_correction": corrections,
+                          "bias_correction_failed": (str(error) or type(error).__name__) if error else None,
                           "adaround": dataclasses.asdict(ada) if ada else None,
                           "reconstruct": ada.unit if ada else None, "adaround_layers": records})
     print(f"{args.out}: {config.label()} {args.model}, calibrated on {images.shape[0]} images ({described})"
           + (f", AdaRound {ada.iterations} iterations per {ada.unit}" if ada else ""))
-    if isinstance(failed, KeyboardInterrupt):
-        raise failed
-    if failed:
-        raise QuantizationError(f"bias correction failed ({failed}); the reconstructed model was saved without it "
+    if isinstance(error, KeyboardInterrupt):
+        raise error
+    if error:
+        raise QuantizationError(f"bias correction failed ({error}); the reconstructed model was saved without it "
                                 f"to {args.out}")
     return 0
 

@@ -166,7 +166,7 @@ def test_a_failed_bias_correction_after_reconstruction_keeps_the_reconstructed_m
     assert calls and out.exists()  # the reconstruction is kept, uncorrected, and the file says why
     _, meta = Q.read_quantized(str(out))
     assert meta["bias_correction"] is None and meta["adaround_layers"]
-    assert meta["bias_correction_failed"] == str(error)
+    assert meta["bias_correction_failed"] == (str(error) or "KeyboardInterrupt")
     # without a reconstruction before it nothing is worth keeping: the refusal writes no file
     out2 = tmp_path / "plain.safetensors"
     if not isinstance(error, KeyboardInterrupt):
