@@ -46,6 +46,8 @@ def main(argv=None) -> int:
                    help="also measure each cell after empirical bias correction on the same source")
     p.add_argument("--reconstruction", default=None, help="a named reconstruction, run on every source and bit setting")
     p.add_argument("--recon-iterations", type=int, default=None)
+    p.add_argument("--recon-lr", type=float, default=None, help="rounding learning rate (default: the preset's)")
+    p.add_argument("--skip-sources", default="", help="comma-separated: 'real photos', 'noise' (not run)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
@@ -58,6 +60,10 @@ def main(argv=None) -> int:
     eval_x = photos.photo_crops(spec, 8, names[1::2], seed=1).to(args.device)
     sources = {"real photos": photos.photo_crops(spec, 8, names[::2], seed=2)[: args.samples],
                "noise": calibration.gaussian_noise(spec, args.samples, args.seed)}
+    real_spread = diversity(loaded, sources["real photos"], device=args.device)["relative_sample_spread_mean"]
+    if args.skip_sources:
+        for name in args.skip_sources.split(","):
+            sources.pop(name, None)
     timings = {}
     for name in filter(None, args.recipes.split(",")):
         config = recipe_config(name, args.iterations, args.batch, args.seed, spec.image_size, spec.channels)
@@ -65,10 +71,9 @@ def main(argv=None) -> int:
         sources[name] = synthesize(fp, config, args.samples, device=args.device, input_range=input_range)
         timings[name] = time.perf_counter() - t
         print(f"synthesised {name}: {timings[name]:.0f} s", flush=True)
-    rows, real_spread = [], None
+    rows = []
     for name, images in sources.items():
         d = diversity(loaded, images, device=args.device)
-        real_spread = real_spread or d["relative_sample_spread_mean"]
         row = {"source": name, "spread": d["relative_sample_spread_mean"],
                "spread_vs_photos": d["relative_sample_spread_mean"] / real_spread,
                "classes": d["classes_predicted"], "outside": d["pixels_outside_valid_range"],
@@ -82,11 +87,15 @@ def main(argv=None) -> int:
             if args.reconstruction:
                 qr = copy.deepcopy(q)
                 fields = {"iterations": args.recon_iterations} if args.recon_iterations else {}
+                fields.update({"lr": args.recon_lr} if args.recon_lr else {})
                 t = time.perf_counter()
                 quant.reconstruct(qr, fp, images, quant.AdaRoundConfig.from_preset(args.reconstruction, **fields),
                                   device=args.device, progress=False)
                 cell["reconstruction_s"] = time.perf_counter() - t
                 cell["reconstructed"] = fidelity(fp, qr, eval_x)
+                if args.bias_correction:
+                    quant.correct_bias(qr, fp, images, device=args.device)
+                    cell["reconstructed_bias_corrected"] = fidelity(fp, qr, eval_x)
             quant.finalize_weights(q)
             cell["calibration"] = fidelity(fp, q, eval_x)
             if args.bias_correction:
@@ -96,10 +105,14 @@ def main(argv=None) -> int:
             recon = cell.get("reconstructed")
             print(f"{name:12s} W{wbits}A{abits}: calibration {cell['calibration']['top1_agreement']:.1f}% "
                   f"(KL {cell['calibration']['mean_kl']:.3f})"
-                  + (f", {args.reconstruction} {recon['top1_agreement']:.1f}% (KL {recon['mean_kl']:.3f})"
+                  + (f", {args.reconstruction} {recon['top1_agreement']:.1f}% (KL {recon['mean_kl']:.3f}, "
+                     f"{cell['reconstruction_s']:.0f} s)"
                      if recon else "")
                   + (f", bias-corrected {cell['bias_corrected']['top1_agreement']:.1f}% "
-                     f"(KL {cell['bias_corrected']['mean_kl']:.3f})" if "bias_corrected" in cell else ""), flush=True)
+                     f"(KL {cell['bias_corrected']['mean_kl']:.3f})" if "bias_corrected" in cell else "")
+                  + (f", reconstructed + bias-corrected {cell['reconstructed_bias_corrected']['top1_agreement']:.1f}% "
+                     f"(KL {cell['reconstructed_bias_corrected']['mean_kl']:.3f})"
+                     if "reconstructed_bias_corrected" in cell else ""), flush=True)
         rows.append(row)
         print(f"| {name} | spread {row['spread']:.3f} ({row['spread_vs_photos']:.2f}x photos) | "
               f"{row['classes']} classes of 1000 | {100 * row['outside']:.1f}% pixels outside |", flush=True)
