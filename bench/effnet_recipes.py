@@ -21,6 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from safetensors.torch import load_file, save_file  # noqa: E402
 from synthesis_recipes import recipe_config  # noqa: E402
 
 from dsg_ext import quantization as quant  # noqa: E402
@@ -48,6 +49,8 @@ def main(argv=None) -> int:
     p.add_argument("--recon-iterations", type=int, default=None)
     p.add_argument("--recon-lr", type=float, default=None, help="rounding learning rate (default: the preset's)")
     p.add_argument("--skip-sources", default="", help="comma-separated: 'real photos', 'noise' (not run)")
+    p.add_argument("--cache", default=None, help="a directory: synthetic images are saved there and reused by "
+                   "later runs with the same model, recipe, samples, batch, iterations and seed")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
@@ -67,10 +70,19 @@ def main(argv=None) -> int:
     timings = {}
     for name in filter(None, args.recipes.split(",")):
         config = recipe_config(name, args.iterations, args.batch, args.seed, spec.image_size, spec.channels)
+        cached = (os.path.join(args.cache, f"{args.model}-{name}-n{args.samples}-b{args.batch}-it{args.iterations}"
+                               f"-s{args.seed}.safetensors") if args.cache else None)
+        if cached and os.path.exists(cached):
+            sources[name] = load_file(cached)["images"]
+            print(f"loaded {name} from {cached}", flush=True)
+            continue
         t = time.perf_counter()
         sources[name] = synthesize(fp, config, args.samples, device=args.device, input_range=input_range)
         timings[name] = time.perf_counter() - t
         print(f"synthesised {name}: {timings[name]:.0f} s", flush=True)
+        if cached:
+            os.makedirs(args.cache, exist_ok=True)
+            save_file({"images": sources[name].detach().cpu().contiguous()}, cached)
     rows = []
     for name, images in sources.items():
         d = diversity(loaded, images, device=args.device)
