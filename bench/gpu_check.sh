@@ -67,9 +67,9 @@ PY
     ;;
   recipes)  # issue 13: synthesis recipes + reconstruction on EfficientNet-Lite0 (RECIPE_ARGS to change the budget)
     timeout ${RECIPES_TIMEOUT:-400} python3 bench/effnet_recipes.py --device cuda ${RECIPE_ARGS:---samples 256 --batch 64 \
-      --iterations 500 --reconstruction genie --recon-iterations 2000 --bits W8A8,W6A6,W4A8,W4A4} \
+      --iterations 500 --reconstruction genie --recon-iterations 2000 --bias-correction --bits W8A8,W6A6,W4A8,W4A4} \
       --json "$LOG/effnet_recipes.json" >"$LOG/recipes.log" 2>&1
-    echo "recipes rc $? after $(( $(date +%s) - start )) s"; grep -E "^\||W4A4" "$LOG/recipes.log" | head -20 ;;
+    echo "recipes rc $? after $(( $(date +%s) - start )) s"; grep -E "^\||W[0-9]A[0-9]" "$LOG/recipes.log" | head -40 ;;
   speed)  # issue 13: reconstruction engines, Genie's schedule (blocks, QDrop, LSQ, weight scales), 1024 images
     for m in ${SPEED_MODELS:-efficientnet-lite0 resnet18}; do
       timeout ${SPEED_TIMEOUT:-150} python3 bench/reconstruction_speed.py --device cuda --model $m --images 1024 \
