@@ -16,6 +16,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import sys
 import time
 
@@ -63,15 +64,16 @@ def main(argv=None) -> int:
     eval_x = photos.photo_crops(spec, 8, names[1::2], seed=1).to(args.device)
     sources = {"real photos": photos.photo_crops(spec, 8, names[::2], seed=2)[: args.samples],
                "noise": calibration.gaussian_noise(spec, args.samples, args.seed)}
-    real_spread = diversity(loaded, sources["real photos"], device=args.device)["relative_sample_spread_mean"]
+    measured = {"real photos": diversity(loaded, sources["real photos"], device=args.device)}
+    real_spread = measured["real photos"]["relative_sample_spread_mean"]
     if args.skip_sources:
         for name in args.skip_sources.split(","):
             sources.pop(name, None)
     timings = {}
     for name in filter(None, args.recipes.split(",")):
         config = recipe_config(name, args.iterations, args.batch, args.seed, spec.image_size, spec.channels)
-        cached = (os.path.join(args.cache, f"{args.model}-{name}-n{args.samples}-b{args.batch}-it{args.iterations}"
-                               f"-s{args.seed}.safetensors") if args.cache else None)
+        key = f"{args.model}-{name}-n{args.samples}-b{args.batch}-it{args.iterations}-s{args.seed}"
+        cached = os.path.join(args.cache, re.sub(r"[^A-Za-z0-9_.-]", "_", key) + ".safetensors") if args.cache else None
         if cached and os.path.exists(cached):
             sources[name] = load_file(cached)["images"]
             print(f"loaded {name} from {cached}", flush=True)
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
             save_file({"images": sources[name].detach().cpu().contiguous()}, cached)
     rows = []
     for name, images in sources.items():
-        d = diversity(loaded, images, device=args.device)
+        d = measured.get(name) or diversity(loaded, images, device=args.device)
         row = {"source": name, "spread": d["relative_sample_spread_mean"],
                "spread_vs_photos": d["relative_sample_spread_mean"] / real_spread,
                "classes": d["classes_predicted"], "outside": d["pixels_outside_valid_range"],

@@ -117,7 +117,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         print(line)
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
-    corrections, error = _bias_correction(args, quant, qmodel, fp, images, keep=ada is not None)
+    corrections, error = _bias_correction(args, qmodel, fp, images, keep=ada is not None)
     quant.save_quantized(qmodel, args.out, args.model, loaded.identity,
                          {"calibration": described, "calibration_images": int(images.shape[0]),
                           "bias_correction": corrections,
@@ -134,11 +134,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bias_correction(args, quant, qmodel, fp, images, keep: bool):
+def _bias_correction(args, qmodel, fp, images, keep: bool):
     """``--bias-correction``: (records, None), or -- when ``keep`` (a reconstruction finished before it) and
     the correction fails or is interrupted -- (None, the error), the model left uncorrected so that the
     finished reconstruction is still saved."""
     import torch
+
+    from . import quantization as quant
 
     if not args.bias_correction:
         return None, None

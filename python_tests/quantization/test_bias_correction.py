@@ -109,14 +109,18 @@ def test_bad_input_is_refused_and_leaves_the_model_as_it_was():
         assert torch.equal(q.get_submodule(n).bias, b)
 
 
-def test_cli_bias_correction(tmp_path):
+def write_images(root, seed):
+    """Six random 20x20 RGB PNGs in ``root``/cls (an ImageFolder for ``--real``)."""
     from PIL import Image
 
-    img_dir = tmp_path / "imgs" / "cls"
-    img_dir.mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
+    (root / "cls").mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
     for i in range(6):
-        Image.fromarray((torch.rand(20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()).save(img_dir / f"{i}.png")
+        Image.fromarray((torch.rand(20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()).save(root / "cls" / f"{i}.png")
+
+
+def test_cli_bias_correction(tmp_path):
+    write_images(tmp_path / "imgs", seed=0)
     out = str(tmp_path / "q.safetensors")
     r = dsg("quantize", "--model", "tiny_models:bias_free_net", "--real", str(tmp_path / "imgs"), "--image-size", "16",
             "--bias-correction", "--out", out)
@@ -138,15 +142,9 @@ def test_cli_bias_correction(tmp_path):
 @pytest.mark.parametrize("error", [InvalidDataError("the output mean is not finite"), KeyboardInterrupt()])
 def test_a_failed_bias_correction_after_reconstruction_keeps_the_reconstructed_model(tmp_path, monkeypatch, capsys,
                                                                                      error):
-    from PIL import Image
-
     from dsg_ext.cli import main
 
-    img_dir = tmp_path / "imgs" / "cls"
-    img_dir.mkdir(parents=True)
-    g = torch.Generator().manual_seed(1)
-    for i in range(6):
-        Image.fromarray((torch.rand(20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()).save(img_dir / f"{i}.png")
+    write_images(tmp_path / "imgs", seed=1)
     calls = []
 
     def fail(*args, **kwargs):
