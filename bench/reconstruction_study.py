@@ -6,6 +6,8 @@ test set. The images: real training images, Gaussian noise, or a synthesis recip
 bench/synthesis_recipes.py.
 
     python bench/reconstruction_study.py [--data real,batch+aug+swing+clamp] [--iterations 500] [--json out.json]
+
+With ``--bias-correction`` every variant is also scored after ``correct_bias`` on the same images.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--act-scale-lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bits", default="4,4")
+    p.add_argument("--bias-correction", action="store_true", help="also score each variant bias-corrected")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     wbits, abits = (int(v) for v in args.bits.split(","))
@@ -61,6 +64,8 @@ def main(argv=None) -> int:
     test_x = fashion_mnist.preprocess(test_u8)
     fp_acc = topk_accuracy(model, test_x, test_y, batch_size=500)[0]
     print(f"FP32 top-1 {fp_acc:.2f}; W{wbits}A{abits}, {args.iterations} reconstruction iterations per unit", flush=True)
+    extra = " bias-corrected |" if args.bias_correction else ""
+    print(f"| data | variant | top-1 | vs FP32 |{extra} time |", flush=True)
     rows = []
     for data in args.data.split(","):
         if data == "real":
@@ -84,8 +89,14 @@ def main(argv=None) -> int:
                 quant.reconstruct(q, model, images, config, progress=False)
             seconds = time.perf_counter() - t
             acc = topk_accuracy(q, test_x, test_y, batch_size=500)[0]
-            rows.append({"data": data, "variant": name, "top1": acc, "seconds": seconds})
-            print(f"| {data} | {name} | {acc:.2f} | {fp_acc - acc:+.2f} | {seconds:.0f} s |", flush=True)
+            row = {"data": data, "variant": name, "top1": acc, "seconds": seconds}
+            corrected = ""
+            if args.bias_correction:
+                quant.correct_bias(q, model, images)
+                row["top1_bias_corrected"] = topk_accuracy(q, test_x, test_y, batch_size=500)[0]
+                corrected = f" {row['top1_bias_corrected']:.2f} |"
+            rows.append(row)
+            print(f"| {data} | {name} | {acc:.2f} | {fp_acc - acc:+.2f} |{corrected} {seconds:.0f} s |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"fp32_top1": fp_acc, "args": vars(args), "rows": rows}, f, indent=2)
