@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     fp_acc = topk_accuracy(model, test_x, test_y, batch_size=500)[0]
     print(f"FP32 top-1 {fp_acc:.2f}; W{wbits}A{abits}, {args.iterations} reconstruction iterations per unit", flush=True)
     extra = " bias-corrected |" if args.bias_correction else ""
-    print(f"| data | variant | top-1 | vs FP32 |{extra} time |", flush=True)
+    print(f"| data | variant | top-1 | below FP32 |{extra} time |", flush=True)
     rows = []
     for data in args.data.split(","):
         if data == "real":
