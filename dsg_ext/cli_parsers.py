@@ -43,7 +43,7 @@ def add_generate_parser(sub, handler: Callable, recipe: Optional[str] = None) ->
     p.add_argument("--num-samples", type=_positive_int, default=DEFAULT_NUM_SAMPLES, help="images in all")
     _option(p, "--batch-size", S, "batch_size", "images optimised together")
     _option(p, "--iterations", S, "iterations", "optimisation steps per batch")
-    _option(p, "--lr", S, "lr", "Adam learning rate on the pixels")
+    _option(p, "--lr", S, "lr", "Adam learning rate on the pixels (on the latent with --generator)")
     _option(p, "--epsilon", S, "epsilon", "slack quantile, in (0, 1] (dsg)")
     _option(p, "--enhancement", S, "enhancement", "weight of each sample's own layer (dsg)")
     _option(p, "--init", S, "init", "starting images", choices=INITS)
@@ -68,6 +68,10 @@ def add_generate_parser(sub, handler: Callable, recipe: Optional[str] = None) ->
             "sees and of the result (0 = off)")
     _option(p, "--swing", S, "swing", "swing convolution: a random 1-pixel shift before every strided convolution",
             toggle=True)
+    _option(p, "--generator", S, "generator", "Genie's generator: render each batch from a fresh small generator and "
+            "per-sample latents, both optimised (--lr then acts on the latent)", toggle=True)
+    _option(p, "--generator-lr", S, "generator_lr", "Adam learning rate of the generator (x0.95 every 100 iterations)")
+    _option(p, "--latent-dim", S, "latent_dim", "latent size of the generator")
     _option(p, "--channels-last", S, "channels_last", "run the network in channels_last (GPU speed)")
     _option(p, "--bf16", S, "autocast_bf16", "run the network under bf16 autocast; statistics stay fp32")
     _option(p, "--cuda-graph", S, "cuda_graph",

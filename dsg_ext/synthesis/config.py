@@ -20,7 +20,8 @@ CE_LABELS = ("random", "balanced")
 # Fields added after datasets were first written, with the value that reproduces the images made before
 # they existed (checked: byte-identical shards): a dataset whose manifest lacks one of them resumes when
 # the requested config has that value (synthesis/writer.py).
-LATER_FIELDS = {"crop_pad": 0, "flip": False, "smoothing": 0.0, "swing": False, "ce_labels": "random"}
+LATER_FIELDS = {"crop_pad": 0, "flip": False, "smoothing": 0.0, "swing": False, "ce_labels": "random",
+                "generator": False, "generator_lr": 0.01, "latent_dim": 256}
 _BATCH_AUG = {"method": "batch", "crop_pad": 2, "flip": True, "smoothing": 0.5, "swing": True, "clamp_pixels": True}
 RECIPES = {
     "paper-dsg": {"method": "dsg"},
@@ -28,6 +29,9 @@ RECIPES = {
     # batch statistics + augmentation + swing convolution + valid pixels (bench/synthesis_recipes.py)
     "batch-aug": dict(_BATCH_AUG),
     "recommended": dict(_BATCH_AUG),
+    # Genie's synthesis as published: a generator + latent per batch of 128, batch statistics, swing
+    # convolution, 4000 iterations (latent lr 0.1, generator lr 0.01); a GPU schedule.
+    "genie": {"method": "batch", "generator": True, "lr": 0.1, "swing": True, "batch_size": 128, "iterations": 4000},
 }
 
 
@@ -71,6 +75,12 @@ class SynthesisConfig:
     swing: bool = False
     # Targets of the cross-entropy prior: "random" classes, or "balanced" (sample n -> class n mod K).
     ce_labels: str = "random"
+    # Genie's generator (synthesis/generator.py): the images are rendered each step by a fresh generator
+    # per batch from the batch's latent vectors; Adam on the latent at `lr` (with the plateau schedule)
+    # and on the generator at `generator_lr` (x0.95 every 100 iterations).
+    generator: bool = False
+    generator_lr: float = 0.01
+    latent_dim: int = 256
     # Speed: the network in channels_last and/or under bf16 autocast (statistics stay fp32).
     channels_last: bool = False
     autocast_bf16: bool = False
@@ -124,6 +134,13 @@ class SynthesisConfig:
         if self.cuda_graph and (self.jitter or self.crop_pad or self.flip or self.swing):
             problems.append("cuda_graph cannot be combined with jitter, crop_pad, flip or swing "
                             "(their random shifts are drawn on the host each step)")
+        if self.cuda_graph and self.generator:
+            problems.append("cuda_graph cannot be combined with generator (its learning-rate schedule steps on "
+                            "the host)")
+        if not (self.generator_lr > 0 and math.isfinite(self.generator_lr)):
+            problems.append(f"generator_lr must be positive, got {self.generator_lr}")
+        if self.latent_dim <= 0:
+            problems.append(f"latent_dim must be > 0, got {self.latent_dim}")
         if problems:
             raise ConfigError("invalid synthesis options: " + "; ".join(problems))
         return self

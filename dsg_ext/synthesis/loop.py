@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +21,7 @@ from ..ops import bn_stat_slack_loss
 from .augment import Augmenter
 from .config import BATCH_METHODS, SynthesisConfig
 from .dsg import enhancement_weights, slack_margins
+from .generator import GeneratedImages
 from .taps import BatchNormTaps, batchnorm_layers
 
 
@@ -57,31 +58,42 @@ class SynthesisLoop:
     iteration at which each layer's loss first became non-finite. No host-device sync happens in
     ``iterate()``; ``window_mean()`` syncs once. The learning rate lives in the optimizer's param
     group (a device tensor under CUDA graphs, so that ReduceLROnPlateau still acts on replays).
+    ``images``: the free pixels to optimise, or a ``GeneratedImages`` (Genie's generator and latent),
+    whose latent then takes the plateau schedule and whose generator its own Adam.
     """
 
     warmup_iterations = 3  # eager iterations (on a side stream) before a CUDA graph is captured
 
-    def __init__(self, model: nn.Module, taps: BatchNormTaps, images: Tensor, weights: Tensor,
+    def __init__(self, model: nn.Module, taps: BatchNormTaps, images: Union[Tensor, GeneratedImages], weights: Tensor,
                  config: SynthesisConfig, device: str,
                  input_range: Optional[Tuple[Sequence[float], Sequence[float]]] = None, sync_every: int = 10,
                  labels_seed: int = 0, augmenter: Optional[Augmenter] = None):
         self.model, self.taps, self.weights, self.config = model, taps, weights, config
-        self.augmenter = augmenter or Augmenter(config, model, images.shape[1], device, labels_seed)
+        channels = config.channels if isinstance(images, GeneratedImages) else images.shape[1]
+        self.augmenter = augmenter or Augmenter(config, model, channels, device, labels_seed)
         self.batch_stats = config.method in BATCH_METHODS
         self.extra_weights = weights - 1  # batch-dsg: each sample's own layer once more, 0 elsewhere
         self.device_type = torch.device(device).type
         self.use_graph = config.cuda_graph
         if self.use_graph and self.device_type != "cuda":
             raise ConfigError(f"cuda_graph needs a CUDA device, got {device!r}")
-        self.images = images.requires_grad_(True)
+        self.generated = images if isinstance(images, GeneratedImages) else None
+        self.generator_optimizer = self.generator_scheduler = None
+        if self.generated is not None:
+            self.images = None
+            params = [self.generated.latent]
+            self.generator_optimizer = torch.optim.Adam(self.generated.net.parameters(), lr=config.generator_lr)
+            self.generator_scheduler = torch.optim.lr_scheduler.ExponentialLR(self.generator_optimizer, 0.95)
+        else:
+            self.images = images.requires_grad_(True)
+            params = [self.images]
         lr = torch.tensor(config.lr, device=device) if self.use_graph else config.lr
-        self.optimizer = torch.optim.Adam([self.images], lr=lr, capturable=self.use_graph)
+        self.optimizer = torch.optim.Adam(params, lr=lr, capturable=self.use_graph)
         # Stepped once per window of iterations (one host sync per window), patience in iterations.
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=0.1, patience=max(1, config.plateau_patience // sync_every),
             min_lr=config.min_lr,
         )
-        channels = images.shape[1]
         self.zeros = torch.zeros(channels, device=device)
         self.ones = torch.ones(channels, device=device)
         self.no_slack = torch.zeros((), device=device)  # a Python 0.0 would be copied to the device every step
@@ -92,8 +104,9 @@ class SynthesisLoop:
                 raise ConfigError("clamp_pixels needs the model's input range")
             self.lo = torch.tensor(input_range[0], device=device, dtype=torch.float32).view(1, -1, 1, 1)
             self.hi = torch.tensor(input_range[1], device=device, dtype=torch.float32).view(1, -1, 1, 1)
-            with torch.no_grad():
-                self.images.copy_(torch.maximum(torch.minimum(self.images, self.hi), self.lo))
+            if self.images is not None:
+                with torch.no_grad():
+                    self.images.copy_(torch.maximum(torch.minimum(self.images, self.hi), self.lo))
         if config.channels_last:
             self.model = model.to(memory_format=torch.channels_last)
         self.window = torch.zeros((), device=device)
@@ -109,6 +122,14 @@ class SynthesisLoop:
         self._graph = None
         self._graph_out: Optional[Tuple[Tensor, Tensor]] = None
         self._side_stream = torch.cuda.Stream() if self.use_graph else None
+
+    def render(self) -> Tensor:
+        """The current (optimised, possibly padded) images: the free pixels, or the generator's output
+        clamped to the valid range when ``clamp_pixels`` (free pixels are clamped after each step)."""
+        if self.generated is None:
+            return self.images
+        x = self.generated()
+        return x if self.lo is None else torch.maximum(torch.minimum(x, self.hi), self.lo)
 
     def step(self, x: Tensor, train: bool = False) -> Tuple[Tensor, Tensor]:
         """Total loss and the per-layer losses (L) for images x (no backward): mean over samples of the
@@ -158,11 +179,13 @@ class SynthesisLoop:
         return loss, layer_values
 
     def _body(self) -> Tuple[Tensor, Tensor]:
-        loss, layer_means = self.step(self.images, train=True)
+        loss, layer_means = self.step(self.render(), train=True)
         loss.backward()
         self.optimizer.step()
+        if self.generator_optimizer is not None:
+            self.generator_optimizer.step()
         with torch.no_grad():
-            if self.lo is not None:
+            if self.lo is not None and self.images is not None:
                 self.images.copy_(torch.maximum(torch.minimum(self.images, self.hi), self.lo))
             self.window.add_(loss.detach())
             newly_bad = ~torch.isfinite(layer_means) & (self.first_bad < 0)
@@ -174,10 +197,11 @@ class SynthesisLoop:
         """One iteration; returns (loss, per-layer means) of the images before the step."""
         if self.initial_layers is None:
             with torch.no_grad():
-                loss, layer_means = self.step(self.images.detach())
+                start = self.render().detach()
+                loss, layer_means = self.step(start)
                 if self.config.layer_weighting == "initial":
                     self.layer_scale.copy_(1.0 / layer_means.clamp_min(1e-12))
-                    loss, layer_means = self.step(self.images.detach())
+                    loss, layer_means = self.step(start)
             self.initial_layers, self.initial_loss = layer_means.clone(), loss.clone()
         self.window_count += 1
         self.iterations_done += 1
@@ -186,6 +210,10 @@ class SynthesisLoop:
             return self._graph_out  # type: ignore[return-value]
         if not self.use_graph:
             self.optimizer.zero_grad(set_to_none=True)
+            if self.generator_optimizer is not None:
+                self.generator_optimizer.zero_grad(set_to_none=True)
+                if self.iterations_done > 1 and (self.iterations_done - 1) % 100 == 0:  # Genie: x0.95 per 100
+                    self.generator_scheduler.step()
             return self._body()
         stream = self._side_stream
         stream.wait_stream(torch.cuda.current_stream())
@@ -232,7 +260,8 @@ def synthesize_batch(
     batch_stats = config.method in BATCH_METHODS
     taps = BatchNormTaps(layers, config.unbiased, fused=config.fused_bn, batch=batch_stats,
                          per_sample=config.method != "batch")
-    images = init_images(config, batch_index, count).to(device)
+    images = (GeneratedImages(config, batch_index, count, device) if config.generator
+              else init_images(config, batch_index, count).to(device))
     seed = config.seed * 1_000_003 + batch_index + 7
     augmenter = Augmenter(config, model, config.channels, device, seed)
 
@@ -241,7 +270,7 @@ def synthesize_batch(
         deltas, gammas = zeros, zeros
         weights = torch.ones(count, len(layers), device=device)
         with torch.no_grad():
-            start = augmenter.result(images)  # what the network sees of the initial batch
+            start = augmenter.result(images() if config.generator else images)  # what the network sees first
         if config.method in ("dsg", "batch-dsg"):
             deltas, gammas = slack_margins(model, taps, start, config.epsilon)
             weights = enhancement_weights(count, len(layers), config.enhancement, device)
@@ -269,8 +298,9 @@ def synthesize_batch(
                 if progress is not None:
                     progress(it + 1, value)
         with torch.no_grad():
-            final_loss, final_layers = loop.step(loop.images.detach())
-            images = augmenter.result(loop.images.detach())
+            final = loop.render().detach()
+            final_loss, final_layers = loop.step(final)
+            images = augmenter.result(final)
     result = BatchResult(
         images=images.cpu(),
         initial_layer_losses=initial_layers.cpu().tolist(),
