@@ -5,7 +5,9 @@ reports in its manifest summary:
   divided by the BN's running std, averaged over channels (and over layers for the mean); real
   images spread widely, collapsed (homogeneous) samples do not;
 - classes predicted: how many different classes the float network predicts on the samples;
-- pixel range: the samples' pixels back in [0, 1] image space, and the fraction outside it.
+- pixel range: the samples' pixels back in [0, 1] image space, and the fraction outside it by more
+  than float rounding (PIXEL_TOLERANCE: a pixel clamped to the valid range's edge in normalised space
+  comes back as -3e-8 or 1 + 6e-8, which is not outside).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch
 from ..models import LoadedModel
 from .loop import per_sample_statistics
 from .taps import batchnorm_layers
+
+PIXEL_TOLERANCE = 1e-5  # image space; 1/255 is one 8-bit level
 
 
 @torch.no_grad()
@@ -31,6 +35,7 @@ def diversity(loaded: LoadedModel, images: torch.Tensor, device: str = "cpu", un
     mean = torch.tensor(spec.mean[: images.shape[1]]).view(1, -1, 1, 1)
     std = torch.tensor(spec.std[: images.shape[1]]).view(1, -1, 1, 1)
     pixels = images.float() * std + mean
+    outside = (pixels < -PIXEL_TOLERANCE) | (pixels > 1 + PIXEL_TOLERANCE)
     return {
         "relative_sample_spread_mean": sum(relative.values()) / len(relative),
         "relative_sample_spread": relative,
@@ -38,6 +43,6 @@ def diversity(loaded: LoadedModel, images: torch.Tensor, device: str = "cpu", un
         "num_classes": int(logits.shape[1]) if logits.dim() == 2 else None,
         "pixel_min": float(pixels.min()),
         "pixel_max": float(pixels.max()),
-        "pixels_outside_valid_range": float(((pixels < 0) | (pixels > 1)).float().mean()),
+        "pixels_outside_valid_range": float(outside.float().mean()),
         "images_measured": int(images.shape[0]),
     }

@@ -5,6 +5,8 @@ Gaussian noise leaves it; the manifest of a run carries them."""
 import json
 import os
 
+import pytest
+
 from dsg_ext.data.calibration import gaussian_noise, real_fashion_mnist
 from dsg_ext.models import load_model
 from dsg_ext.synthesis import SynthesisConfig, generate
@@ -20,6 +22,27 @@ def test_real_images_against_noise():
     assert noise["pixels_outside_valid_range"] > 0.2
     assert real["relative_sample_spread_mean"] > noise["relative_sample_spread_mean"]  # the issue's 0.239 vs 0.091
     assert len(real["relative_sample_spread"]) == 21
+
+
+def test_pixels_clamped_to_the_valid_edge_are_not_outside():
+    """Normalised pixels clamped to the edge of valid_range() map back to 0 and 1 within float
+    rounding (with EfficientNet-Lite's normalisation, 0 comes back as -3e-8): not outside; only
+    pixels beyond that count."""
+    import torch
+    from tiny_models import tiny_bn_net
+
+    from dsg_ext.models import InputSpec, LoadedModel
+
+    spec = InputSpec(3, 8, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
+    loaded = LoadedModel(tiny_bn_net(), "tiny", spec, "0")
+    lo, hi = spec.valid_range()
+    images = torch.rand(16, 3, 8, 8) * (hi[0] - lo[0]) + lo[0]
+    images[:8, :, :3] = lo[0]  # black rows, as clamped synthesis leaves them
+    images[:8, :, -3:] = hi[0]
+    assert float((images * spec.std[0] + spec.mean[0]).min()) < 0  # the rounding the tolerance is for
+    assert diversity(loaded, images)["pixels_outside_valid_range"] == 0
+    images[0, 0, 0, 0] = lo[0] - 0.01  # a pixel really below black
+    assert diversity(loaded, images)["pixels_outside_valid_range"] == pytest.approx(1 / images.numel())
 
 
 def test_every_run_reports_them(tmp_path):
