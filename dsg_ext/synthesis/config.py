@@ -139,6 +139,8 @@ class SynthesisConfig:
                             "the host)")
         if not (self.generator_lr > 0 and math.isfinite(self.generator_lr)):
             problems.append(f"generator_lr must be positive, got {self.generator_lr}")
+        if self.generator and self.init != "gaussian":
+            problems.append(f"init={self.init!r} sets free pixels; with generator the latent is always Gaussian")
         if self.latent_dim <= 0:
             problems.append(f"latent_dim must be > 0, got {self.latent_dim}")
         if problems:

@@ -144,6 +144,7 @@ def test_generator_with_crop_flip_smoothing_swing_and_valid_pixels():
     (dict(cuda_graph=True), "cuda_graph"), (dict(generator_lr=0.0), "generator_lr"),
     (dict(generator_lr=float("inf")), "generator_lr"), (dict(latent_dim=0), "latent_dim"),
     (dict(generator="yes"), "generator"),
+    (dict(init="uniform"), "init='uniform' sets free pixels"),
 ])
 def test_bad_generator_options(kw, word):
     with pytest.raises(ConfigError, match=word):
