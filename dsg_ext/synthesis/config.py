@@ -93,6 +93,11 @@ class SynthesisConfig:
     # pre-hooks and leaves BatchNorm to torch (the path benchmarks compare with).
     fused_bn: bool = True
 
+    def batch_seed(self, batch_index: int) -> int:
+        """The seed of batch ``batch_index``'s starting point (pixels, or generator and latent): from
+        (seed, batch index) only, so that a batch does not depend on rank or world size."""
+        return self.seed * 1_000_003 + batch_index
+
     @classmethod
     def from_recipe(cls, name: str, **fields) -> "SynthesisConfig":
         """The preset ``name`` (RECIPES), with ``fields`` on top of it."""

@@ -55,7 +55,7 @@ class GeneratedImages(nn.Module):
 
     def __init__(self, config: SynthesisConfig, batch_index: int, count: int, device):
         super().__init__()
-        seed = config.seed * 1_000_003 + batch_index
+        seed = config.batch_seed(batch_index)
         size = config.image_size + 2 * config.crop_pad
         with torch.random.fork_rng(devices=[]):  # torch's default initialisation, without touching the global RNG
             torch.manual_seed(seed)

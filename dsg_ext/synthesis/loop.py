@@ -38,7 +38,7 @@ class BatchResult:
 
 def init_images(config: SynthesisConfig, batch_index: int, count: int) -> Tensor:
     """The starting batch, seeded from (seed, batch index) only: independent of rank and world size."""
-    gen = torch.Generator().manual_seed(config.seed * 1_000_003 + batch_index)
+    gen = torch.Generator().manual_seed(config.batch_seed(batch_index))
     size = config.image_size + 2 * config.crop_pad  # random crops of image_size are what the network sees
     shape = (count, config.channels, size, size)
     if config.init == "gaussian":
@@ -69,7 +69,8 @@ class SynthesisLoop:
                  input_range: Optional[Tuple[Sequence[float], Sequence[float]]] = None, sync_every: int = 10,
                  labels_seed: int = 0, augmenter: Optional[Augmenter] = None):
         self.model, self.taps, self.weights, self.config = model, taps, weights, config
-        channels = config.channels if isinstance(images, GeneratedImages) else images.shape[1]
+        self.generated = images if isinstance(images, GeneratedImages) else None
+        channels = config.channels if self.generated is not None else images.shape[1]
         self.augmenter = augmenter or Augmenter(config, model, channels, device, labels_seed)
         self.batch_stats = config.method in BATCH_METHODS
         self.extra_weights = weights - 1  # batch-dsg: each sample's own layer once more, 0 elsewhere
@@ -77,7 +78,6 @@ class SynthesisLoop:
         self.use_graph = config.cuda_graph
         if self.use_graph and self.device_type != "cuda":
             raise ConfigError(f"cuda_graph needs a CUDA device, got {device!r}")
-        self.generated = images if isinstance(images, GeneratedImages) else None
         self.generator_optimizer = self.generator_scheduler = None
         if self.generated is not None:
             self.images = None
@@ -106,7 +106,7 @@ class SynthesisLoop:
             self.hi = torch.tensor(input_range[1], device=device, dtype=torch.float32).view(1, -1, 1, 1)
             if self.images is not None:
                 with torch.no_grad():
-                    self.images.copy_(torch.maximum(torch.minimum(self.images, self.hi), self.lo))
+                    self.images.copy_(self._clamp(self.images))
         if config.channels_last:
             self.model = model.to(memory_format=torch.channels_last)
         self.window = torch.zeros((), device=device)
@@ -123,13 +123,16 @@ class SynthesisLoop:
         self._graph_out: Optional[Tuple[Tensor, Tensor]] = None
         self._side_stream = torch.cuda.Stream() if self.use_graph else None
 
+    def _clamp(self, x: Tensor) -> Tensor:
+        return torch.maximum(torch.minimum(x, self.hi), self.lo)
+
     def render(self) -> Tensor:
         """The current (optimised, possibly padded) images: the free pixels, or the generator's output
         clamped to the valid range when ``clamp_pixels`` (free pixels are clamped after each step)."""
         if self.generated is None:
             return self.images
         x = self.generated()
-        return x if self.lo is None else torch.maximum(torch.minimum(x, self.hi), self.lo)
+        return x if self.lo is None else self._clamp(x)
 
     def step(self, x: Tensor, train: bool = False) -> Tuple[Tensor, Tensor]:
         """Total loss and the per-layer losses (L) for images x (no backward): mean over samples of the
@@ -186,7 +189,7 @@ class SynthesisLoop:
             self.generator_optimizer.step()
         with torch.no_grad():
             if self.lo is not None and self.images is not None:
-                self.images.copy_(torch.maximum(torch.minimum(self.images, self.hi), self.lo))
+                self.images.copy_(self._clamp(self.images))
             self.window.add_(loss.detach())
             newly_bad = ~torch.isfinite(layer_means) & (self.first_bad < 0)
             self.first_bad.copy_(torch.where(newly_bad, self.counter, self.first_bad))
@@ -212,9 +215,10 @@ class SynthesisLoop:
             self.optimizer.zero_grad(set_to_none=True)
             if self.generator_optimizer is not None:
                 self.generator_optimizer.zero_grad(set_to_none=True)
-                if self.iterations_done > 1 and (self.iterations_done - 1) % 100 == 0:  # Genie: x0.95 per 100
-                    self.generator_scheduler.step()
-            return self._body()
+            out = self._body()
+            if self.generator_scheduler is not None and self.iterations_done % 100 == 0:  # Genie: x0.95 per 100
+                self.generator_scheduler.step()
+            return out
         stream = self._side_stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -262,7 +266,7 @@ def synthesize_batch(
                          per_sample=config.method != "batch")
     images = (GeneratedImages(config, batch_index, count, device) if config.generator
               else init_images(config, batch_index, count).to(device))
-    seed = config.seed * 1_000_003 + batch_index + 7
+    seed = config.batch_seed(batch_index) + 7
     augmenter = Augmenter(config, model, config.channels, device, seed)
 
     with taps, augmenter:
