@@ -34,6 +34,26 @@ from dsg_ext.synthesis import synthesize  # noqa: E402
 from dsg_ext.synthesis.diversity import diversity  # noqa: E402
 
 
+def synthetic_images(model_name, fp, spec, recipe, samples, batch, iterations, seed, device="cpu", cache=None):
+    """``samples`` images of a synthesis recipe (``synthesis_recipes.recipe_config``) for ``fp``, reused
+    from ``cache`` (a directory) when a run with the same settings saved them there. Returns the
+    images and the synthesis seconds (None when they were loaded)."""
+    key = f"{model_name}-{recipe}-n{samples}-b{batch}-it{iterations}-s{seed}"
+    cached = os.path.join(cache, re.sub(r"[^A-Za-z0-9_.-]", "_", key) + ".safetensors") if cache else None
+    if cached and os.path.exists(cached):
+        print(f"loaded {recipe} from {cached}", flush=True)
+        return load_file(cached)["images"], None
+    config = recipe_config(recipe, iterations, batch, seed, spec.image_size, spec.channels)
+    t = time.perf_counter()
+    images = synthesize(fp, config, samples, device=device, input_range=spec.valid_range())
+    seconds = time.perf_counter() - t
+    print(f"synthesised {recipe} (seed {seed}): {seconds:.0f} s", flush=True)
+    if cached:
+        os.makedirs(cache, exist_ok=True)
+        save_file({"images": images.detach().cpu().contiguous()}, cached)
+    return images, seconds
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="efficientnet-lite0")
@@ -59,7 +79,6 @@ def main(argv=None) -> int:
     loaded = load_model(args.model)
     spec = loaded.input
     fp = loaded.model.to(args.device)
-    input_range = spec.valid_range()
     names = list(photos.SKIMAGE_PHOTOS)
     eval_x = photos.photo_crops(spec, 8, names[1::2], seed=1).to(args.device)
     sources = {"real photos": photos.photo_crops(spec, 8, names[::2], seed=2)[: args.samples],
@@ -71,20 +90,10 @@ def main(argv=None) -> int:
             sources.pop(name, None)
     timings = {}
     for name in filter(None, args.recipes.split(",")):
-        config = recipe_config(name, args.iterations, args.batch, args.seed, spec.image_size, spec.channels)
-        key = f"{args.model}-{name}-n{args.samples}-b{args.batch}-it{args.iterations}-s{args.seed}"
-        cached = os.path.join(args.cache, re.sub(r"[^A-Za-z0-9_.-]", "_", key) + ".safetensors") if args.cache else None
-        if cached and os.path.exists(cached):
-            sources[name] = load_file(cached)["images"]
-            print(f"loaded {name} from {cached}", flush=True)
-            continue
-        t = time.perf_counter()
-        sources[name] = synthesize(fp, config, args.samples, device=args.device, input_range=input_range)
-        timings[name] = time.perf_counter() - t
-        print(f"synthesised {name}: {timings[name]:.0f} s", flush=True)
-        if cached:
-            os.makedirs(args.cache, exist_ok=True)
-            save_file({"images": sources[name].detach().cpu().contiguous()}, cached)
+        sources[name], seconds = synthetic_images(args.model, fp, spec, name, args.samples, args.batch,
+                                                  args.iterations, args.seed, args.device, args.cache)
+        if seconds is not None:
+            timings[name] = seconds
     rows = []
     for name, images in sources.items():
         d = measured.get(name) or diversity(loaded, images, device=args.device)
