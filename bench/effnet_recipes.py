@@ -34,6 +34,15 @@ from dsg_ext.synthesis import synthesize  # noqa: E402
 from dsg_ext.synthesis.diversity import diversity  # noqa: E402
 
 
+def photo_sets(spec, samples, eval_crops=8):
+    """The held-out crops every EfficientNet study measures fidelity on (``eval_crops`` per photo of
+    the odd-numbered scikit-image photos) and up to ``samples`` real-photo calibration crops (from the
+    even-numbered ones; None when ``samples`` is 0)."""
+    names = list(photos.SKIMAGE_PHOTOS)
+    return (photos.photo_crops(spec, eval_crops, names[1::2], seed=1),
+            photos.photo_crops(spec, 8, names[::2], seed=2)[:samples] if samples else None)
+
+
 def synthetic_images(model_name, fp, spec, recipe, samples, batch, iterations, seed, device="cpu", cache=None):
     """``samples`` images of a synthesis recipe (``synthesis_recipes.recipe_config``) for ``fp``, reused
     from ``cache`` (a directory) when a run with the same settings saved them there. Returns the
@@ -79,10 +88,9 @@ def main(argv=None) -> int:
     loaded = load_model(args.model)
     spec = loaded.input
     fp = loaded.model.to(args.device)
-    names = list(photos.SKIMAGE_PHOTOS)
-    eval_x = photos.photo_crops(spec, 8, names[1::2], seed=1).to(args.device)
-    sources = {"real photos": photos.photo_crops(spec, 8, names[::2], seed=2)[: args.samples],
-               "noise": calibration.gaussian_noise(spec, args.samples, args.seed)}
+    eval_x, real = photo_sets(spec, args.samples)
+    eval_x = eval_x.to(args.device)
+    sources = {"real photos": real, "noise": calibration.gaussian_noise(spec, args.samples, args.seed)}
     measured = {"real photos": diversity(loaded, sources["real photos"], device=args.device)}
     real_spread = measured["real photos"]["relative_sample_spread_mean"]
     if args.skip_sources:

@@ -19,10 +19,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from effnet_recipes import synthetic_images  # noqa: E402
+from effnet_recipes import photo_sets, synthetic_images  # noqa: E402
 
 from dsg_ext import quantization as quant  # noqa: E402
-from dsg_ext.data import photos  # noqa: E402
 from dsg_ext.demo import parse_bits  # noqa: E402
 from dsg_ext.evaluation import fidelity  # noqa: E402
 from dsg_ext.models import load_model  # noqa: E402
@@ -51,11 +50,10 @@ def main(argv=None) -> int:
     loaded = load_model(args.model)
     spec = loaded.input
     fp = loaded.model.to(args.device)
-    names = list(photos.SKIMAGE_PHOTOS)
-    held_out = photos.photo_crops(spec, args.eval_crops, names[1::2], seed=1)
+    held_out, real = photo_sets(spec, args.samples, args.eval_crops)
     fresh, _ = synthetic_images(args.model, fp, spec, args.recipe, args.samples, args.batch, args.iterations,
                                 args.seed + 1, args.device, args.cache)
-    sources = {"real photos": photos.photo_crops(spec, 8, names[::2], seed=2)[: args.samples]}
+    sources = {"real photos": real}
     sources[args.recipe], _ = synthetic_images(args.model, fp, spec, args.recipe, args.samples, args.batch,
                                                args.iterations, args.seed, args.device, args.cache)
     rows = []

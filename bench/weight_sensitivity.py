@@ -12,13 +12,17 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 
 import torch
 
-from dsg_ext.data import photos
-from dsg_ext.evaluation import fidelity
-from dsg_ext.models import load_model
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from effnet_recipes import photo_sets  # noqa: E402
+
+from dsg_ext.evaluation import fidelity  # noqa: E402
+from dsg_ext.models import load_model  # noqa: E402
 
 
 def fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
@@ -39,16 +43,23 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     loaded = load_model(args.model)
     fp, spec = loaded.model, loaded.input
-    eval_x = photos.photo_crops(spec, args.eval_crops, list(photos.SKIMAGE_PHOTOS)[1::2], seed=1)
-    layers = [n for n, m in fp.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    eval_x, _ = photo_sets(spec, 0, args.eval_crops)
+    work = copy.deepcopy(fp)  # rounded in place, layer by layer; fp stays the FP32 reference
+    modules = {n: m for n, m in work.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    layers = list(modules)
 
     def measure(names, bits):
-        model = copy.deepcopy(fp)
-        modules = dict(model.named_modules())
-        with torch.no_grad():
-            for n in names:
-                modules[n].weight.copy_(fake_quant_weight(modules[n].weight, bits))
-        return fidelity(fp, model, eval_x)
+        """Fidelity with these layers' weights rounded; their FP32 weights are put back after."""
+        saved = {n: modules[n].weight.detach().clone() for n in names}
+        try:
+            with torch.no_grad():
+                for n in names:
+                    modules[n].weight.copy_(fake_quant_weight(saved[n], bits))
+            return fidelity(fp, work, eval_x)
+        finally:
+            with torch.no_grad():
+                for n, w in saved.items():
+                    modules[n].weight.copy_(w)
 
     whole = {"all layers": measure(layers, args.bits), "all layers, 16-bit": measure(layers, 16)}
     single = sorted(({"layer": n, **measure([n], args.bits)} for n in layers), key=lambda r: -r["mean_kl"])
