@@ -49,22 +49,28 @@ class _WithAdversary(nn.Module):
     def forward(self, x):
         logits = self.fp(x)
         self.kl = F.kl_div(F.log_softmax(self.adversary(x).float(), 1), F.log_softmax(logits.float(), 1),
-                           log_target=True, reduction="batchmean")
+                           log_target=True, reduction="none").sum(1)  # per sample
         return logits
 
 
 class _AdversarialLoop(SynthesisLoop):
     weight = 0.0
+    target = None  # per-sample KL the term stops pushing at (None: unbounded)
+
+    def disagreement_term(self):
+        kl = self.model.kl
+        return -kl.mean() if self.target is None else F.relu(self.target - kl).mean()
 
     def step(self, x, train=False):
         loss, layers = super().step(x, train)
-        return loss - self.weight * self.model.kl, layers
+        return loss + self.weight * self.disagreement_term(), layers
 
 
-def refine(fp, adversary, images, spec, weight, iterations, lr, seed, device="cpu"):
-    """``images`` after ``iterations`` more steps of the batch-statistic loss - w x KL(FP32 || adversary), w =
-    ``weight`` x the ratio of the two on the starting images (``weight`` 1: the KL term starts as large as the
-    BN loss; flips as augmentation; no padding, smoothing or swing, so that both networks see the same input).
+def refine(fp, adversary, images, spec, weight, iterations, lr, seed, device="cpu", target=None):
+    """``images`` after ``iterations`` more steps of the batch-statistic loss - w x KL(FP32 || adversary)
+    (mean over samples), or + w x mean(relu(target - per-sample KL)) with a ``target``; w = ``weight`` x
+    the ratio of the BN loss to the term on the starting images (``weight`` 1: the term starts as large
+    as the BN loss; flips as augmentation; no padding, smoothing or swing, so that both networks see the same input).
     Returns the images and the (BN loss, KL) before and after."""
     config = SynthesisConfig(method="batch", iterations=iterations, lr=lr, batch_size=images.shape[0],
                              image_size=spec.image_size, channels=spec.channels, flip=True, clamp_pixels=True,
@@ -86,10 +92,14 @@ def refine(fp, adversary, images, spec, weight, iterations, lr, seed, device="cp
         def measure():
             with torch.no_grad():
                 bn, _ = SynthesisLoop.step(loop, loop.render().detach())
-                measured.append((float(bn), float(wrapper.kl)))
+                measured.append((float(bn), float(wrapper.kl.mean())))
 
         measure()
-        loop.weight = weight * measured[0][0] / max(measured[0][1], 1e-8)
+        loop.target = target
+        # The term's size on the starting images sets w; a hinge already met by every sample (0) falls back to
+        # its largest possible value, the target, so that w stays finite.
+        start = abs(float(loop.disagreement_term()))
+        loop.weight = weight * measured[0][0] / max(start if start > 0 or target is None else target, 1e-8)
         for it in range(iterations):
             loop.iterate()
             if (it + 1) % 10 == 0 or it + 1 == iterations:
@@ -110,6 +120,8 @@ def main(argv=None) -> int:
     p.add_argument("--bits", default="W6A6", help="one bit setting")
     p.add_argument("--weights", default="0,1", help="comma-separated KL weights (0: the base images refined "
                    "on the BN loss alone, the control)")
+    p.add_argument("--kl-target", type=float, default=None,
+                   help="push each sample's KL(FP32 || quantized) up to this value only (default: unbounded)")
     p.add_argument("--refine-iterations", type=int, default=40)
     p.add_argument("--refine-lr", type=float, default=0.05)
     p.add_argument("--skip-base", action="store_true", help="do not measure the unrefined images")
@@ -140,11 +152,12 @@ def main(argv=None) -> int:
     for w in (float(v) for v in args.weights.split(",")):
         t = time.perf_counter()
         images, measured = refine(fp, adversary, base, spec, w, args.refine_iterations, args.refine_lr, args.seed,
-                                  args.device)
+                                  args.device, target=args.kl_target)
         seconds = time.perf_counter() - t
         print(f"refined w={w}: BN loss {measured[0][0]:.4f} -> {measured[1][0]:.4f}, KL(FP32 || calibrated) "
               f"{measured[0][1]:.4f} -> {measured[1][1]:.4f}, {seconds:.0f} s", flush=True)
-        sources[f"refined w={w}"] = (torch.cat([base, images]) if args.mix else images, measured, seconds)
+        name = f"refined w={w}" + (f" to KL {args.kl_target}" if args.kl_target is not None else "")
+        sources[name] = (torch.cat([base, images]) if args.mix else images, measured, seconds)
     if not args.skip_base:
         sources["base"] = (base, None, None)  # last: the refined rows are the news
     rows = []

@@ -33,6 +33,9 @@ def test_kl_term_moves_images_towards_disagreement_and_keeps_pixels_valid():
             assert bn1 < bn0  # the control: BN loss alone keeps converging
         kl_after[w] = kl1
     assert kl_after[1.0] > 1.5 * kl_after[0.0]
+    # With a target the term pushes each sample's KL up to it only (a hinge): up from the start, finite.
+    _, ((_, kl0), (_, kl1)) = hard_samples.refine(fp, adversary, base, spec, 1.0, 8, 0.05, seed=0, target=1.0)
+    assert kl1 > kl0 and kl1 < float("inf")
     # The networks are frozen by refine, not changed.
     assert not any(p.requires_grad for p in fp.parameters())
 
