@@ -63,6 +63,42 @@ def synthetic_images(model_name, fp, spec, recipe, samples, batch, iterations, s
     return images, seconds
 
 
+def add_single_setting_args(p, recipe="recommended"):
+    """The options of the one-bit-setting EfficientNet studies (reconstruction_gap.py, hard_samples.py):
+    the model, one synthesis recipe and its schedule, one bit setting, one reconstruction schedule."""
+    p.add_argument("--model", default="efficientnet-lite0")
+    p.add_argument("--recipe", default=recipe)
+    p.add_argument("--samples", type=int, default=48)
+    p.add_argument("--batch", type=int, default=48)
+    p.add_argument("--iterations", type=int, default=100, help="synthesis iterations")
+    p.add_argument("--bits", default="W6A6", help="one bit setting")
+    p.add_argument("--reconstruction", default="recommended")
+    p.add_argument("--recon-iterations", type=int, default=200)
+    p.add_argument("--recon-lr", type=float, default=0.05)
+    p.add_argument("--cache", default=None, help="directory for the synthetic images (reused by later runs)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+
+
+def calibrate_and_reconstruct(fp, qconfig, images, preset=None, iterations=None, lr=None, device="cpu"):
+    """``fp`` quantized with ``qconfig`` and calibrated (min/max) on ``images``, weights finalized; with a
+    reconstruction ``preset``, also a copy of the calibrated model reconstructed on the same images and
+    the seconds that took. Returns (calibrated, reconstructed or None, seconds or None)."""
+    q = quant.quantize_model(fp, qconfig, images[:2].to(device))
+    quant.calibrate(q, images, device=device)
+    qr = seconds = None
+    if preset:
+        qr = copy.deepcopy(q)
+        fields = {k: v for k, v in (("iterations", iterations), ("lr", lr)) if v}
+        t = time.perf_counter()
+        quant.reconstruct(qr, fp, images, quant.AdaRoundConfig.from_preset(preset, **fields), device=device,
+                          progress=False)
+        seconds = time.perf_counter() - t
+    quant.finalize_weights(q)
+    return q, qr, seconds
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="efficientnet-lite0")
@@ -110,24 +146,17 @@ def main(argv=None) -> int:
                "classes": d["classes_predicted"], "outside": d["pixels_outside_valid_range"],
                "synthesis_s": timings.get(name), "bits": {}}
         for wbits, abits in parse_bits(args.bits):
-            q = quant.quantize_model(fp, quant.QuantConfig(wbits=wbits, abits=abits, observer=args.observer,
-                                                       weight_observer=args.weight_observer),
-                                     images[:2].to(args.device))
-            quant.calibrate(q, images, device=args.device)
+            q, qr, seconds = calibrate_and_reconstruct(
+                fp, quant.QuantConfig(wbits=wbits, abits=abits, observer=args.observer,
+                                      weight_observer=args.weight_observer),
+                images, args.reconstruction, args.recon_iterations, args.recon_lr, args.device)
             cell = {}
-            if args.reconstruction:
-                qr = copy.deepcopy(q)
-                fields = {"iterations": args.recon_iterations} if args.recon_iterations else {}
-                fields.update({"lr": args.recon_lr} if args.recon_lr else {})
-                t = time.perf_counter()
-                quant.reconstruct(qr, fp, images, quant.AdaRoundConfig.from_preset(args.reconstruction, **fields),
-                                  device=args.device, progress=False)
-                cell["reconstruction_s"] = time.perf_counter() - t
+            if qr is not None:
+                cell["reconstruction_s"] = seconds
                 cell["reconstructed"] = fidelity(fp, qr, eval_x)
                 if args.bias_correction:
                     quant.correct_bias(qr, fp, images, device=args.device)
                     cell["reconstructed_bias_corrected"] = fidelity(fp, qr, eval_x)
-            quant.finalize_weights(q)
             cell["calibration"] = fidelity(fp, q, eval_x)
             if args.bias_correction:
                 quant.correct_bias(q, fp, images, device=args.device)

@@ -14,7 +14,6 @@ crops and on fresh synthetic images, beside the unrefined images, in the same ru
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -26,7 +25,12 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from effnet_recipes import photo_sets, synthetic_images  # noqa: E402
+from effnet_recipes import (  # noqa: E402
+    add_single_setting_args,
+    calibrate_and_reconstruct,
+    photo_sets,
+    synthetic_images,
+)
 
 from dsg_ext import quantization as quant  # noqa: E402
 from dsg_ext.demo import parse_bits  # noqa: E402
@@ -112,12 +116,7 @@ def refine(fp, adversary, images, spec, weight, iterations, lr, seed, device="cp
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="efficientnet-lite0")
-    p.add_argument("--recipe", default="recommended")
-    p.add_argument("--samples", type=int, default=48)
-    p.add_argument("--batch", type=int, default=48)
-    p.add_argument("--iterations", type=int, default=100, help="synthesis iterations of the base images")
-    p.add_argument("--bits", default="W6A6", help="one bit setting")
+    add_single_setting_args(p)
     p.add_argument("--weights", default="0,1", help="comma-separated KL weights (0: the base images refined "
                    "on the BN loss alone, the control)")
     p.add_argument("--kl-target", type=float, default=None,
@@ -126,14 +125,7 @@ def main(argv=None) -> int:
     p.add_argument("--refine-lr", type=float, default=0.05)
     p.add_argument("--skip-base", action="store_true", help="do not measure the unrefined images")
     p.add_argument("--mix", action="store_true", help="reconstruct on the base images plus the refined ones")
-    p.add_argument("--reconstruction", default="recommended")
-    p.add_argument("--recon-iterations", type=int, default=200)
-    p.add_argument("--recon-lr", type=float, default=0.05)
     p.add_argument("--no-reconstruction", action="store_true", help="calibration only (quick screening)")
-    p.add_argument("--cache", default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     (wbits, abits), = parse_bits(args.bits)
     loaded = load_model(args.model)
@@ -145,9 +137,7 @@ def main(argv=None) -> int:
     fresh, _ = synthetic_images(args.model, fp, spec, args.recipe, args.samples, args.batch, args.iterations,
                                 args.seed + 1, args.device, args.cache)
     qconfig = quant.QuantConfig(wbits=wbits, abits=abits)
-    adversary = quant.quantize_model(fp, qconfig, base[:2].to(args.device))
-    quant.calibrate(adversary, base, device=args.device)
-    quant.finalize_weights(adversary)
+    adversary, _, _ = calibrate_and_reconstruct(fp, qconfig, base, device=args.device)
     sources = {}
     for w in (float(v) for v in args.weights.split(",")):
         t = time.perf_counter()
@@ -163,19 +153,12 @@ def main(argv=None) -> int:
     rows = []
     print(f"| images | stage | held-out photos ({held_out.shape[0]}) | fresh synthetic ({fresh.shape[0]}) |")
     for name, (images, measured, seconds) in sources.items():
-        q = quant.quantize_model(fp, qconfig, images[:2].to(args.device))
-        quant.calibrate(q, images, device=args.device)
+        q, qr, recon_s = calibrate_and_reconstruct(
+            fp, qconfig, images, None if args.no_reconstruction else args.reconstruction, args.recon_iterations,
+            args.recon_lr, args.device)
         stages = {"calibrated": q}
-        recon_s = None
-        if not args.no_reconstruction:
-            qr = copy.deepcopy(q)
-            t = time.perf_counter()
-            quant.reconstruct(qr, fp, images, quant.AdaRoundConfig.from_preset(
-                args.reconstruction, iterations=args.recon_iterations, lr=args.recon_lr), device=args.device,
-                progress=False)
-            recon_s = time.perf_counter() - t
+        if qr is not None:
             stages[f"{args.reconstruction} reconstruction"] = qr
-        quant.finalize_weights(q)
         for stage, model in stages.items():
             cells = {"held-out": fidelity(fp, model, held_out, device=args.device),
                      "fresh": fidelity(fp, model, fresh, device=args.device)}

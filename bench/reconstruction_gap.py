@@ -11,15 +11,18 @@ fresh synthetic images as on its own but not on photos has learnt the synthetic 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from effnet_recipes import photo_sets, synthetic_images  # noqa: E402
+from effnet_recipes import (  # noqa: E402
+    add_single_setting_args,
+    calibrate_and_reconstruct,
+    photo_sets,
+    synthetic_images,
+)
 
 from dsg_ext import quantization as quant  # noqa: E402
 from dsg_ext.demo import parse_bits  # noqa: E402
@@ -31,20 +34,8 @@ SETS = ("own calibration images", "held-out photos", "fresh synthetic")
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="efficientnet-lite0")
-    p.add_argument("--recipe", default="recommended")
-    p.add_argument("--samples", type=int, default=48)
-    p.add_argument("--batch", type=int, default=48)
-    p.add_argument("--iterations", type=int, default=100, help="synthesis iterations")
-    p.add_argument("--bits", default="W6A6", help="one bit setting")
-    p.add_argument("--reconstruction", default="recommended")
-    p.add_argument("--recon-iterations", type=int, default=200)
-    p.add_argument("--recon-lr", type=float, default=0.05)
+    add_single_setting_args(p)
     p.add_argument("--eval-crops", type=int, default=8, help="crops per held-out photo")
-    p.add_argument("--cache", default=None, help="directory for the synthetic images (effnet_recipes.py's cache)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     (wbits, abits), = parse_bits(args.bits)
     loaded = load_model(args.model)
@@ -60,15 +51,9 @@ def main(argv=None) -> int:
     print(f"| calibration source | stage | {' | '.join(SETS)} |  (W{wbits}A{abits}: agreement % / KL to FP32; "
           f"{held_out.shape[0]} held-out crops, {fresh.shape[0]} fresh synthetic images)")
     for source, images in sources.items():
-        q = quant.quantize_model(fp, quant.QuantConfig(wbits=wbits, abits=abits), images[:2].to(args.device))
-        quant.calibrate(q, images, device=args.device)
-        qr = copy.deepcopy(q)
-        t = time.perf_counter()
-        quant.reconstruct(qr, fp, images, quant.AdaRoundConfig.from_preset(
-            args.reconstruction, iterations=args.recon_iterations, lr=args.recon_lr), device=args.device,
-            progress=False)
-        seconds = time.perf_counter() - t
-        quant.finalize_weights(q)
+        q, qr, seconds = calibrate_and_reconstruct(fp, quant.QuantConfig(wbits=wbits, abits=abits), images,
+                                                   args.reconstruction, args.recon_iterations, args.recon_lr,
+                                                   args.device)
         for stage, model in (("calibrated", q), (f"{args.reconstruction} reconstruction", qr)):
             cells = {}
             for name, x in zip(SETS, (images, held_out, fresh)):

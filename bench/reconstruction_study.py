@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=None, help="rounding lr (default AdaRoundConfig's)")
     p.add_argument("--act-scale-lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval", type=int, default=10000, help="test images (10000: the whole test set)")
     p.add_argument("--bits", default="4,4")
     p.add_argument("--bias-correction", action="store_true", help="also score each variant bias-corrected")
     p.add_argument("--json", default=None)
@@ -61,7 +62,8 @@ def main(argv=None) -> int:
     spec = loaded.input
     input_range = spec.valid_range()
     test_u8, test_y = fashion_mnist.load_split(train=False)
-    test_x = fashion_mnist.preprocess(test_u8)
+    test_x = fashion_mnist.preprocess(test_u8[: args.eval])
+    test_y = test_y[: args.eval]
     fp_acc = topk_accuracy(model, test_x, test_y, batch_size=500)[0]
     print(f"FP32 top-1 {fp_acc:.2f}; W{wbits}A{abits}, {args.iterations} reconstruction iterations per unit", flush=True)
     extra = " bias-corrected |" if args.bias_correction else ""
