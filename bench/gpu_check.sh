@@ -5,7 +5,8 @@
 # each part; a short summary is printed after each part.
 #   device run:  bash bench/gpu_check.sh        (carry .whl, timeout_s ~ 540)
 #   PARTS orders the parts (default "errors checks timings tests"; "recipes" = bench/effnet_recipes.py, issue 13's
-#   recipe comparison (incl. the `genie` generator recipe at 500 it) + Genie-preset reconstruction on EfficientNet-Lite0, ~8 min): "errors" = bench/gpu_errors.py
+#   recipe comparison (`recommended` and the `genie` generator recipe at 500 it, beside real photos and noise) + Genie-preset
+#   reconstruction at 1000 it/unit, W6A6 and W4A4, on EfficientNet-Lite0, ~6-8 min by estimate): "errors" = bench/gpu_errors.py
 #   --diagnose (~1 min); "checks" = CUDA-vs-CPU of every op; "timings" = CUDA-event timings (ops and
 #   synthesis; BENCH_ARGS=--no-compile skips torch.compile); "tests" = python_tests -k cuda (TESTS="-k x"
 #   narrows them); "sweep" = the statistic ops at synthesis' bf16 channels_last shape and ResNet-50 b256
@@ -66,8 +67,12 @@ for path in sorted(glob.glob(sys.argv[1] + "/sweep_*.json"), key=key):
 PY
     ;;
   recipes)  # issue 13: synthesis recipes + reconstruction on EfficientNet-Lite0 (RECIPE_ARGS to change the budget)
-    timeout ${RECIPES_TIMEOUT:-480} python3 bench/effnet_recipes.py --device cuda ${RECIPE_ARGS:---recipes recommended,genie,paper-dsg,zeroq --samples 256 --batch 64 \
-      --iterations 500 --reconstruction genie --recon-iterations 2000 --bias-correction --bits W8A8,W6A6,W4A8,W4A4} \
+    # Sized by estimate (unmeasured): ~18 units x 1000 it x ~2 ms per graph-replayed iteration = ~36 s per
+    # reconstruction; 4 sources (real photos, noise, recommended, genie) x 2 bit settings = ~5 min, + synthesis.
+    # Every cell is printed as it finishes, so a run stopped by the timeout still reports the cells before it;
+    # the `speed` part's ms/iteration tells how far to scale this up (e.g. add paper-dsg,zeroq, W8A8,W4A8).
+    timeout ${RECIPES_TIMEOUT:-480} python3 bench/effnet_recipes.py --device cuda ${RECIPE_ARGS:---recipes recommended,genie --samples 256 --batch 64 \
+      --iterations 500 --reconstruction genie --recon-iterations 1000 --bias-correction --bits W6A6,W4A4} \
       --json "$LOG/effnet_recipes.json" >"$LOG/recipes.log" 2>&1
     echo "recipes rc $? after $(( $(date +%s) - start )) s"; grep -E "^\||W[0-9]A[0-9]" "$LOG/recipes.log" | head -40 ;;
   speed)  # issue 13: reconstruction engines, Genie's schedule (blocks, QDrop, LSQ, weight scales), 1024 images
