@@ -3,12 +3,17 @@ reconstruction_gap.py found that our samples barely excite the errors a quantize
 photos (KL 0.10 on the samples vs 1.02 on photos at W6A6 calibration). Here the synthetic images
 are refined for a few more iterations with the batch-statistic loss *minus* w x KL(FP32 || quantized)
 (the calibrated quantized network as the adversary; w relative: ``--weights 1`` starts the KL term as
-large as the BN loss; pixels kept valid), so that they stay on the BN
-statistics but sit where the quantized network disagrees. The quantized network is then calibrated
+large as the BN loss; with ``--kl-target T``, + w x mean(relu(T - per-sample KL)) instead, a hinge that
+stops at T; pixels kept valid), so that they stay on the BN statistics but sit where the quantized
+network disagrees. The quantized network is then calibrated
 and reconstructed on them (or on them plus the unrefined images) and measured on the held-out photo
 crops and on fresh synthetic images, beside the unrefined images, in the same run.
 
     python bench/hard_samples.py --bits W6A6 --weights 0,1 --cache /tmp/effcache          (CPU, ~50 min)
+    python bench/hard_samples.py --bits W6A6 --weights 1 --kl-target 1.0 --skip-base --cache /tmp/effcache
+        (the hinge variant; ~27 min on 2 cores with the synthesis, 191 s refining + 407 s reconstructing)
+
+Measured (bench/RESULTS.md, 'hard samples'): neither variant beats the BN-loss-only control.
 """
 
 from __future__ import annotations
