@@ -36,6 +36,10 @@ def test_kl_term_moves_images_towards_disagreement_and_keeps_pixels_valid():
     # With a target the term pushes each sample's KL up to it only (a hinge): up from the start, finite.
     _, ((_, kl0), (_, kl1)) = hard_samples.refine(fp, adversary, base, spec, 1.0, 8, 0.05, seed=0, target=1.0)
     assert kl1 > kl0 and kl1 < float("inf")
+    # A hinge every sample already meets adds nothing (no gradient): the images are exactly the control's.
+    met, _ = hard_samples.refine(fp, adversary, base, spec, 1.0, 8, 0.05, seed=0, target=1e-12)
+    control, _ = hard_samples.refine(fp, adversary, base, spec, 0.0, 8, 0.05, seed=0)
+    assert torch.equal(met, control)
     # The networks are frozen by refine, not changed.
     assert not any(p.requires_grad for p in fp.parameters())
 
