@@ -107,8 +107,8 @@ def refine(fp, adversary, images, spec, weight, iterations, lr, seed, device="cp
         loop.target = target
         # The term's size on the starting images sets w; a hinge already met by every sample (0) falls back to
         # its largest possible value, the target, so that w stays finite.
-        start = abs(float(loop.disagreement_term()))
-        loop.weight = weight * measured[0][0] / max(start if start > 0 or target is None else target, 1e-8)
+        start = abs(float(loop.disagreement_term())) or (target or 0.0)
+        loop.weight = weight * measured[0][0] / max(start, 1e-8)
         for it in range(iterations):
             loop.iterate()
             if (it + 1) % 10 == 0 or it + 1 == iterations:
