@@ -4,7 +4,7 @@
 # separate processes, then the CUDA tests. Logs and JSON go to $LOG, packed into $OUT/logs.tgz after
 # each part; a short summary is printed after each part.
 #   device run:  bash bench/gpu_check.sh        (carry .whl, timeout_s ~ 540)
-#   PARTS orders the parts (default "errors checks timings tests"; "recipes" = bench/effnet_recipes.py, issue 13's
+#   PARTS orders the parts (default "errors checks timings tests"; "recipes" = studies/effnet_recipes.py, issue 13's
 #   recipe comparison (`recommended` and the `genie` generator recipe at 500 it, beside real photos and noise) + Genie-preset
 #   reconstruction at 1000 it/unit, W6A6 and W4A4, on EfficientNet-Lite0, ~6-8 min by estimate): "errors" = bench/gpu_errors.py
 #   --diagnose (~1 min); "checks" = CUDA-vs-CPU of every op; "timings" = CUDA-event timings (ops and
@@ -71,7 +71,7 @@ PY
     # reconstruction; 4 sources (real photos, noise, recommended, genie) x 2 bit settings = ~5 min, + synthesis.
     # Every cell is printed as it finishes, so a run stopped by the timeout still reports the cells before it;
     # the `speed` part's ms/iteration tells how far to scale this up (e.g. add paper-dsg,zeroq, W8A8,W4A8).
-    timeout ${RECIPES_TIMEOUT:-480} python3 bench/effnet_recipes.py --device cuda ${RECIPE_ARGS:---recipes recommended,genie --samples 256 --batch 64 \
+    timeout ${RECIPES_TIMEOUT:-480} python3 studies/effnet_recipes.py --device cuda ${RECIPE_ARGS:---recipes recommended,genie --samples 256 --batch 64 \
       --iterations 500 --reconstruction genie --recon-iterations 1000 --bias-correction --bits W6A6,W4A4} \
       --json "$LOG/effnet_recipes.json" >"$LOG/recipes.log" 2>&1
     echo "recipes rc $? after $(( $(date +%s) - start )) s"; grep -E "^\||W[0-9]A[0-9]" "$LOG/recipes.log" | head -40 ;;

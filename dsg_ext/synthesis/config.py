@@ -26,7 +26,7 @@ _BATCH_AUG = {"method": "batch", "crop_pad": 2, "flip": True, "smoothing": 0.5, 
 RECIPES = {
     "paper-dsg": {"method": "dsg"},
     "zeroq": {"method": "zeroq"},
-    # batch statistics + augmentation + swing convolution + valid pixels (bench/synthesis_recipes.py)
+    # batch statistics + augmentation + swing convolution + valid pixels (studies/synthesis_recipes.py)
     "batch-aug": dict(_BATCH_AUG),
     "recommended": dict(_BATCH_AUG),
     # Genie's synthesis as published: a generator + latent per batch of 128, batch statistics, swing

@@ -1,4 +1,4 @@
-"""Smoke test of bench/weight_sensitivity.py (CI runs bench/ once, untimed)."""
+"""Smoke test of studies/weight_sensitivity.py (CI runs studies/ once, untimed)."""
 
 import json
 

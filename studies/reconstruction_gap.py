@@ -1,11 +1,13 @@
-"""Where does data-free reconstruction lose against real photos: overfitting to the calibration
+"""Produced docs/results.md, "Why data-free reconstruction trails real photos".
+
+Where does data-free reconstruction lose against real photos: overfitting to the calibration
 images, or the wrong image distribution? Each model (calibrated, then reconstructed, on real photos
 and on synthetic images) is measured against FP32 on four image sets: the photos and the synthetic
 images it was calibrated on, held-out photos, and fresh synthetic images (another seed). A model
 that fits its own images but not fresh ones of the same kind overfits; one that does as well on
 fresh synthetic images as on its own but not on photos has learnt the synthetic distribution.
 
-    python bench/reconstruction_gap.py --bits W6A6 --cache /tmp/effcache          (CPU, ~35 min)
+    python studies/reconstruction_gap.py --bits W6A6 --cache /tmp/effcache          (CPU, ~35 min)
 """
 
 from __future__ import annotations

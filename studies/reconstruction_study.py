@@ -1,11 +1,14 @@
-"""Reconstruction variants one by one on the Fashion-MNIST ResNet-20 at W4A4 (weights per channel,
+"""Produced docs/quantization.md, "Reconstruction variants" (listed in docs/results.md, "Synthesis
+recipes, reconstruction variants, bias correction"; the QDrop + bias-correction rows in docs/results/log.md).
+
+Reconstruction variants one by one on the Fashion-MNIST ResNet-20 at W4A4 (weights per channel,
 activations min/max at every layer input, first/last layer 8-bit): plain calibration, AdaRound per
 layer, BRECQ blocks, + QDrop, + LSQ activation step sizes, + weight scales, and all together (the
 Genie recipe at this schedule), each calibrated on the same images and evaluated on the whole
 test set. The images: real training images, Gaussian noise, or a synthesis recipe of
-bench/synthesis_recipes.py.
+studies/synthesis_recipes.py.
 
-    python bench/reconstruction_study.py [--data real,batch+aug+swing+clamp] [--iterations 500] [--json out.json]
+    python studies/reconstruction_study.py [--data real,batch+aug+swing+clamp] [--iterations 500] [--json out.json]
 
 With ``--bias-correction`` every variant is also scored after ``correct_bias`` on the same images.
 """

@@ -1,4 +1,4 @@
-"""Smoke test of bench/reconstruction_gap.py (CI runs bench/ once, untimed), on the Fashion-MNIST
+"""Smoke test of studies/reconstruction_gap.py (CI runs studies/ once, untimed), on the Fashion-MNIST
 network at a tiny schedule: every model measured on every image set, the synthetic images cached and
 reused, the fresh synthetic images another seed's."""
 

@@ -1,4 +1,4 @@
-"""Smoke test of bench/hard_samples.py (CI runs bench/ once, untimed), on the Fashion-MNIST network at a
+"""Smoke test of studies/hard_samples.py (CI runs studies/ once, untimed), on the Fashion-MNIST network at a
 tiny schedule: the KL term pushes the images to where the quantized network disagrees (more than the BN
 loss alone does), pixels stay valid, and every source is measured at every stage."""
 

@@ -1,11 +1,14 @@
-"""EfficientNet-Lite0 (real ImageNet weights): does synthetic calibration beat noise at W4A4?
+"""Produced docs/results.md, "Earlier demo measurements" (the EfficientNet-Lite0 W4A4 reading) and the
+dated entry "EfficientNet-Lite0 (real ImageNet weights)" of docs/results/log.md.
+
+EfficientNet-Lite0 (real ImageNet weights): does synthetic calibration beat noise at W4A4?
 
 Synthesises small ZeroQ / DSG datasets (paper recipes, plus DSG with our recipe options), then
 quantizes W4A4 (first and last layer 8-bit) calibrated on each source and measures the fidelity
 to FP32 -- top-1 agreement and mean KL -- on crops of real photos (scikit-image's sample images;
 no ImageNet labels exist offline). Real-photo calibration uses a disjoint half of the photos.
 
-    python bench/effnet_study.py --out /tmp/effnet --samples 32 --iterations 100    (~20 min, 2 CPU cores)
+    python studies/effnet_study.py --out /tmp/effnet --samples 32 --iterations 100    (~20 min, 2 CPU cores)
 """
 
 import argparse

@@ -1,12 +1,16 @@
-"""The synthesis recipes on a real ImageNet network (EfficientNet-Lite0/1/2): diversity measures
+"""Produced docs/results.md, "EfficientNet-Lite0: the recipes and the bit settings, plain calibration",
+"EfficientNet-Lite0 W6A6: a CPU reconstruction schedule", "EfficientNet-Lite0 below 8 bits: where the goals stand" and
+"Genie's generator on EfficientNet-Lite0"; the GPU script's `recipes` part runs it.
+
+The synthesis recipes on a real ImageNet network (EfficientNet-Lite0/1/2): diversity measures
 (sample spread relative to real photos', classes predicted out of 1000, pixels outside the valid
 range) and, per bit setting, fidelity to FP32 (top-1 agreement, mean KL) on held-out crops of
 scikit-image's photos after min/max calibration -- and optionally after reconstruction (a named
 preset, e.g. Genie's full schedule on a GPU). Real-photo calibration uses the other half of the
 photos; Gaussian noise is measured in the same run.
 
-    python bench/effnet_recipes.py --samples 32 --iterations 100                        (CPU, ~25 min)
-    python bench/effnet_recipes.py --device cuda --samples 256 --iterations 500 \\
+    python studies/effnet_recipes.py --samples 32 --iterations 100                        (CPU, ~25 min)
+    python studies/effnet_recipes.py --device cuda --samples 256 --iterations 500 \\
         --reconstruction genie --recon-iterations 20000 --json effnet.json              (GPU)
 """
 

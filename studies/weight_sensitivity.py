@@ -1,10 +1,13 @@
-"""How finely does the fidelity measure resolve weight quantization? Each weight layer alone, then
+"""Produced docs/results.md, "Why data-free reconstruction trails real photos" (what the agreement
+measure resolves).
+
+How finely does the fidelity measure resolve weight quantization? Each weight layer alone, then
 all of them, fake-quantized per output channel (asymmetric min/max, torch's own
 ``fake_quantize_per_channel_affine``, nothing of ours but the model and the crops), measured against
 FP32 on the held-out crops of the scikit-image photos that effnet_recipes.py uses. A sanity row at
 16 bits must agree fully.
 
-    python bench/weight_sensitivity.py --bits 8                (EfficientNet-Lite0, CPU, ~10 min)
+    python studies/weight_sensitivity.py --bits 8                (EfficientNet-Lite0, CPU, ~10 min)
 """
 
 from __future__ import annotations

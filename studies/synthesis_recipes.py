@@ -1,11 +1,14 @@
-"""Which synthesis recipe gives the most diverse, most useful calibration data: every recipe below
+"""Produced docs/synthesis.md, "Synthesis recipes: the table that chose `--recipe recommended`"
+(listed in docs/results.md, "Synthesis recipes, reconstruction variants, bias correction").
+
+Which synthesis recipe gives the most diverse, most useful calibration data: every recipe below
 synthesises the same number of images for the Fashion-MNIST ResNet-20, then each set is measured
 (sample spread relative to the real images', classes the FP32 network predicts, pixels outside the
 valid range) and used for min/max W4A4 calibration (the demo's quantizer, no reconstruction),
 evaluated on the whole test set. Real training images and Gaussian noise are measured in the same
-run. This is the table that chose `--recipe recommended` (README, Synthesis recipes).
+run. This is the table that chose `--recipe recommended`.
 
-    python bench/synthesis_recipes.py [--recipes a,b] [--samples 256] [--iterations 150] [--seeds 0,1,2] [--json out.json]
+    python studies/synthesis_recipes.py [--recipes a,b] [--samples 256] [--iterations 150] [--seeds 0,1,2] [--json out.json]
 """
 
 from __future__ import annotations

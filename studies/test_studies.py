@@ -1,4 +1,4 @@
-"""Smoke tests of the issue-13 study scripts (CI runs bench/ once, untimed), on the Fashion-MNIST network
+"""Smoke tests of the issue-13 study scripts (CI runs studies/ once, untimed), on the Fashion-MNIST network
 at tiny schedules: every source, bit setting and stage each script promises is measured and written to
 its JSON. effnet_recipes.py is what the GPU script's `recipes` part runs, with these options and the
 `genie` recipe among them: a script that rotted would waste the lent GPU's minutes."""

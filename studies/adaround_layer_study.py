@@ -1,8 +1,11 @@
-"""AdaRound one layer at a time on EfficientNet-Lite0 (real ImageNet weights): reconstruction error of
+"""Produced docs/results.md, "Earlier demo measurements" (the EfficientNet-Lite0 reading) and
+"AdaRound examined layer by layer" in docs/results/log.md.
+
+AdaRound one layer at a time on EfficientNet-Lite0 (real ImageNet weights): reconstruction error of
 nearest rounding vs AdaRound's hard rounding, on the calibration images and on held-out real-photo
 crops, for several schedule lengths. The rest of the network stays nearest-rounded.
 
-    python bench/adaround_layer_study.py --calib DIR --layers 1,2,4,7,10,19 --iterations 50,200,800
+    python studies/adaround_layer_study.py --calib DIR --layers 1,2,4,7,10,19 --iterations 50,200,800
     (DIR: a `dsg generate --model efficientnet-lite0` dataset; ~25 min on 2 CPU cores for the above)
 """
 

@@ -1,4 +1,6 @@
-"""Do synthetic images aimed at the quantization error close the data-free reconstruction gap?
+"""Produced docs/results.md, "Synthetic images aimed at the quantization error".
+
+Do synthetic images aimed at the quantization error close the data-free reconstruction gap?
 reconstruction_gap.py found that our samples barely excite the errors a quantized network makes on
 photos (KL 0.10 on the samples vs 1.02 on photos at W6A6 calibration). Here the synthetic images
 are refined for a few more iterations with the batch-statistic loss *minus* w x KL(FP32 || quantized)
@@ -9,11 +11,11 @@ network disagrees. The quantized network is then calibrated
 and reconstructed on them (or on them plus the unrefined images) and measured on the held-out photo
 crops and on fresh synthetic images, beside the unrefined images, in the same run.
 
-    python bench/hard_samples.py --bits W6A6 --weights 0,1 --cache /tmp/effcache          (CPU, ~50 min)
-    python bench/hard_samples.py --bits W6A6 --weights 1 --kl-target 1.0 --skip-base --cache /tmp/effcache
+    python studies/hard_samples.py --bits W6A6 --weights 0,1 --cache /tmp/effcache          (CPU, ~50 min)
+    python studies/hard_samples.py --bits W6A6 --weights 1 --kl-target 1.0 --skip-base --cache /tmp/effcache
         (the hinge variant; ~27 min on 2 cores with the synthesis, 191 s refining + 407 s reconstructing)
 
-Measured (bench/RESULTS.md, 'hard samples'): neither variant beats the BN-loss-only control.
+Measured (docs/results.md): neither variant beats the BN-loss-only control.
 """
 
 from __future__ import annotations
