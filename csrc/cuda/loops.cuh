@@ -37,7 +37,7 @@ constexpr int64_t kMaxGridY = 65535;
 // Elements each thread walks per block: a block covers kRowThreads * work elements of a run (row
 // mode), kColY * work rows of 32 channels (column mode) or 256 / tx * work rows of tx * kVec channels
 // (vectorised column mode: work 16-byte accesses per thread and tensor). Defaults 16 (row) and 8
-// (column: the settings measured in bench/RESULTS.md; vectorised: not yet measured).
+// (column: the settings measured in docs/results/log.md; vectorised: not yet measured).
 // DSG_EXT_CUDA_WORK=N sets all three, read once per process: a tuning knob for bench/gpu_check.sh's
 // sweep, not a user setting.
 inline int64_t work_override() {
@@ -153,7 +153,7 @@ struct VecWidth : std::integral_constant<int, 0> {};
 template <typename Op>
 struct VecWidth<Op, std::void_t<decltype(Op::kVec)>> : std::integral_constant<int, Op::kVec> {};
 
-// Which 16-byte paths are on: both by default (checked on an H100, 2026-11-27: bench/RESULTS.md);
+// Which 16-byte paths are on: both by default (checked on an H100, 2026-11-27: docs/results/log.md);
 // DSG_EXT_CUDA_VEC=0 turns both off (the scalar kernels), =cols keeps only the channels_last one,
 // =runs only the row-mode one -- for comparisons and as an escape hatch.
 struct VecSwitch {

@@ -23,7 +23,7 @@ RECONSTRUCTION_PRESETS = {
     # Genie (CVPR'23): 20k iterations per block, batch 32, QDrop 0.5, rounding lr 1e-3, weight scales
     # lr 1e-4 and LSQ activation step sizes lr 4e-5 learned together.
     # BRECQ blocks: as good as layer-wise AdaRound within the evaluation noise and faster; QDrop, LSQ and
-    # learned weight scales did not help at the CPU schedule (README, Reconstruction variants).
+    # learned weight scales did not help at the CPU schedule (docs/quantization.md, Reconstruction variants).
     "recommended": {"unit": "block"},
     "genie": {"unit": "block", "iterations": 20000, "batch_size": 32, "lr": 1e-3, "qdrop": 0.5,
               "learn_act_scale": True, "act_scale_lr": 4e-5, "learn_weight_scale": True, "weight_scale_lr": 1e-4},
@@ -38,7 +38,7 @@ class QuantConfig:
     The defaults are the recommended recipe: 4-bit weights per output channel (symmetric, min/max)
     and 4-bit activations per tensor at every layer input with MSE-searched ranges, first and last
     layer at 8 bits. MSE ranges are the default because they measured best at W4A4 on every
-    calibration source (bench/RESULTS.md: ResNet-20 DSG data 92.53% vs 90.52% with min/max).
+    calibration source (docs/results.md: ResNet-20 DSG data 92.53% vs 90.52% with min/max).
     """
 
     wbits: int = 4

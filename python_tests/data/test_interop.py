@@ -120,7 +120,7 @@ def _onnx_top1(path, x, y):
 
 
 def test_onnxruntime_quantize_static_with_our_data(fm, tmp_path):
-    """DSG data against Gaussian noise as onnxruntime's calibration set (the README's table has the
+    """DSG data against Gaussian noise as onnxruntime's calibration set (docs/deploy.md's table has the
     full-size figures: with min/max observers DSG data calibrate worse than noise)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 

@@ -122,7 +122,7 @@ def test_every_quantizer_layout_exports(tmp_path, kw):
     """The file computes our model: onnxruntime without graph optimisations agrees image for image.
     With them, where BN is folded ORT fuses DequantizeLinear -> Conv -> QuantizeLinear into its
     integer convolution (bias rounded to int32 at scale s_x * s_w), which moves some 4-bit results
-    by a step: measured >= 97% agreement on these 128 images (README)."""
+    by a step: measured >= 97% agreement on these 128 images (docs/deploy.md)."""
     q, calib = _quantized_resnet20(**kw)
     path = str(tmp_path / "m.onnx")
     export_onnx(q, calib[:2], path)

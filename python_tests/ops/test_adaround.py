@@ -532,7 +532,7 @@ def test_scale_grad_only():
 
 @pytest.mark.parametrize("zero_point", [0, torch.tensor(3, dtype=torch.int32), torch.tensor([3.0])])
 def test_single_zero_point_applies_to_every_channel(zero_point):
-    """A per-channel scale with one zero point (the README's symmetric example) broadcasts it."""
+    """A per-channel scale with one zero point (the symmetric example of docs/ops.md) broadcasts it."""
     w = make_w((6, 5), torch.tensor(0.02), -8, 7)
     v = torch.randn(6, 5, dtype=F64)
     scale = make_scale(6)
