@@ -10,7 +10,7 @@ import re
 import pytest
 
 from dsg_ext import cli
-from dsg_ext.demo import DemoConfig
+from dsg_ext.cli.demo import DemoConfig
 from dsg_ext.quantization import (
     OBSERVERS,
     PLACEMENTS,
@@ -106,9 +106,7 @@ def test_a_user_mistake_is_one_line_and_exit_code_2(tmp_path, capsys):
 
 def _generate_config(argv):
     argv = ["generate", "--model", "m", "--out", "d", *argv]
-    args = cli.build_parser(cli.recipe_in(argv)).parse_args(argv)
-    base = SynthesisConfig.from_recipe(args.recipe) if args.recipe else SynthesisConfig()
-    return cli.config_from_args(args, SynthesisConfig, base)
+    return cli.generate.synthesis_config(cli.build_parser().parse_args(argv))
 
 
 def test_generate_recipe_sets_defaults_and_options_override_it():
@@ -122,6 +120,18 @@ def test_generate_recipe_sets_defaults_and_options_override_it():
     assert _generate_config(["--flip", "--swing", "--crop-pad", "3"]) == SynthesisConfig(flip=True, swing=True,
                                                                                           crop_pad=3)
     assert _generate_config(["--flip", "--no-flip"]).flip is False
+    # an option given with its default's value still overrides the recipe (given, not "differs from default")
+    assert _generate_config(["--recipe", "recommended", "--method", SynthesisConfig().method]).method == "dsg"
+    assert _generate_config(["--recipe", "recommended", "--no-flip"]).flip is False
+
+
+def test_one_parse_builds_every_command_once(monkeypatch):
+    """`main` parses the command line once: no pre-scan of argv for presets, one parser built."""
+    built = []
+    real = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: built.append(1) or real())
+    assert cli.main(["info"]) == 0 and built == [1]
+    assert not hasattr(cli, "preset_in") and not hasattr(cli, "recipe_in")
 
 
 def test_generate_unknown_recipe_exit_code_2(capsys):
@@ -131,10 +141,8 @@ def test_generate_unknown_recipe_exit_code_2(capsys):
 
 
 def _reconstruction_config(argv):
-    argv = ["quantize", "--model", "m", "--real", "noise", "--out", "q", *argv]
-    args = cli.build_parser(None, cli.preset_in(argv, "quantize", "--reconstruction")).parse_args(argv)
-    base = AdaRoundConfig.from_preset(args.reconstruction) if args.reconstruction else None
-    return cli.config_from_args(args, AdaRoundConfig, base)
+    argv = ["quantize", "--model", "m", "--real", "noise", "--out", "q", "--adaround", *argv]
+    return cli.quantize.reconstruction_config(cli.build_parser().parse_args(argv))
 
 
 def test_quantize_engine_option_and_graph_off_cuda_refused_before_work(tmp_path, capsys, monkeypatch):

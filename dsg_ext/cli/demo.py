@@ -10,6 +10,7 @@ when the demo is run again.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import json
@@ -19,13 +20,14 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
-from . import quantization as quant
-from ._io import atomic_write_bytes, prepare_output_dir
-from .data import calibration, fashion_mnist
-from .errors import ConfigError
-from .evaluation import topk_accuracy
-from .models import load_model
-from .synthesis import SynthesisConfig, generate
+from .. import quantization as quant
+from .._io import atomic_write_bytes, prepare_output_dir
+from ..data import calibration, fashion_mnist
+from ..errors import ConfigError
+from ..evaluation import topk_accuracy
+from ..models import load_model
+from ..synthesis import SynthesisConfig, generate
+from .options import _device, _Formatter, _option, _positive_int, config_from_args
 
 MODEL = "fashion-mnist-resnet20"
 
@@ -156,19 +158,23 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> Dict[str, Any
         "timings": timings,
         "total_seconds": time.perf_counter() - t_start,
     }
-    atomic_write_bytes(os.path.join(cfg.out, "demo.json"), json.dumps(result, indent=2).encode())
+    written = {"results (JSON)": os.path.join(cfg.out, "demo.json")}
+    atomic_write_bytes(written["results (JSON)"], json.dumps(result, indent=2).encode())
     log(format_table(result))
     try:
         write_chart(result, os.path.join(cfg.out, "demo.png"))
+        written["chart (PNG)"] = os.path.join(cfg.out, "demo.png")
         from .report import write_report
 
         dirs = [os.path.join(cfg.out, "data", m) for m in SOURCE_RECIPES if m in cfg.sources]
         if dirs:
-            write_report(dirs, os.path.join(cfg.out, "report.html"), demo=os.path.join(cfg.out, "demo.json"))
-        log(f"wrote {os.path.join(cfg.out, 'demo.json')}, {os.path.join(cfg.out, 'demo.png')}"
-            + (f" and {os.path.join(cfg.out, 'report.html')}" if dirs else ""))
+            write_report(dirs, os.path.join(cfg.out, "report.html"), demo=written["results (JSON)"])
+            written["report (HTML)"] = os.path.join(cfg.out, "report.html")
     except ImportError:
-        log(f"wrote {os.path.join(cfg.out, 'demo.json')} (matplotlib missing: no chart)")
+        log("matplotlib is missing: no chart and no report (pip install matplotlib)")
+    log(f"\nwritten ({result['total_seconds'] / 60:.1f} min in all):")
+    for what, path in written.items():
+        log(f"  {what:15s} {path}")
     return result
 
 
@@ -223,3 +229,35 @@ def write_chart(result: Dict[str, Any], path: str) -> None:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def add_parser(sub) -> None:
+    from ..quantization.config import RECONSTRUCTION_PRESETS
+    from ..quantization.observers import OBSERVERS
+
+    D = DemoConfig
+
+    p = sub.add_parser("demo", formatter_class=_Formatter,
+                       help="end to end on the shipped Fashion-MNIST network (CPU, about 10 minutes)")
+    _option(p, "--out", D, "out", "directory for the synthetic data, demo.json and demo.png")
+    _option(p, "--samples", D, "samples", "calibration images per source", type=_positive_int)
+    _option(p, "--synth-iters", D, "synth_iterations", "synthesis iterations (the papers: 500)")
+    _option(p, "--adaround-iters", D, "adaround_iterations", "reconstruction iterations per layer or block "
+            "(the papers: 10000-20000)")
+    _option(p, "--reconstruction", D, "reconstruction", "named reconstruction", choices=sorted(RECONSTRUCTION_PRESETS))
+    _option(p, "--eval-samples", D, "eval_samples", "test images evaluated (10000 = all)", type=_positive_int)
+    _option(p, "--bits", D, "bits", "bit settings", type=parse_bits, shown_default=format_bits(D().bits))
+    _option(p, "--observer", D, "observer", "activation ranges (min/max shows the calibration data's influence most)",
+            choices=tuple(OBSERVERS))
+    _option(p, "--reconstruct-max-wbits", D, "reconstruct_max_wbits", "reconstruct only bit settings with at most "
+            "this many weight bits (8 = all)")
+    _option(p, "--device", D, "device", "where to run", type=_device)
+    _option(p, "--bias-correction", D, "bias_correction", "also correct the biases (empirical bias correction) after "
+            "calibration and after reconstruction")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    run_demo(config_from_args(args, DemoConfig), progress=not args.quiet)
+    return 0

@@ -1,43 +1,26 @@
-"""The option sets of ``dsg generate`` and ``dsg quantize`` (the two commands whose options are
-whole config classes, with named presets), and the model options every model-loading command
-shares. Handlers live in ``cli``."""
+"""``dsg generate``: synthesise calibration images from a model's BatchNorm statistics into a
+resumable dataset directory."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import argparse
+from typing import Any, Dict
 
-from .cli_options import DEFAULT_DEVICE, _device, _Formatter, _option, _optional_bits, _positive_int
-from .cli_options import _option as _config_option
-
-TRUST_HELP = ("allow a TorchScript model file, whose loading runs the code it holds (.pt2 files are checked "
-               "and need no trust)")
+from .options import DEFAULT_DEVICE, _device, _Formatter, _option, _positive_int, add_model_options, config_from_args
 
 
-def add_model_options(p, model_help: str = "model source, as for generate") -> None:
-    """--model, --weights and --trust-model-code: where the network comes from (every command that loads one)."""
-    p.add_argument("--model", required=True, help=model_help)
-    p.add_argument("--weights", help="state-dict file for torchvision:/timm:/module: sources")
-    p.add_argument("--trust-model-code", action="store_true", help=TRUST_HELP)
-
-
-def add_generate_parser(sub, handler: Callable, recipe: Optional[str] = None) -> None:
-    """``dsg generate``'s options; ``recipe``: the named recipe whose values they default to."""
-    from .synthesis.config import CE_LABELS, INITS, LAYER_WEIGHTINGS, METHODS, RECIPES
-    from .synthesis.config import SynthesisConfig as S
-    from .synthesis.writer import DEFAULT_NUM_SAMPLES
-
-    base = S.from_recipe(recipe) if recipe in RECIPES else S()
-
-    def _option(p, flag, cls, field, help, **kw):  # defaults: the named recipe's values
-        _config_option(p, flag, cls, field, help, defaults=base, **kw)
+def add_parser(sub) -> None:
+    from ..synthesis.config import CE_LABELS, INITS, LAYER_WEIGHTINGS, METHODS, RECIPES
+    from ..synthesis.config import SynthesisConfig as S
+    from ..synthesis.writer import DEFAULT_NUM_SAMPLES
 
     p = sub.add_parser("generate", formatter_class=_Formatter,
                        help="synthesise calibration images from a model's BatchNorm statistics")
     add_model_options(p, "torchvision:NAME, timm:NAME, efficientnet-lite0, fashion-mnist-resnet20, module:function, "
                           "a torch.export .pt2 or a TorchScript file")
     p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
-                   help="a named preset that sets the options below (given options override it); "
-                        "'recommended' is the README's")
+                   help="a named preset that sets the options below (the defaults shown are SynthesisConfig's; "
+                        "given options override the preset's); 'recommended' is the one docs/synthesis.md chose")
     _option(p, "--method", S, "method", "zeroq: ZeroQ; dsg: DSG (slack + layerwise enhancement); batch: batch "
             "statistics (Genie, MCT); batch-dsg: batch statistics + DSG's slack and enhancement", choices=METHODS)
     p.add_argument("--num-samples", type=_positive_int, default=DEFAULT_NUM_SAMPLES, help="images in all")
@@ -81,74 +64,50 @@ def add_generate_parser(sub, handler: Callable, recipe: Optional[str] = None) ->
     p.add_argument("--preview", help="also write a PNG grid of the samples")
     p.add_argument("--compare-zeroq", action="store_true",
                    help="also synthesise batch 0 with ZeroQ and report both methods' sample spread")
-    p.set_defaults(func=handler)
+    p.set_defaults(func=run)
 
 
-def add_quantize_parser(sub, handler: Callable, reconstruction: Optional[str] = None) -> None:
-    """``dsg quantize``'s options; ``reconstruction``: the named reconstruction whose values they default to."""
-    from .data.calibration import DEFAULT_CALIBRATION_IMAGES
-    from .quantization.config import PLACEMENTS, RECONSTRUCTION_PRESETS, RECONSTRUCTION_UNITS
-    from .quantization.config import AdaRoundConfig as A
-    from .quantization.config import QuantConfig as Q
-    from .quantization.engine import ENGINES
-    from .quantization.observers import OBSERVERS
-    from .quantization.qparams import WEIGHT_OBSERVERS
+def synthesis_config(args: argparse.Namespace):
+    """The SynthesisConfig a parsed ``dsg generate`` line describes: defaults, then its ``--recipe``,
+    then the options given."""
+    from ..synthesis import SynthesisConfig
 
-    p = sub.add_parser("quantize", formatter_class=_Formatter,
-                       help="fake-quantize a model, calibrated on synthetic or real images")
-    add_model_options(p)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--calib", metavar="DIR", help="a dataset directory written by dsg generate for this model")
-    src.add_argument("--real", metavar="DIR",
-                     help="a directory of real images, 'fashion-mnist' (training split), 'skimage-photos' or 'noise'")
-    p.add_argument("--num-samples", type=_positive_int, default=DEFAULT_CALIBRATION_IMAGES,
-                   help="calibration images used")
-    p.add_argument("--image-size", type=int, default=None, help="the model's input size (default: the source's own)")
-    _option(p, "--wbits", Q, "wbits", "weight bits")
-    _option(p, "--abits", Q, "abits", "activation bits (32 = activations stay float)", type=_optional_bits(32))
-    _option(p, "--first-last-bits", Q, "first_last_bits", "bits of the first and last layer (0 = same as the rest)",
-            type=_optional_bits(0))
-    _option(p, "--per-tensor", Q, "w_per_channel", "one weight scale per layer instead of per output channel")
-    _option(p, "--asymmetric-weights", Q, "w_symmetric", "asymmetric (unsigned, with a zero point) weight ranges")
-    _option(p, "--placement", Q, "act_placement",
-            "activation quantizers at every layer input, or after each ReLU (ZeroQ)", choices=PLACEMENTS)
-    _option(p, "--observer", Q, "observer", "activation ranges", choices=tuple(OBSERVERS))
-    _option(p, "--percentile", Q, "percentile", "percentile of the 'percentile' observer")
-    _option(p, "--weight-observer", Q, "weight_observer", "weight ranges per channel", choices=WEIGHT_OBSERVERS)
-    _option(p, "--fold-bn", Q, "fold_bn", "fold BatchNorm into the preceding convolution first")
-    p.add_argument("--bias-correction", action="store_true",
-                   help="last, add to each layer's bias the mean output shift quantization causes on the "
-                        "calibration images (empirical bias correction; first 256 images). Measured: helps "
-                        "after plain calibration; after a reconstruction it can hurt (README)")
-    p.add_argument("--adaround", action="store_true", help="learn the weight rounding (AdaRound, Nagel et al. 2020)")
-    p.add_argument("--reconstruction", choices=sorted(RECONSTRUCTION_PRESETS), default=None,
-                   help="a named reconstruction (implies --adaround) that sets the options below; given options "
-                        "override it. brecq: blocks; qdrop: blocks + QDrop 0.5; genie: Genie's full schedule")
-    base = A.from_preset(reconstruction) if reconstruction in RECONSTRUCTION_PRESETS else A()
+    base = SynthesisConfig.from_recipe(args.recipe) if args.recipe else SynthesisConfig()
+    return config_from_args(args, SynthesisConfig, base, image_size=args.model_image_size or base.image_size)
 
-    def _option_a(p, flag, field, help, **kw):  # defaults: the named reconstruction's values
-        _config_option(p, flag, A, field, help, defaults=base, **kw)
 
-    _option_a(p, "--adaround-iters", "iterations", "AdaRound iterations per layer (or block)")
-    _option_a(p, "--adaround-batch", "batch_size", "AdaRound batch size")
-    _option_a(p, "--adaround-lr", "lr",
-            "Adam learning rate of the rounding variables (the paper's 1e-3 assumes ~10k iterations; shorter "
-            "schedules leave most variables undecided unless it is raised)")
-    _option_a(p, "--reconstruct", "unit", "AdaRound target: each layer's output (AdaRound) or each residual block's "
-              "output, its layers rounded jointly (BRECQ); layers outside blocks stay layer-wise",
-              choices=RECONSTRUCTION_UNITS)
-    _option_a(p, "--qdrop", "qdrop", "QDrop: probability that an activation element stays float during "
-              "reconstruction (0 = off; the paper uses 0.5)")
-    _option_a(p, "--learn-act-scale", "learn_act_scale", "learn the activation step sizes with the rounding (LSQ)",
-              toggle=True)
-    _option_a(p, "--act-scale-lr", "act_scale_lr", "learning rate of the activation step sizes")
-    _option_a(p, "--learn-weight-scale", "learn_weight_scale", "learn the weight scales with the rounding",
-              toggle=True)
-    _option_a(p, "--weight-scale-lr", "weight_scale_lr", "learning rate of the weight scales")
-    _option_a(p, "--recon-engine", "engine", "how the iterations run: graph = one CUDA-graph replay per iteration "
-              "(CUDA), device = no host sync per iteration, loop = the plain PyTorch loop; auto = graph on CUDA, "
-              "device elsewhere (same schedule and batches whichever runs)", choices=ENGINES)
-    p.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
-    p.add_argument("--out", required=True, help="quantized model file (.safetensors)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
-    p.set_defaults(func=handler)
+def run(args: argparse.Namespace) -> int:
+    from ..synthesis import generate
+
+    config = synthesis_config(args)
+    manifest = generate(args.model, args.out, config.validate(), args.num_samples, device=args.device,
+                        weights=args.weights, preview=args.preview, image_size=args.model_image_size,
+                        compare_zeroq=args.compare_zeroq, trust_model_code=args.trust_model_code)
+    if manifest:
+        _print_generation_summary(args, manifest)
+    return 0
+
+
+def _print_generation_summary(args: argparse.Namespace, manifest: Dict[str, Any]) -> None:
+    s = manifest.get("summary", {})
+    count = sum(r["num_samples"] for r in manifest["shards"])
+    print(f"{args.out}: {count} samples in {len(manifest['shards'])} shards"
+          + (f"; mean per-layer loss {s['layer_loss_initial_mean']:.4g} -> {s['layer_loss_final_mean']:.4g}"
+             if s else ""))
+    if not s:
+        return
+    d = s.get("diversity")
+    if d:
+        classes = f"{d['classes_predicted']} of {d['num_classes']}" if d.get("num_classes") else "n/a"
+        print(f"  diversity on {d['images_measured']} samples: relative spread {d['relative_sample_spread_mean']:.3g}, "
+              f"classes predicted {classes}, pixels {d['pixel_min']:.2f}..{d['pixel_max']:.2f} "
+              f"({100 * d['pixels_outside_valid_range']:.1f}% outside the valid 0..1)")
+    worst = sorted(s["per_layer"], key=lambda r: -r["final"])[:5]
+    print(f"  {'BN layer (worst 5 at the end)':36s} {'start':>10s} {'end':>10s} {'sample spread':>14s}")
+    for r in worst:
+        print(f"  {r['layer']:36s} {r['initial']:10.4g} {r['final']:10.4g} {r['sample_spread']:14.4g}")
+    cmp = s.get("zeroq_comparison")
+    if cmp:
+        ours = next(v for k, v in cmp.items() if k.endswith("_mean_sample_spread") and not k.startswith("zeroq"))
+        print(f"  sample spread over BN layers (batch 0): {manifest['method']} {ours:.4g} vs ZeroQ "
+              f"{cmp['zeroq_mean_sample_spread']:.4g} (higher = more diverse samples)")

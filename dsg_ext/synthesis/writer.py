@@ -198,7 +198,8 @@ def generate(
     if show_progress and info.main:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(todo) * config.iterations, unit="it", desc=f"{config.method} batches", file=sys.stderr)
+        bar = tqdm(total=len(todo) * config.iterations, unit="it", desc=f"synthesis iterations ({config.method})",
+                   file=sys.stderr)
     error: Optional[BaseException] = None
     try:
         for done, b in enumerate(todo):

@@ -205,6 +205,13 @@ def test_cli_bad_input_exit_code(tmp_path):
     assert main(["generate", "--model", SOURCE, "--out", str(tmp_path / "y"), "--epsilon", "2"]) == 2
 
 
+def test_progress_bar_is_labelled_by_what_it_counts(tmp_path, capsys):
+    generate(SOURCE, str(tmp_path / "d"), small_config(iterations=3, method="batch"), num_samples=4,
+             show_progress=True)
+    err = capsys.readouterr().err
+    assert "synthesis iterations (batch)" in err and "batch batches" not in err
+
+
 def test_clamp_pixels_keeps_valid_range():
     lo, hi = [-1.0, -0.5, -2.0], [1.0, 0.5, 2.0]
     r = synthesize_batch(tiny_bn_net(), small_config(clamp_pixels=True, lr=0.5), 0, input_range=(lo, hi))

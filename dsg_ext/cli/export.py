@@ -1,0 +1,44 @@
+"""``dsg export``: a quantized file as standard ONNX with QuantizeLinear/DequantizeLinear, checked
+against our own model in onnxruntime."""
+
+from __future__ import annotations
+
+import argparse
+
+from .options import _Formatter, add_model_options, add_output_options, example_input
+
+
+def add_parser(sub) -> None:
+    from ..export.qdq import DEFAULT_OPSET
+
+    p = sub.add_parser("export", formatter_class=_Formatter,
+                       help="write a quantized model as standard ONNX with QuantizeLinear/DequantizeLinear")
+    add_model_options(p, "the model source the quantized file was made from")
+    p.add_argument("--quantized", required=True, metavar="FILE", help="a file written by dsg quantize for this model")
+    p.add_argument("--image-size", type=int, default=None, help="the model's input size (default: the source's own)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (>= 13)")
+    add_output_options(p, "the .onnx file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .._io import check_output_file
+    from ..export import export_onnx
+    from ..models import load_model
+    from ..models.spec import probe_model
+    from ..quantization import load_quantized
+
+    check_output_file(args.out, "--out", force=args.force)
+    loaded = load_model(args.model, weights=args.weights, image_size=args.image_size,
+                        trust_model_code=args.trust_model_code)
+    example = example_input(loaded).expand(2, -1, -1, -1).contiguous()
+    probe_model(loaded.model, example, args.model)
+    qmodel = load_quantized(loaded.model, args.quantized, loaded.identity, example_input(loaded))
+    record = export_onnx(qmodel, example, args.out, opset=args.opset)
+    nodes = record["nodes"]
+    check = record.get("max_abs_diff_vs_ours")
+    print(f"{args.out}: ONNX opset {record['opset']}, input {record['input']!r} (dynamic batch), "
+          f"{nodes.get('QuantizeLinear', 0)} QuantizeLinear / {nodes.get('DequantizeLinear', 0)} DequantizeLinear, "
+          f"{record['bytes'] / 1e6:.2f} MB"
+          + (f"; onnxruntime vs dsg_ext max |logit diff| {check:.3g}" if check is not None else ""))
+    return 0
