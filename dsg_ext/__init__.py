@@ -5,6 +5,7 @@ The path a user walks, each step importable from here:
     images = dsg_ext.synthesize(model, dsg_ext.SynthesisConfig(...), num_samples=256)
     qmodel = dsg_ext.quantize_model(model, dsg_ext.QuantConfig(wbits=4, abits=4), example)
     dsg_ext.calibrate(qmodel, images)
+    dsg_ext.gptq(qmodel, images)                                                        # optional, seconds
     dsg_ext.reconstruct(qmodel, model, images, dsg_ext.AdaRoundConfig(iterations=1000))   # optional
     dsg_ext.save_quantized(qmodel, "model.safetensors", source, dsg_ext.model_identity(model))
 
@@ -36,9 +37,11 @@ from .models import InputSpec, load_model, model_identity
 from .ops import adaround, adaround_init, bn_eval_slack, bn_stat_slack_loss, fake_quant
 from .quantization import (
     AdaRoundConfig,
+    GptqConfig,
     QuantConfig,
     calibrate,
     finalize_weights,
+    gptq,
     load_quantized,
     quantize_model,
     reconstruct,
@@ -63,7 +66,8 @@ __all__ = [
     "SynthesisConfig", "synthesize", "generate", "export_onnx",
     "SyntheticDataset", "calibration_batches", "forward_loop", "ort_calibration_reader",
     # quantization
-    "QuantConfig", "AdaRoundConfig", "quantize_model", "calibrate", "reconstruct", "finalize_weights",
+    "QuantConfig", "AdaRoundConfig", "quantize_model", "calibrate", "gptq", "GptqConfig", "reconstruct",
+    "finalize_weights",
     "save_quantized", "load_quantized",
     # models and evaluation
     "InputSpec", "load_model", "model_identity", "topk_accuracy", "fidelity",

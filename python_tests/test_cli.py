@@ -165,3 +165,34 @@ def test_quantize_reconstruction_preset_and_overrides():
     assert got == AdaRoundConfig.from_preset("genie", qdrop=0.25, learn_act_scale=False, iterations=300)
     assert _reconstruction_config(["--learn-weight-scale", "--weight-scale-lr", "1e-3"]) == AdaRoundConfig(
         learn_weight_scale=True, weight_scale_lr=1e-3)
+
+
+def test_quantize_gptq_presets_and_start_option():
+    assert _reconstruction_config(["--reconstruction", "gptq"]) == AdaRoundConfig(start="gptq", iterations=0)
+    assert _reconstruction_config(["--reconstruction", "gptq-brecq", "--adaround-iters", "40"]) == AdaRoundConfig(
+        start="gptq", unit="block", iterations=40)
+    assert _reconstruction_config(["--start", "gptq", "--gptq-damp", "0.1", "--gptq-act-order"]) == AdaRoundConfig(
+        start="gptq", gptq_damp=0.1, gptq_act_order=True)
+
+
+def test_quantize_zero_iterations_without_gptq_refused_before_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("dsg_ext.models.load_model", lambda *a, **k: pytest.fail("model loaded before the refusal"))
+    out = str(tmp_path / "q.safetensors")
+    assert cli.main(["quantize", "--model", "fashion-mnist-resnet20", "--real", "noise", "--out", out,
+                     "--adaround", "--adaround-iters", "0"]) == 2
+    assert "iterations must be an integer >= 1 (0 only with start='gptq')" in capsys.readouterr().err
+
+
+def test_quantize_with_gptq_writes_a_file_that_records_it(tmp_path, capsys):
+    from dsg_ext.quantization import read_quantized
+
+    out = str(tmp_path / "q.safetensors")
+    assert cli.main(["quantize", "--model", "fashion-mnist-resnet20", "--real", "noise", "--num-samples", "16",
+                     "--out", out, "--reconstruction", "gptq"]) == 0
+    captured = capsys.readouterr()
+    meta = read_quantized(out)[1]
+    layers = len(meta["order"])
+    assert f"GPTQ: {layers} layers rounded" in captured.out and "GPTQ rounding" in captured.out
+    assert "rank-deficient" in captured.err  # 16 images: the fc layer sees 16 vectors for 64 inputs
+    records = meta["adaround_layers"]
+    assert len(records) == layers and all(r["kind"] == "gptq" and r["error"] <= r["nearest_error"] for r in records)

@@ -24,7 +24,7 @@ from .options import (
 
 def add_parser(sub) -> None:
     from ..data.calibration import DEFAULT_CALIBRATION_IMAGES
-    from ..quantization.config import PLACEMENTS, RECONSTRUCTION_PRESETS, RECONSTRUCTION_UNITS
+    from ..quantization.config import PLACEMENTS, RECONSTRUCTION_PRESETS, RECONSTRUCTION_UNITS, ROUNDING_STARTS
     from ..quantization.config import AdaRoundConfig as A
     from ..quantization.config import QuantConfig as Q
     from ..quantization.engine import ENGINES
@@ -60,7 +60,8 @@ def add_parser(sub) -> None:
     p.add_argument("--adaround", action="store_true", help="learn the weight rounding (AdaRound, Nagel et al. 2020)")
     p.add_argument("--reconstruction", choices=sorted(RECONSTRUCTION_PRESETS), default=None,
                    help="a named reconstruction (implies --adaround) that sets the options below; given options "
-                        "override the preset's. brecq: blocks; qdrop: blocks + QDrop 0.5; genie: Genie's full schedule")
+                        "override the preset's. brecq: blocks; qdrop: blocks + QDrop 0.5; genie: Genie's full "
+                        "schedule; gptq: second-order one-shot rounding alone; gptq-brecq: BRECQ started from it")
 
     def _option_a(p, flag, field, help, **kw):
         _option(p, flag, A, field, help, **kw)
@@ -81,6 +82,12 @@ def add_parser(sub) -> None:
     _option_a(p, "--learn-weight-scale", "learn_weight_scale", "learn the weight scales with the rounding",
               toggle=True)
     _option_a(p, "--weight-scale-lr", "weight_scale_lr", "learning rate of the weight scales")
+    _option_a(p, "--start", "start", "where the learned rounding starts: nearest rounding, or the second-order "
+              "one-shot rounding (GPTQ), which then runs first (with --adaround-iters 0: GPTQ alone)",
+              choices=ROUNDING_STARTS)
+    _option_a(p, "--gptq-damp", "gptq_damp", "GPTQ dampening, a fraction of the Hessian's mean diagonal")
+    _option_a(p, "--gptq-act-order", "gptq_act_order", "GPTQ rounds the input columns in descending order of "
+              "the Hessian's diagonal", toggle=True)
     _option_a(p, "--recon-engine", "engine", "how the iterations run: graph = one CUDA-graph replay per iteration "
               "(CUDA), device = no host sync per iteration, loop = the plain PyTorch loop; auto = graph on CUDA, "
               "device elsewhere (same schedule and batches whichever runs)", choices=ENGINES)
@@ -136,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
                           "adaround": dataclasses.asdict(ada) if ada else None,
                           "reconstruct": ada.unit if ada else None, "adaround_layers": records})
     print(f"{args.out}: {config.label()} {args.model}, calibrated on {images.shape[0]} images ({described})"
-          + (f", AdaRound {ada.iterations} iterations per {ada.unit}" if ada else ""))
+          + (f", {_reconstruction_label(ada)}" if ada else ""))
     if isinstance(error, KeyboardInterrupt):
         raise error
     if error:
@@ -164,3 +171,10 @@ def _bias_correction(args, qmodel, fp, images, keep: bool):
     print(f"bias correction: {len(corrections)} layers, mean shift "
           f"{sum(r['relative'] for r in corrections) / len(corrections):.1%} of the float output means")
     return corrections, None
+
+
+def _reconstruction_label(ada) -> str:
+    learned = f"AdaRound {ada.iterations} iterations per {ada.unit}" if ada.iterations else ""
+    if ada.start != "gptq":
+        return learned
+    return "GPTQ rounding" + (f", then {learned} from it" if learned else "")

@@ -15,6 +15,9 @@ from .qparams import WEIGHT_OBSERVERS
 
 PLACEMENTS = ("input", "relu")
 RECONSTRUCTION_UNITS = ("layer", "block")
+# Where the learned rounding starts: nearest rounding (AdaRound's frac(W/s)), or the second-order
+# one-shot rounding (GPTQ, second_order.py), which then also runs first.
+ROUNDING_STARTS = ("nearest", "gptq")
 # Named reconstructions (``dsg quantize --reconstruction NAME``): AdaRoundConfig fields on top of the defaults.
 RECONSTRUCTION_PRESETS = {
     "adaround": {"unit": "layer"},
@@ -25,6 +28,10 @@ RECONSTRUCTION_PRESETS = {
     # BRECQ blocks: as good as layer-wise AdaRound within the evaluation noise and faster; QDrop, LSQ and
     # learned weight scales did not help at the CPU schedule (docs/quantization.md, Reconstruction variants).
     "recommended": {"unit": "block"},
+    # GPTQ alone: second-order one-shot rounding, no learned rounding (iterations 0); gptq-brecq: BRECQ's
+    # blocks started from GPTQ's decision, so that a short schedule refines it.
+    "gptq": {"start": "gptq", "iterations": 0},
+    "gptq-brecq": {"start": "gptq", "unit": "block"},
     "genie": {"unit": "block", "iterations": 20000, "batch_size": 32, "lr": 1e-3, "qdrop": 0.5,
               "learn_act_scale": True, "act_scale_lr": 4e-5, "learn_weight_scale": True, "weight_scale_lr": 1e-4},
 }
@@ -107,6 +114,11 @@ class AdaRoundConfig:
     # (no host sync per iteration), "graph" (device's step replayed from a CUDA graph), "auto" (graph on
     # CUDA, device elsewhere). Same schedule and batches whichever runs.
     engine: str = "auto"
+    # "gptq": the second-order rounding runs first (second_order.py) and the learned rounding starts from its
+    # decision, the keep-better guard comparing against it; iterations 0 then keeps GPTQ's rounding alone.
+    start: str = "nearest"
+    gptq_damp: float = 0.01  # GPTQ's dampening: lambda = gptq_damp x mean(diag H)
+    gptq_act_order: bool = False  # GPTQ rounds the columns in descending order of diag(H)
 
     @classmethod
     def from_preset(cls, name: str, **fields) -> "AdaRoundConfig":
@@ -119,8 +131,14 @@ class AdaRoundConfig:
         problems = field_problems(self)
         if problems:
             raise ConfigError("invalid AdaRound options: " + "; ".join(problems))
-        if not isinstance(self.iterations, int) or self.iterations <= 0:
-            problems.append(f"iterations must be a positive integer, got {self.iterations!r}")
+        if self.start not in ROUNDING_STARTS:
+            problems.append(f"start must be one of {ROUNDING_STARTS}, got {self.start!r}")
+        least = 0 if self.start == "gptq" else 1  # 0 iterations: GPTQ's rounding alone
+        if not isinstance(self.iterations, int) or self.iterations < least:
+            problems.append(f"iterations must be an integer >= {least}"
+                            + (" (0 only with start='gptq')" if least else "") + f", got {self.iterations!r}")
+        if not self.gptq_damp > 0:
+            problems.append(f"gptq_damp must be positive, got {self.gptq_damp}")
         if not isinstance(self.batch_size, int) or self.batch_size <= 0:
             problems.append(f"batch size must be a positive integer, got {self.batch_size!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):

@@ -51,6 +51,11 @@ class WeightQuantizer(nn.Module):
         self.last_reg: Optional[Tensor] = None
         self.rounding: RoundingFn = ops.adaround
         self.scale_param: Optional[nn.Parameter] = None  # learned jointly with the rounding (reconstruction)
+        # Set by the second-order rounding (second_order.py): the weight after its error compensation, whose nearest
+        # rounding is that step's decision. A reconstruction started from that decision learns the rounding
+        # of this weight instead of the layer's own (its up/down choices are the compensated weight's
+        # neighbours on the grid). Not saved.
+        self.start_weight: Optional[Tensor] = None
 
     @property
     def axis(self) -> Optional[int]:
@@ -65,6 +70,8 @@ class WeightQuantizer(nn.Module):
             shape = self.broadcast_shape(w)
             return ((self.w_int.float() - self.zero_point.view(shape).float()) * self.scale.view(shape)).to(w.dtype)
         if self.mode is WeightMode.ADAROUND:
+            if self.start_weight is not None:
+                w = self.start_weight.to(w.dtype)
             scale = self.scale if self.scale_param is None else self.scale_param
             if isinstance(self.beta, Tensor):  # beta on the device (reconstruction engines "device"/"graph")
                 w_q, _ = self.rounding(w, self.v, scale, self.zero_point, self.qmin, self.qmax, self.axis)
@@ -76,6 +83,8 @@ class WeightQuantizer(nn.Module):
         return ops.fake_quant(w, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
 
     def start_adaround(self, w: Tensor) -> None:
+        """Rounding variables that start at frac(w / s) (``start_weight``'s where set)."""
+        w = w if self.start_weight is None else self.start_weight
         self.v = nn.Parameter(ops.adaround_init(w.detach().float(), self.scale, axis=self.axis))
         self.mode = WeightMode.ADAROUND
 
@@ -99,9 +108,13 @@ class WeightQuantizer(nn.Module):
 
     @torch.no_grad()
     def finalize(self, w: Tensor) -> None:
-        """Stores the integer weights: nearest rounding, or AdaRound's hard rounding (v >= 0)."""
+        """Stores the integer weights: nearest rounding, or AdaRound's hard rounding (v >= 0) of ``w``
+        (of ``start_weight`` where set, which is then dropped)."""
         shape = self.broadcast_shape(w)
         s, z = self.scale.view(shape), self.zero_point.view(shape).float()
+        if self.mode is WeightMode.ADAROUND and self.start_weight is not None:
+            w = self.start_weight
+        self.start_weight = None
         w = w.detach().float()
         if self.mode is WeightMode.ADAROUND:
             q = torch.floor(w / s) + self.rounded_up().float() + z

@@ -186,6 +186,10 @@ def _reconstruct_unit(qmodel: nn.Module, fp_model: nn.Module, unit_name: str, un
     if chained is None:
         x_q = _unit_inputs(qmodel, unit_name, images, 64, device)
     acts = _unit_act_quantizers(qmodel, unit_name)
+    # Layers the second-order rounding decided start from that decision (and are compared against it).
+    from_gptq = [wq.start_weight is not None for wq in quantizers]
+    gptq_ints = [wq.w_int.clone() if g else None for wq, g in zip(quantizers, from_gptq)]
+    starting = [wq.start_weight if g else w for wq, w, g in zip(quantizers, originals, from_gptq)]
     for wq, w in zip(quantizers, originals):
         wq.start_adaround(w)
     groups = [{"params": [wq.v for wq in quantizers], "lr": config.lr}]
@@ -220,12 +224,12 @@ def _reconstruct_unit(qmodel: nn.Module, fp_model: nn.Module, unit_name: str, un
         learned_steps = [_learned(aq) for aq in acts]
         for q in (*quantizers, *acts):
             q.freeze_scale(keep=False)  # the starting scales and steps, for the nearest-rounding comparison
-        for wq in quantizers:
-            wq.mode = WeightMode.FAKE
+        for wq, g in zip(quantizers, from_gptq):
+            wq.mode = WeightMode.INT if g else WeightMode.FAKE  # the starting decision: GPTQ's or nearest
         nearest = _loss_batched(lambda x: run(unit, x), x_q, target)
         for q, learned in zip((*quantizers, *acts), (*learned_scales, *learned_steps)):
             q.scale.copy_(learned)
-        undecided, changed = _rounding_state(quantizers, originals)
+        undecided, changed = _rounding_state(quantizers, starting)
         for wq, w in zip(quantizers, originals):
             wq.mode = WeightMode.ADAROUND
             wq.finalize(w)
@@ -234,13 +238,17 @@ def _reconstruct_unit(qmodel: nn.Module, fp_model: nn.Module, unit_name: str, un
         if config.keep_better and not end_loss <= nearest:
             for q, start in zip((*quantizers, *acts), (*start_scales, *start_steps)):
                 q.scale.copy_(start)
-            for wq, w in zip(quantizers, originals):  # back to nearest rounding at the starting scales
-                wq.mode = WeightMode.FAKE
-                wq.finalize(w)
-            kept = "nearest"
+            for wq, w, ints in zip(quantizers, originals, gptq_ints):  # back to the start, its scales too
+                if ints is not None:
+                    wq.w_int, wq.mode = ints, WeightMode.INT
+                else:
+                    wq.mode = WeightMode.FAKE
+                    wq.finalize(w)
+            kept = "gptq" if any(from_gptq) else "nearest"
     return {"layer": unit_name, "layers": unit_layers, "kind": "block" if unit_layers != [unit_name] else "layer",
             "rec_loss_nearest": nearest, "rec_loss_adaround": end_loss, "kept": kept,
-            "undecided": undecided, "changed_vs_nearest": changed, "first_batch_loss": start_loss,
+            "undecided": undecided, "changed_vs_nearest": changed,
+            "start": "gptq" if any(from_gptq) else "nearest", "first_batch_loss": start_loss,
             "seconds": seconds, "engine": ran, "inputs": "chained" if chained is not None else "forward"}, \
         _Carry(unit_name, run, target, x_q)
 
@@ -276,6 +284,17 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, config: 
     """
     config = (config or AdaRoundConfig()).validate()
     fp_model = float_reference(qmodel, fp_model)
+    records: List[Dict[str, Any]] = []
+    if config.start == "gptq":
+        from .second_order import GptqConfig, gptq
+
+        records = [{**r, "kind": "gptq"} for r in gptq(
+            qmodel, images, GptqConfig(damp=config.gptq_damp, act_order=config.gptq_act_order), device=device,
+            layers=layers, progress=progress)]
+        if config.iterations == 0:
+            for wq in weight_quantizers(qmodel).values():
+                wq.start_weight = None
+            return records
     if blocks is None and config.unit == "block":
         blocks = find_blocks(qmodel)
     engine = resolve_engine(config.engine, device)
@@ -286,42 +305,57 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, config: 
         from tqdm import tqdm
 
         bar = tqdm(total=len(units) * config.iterations, desc="AdaRound", unit="it", leave=False)
-    records, carry = [], None
+    carry = None
     for unit_name, unit_layers in units:
         if bar is not None:
-            bar.set_postfix_str(f"{len(records) + 1}/{len(units)} {unit_name}")
+            bar.set_postfix_str(f"{units.index((unit_name, unit_layers)) + 1}/{len(units)} {unit_name}")
         step = (lambda: bar.update(1)) if bar is not None else (lambda: None)
         record, carry = _reconstruct_unit(qmodel, fp_model, unit_name, unit_layers, images, config, device, gen,
                                           step, engine, carry if engine != "loop" else None)
         records.append(record)
     if bar is not None:
         bar.close()
+    for wq in weight_quantizers(qmodel).values():  # a GPTQ start outside every unit: not carried further
+        wq.start_weight = None
     return records
 
 
 def reconstruction_summary(records: Sequence[Dict[str, Any]]) -> Tuple[str, Optional[str]]:
-    """One line on what AdaRound did (layers improved, kept at nearest rounding, reconstruction gain)
-    and a warning when the rounding variables had not settled (a schedule too short), else None."""
+    """One line on what the reconstruction did -- the second-order step (layers, quadratic error against
+    nearest rounding) and the learned rounding (units improved, kept at their start, reconstruction
+    gain) -- and a warning when the rounding variables had not settled (a schedule too short), else None."""
     if not records:
         return "AdaRound: no layer", None
+    one_shot = [r for r in records if r.get("kind") == "gptq"]
+    learned = [r for r in records if r.get("kind") != "gptq"]
+    parts = []
+    if one_shot:
+        ratios = sorted(r["error"] / r["nearest_error"] for r in one_shot if r["nearest_error"] > 0)
+        median = ratios[len(ratios) // 2] if ratios else 1.0
+        parts.append(f"GPTQ: {len(one_shot)} layers rounded in {sum(r['seconds'] for r in one_shot):.1f} s, median "
+                     f"layer output error {100 * median:.1f}% of nearest rounding's")
+    if not learned:
+        return "; ".join(parts), None
+    records = learned
+    start = "GPTQ's rounding" if any(r.get("start") == "gptq" for r in records) else "nearest rounding"
     improved = [r for r in records if r.get("kept") == "adaround" and r["rec_loss_adaround"] < r["rec_loss_nearest"]]
-    kept_nearest = sum(r.get("kept") == "nearest" for r in records)
+    kept_start = sum(r.get("kept") != "adaround" for r in records)
     worse = sum(r["rec_loss_adaround"] > r["rec_loss_nearest"] for r in records)
 
     def kept_loss(r):
-        return r["rec_loss_nearest"] if r.get("kept") == "nearest" else r["rec_loss_adaround"]
+        return r["rec_loss_nearest"] if r.get("kept") != "adaround" else r["rec_loss_adaround"]
 
     gains = sorted(1 - kept_loss(r) / r["rec_loss_nearest"] for r in records if r["rec_loss_nearest"] > 0)
     median = gains[len(gains) // 2] if gains else 0.0
     undecided = sum(r.get("undecided", 0.0) for r in records) / len(records)
     units = "layers" if all(r.get("kind", "layer") == "layer" for r in records) else "blocks and layers"
-    line = (f"AdaRound: {len(improved)}/{len(records)} {units} reconstruct better than nearest rounding, "
-            f"{kept_nearest} kept nearest rounding (AdaRound was worse on the calibration data); median "
-            f"reconstruction-error reduction {100 * median:.1f}%; {100 * undecided:.1f}% of rounding variables "
-            "undecided at the end")
+    parts.append(f"AdaRound: {len(improved)}/{len(records)} {units} reconstruct better than {start}, "
+                 f"{kept_start} kept {start} (AdaRound was worse on the calibration data); median "
+                 f"reconstruction-error reduction {100 * median:.1f}%; {100 * undecided:.1f}% of rounding variables "
+                 "undecided at the end")
     warning = None
     if undecided > 0.2 or worse > len(records) // 4:
         warning = ("AdaRound's schedule looks too short for these layers (rounding variables still undecided or "
-                   "worse than nearest rounding): raise the iterations per layer (the paper uses 10000) or the "
-                   "learning rate (the paper's 1e-3 moves a variable by at most ~1e-3 per iteration)")
-    return line, warning
+                   "worse than its starting rounding): raise the iterations per layer (the paper uses 10000) or "
+                   "the learning rate (the paper's 1e-3 moves a variable by at most ~1e-3 per iteration)")
+    return "; ".join(parts), warning

@@ -1,0 +1,243 @@
+"""Second-order one-shot rounding (GPTQ, Frantar et al. 2023; OBQ's sequential form): each layer's
+weight columns are rounded one at a time, and the error each rounding makes is compensated on the
+columns not rounded yet through the inverse Hessian of the layer's inputs, minimising
+||W X - W~ X||^2 + lambda ||W - W~||^2 (lambda: the dampening) in one pass, without iterations.
+
+Layers are taken in execution order, each with the inputs it receives from the already-rounded
+layers before it (activation quantizers included). Per group of a grouped / depthwise convolution
+the Hessian is its own (hessian.py). Dense linear algebra (Cholesky, inverse) is torch.linalg's;
+columns are updated lazily in blocks, optionally in descending order of the Hessian's diagonal
+(act-order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError, InvalidDataError, QuantizationError
+from .hessian import LayerHessian, grouped_weight, layer_groups
+from .prepare import batches, float_weight, weight_quantizers
+from .qparams import weight_qparams
+from .quantizers import WeightMode, WeightQuantizer
+
+DAMPING_RETRIES = 4  # each retry multiplies the dampening by 10
+
+
+@dataclasses.dataclass
+class GptqConfig:
+    """Options of the second-order rounding."""
+
+    damp: float = 0.01  # lambda = damp x mean(diag H), per group
+    block_size: int = 128  # columns updated together (lazy batch updates); the result does not depend on it
+    act_order: bool = False  # round the columns in descending order of diag(H)
+    search_scales: bool = True  # per-channel weight scales by MSE search first (else the quantizer's own)
+    batch_size: int = 32  # images per forward pass while collecting a layer's inputs
+
+    def validate(self) -> "GptqConfig":
+        problems = []
+        if not (isinstance(self.damp, (int, float)) and math.isfinite(self.damp) and self.damp > 0):
+            problems.append(f"damp must be a positive number, got {self.damp!r}")
+        for name in ("block_size", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        if problems:
+            raise ConfigError("invalid second-order rounding options: " + "; ".join(problems))
+        return self
+
+
+def _inverse_cholesky(h: Tensor, damp: float) -> Tuple[Tensor, Tensor]:
+    """Upper Cholesky factor U of (H + lambda I)^-1 per group (so that (H + lambda I)^-1 = U^T U), and
+    lambda; the dampening grows tenfold until every group's matrix factorises."""
+    groups, dim, _ = h.shape
+    mean = h.diagonal(dim1=1, dim2=2).mean(1)
+    mean = torch.where(mean > 0, mean, torch.ones_like(mean))  # an all-zero input: nearest rounding
+    eye = torch.eye(dim, dtype=h.dtype, device=h.device)
+    for attempt in range(DAMPING_RETRIES):
+        lam = damp * 10.0 ** attempt * mean
+        low, info = torch.linalg.cholesky_ex(h + lam[:, None, None] * eye)
+        if bool((info == 0).all()):
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
+            if bool((info == 0).all()) and bool(torch.isfinite(upper).all()):
+                return upper, lam
+    raise QuantizationError(f"the input Hessian is singular even with dampening x{10 ** (DAMPING_RETRIES - 1)}")
+
+
+def gptq_round(w: Tensor, h: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, damp: float = 0.01,
+               block_size: int = 128, act_order: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Rounds ``w`` (groups, rows, dim) against the Hessians ``h`` (groups, dim, dim).
+
+    ``scale`` / ``zero_point``: (groups, rows), one per weight row. Returns the integers (as float64,
+    same shape as ``w``), the objective per group -- sum over rows of (W - W~)(H + lambda I)(W - W~)^T,
+    accumulated as GPTQ reports it --, lambda per group, and the compensated weights (each column as it
+    was when rounded: the integers are its nearest rounding)."""
+    w, h = w.to(torch.float64).clone(), h.to(torch.float64)
+    scale, zp = scale.to(torch.float64), zero_point.to(torch.float64)
+    groups, rows, dim = w.shape
+    perm = None
+    if act_order:
+        perm = torch.argsort(h.diagonal(dim1=1, dim2=2), dim=1, descending=True, stable=True)
+        w = torch.gather(w, 2, perm[:, None, :].expand(groups, rows, dim))
+        h = torch.gather(torch.gather(h, 1, perm[:, :, None].expand(groups, dim, dim)), 2,
+                         perm[:, None, :].expand(groups, dim, dim))
+    upper, lam = _inverse_cholesky(h, damp)
+    q_all, comp_all = torch.empty_like(w), torch.empty_like(w)
+    error = torch.zeros(groups, dtype=torch.float64, device=w.device)
+    for b0 in range(0, dim, block_size):
+        b1 = min(dim, b0 + block_size)
+        block = w[:, :, b0:b1].clone()
+        errors = torch.empty_like(block)
+        u = upper[:, b0:b1, b0:b1]
+        for i in range(b1 - b0):
+            col, d = block[:, :, i], u[:, i, i]
+            q = torch.clamp(torch.round(col / scale) + zp, qmin, qmax)
+            diff = col - (q - zp) * scale
+            q_all[:, :, b0 + i], comp_all[:, :, b0 + i] = q, col
+            error += (diff ** 2).sum(1) / d ** 2
+            e = diff / d[:, None]
+            block[:, :, i:] -= e[:, :, None] * u[:, None, i, i:]
+            errors[:, :, i] = e
+        w[:, :, b1:] -= errors @ upper[:, b0:b1, b1:]
+    if perm is not None:
+        index = perm[:, None, :].expand(groups, rows, dim)
+        q_all = torch.empty_like(q_all).scatter_(2, index, q_all)
+        comp_all = torch.empty_like(comp_all).scatter_(2, index, comp_all)
+    return q_all, error, lam, comp_all
+
+
+def quadratic_error(w: Tensor, q_w: Tensor, h: Tensor) -> Tensor:
+    """sum over rows of (W - W~) H (W - W~)^T per group: ||W X - W~ X||^2 for H = X X^T."""
+    d = (w - q_w).to(torch.float64)
+    return torch.einsum("grd,gde,gre->g", d, h.to(torch.float64), d)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _collect(qmodel: nn.Module, name: str, images: Tensor, batch_size: int, device: str) -> LayerHessian:
+    """The Hessian of what layer ``name`` receives (after its activation quantizer) for all images."""
+    layer = qmodel.get_submodule(name)
+    hessian = LayerHessian(layer, device)
+
+    def grab(_m, inputs):
+        hessian.add(inputs[0].detach())
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(grab)  # after the activation quantizer's pre-hook: its output
+    try:
+        with torch.no_grad():
+            for x in batches(images, batch_size):
+                try:
+                    qmodel(x.to(device))
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    if hessian.vectors == 0:
+        raise QuantizationError(f"layer {name!r} is never reached by the forward pass")
+    return hessian
+
+
+def _row_qparams(wq: WeightQuantizer, groups: int, rows: int) -> Tuple[Tensor, Tensor]:
+    scale = wq.scale.to(torch.float64).reshape(-1)
+    zp = wq.zero_point.to(torch.float64).reshape(-1)
+    if scale.numel() == 1:
+        scale, zp = scale.expand(groups * rows), zp.expand(groups * rows)
+    return scale.reshape(groups, rows), zp.reshape(groups, rows)
+
+
+@torch.no_grad()
+def round_layer(qmodel: nn.Module, name: str, hessian: LayerHessian, config: GptqConfig) -> Dict[str, Any]:
+    """Rounds layer ``name`` by GPTQ against ``hessian`` and stores its integers in its quantizer."""
+    layer, wq = qmodel.get_submodule(name), weight_quantizers(qmodel)[name]
+    w = float_weight(qmodel, name).detach()
+    if config.search_scales:
+        scale, zp = weight_qparams(w, wq.qmin, wq.qmax, wq.per_channel, wq.symmetric, "mse")
+        wq.scale.copy_(scale)
+        wq.zero_point.copy_(zp)
+    wg = grouped_weight(layer, w.to(torch.float64))
+    groups, rows, dim = wg.shape
+    scale, zp = _row_qparams(wq, groups, rows)
+    q, reported, lam, compensated = gptq_round(wg, hessian.h, scale, zp, wq.qmin, wq.qmax, config.damp,
+                                               config.block_size, config.act_order)
+    nearest = torch.clamp(torch.round(wg / scale[..., None]) + zp[..., None], wq.qmin, wq.qmax)
+    deq = lambda ints: (ints - zp[..., None]) * scale[..., None]  # noqa: E731
+    if not bool(torch.isfinite(q).all()):
+        raise QuantizationError(f"second-order rounding of {name!r} produced non-finite weights")
+    error = float(quadratic_error(wg, deq(q), hessian.h).sum())
+    nearest_error = float(quadratic_error(wg, deq(nearest), hessian.h).sum())
+    # GPTQ is greedy and minimises the damped objective: on a layer where its rounding measures worse than
+    # nearest rounding (rare; rank-deficient Hessians), nearest rounding is kept and the record says so.
+    kept = "gptq" if error <= nearest_error else "nearest"
+    ints = q if kept == "gptq" else nearest
+    dtype = torch.int8 if wq.qmin >= -128 and wq.qmax <= 127 else torch.uint8
+    wq.w_int = ints.reshape(w.shape).to(dtype).to(w.device)
+    wq.mode, wq.v, wq.last_reg = WeightMode.INT, None, None
+    wq.start_weight = compensated.reshape(w.shape).to(w.dtype).to(w.device) if kept == "gptq" else None
+    return {
+        "layer": name, "groups": groups, "input_dim": dim, "vectors": hessian.vectors, "kept": kept,
+        "error": min(error, nearest_error), "gptq_error": error, "nearest_error": nearest_error,
+        "reported_error": float(reported.sum()), "damping": float(lam.max()),
+        "changed": float((ints != nearest).to(torch.float64).mean()),
+    }
+
+
+def gptq(qmodel: nn.Module, images: Tensor, config: Optional[GptqConfig] = None, device: str = "cpu",
+         layers: Optional[Sequence[str]] = None, progress: bool = True,
+         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> List[Dict[str, Any]]:
+    """Second-order one-shot rounding of every quantized layer not rounded yet, in execution order.
+
+    Args:
+        qmodel: a model from ``quantize_model``, calibrated (its activation quantizers shape the inputs
+            each layer's Hessian is built from).
+        images: (N, C, H, W) calibration images in the model's normalised input space.
+        config: the options (default ``GptqConfig()``).
+        device: where ``qmodel`` lives.
+        layers: names of the layers to round (default: every quantized layer).
+        progress: print one line per layer to ``log``.
+        log: where warnings and progress lines go (stderr by default).
+
+    Returns:
+        One record per layer: groups, input dimension, input vectors, which rounding was kept ("gptq",
+        or "nearest" where GPTQ's measured worse), the quadratic error ||(W - W~) X||^2 on the Hessian
+        of the kept rounding, of GPTQ's and of nearest rounding, the error GPTQ reported, the dampening
+        used, the fraction of weights rounded otherwise than nearest, seconds.
+    """
+    config = (config or GptqConfig()).validate()
+    if images.numel() == 0:
+        raise InvalidDataError("no calibration images")
+    if not torch.isfinite(images).all():
+        raise InvalidDataError("calibration images contain NaN or Inf")
+    quantizers = weight_quantizers(qmodel)
+    names = list(layers) if layers is not None else list(quantizers)
+    unknown = [n for n in names if n not in quantizers]
+    if unknown:
+        raise ConfigError(f"not quantized layers of this model: {unknown}")
+    for name in names:  # every layer's kind checked before any is rounded
+        layer_groups(qmodel.get_submodule(name))
+    records = []
+    for name in names:
+        if quantizers[name].mode is not WeightMode.FAKE:
+            continue  # already rounded (finalised or being reconstructed)
+        start = time.perf_counter()
+        hessian = _collect(qmodel, name, images, config.batch_size, device)
+        if hessian.vectors < hessian.dim:
+            log(f"warning: {name}: {hessian.vectors} input vectors for an input dimension of {hessian.dim}: "
+                "its Hessian is rank-deficient (more calibration images help)")
+        record = round_layer(qmodel, name, hessian, config)
+        record["seconds"] = time.perf_counter() - start
+        records.append(record)
+        if progress:
+            log(f"gptq {name}: {record['vectors']} vectors x {record['input_dim']} (groups {record['groups']}), "
+                f"error {record['gptq_error']:.4g} vs nearest {record['nearest_error']:.4g}"
+                + (" (nearest kept)" if record["kept"] == "nearest" else "") + ", "
+                f"{100 * record['changed']:.1f}% rounded otherwise, {record['seconds']:.2f} s")
+    return records
