@@ -6,6 +6,7 @@ every value is checked before it is used (``load_quantized``)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from typing import Any, Dict, Optional, Tuple
 
@@ -18,7 +19,22 @@ from .config import QuantConfig
 from .prepare import act_quantizers, finalize_weights, float_weight, quantize_model, weight_quantizers
 from .quantizers import WeightMode
 
-FORMAT_VERSION = 1
+# 2: the metadata holds a checksum of the tensors and the metadata (format 1 files had none).
+FORMAT_VERSION = 2
+
+
+def content_checksum(tensors: Dict[str, Tensor], meta: Dict[str, Any]) -> str:
+    """SHA-256 over the metadata (canonical JSON, without its own "checksum") and every tensor's name,
+    dtype, shape and bytes, in name order: any edit of a bit width, a range or one weight byte changes
+    it. (It detects edits and damage, not a forger who recomputes it: every value is checked on load
+    too.)"""
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in meta.items() if k != "checksum"}, sort_keys=True).encode())
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"\0{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
 
 
 def save_quantized(qmodel: nn.Module, path: str, source: str, identity: str,
@@ -52,7 +68,9 @@ def save_quantized(qmodel: nn.Module, path: str, source: str, identity: str,
         tensors[f"{name}.act_zero_point"] = aq.zero_point.reshape(1).contiguous()
     meta = {"format": FORMAT_VERSION, "source": source, "model_identity": identity,
             "config": qmodel.dsg_quant_config, "order": qmodel.dsg_quant_order, **(extra or {})}
-    atomic_write_bytes(path, save({k: v.cpu() for k, v in tensors.items()}, metadata={"dsg_ext": json.dumps(meta)}))
+    tensors = {k: v.cpu() for k, v in tensors.items()}
+    meta["checksum"] = content_checksum(tensors, meta)
+    atomic_write_bytes(path, save(tensors, metadata={"dsg_ext": json.dumps(meta)}))
 
 
 def read_quantized(path: str) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
@@ -71,8 +89,14 @@ def read_quantized(path: str) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
         tensors = load(data)
     except (SafetensorError, ValueError, UnicodeDecodeError, AttributeError, TypeError) as e:
         raise QuantizedFileError(f"{path}: not a readable quantized-model file ({type(e).__name__}: {e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+    if not isinstance(meta, dict) or not isinstance(meta.get("format"), int):
         raise QuantizedFileError(f"{path}: not a dsg_ext quantized-model file (format {FORMAT_VERSION})")
+    if meta["format"] != FORMAT_VERSION:
+        raise QuantizedFileError(f"{path}: written in quantized-file format {meta['format']}, this dsg_ext reads "
+                                 f"format {FORMAT_VERSION} (re-run dsg quantize to write it anew)")
+    if meta.get("checksum") != content_checksum(tensors, meta):
+        raise QuantizedFileError(f"{path}: its checksum does not match its contents (the file was edited or "
+                                 "damaged after dsg quantize wrote it)")
     if not isinstance(meta.get("model_identity"), str):
         raise QuantizedFileError(f"{path}: its metadata names no model identity")
     config = meta.get("config")

@@ -1,5 +1,6 @@
-"""A quantized-model file edited by hand or by an attacker: every value is checked on load, and a
-file failing any check is refused naming the problem (not used, not reported like a result)."""
+"""A quantized-model file edited by hand or by an attacker: an edit that leaves the checksum stale is
+refused for that, and a forged file whose checksum was recomputed still has every value checked on
+load; a file failing any check is refused naming the problem (not used, not reported like a result)."""
 
 import json
 import os
@@ -36,11 +37,17 @@ def _read(path):
         return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["dsg_ext"])
 
 
-def _forge(src, dst, tensors=None, meta=None):
+def _forge(src, dst, tensors=None, meta=None, resign=True):
+    """``src`` with ``tensors`` replaced (None: removed) and ``meta`` applied to its metadata; with
+    ``resign`` the checksum recomputed, as a forger who read our code would."""
+    from dsg_ext.quantization.serialization import content_checksum
+
     t, m = _read(src)
     t.update(tensors or {})
     t = {k: v for k, v in t.items() if v is not None}
     m = meta(m) if meta else m
+    if resign and isinstance(m, dict):
+        m["checksum"] = content_checksum(t, m)
     with open(dst, "wb") as f:
         f.write(save(t, metadata={"dsg_ext": json.dumps(m)}))
     return dst
@@ -120,3 +127,28 @@ def test_command_line_refuses_an_edited_file_without_a_traceback(saved, tmp_path
                         "--image-size", "12", "--quantized", path, "--data", "skimage-photos"],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "not finite and > 0" in r.stderr and "mean KL" not in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("edit", ["bits in the metadata 4 -> 8", "one weight byte, inside the range", "a bias",
+                                  "the checksum removed"])
+def test_an_edit_without_a_recomputed_checksum_is_refused(saved, tmp_path, edit):
+    t, m = _read(saved)
+    middle = f"{m['order'][1]}.weight_int"
+    flipped = t[middle].clone()
+    flipped.view(-1)[0] = 1 if int(flipped.view(-1)[0]) != 1 else 2  # still a valid 4-bit integer
+    change = {"bits in the metadata 4 -> 8": ({}, lambda m: dict(m, config=dict(m["config"], wbits=8, abits=8))),
+              "one weight byte, inside the range": ({middle: flipped}, None),
+              "a bias": ({_first(t, ".bias"): t[_first(t, ".bias")] + 1e-3}, None),
+              "the checksum removed": ({}, lambda m: {k: v for k, v in m.items() if k != "checksum"})}[edit]
+    path = _forge(saved, str(tmp_path / "edited.safetensors"), *change, resign=False)
+    with pytest.raises(QuantizedFileError, match="checksum does not match"):
+        _load(path)
+    # the same edit with the checksum recomputed passes the checksum (then the value checks decide)
+    if edit == "one weight byte, inside the range":
+        _load(_forge(saved, str(tmp_path / "resigned.safetensors"), *change))
+
+
+def test_a_file_of_the_previous_format_is_refused_with_what_to_do(saved, tmp_path):
+    path = _forge(saved, str(tmp_path / "old.safetensors"), meta=lambda m: dict(m, format=1))
+    with pytest.raises(QuantizedFileError, match="format 1, this dsg_ext reads format 2 .re-run dsg quantize"):
+        _load(path)
