@@ -196,3 +196,16 @@ def test_quantize_with_gptq_writes_a_file_that_records_it(tmp_path, capsys):
     assert "rank-deficient" in captured.err  # 16 images: the fc layer sees 16 vectors for 64 inputs
     records = meta["adaround_layers"]
     assert len(records) == layers and all(r["kind"] == "gptq" and r["error"] <= r["nearest_error"] for r in records)
+
+
+def test_quantize_layer_wbits_rules(tmp_path, capsys):
+    args = cli.build_parser().parse_args(["quantize", "--model", "m", "--real", "noise", "--out", "q",
+                                          "--layer-wbits", "depthwise=8,first=8"])
+    assert cli.config_from_args(args, QuantConfig).layer_wbits == "depthwise=8,first=8"
+    out = str(tmp_path / "q.safetensors")
+    assert cli.main(["quantize", "--model", "fashion-mnist-resnet20", "--real", "noise", "--out", out,
+                     "--layer-wbits", "depthwise=9"]) == 2
+    assert "bits must be an integer in 2..8" in capsys.readouterr().err
+    assert cli.main(["quantize", "--model", "fashion-mnist-resnet20", "--real", "noise", "--out", out,
+                     "--layer-wbits", "depthwise=8"]) == 2  # ResNet-20 has no depthwise layer
+    assert "depthwise=8 matches no quantized layer" in capsys.readouterr().err

@@ -44,7 +44,7 @@ def _option(parser, flag: str, cls, field: str, help: str, toggle: bool = False,
         if "type" not in kwargs and default is not None:
             kwargs["type"] = type(default)
     parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS,
-                        help=help if shown is None else f"{help} (default: {shown})", **kwargs)
+                        help=help if shown in (None, "") else f"{help} (default: {shown})", **kwargs)
 
 
 def config_from_args(args: argparse.Namespace, cls, base: Any = None, **overrides):

@@ -45,6 +45,9 @@ def add_parser(sub) -> None:
     _option(p, "--abits", Q, "abits", "activation bits (32 = activations stay float)", type=_optional_bits(32))
     _option(p, "--first-last-bits", Q, "first_last_bits", "bits of the first and last layer (0 = same as the rest)",
             type=_optional_bits(0))
+    _option(p, "--layer-wbits", Q, "layer_wbits", "mixed precision by rule: per-layer weight bits, "
+            "'SELECTOR=BITS,...' with SELECTOR depthwise, first, last or a glob on the layer name (later rules win), "
+            "e.g. 'depthwise=8'", metavar="RULES")
     _option(p, "--per-tensor", Q, "w_per_channel", "one weight scale per layer instead of per output channel")
     _option(p, "--asymmetric-weights", Q, "w_symmetric", "asymmetric (unsigned, with a zero point) weight ranges")
     _option(p, "--placement", Q, "act_placement",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import List, Optional, Tuple
 
 from .._validation import field_problems
 from ..errors import ConfigError
@@ -36,6 +36,24 @@ RECONSTRUCTION_PRESETS = {
               "learn_act_scale": True, "act_scale_lr": 4e-5, "learn_weight_scale": True, "weight_scale_lr": 1e-4},
 }
 MIN_BITS, MAX_BITS = 2, 8
+# Selectors of a per-layer weight-bit rule ("SELECTOR=BITS"); anything else is a glob on the layer name.
+RULE_KINDS = ("depthwise", "first", "last")
+
+
+def parse_bit_rules(text: str) -> List[Tuple[str, int]]:
+    """``"depthwise=8,first=8,blocks.1.*=6"`` -> [(selector, bits), ...], later rules winning. A
+    selector is ``depthwise`` (a Conv2d with one input channel per group), ``first`` / ``last`` (in
+    execution order) or a glob on the layer name (``fnmatch``)."""
+    rules = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        selector, sep, bits = part.rpartition("=")
+        if not sep or not selector.strip() or not bits.strip().isdigit():
+            raise ConfigError(f"weight-bit rule {part!r} is not SELECTOR=BITS (e.g. depthwise=8, first=8, "
+                              "'blocks.1.*=6')")
+        if not MIN_BITS <= int(bits) <= MAX_BITS:
+            raise ConfigError(f"weight-bit rule {part!r}: bits must be an integer in {MIN_BITS}..{MAX_BITS}")
+        rules.append((selector.strip(), int(bits)))
+    return rules
 
 
 @dataclasses.dataclass
@@ -59,6 +77,9 @@ class QuantConfig:
     percentile: float = 99.99  # of the "percentile" observer
     weight_observer: str = "minmax"
     fold_bn: bool = False
+    # Mixed precision by rule: per-layer weight bits, "SELECTOR=BITS,..." (parse_bit_rules), applied after
+    # wbits / first_last_bits, later rules winning; a rule that matches no layer is an error.
+    layer_wbits: str = ""
 
     def validate(self) -> "QuantConfig":
         problems = field_problems(self)
@@ -80,10 +101,12 @@ class QuantConfig:
             problems.append(f"percentile must lie in (50, 100], got {self.percentile}")
         if problems:
             raise ConfigError("invalid quantization options: " + "; ".join(problems))
+        parse_bit_rules(self.layer_wbits)  # its own message, naming the rule
         return self
 
     def label(self) -> str:
-        return f"W{self.wbits}A{self.abits if self.abits else 32}"
+        return f"W{self.wbits}A{self.abits if self.abits else 32}" + (f"[{self.layer_wbits}]" if self.layer_wbits
+                                                                     else "")
 
 
 @dataclasses.dataclass

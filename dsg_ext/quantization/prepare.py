@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fnmatch
 import functools
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError, InvalidDataError
-from .config import QuantConfig
+from .config import QuantConfig, parse_bit_rules
 from .observers import OBSERVERS
 from .quantizers import ActQuantizer, WeightMode, WeightQuantizer
 
@@ -89,6 +90,25 @@ def fold_batchnorm(model: nn.Module) -> List[Tuple[str, str]]:
     return pairs
 
 
+def _rule_bits(model: nn.Module, order: List[str], text: str) -> Dict[str, int]:
+    """{layer: weight bits} the rules of ``QuantConfig.layer_wbits`` give (later rules winning)."""
+    bits: Dict[str, int] = {}
+    for selector, b in parse_bit_rules(text):
+        if selector == "depthwise":
+            hit = [n for n in order if isinstance(model.get_submodule(n), nn.Conv2d)
+                   and model.get_submodule(n).groups > 1
+                   and model.get_submodule(n).groups == model.get_submodule(n).in_channels]
+        elif selector in ("first", "last"):
+            hit = [order[0] if selector == "first" else order[-1]]
+        else:
+            hit = [n for n in order if fnmatch.fnmatchcase(n, selector)]
+        if not hit:
+            raise ConfigError(f"weight-bit rule {selector}={b} matches no quantized layer of this model "
+                              f"(layers: {', '.join(order[:6])}{', ...' if len(order) > 6 else ''})")
+        bits.update({n: b for n in hit})
+    return bits
+
+
 def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None,
                    example: Optional[Tensor] = None) -> nn.Module:
     """A fake-quantized copy of ``model``; the original is untouched.
@@ -112,10 +132,11 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None,
         raise ConfigError("the model has no Conv2d or Linear layer to quantize")
     make_observer = functools.partial(OBSERVERS[config.observer].from_config, config)
     edge = {order[0], order[-1]}
+    layer_wbits = _rule_bits(qmodel, order, config.layer_wbits)
     for name in order:
         layer = qmodel.get_submodule(name)
         edge_bits = config.first_last_bits if (name in edge and config.first_last_bits) else None
-        wbits = edge_bits or config.wbits
+        wbits = layer_wbits.get(name) or edge_bits or config.wbits
         parametrize.register_parametrization(
             layer, "weight", WeightQuantizer(layer.weight, wbits, config.w_per_channel, config.w_symmetric,
                                              config.weight_observer), unsafe=True)
