@@ -1,4 +1,4 @@
-"""Smoke tests of the issue-13 study scripts (CI runs studies/ once, untimed), on the Fashion-MNIST network
+"""Smoke tests of the study scripts (CI runs studies/ once, untimed), on the Fashion-MNIST network
 at tiny schedules: every source, bit setting and stage each script promises is measured and written to
 its JSON. effnet_recipes.py is what the GPU script's `recipes` part runs, with these options and the
 `genie` recipe among them: a script that rotted would waste the lent GPU's minutes."""
@@ -77,3 +77,15 @@ def test_reconstruction_study_scores_each_variant(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["calibration only", "blocks + qdrop"]
     assert all(0 <= r["top1"] <= 100 and 0 <= r["top1_bias_corrected"] <= 100 for r in rows)
+
+
+def test_second_order_measures_every_source_and_method(tmp_path):
+    import second_order
+
+    out = tmp_path / "second_order.json"
+    assert second_order.main(["--samples", "8", "--iterations", "2", "--eval", "50", "--bits", "W4A4",
+                              "--recon-iterations", "2", "--cache", str(tmp_path / "cache"), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    cells = {(r["source"], r["method"]): r for r in report["rows"]}
+    assert set(cells) == {(s, m) for s in ("real", "recommended", "noise") for m in second_order.METHODS}
+    assert all(0 <= r["top1"] <= 100 and r["seconds"] > 0 for r in cells.values())
