@@ -40,7 +40,18 @@ def _unit_inputs(model: nn.Module, unit_name: str, images: Tensor, batch_size: i
         raise _Stop
 
     # prepend, so that the capture sees the raw input even when an activation quantizer hook exists
-    h = unit.register_forward_pre_hook(grab, prepend=True, with_kwargs=True)
+    forward_until(model, unit, grab, images, batch_size, device, prepend=True, with_kwargs=True)
+    if not got:
+        raise QuantizationError(f"{unit_name!r} is never reached by the forward pass")
+    return torch.cat(got)
+
+
+def forward_until(model: nn.Module, module: nn.Module, grab: Callable[..., None], images: Tensor, batch_size: int,
+                  device: str, **hook_options) -> None:
+    """Runs ``model`` over ``images`` batch by batch, each forward stopped where ``module`` is entered:
+    ``grab`` is its forward pre-hook (``hook_options`` go to ``register_forward_pre_hook``) and ends
+    the forward by raising ``_Stop``."""
+    handle = module.register_forward_pre_hook(grab, **hook_options)
     try:
         with torch.no_grad():
             for x in batches(images, batch_size):
@@ -49,10 +60,7 @@ def _unit_inputs(model: nn.Module, unit_name: str, images: Tensor, batch_size: i
                 except _Stop:
                     pass
     finally:
-        h.remove()
-    if not got:
-        raise QuantizationError(f"{unit_name!r} is never reached by the forward pass")
-    return torch.cat(got)
+        handle.remove()
 
 
 def _chained_inputs(qmodel: nn.Module, fp_model: nn.Module, unit_name: str, images: Tensor, device: str,
@@ -306,9 +314,9 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, config: 
 
         bar = tqdm(total=len(units) * config.iterations, desc="AdaRound", unit="it", leave=False)
     carry = None
-    for unit_name, unit_layers in units:
+    for number, (unit_name, unit_layers) in enumerate(units, 1):
         if bar is not None:
-            bar.set_postfix_str(f"{units.index((unit_name, unit_layers)) + 1}/{len(units)} {unit_name}")
+            bar.set_postfix_str(f"{number}/{len(units)} {unit_name}")
         step = (lambda: bar.update(1)) if bar is not None else (lambda: None)
         record, carry = _reconstruct_unit(qmodel, fp_model, unit_name, unit_layers, images, config, device, gen,
                                           step, engine, carry if engine != "loop" else None)

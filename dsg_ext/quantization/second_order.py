@@ -23,9 +23,10 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, InvalidDataError, QuantizationError
 from .hessian import LayerHessian, grouped_weight, layer_groups
-from .prepare import batches, float_weight, weight_quantizers
+from .prepare import float_weight, weight_quantizers
 from .qparams import weight_qparams
 from .quantizers import WeightMode, WeightQuantizer
+from .reconstruct import _Stop, forward_until
 
 DAMPING_RETRIES = 4  # each retry multiplies the dampening by 10
 
@@ -118,10 +119,6 @@ def quadratic_error(w: Tensor, q_w: Tensor, h: Tensor) -> Tensor:
     return torch.einsum("grd,gde,gre->g", d, h.to(torch.float64), d)
 
 
-class _Stop(Exception):
-    pass
-
-
 def _collect(qmodel: nn.Module, name: str, images: Tensor, batch_size: int, device: str) -> LayerHessian:
     """The Hessian of what layer ``name`` receives (after its activation quantizer) for all images."""
     layer = qmodel.get_submodule(name)
@@ -131,16 +128,7 @@ def _collect(qmodel: nn.Module, name: str, images: Tensor, batch_size: int, devi
         hessian.add(inputs[0].detach())
         raise _Stop
 
-    handle = layer.register_forward_pre_hook(grab)  # after the activation quantizer's pre-hook: its output
-    try:
-        with torch.no_grad():
-            for x in batches(images, batch_size):
-                try:
-                    qmodel(x.to(device))
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
+    forward_until(qmodel, layer, grab, images, batch_size, device)  # after the activation quantizer's pre-hook
     if hessian.vectors == 0:
         raise QuantizationError(f"layer {name!r} is never reached by the forward pass")
     return hessian
