@@ -209,3 +209,30 @@ def test_quantize_layer_wbits_rules(tmp_path, capsys):
     assert cli.main(["quantize", "--model", "fashion-mnist-resnet20", "--real", "noise", "--out", out,
                      "--layer-wbits", "depthwise=8"]) == 2  # ResNet-20 has no depthwise layer
     assert "depthwise=8 matches no quantized layer" in capsys.readouterr().err
+
+
+def test_quantize_bit_budget_errors_before_work_and_a_written_allocation(tmp_path, capsys, monkeypatch):
+    from dsg_ext.quantization import read_quantized
+
+    out = str(tmp_path / "q.safetensors")
+    base = ["quantize", "--model", "fashion-mnist-resnet20", "--real", "noise", "--out", out]
+    with monkeypatch.context() as m:
+        m.setattr("dsg_ext.models.load_model", lambda *a, **k: pytest.fail("model loaded before the refusal"))
+        assert cli.main(base + ["--wbits-budget", "1.5"]) == 2
+        assert "budget 1.5 is below the smallest bit choice (2)" in capsys.readouterr().err
+        assert cli.main(base + ["--sensitivity-images", "8"]) == 2
+        assert "need --wbits-budget" in capsys.readouterr().err
+        for bad, message in ((["--bit-choices", "3,9"], "each must be an integer in 2..8"),
+                             (["--wbits-budget", "nan"], "positive number of average weight bits")):
+            with pytest.raises(SystemExit) as exit_info:  # argparse's own error: usage, message, exit 2
+                cli.main(base + ["--wbits-budget", "4"] + bad)
+            assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert cli.main(base + ["--wbits-budget", "3.5", "--layer-wbits", "*=8"]) == 2
+    assert "cannot be met" in capsys.readouterr().err
+    assert cli.main(base + ["--num-samples", "16", "--wbits-budget", "3.5", "--bit-choices", "2,3,4,8",
+                            "--sensitivity-images", "8"]) == 0
+    printed = capsys.readouterr().out
+    meta = read_quantized(out)[1]
+    assert "bit allocation:" in printed and "uniform 3 bits" in printed and "uniform 4 bits" in printed
+    assert meta["bit_allocation"]["budget"] == 3.5 and set(meta["weight_bits"].values()) <= {2, 3, 4, 8}
+    assert meta["bit_allocation"]["average_bits"] <= 3.5

@@ -89,3 +89,17 @@ def test_second_order_measures_every_source_and_method(tmp_path):
     cells = {(r["source"], r["method"]): r for r in report["rows"]}
     assert set(cells) == {(s, m) for s in ("real", "recommended", "noise") for m in second_order.METHODS}
     assert all(0 <= r["top1"] <= 100 and r["seconds"] > 0 for r in cells.values())
+
+
+def test_bit_allocation_compares_every_budget_with_uniform_bits(tmp_path):
+    import bit_allocation
+
+    out = tmp_path / "alloc.json"
+    assert bit_allocation.main(["--samples", "8", "--sensitivity-images", "4", "--iterations", "2", "--eval", "50",
+                                "--budgets", "3.5,5", "--uniform", "3,4", "--methods", "nearest",
+                                "--cache", str(tmp_path / "cache"), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["setting"] for r in report["rows"]] == ["uniform 3", "uniform 4", "auto 3.5", "auto 5"]
+    budgets = {"uniform 3": 3, "uniform 4": 4, "auto 3.5": 3.5, "auto 5": 5}
+    assert all(r["average_wbits"] <= budgets[r["setting"]] + 1e-9 for r in report["rows"])
+    assert all(0 <= r["top1"] <= 100 for r in report["rows"]) and len(report["sensitivity"]) == 22

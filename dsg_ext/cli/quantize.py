@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 
-from ..errors import DsgError, QuantizationError
+from ..errors import ConfigError, DsgError, QuantizationError
 from .options import (
     DEFAULT_DEVICE,
     _device,
@@ -48,6 +49,15 @@ def add_parser(sub) -> None:
     _option(p, "--layer-wbits", Q, "layer_wbits", "mixed precision by rule: per-layer weight bits, "
             "'SELECTOR=BITS,...' with SELECTOR depthwise, first, last or a glob on the layer name (later rules win), "
             "e.g. 'depthwise=8'", metavar="RULES")
+    p.add_argument("--wbits-budget", type=_budget, default=None, metavar="BITS",
+                   help="automatic mixed precision: per-layer weight bits chosen to minimise the summed "
+                        "single-layer KL on the calibration images with the file's weights averaging at most "
+                        "BITS bits (ZeroQ's Pareto allocation); --layer-wbits rules fix their layers; overrides "
+                        "--wbits and the first/last layer's weight bits")
+    p.add_argument("--bit-choices", type=_choices, default=None, metavar="LIST",
+                   help="widths the allocation picks from (default 2,3,4,5,6,8)")
+    p.add_argument("--sensitivity-images", type=_positive_int, default=None, metavar="N",
+                   help="calibration images the per-layer sensitivity is measured on (default 32)")
     _option(p, "--per-tensor", Q, "w_per_channel", "one weight scale per layer instead of per output channel")
     _option(p, "--asymmetric-weights", Q, "w_symmetric", "asymmetric (unsigned, with a zero point) weight ranges")
     _option(p, "--placement", Q, "act_placement",
@@ -99,6 +109,32 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _budget(text: str) -> float:
+    """argparse type: average weight bits (a finite number)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of bits: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of average weight bits, got {text!r}")
+    return value
+
+
+_budget.__name__ = "average bits"
+
+
+def _choices(text: str):
+    from ..quantization.allocation import parse_choices
+
+    try:
+        return parse_choices(text)
+    except DsgError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+_choices.__name__ = "bit choices"
+
+
 def reconstruction_config(args: argparse.Namespace):
     """The AdaRoundConfig a parsed ``dsg quantize`` line describes (defaults, then its
     ``--reconstruction``, then the options given), or None without --adaround / --reconstruction."""
@@ -120,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_file(args.out, "--out", force=args.force)
     config = config_from_args(args, quant.QuantConfig).validate()
+    allocation_args = _allocation_args(args)
     ada = reconstruction_config(args)
     if ada is not None:
         ada = ada.validate()
@@ -129,6 +166,11 @@ def run(args: argparse.Namespace) -> int:
     images, described = calibration_images(loaded, args.calib, args.real, args.num_samples)
     fp = loaded.model.to(args.device)
     probe_model(fp, example_input(loaded).to(args.device), args.model)
+    allocation = None
+    if allocation_args is not None:
+        allocation = _allocate(fp, images, config, example_input(loaded).to(args.device), args.device,
+                               *allocation_args)
+        config = dataclasses.replace(config, layer_wbits=allocation.rules())
     qmodel = quant.quantize_model(fp, config, example_input(loaded).to(args.device))
     quant.calibrate(qmodel, images, device=args.device)
     records = []
@@ -144,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
                           "bias_correction": corrections,
                           "bias_correction_failed": (str(error) or type(error).__name__) if error else None,
                           "adaround": dataclasses.asdict(ada) if ada else None,
-                          "reconstruct": ada.unit if ada else None, "adaround_layers": records})
+                          "reconstruct": ada.unit if ada else None, "adaround_layers": records,
+                          "bit_allocation": allocation.summary() if allocation else None})
     print(f"{args.out}: {config.label()} {args.model}, calibrated on {images.shape[0]} images ({described})"
           + (f", {_reconstruction_label(ada)}" if ada else ""))
     if isinstance(error, KeyboardInterrupt):
@@ -153,6 +196,38 @@ def run(args: argparse.Namespace) -> int:
         raise QuantizationError(f"bias correction failed ({error}); the reconstructed model was saved without it "
                                 f"to {args.out}")
     return 0
+
+
+def _allocation_args(args):
+    """(budget, choices, images) of --wbits-budget, checked before any work; None without it."""
+    from ..quantization.allocation import DEFAULT_CHOICES, DEFAULT_SENSITIVITY_IMAGES, check_budget
+
+    if args.wbits_budget is None:
+        if args.bit_choices is not None or args.sensitivity_images is not None:
+            raise ConfigError("--bit-choices and --sensitivity-images need --wbits-budget")
+        return None
+    choices = args.bit_choices or list(DEFAULT_CHOICES)
+    check_budget(args.wbits_budget, choices)
+    return args.wbits_budget, choices, args.sensitivity_images or DEFAULT_SENSITIVITY_IMAGES
+
+
+def _allocate(fp, images, config, example, device, budget, choices, count):
+    import time
+
+    from ..quantization.allocation import allocate_bits
+
+    start = time.perf_counter()
+    allocation = allocate_bits(fp, images[:count], config, budget, choices, example=example, device=device)
+    measured = len(allocation.params) - len(allocation.fixed)
+    print(f"bit allocation: {allocation.average_bits:.3f} average weight bits (budget {budget:g}); layers per "
+          f"width {', '.join(f'{b}: {n}' for b, n in allocation.histogram().items())}; sensitivity of {measured} "
+          f"layers x {len(choices)} widths on {min(count, images.shape[0])} calibration images, "
+          f"{time.perf_counter() - start:.0f} s")
+    uniform = [f"uniform {b} bits {allocation.uniform_predicted(b):.4g}" for b in choices
+               if abs(b - budget) <= 1.0]
+    print(f"  summed single-layer KL: this allocation {allocation.predicted:.4g}"
+          + (f"; {'; '.join(uniform)}" if uniform else ""))
+    return allocation
 
 
 def _bias_correction(args, qmodel, fp, images, keep: bool):

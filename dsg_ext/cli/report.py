@@ -150,9 +150,16 @@ def _quantized_rows(paths: Sequence[str], source: Optional[_Source]) -> List[Dic
 
     rows = []
     for path in paths:
-        _, meta = read_quantized(path)
+        tensors, meta = read_quantized(path)
         row = {"file": path, "config": meta.get("config"), "calibration": meta.get("calibration"),
-               "label": f"W{meta['config'].get('wbits')}A{meta['config'].get('abits') or 32}"}
+               "label": f"W{meta['config'].get('wbits')}A{meta['config'].get('abits') or 32}",
+               "weight_bits": meta.get("weight_bits"), "bit_allocation": meta.get("bit_allocation")}
+        if row["weight_bits"]:
+            counts = {n: tensors[f"{n}.weight_int"].numel() for n in row["weight_bits"]}
+            row["average_wbits"] = (sum(b * counts[n] for n, b in row["weight_bits"].items())
+                                    / sum(counts.values()))
+            if len(set(row["weight_bits"].values())) > 1:
+                row["label"] = f"mixed W{row['average_wbits']:.2f}A{meta['config'].get('abits') or 32}"
         if source is not None and source.model is not None and meta.get("model_identity") == source.model.identity:
             example = source.images[:1]
             q = load_quantized(source.model.model, path, source.model.identity, example)
@@ -160,6 +167,20 @@ def _quantized_rows(paths: Sequence[str], source: Optional[_Source]) -> List[Dic
                 row.update(fidelity(source.model.model, q, source.images))
         rows.append(row)
     return rows
+
+
+def _layer_bits(rows: List[Dict[str, Any]]) -> Optional[str]:
+    """Weight bits per layer (execution order) of every file that records them."""
+    shown = [r for r in rows if r.get("weight_bits")]
+    if not shown:
+        return None
+    fig, ax = _figure(10, 3.2)
+    for r in shown:
+        bits = list(r["weight_bits"].values())
+        ax.step(range(len(bits)), bits, where="mid", label=f"{r['label']} {os.path.basename(r['file'])}")
+    ax.set(title="weight bits per layer (execution order)", xlabel="layer", ylabel="bits")
+    ax.legend(fontsize=7)
+    return _png(fig)
 
 
 def _bars(rows: List[Dict[str, Any]], demo: Optional[Dict[str, Any]]) -> Optional[str]:
@@ -242,10 +263,20 @@ def write_report(directories: Sequence[str], out: str, quantized: Sequence[str] 
     if rows:
         cells = "".join(
             f"<tr><td>{html.escape(r['file'])}</td><td>{r['label']}</td><td>{html.escape(str(r['calibration']))}</td>"
+            f"<td>{r.get('average_wbits', float('nan')):.3f}</td>"
             f"<td>{r.get('top1_agreement', float('nan')):.2f}</td><td>{r.get('mean_kl', float('nan')):.4g}</td></tr>"
             for r in rows)
-        parts.append("<table><tr><th>file</th><th>bits</th><th>calibration</th><th>top-1 agreement %</th>"
-                     f"<th>mean KL</th></tr>{cells}</table>")
+        parts.append("<table><tr><th>file</th><th>bits</th><th>calibration</th><th>average weight bits</th>"
+                     f"<th>top-1 agreement %</th><th>mean KL</th></tr>{cells}</table>")
+        per_layer = _layer_bits(rows)
+        if per_layer:
+            parts.append(f'<img alt="weight bits per layer" src="data:image/png;base64,{per_layer}">')
+        for r in (r for r in rows if r.get("weight_bits")):
+            table = "".join(f"<tr><td>{html.escape(n)}</td><td>{b}</td></tr>" for n, b in r["weight_bits"].items())
+            budget = r.get("bit_allocation") or {}
+            parts.append(f"<details><summary>{html.escape(r['file'])}: weight bits per layer"
+                         + (f" (automatic allocation, budget {budget.get('budget')} average bits)" if budget else "")
+                         + f"</summary><table><tr><th>layer</th><th>bits</th></tr>{table}</table></details>")
     parts.append("<h2>Configs</h2>")
     for s in sources:
         config = html.escape(json.dumps(s.manifest["config"], indent=1))

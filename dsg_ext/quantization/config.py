@@ -105,8 +105,9 @@ class QuantConfig:
         return self
 
     def label(self) -> str:
-        return f"W{self.wbits}A{self.abits if self.abits else 32}" + (f"[{self.layer_wbits}]" if self.layer_wbits
-                                                                     else "")
+        rules = parse_bit_rules(self.layer_wbits)
+        shown = "" if not rules else (f"[{self.layer_wbits}]" if len(rules) <= 4 else f"[{len(rules)} per-layer rules]")
+        return f"W{self.wbits}A{self.abits if self.abits else 32}" + shown
 
 
 @dataclasses.dataclass

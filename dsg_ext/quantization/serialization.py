@@ -67,7 +67,8 @@ def save_quantized(qmodel: nn.Module, path: str, source: str, identity: str,
         tensors[f"{name}.act_scale"] = aq.scale.reshape(1).contiguous()
         tensors[f"{name}.act_zero_point"] = aq.zero_point.reshape(1).contiguous()
     meta = {"format": FORMAT_VERSION, "source": source, "model_identity": identity,
-            "config": qmodel.dsg_quant_config, "order": qmodel.dsg_quant_order, **(extra or {})}
+            "config": qmodel.dsg_quant_config, "order": qmodel.dsg_quant_order,
+            "weight_bits": {name: wq.bits for name, wq in weight_quantizers(qmodel).items()}, **(extra or {})}
     tensors = {k: v.cpu() for k, v in tensors.items()}
     meta["checksum"] = content_checksum(tensors, meta)
     atomic_write_bytes(path, save(tensors, metadata={"dsg_ext": json.dumps(meta)}))
@@ -153,6 +154,13 @@ def load_quantized(model: nn.Module, path: str, identity: str, example: Optional
     qmodel = quantize_model(model, QuantConfig(**meta["config"]), example)
     if qmodel.dsg_quant_order != meta["order"] and set(qmodel.dsg_quant_order) != set(meta["order"]):
         raise QuantizedFileError(f"{path}: its layers do not match the model's")
+    rebuilt = {name: wq.bits for name, wq in weight_quantizers(qmodel).items()}
+    if "weight_bits" in meta and meta["weight_bits"] != rebuilt:
+        differ = sorted(n for n in set(rebuilt) | set(meta["weight_bits"])
+                        if meta["weight_bits"].get(n) != rebuilt.get(n))
+        raise QuantizedFileError(f"{path}: its per-layer weight bits do not follow from its config (layer "
+                                 f"{differ[0]!r}: file {meta['weight_bits'].get(differ[0])}, config "
+                                 f"{rebuilt.get(differ[0])})")
     with torch.no_grad():
         for name, wq in weight_quantizers(qmodel).items():
             w_int = _tensor(tensors, f"{name}.weight_int", path)

@@ -76,8 +76,12 @@ def _weight_edit(saved, suffix, fn, middle=False):
 
 
 EDITS = {
-    "bit width raised in the config": (lambda s: {}, lambda m: dict(m, config=dict(m["config"], wbits=2)),
-                                       "not integers in -2..1"),
+    "bit width lowered in the config": (lambda s: {}, lambda m: dict(m, config=dict(m["config"], wbits=2)),
+                                        "per-layer weight bits do not follow from its config"),
+    "bit width lowered in the config and the per-layer bits": (
+        lambda s: {}, lambda m: dict(m, config=dict(m["config"], wbits=2),
+                                     weight_bits={k: 2 if v == 4 else v for k, v in m["weight_bits"].items()}),
+        "not integers in -2..1"),
     "bit width out of range": (lambda s: {}, lambda m: dict(m, config=dict(m["config"], wbits=17)), "wbits"),
     "unknown config key": (lambda s: {}, lambda m: dict(m, config=dict(m["config"], turbo=True)), "unknown keys"),
     "no model identity": (lambda s: {}, lambda m: {k: v for k, v in m.items() if k != "model_identity"},

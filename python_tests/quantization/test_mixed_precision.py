@@ -78,6 +78,14 @@ def test_per_layer_bits_travel_through_the_file_and_are_checked_on_load(tmp_path
     meta["checksum"] = content_checksum(tensors, meta)
     forged = tmp_path / "forged.safetensors"
     forged.write_bytes(save(tensors, metadata={"dsg_ext": json.dumps(meta)}))
+    # the file's own per-layer record no longer follows from its config
+    with pytest.raises(QuantizedFileError, match="per-layer weight bits do not follow from its config \\(layer '3': "
+                                                 "file 8, config 3\\)"):
+        Q.load_quantized(_net(), str(forged), model_identity(model), X[:1])
+    # and without that record (a forger who drops it too), the integers themselves are out of range
+    del meta["weight_bits"]
+    meta["checksum"] = content_checksum(tensors, meta)
+    forged.write_bytes(save(tensors, metadata={"dsg_ext": json.dumps(meta)}))
     with pytest.raises(QuantizedFileError, match="layer '3'.*-4..3"):
         Q.load_quantized(_net(), str(forged), model_identity(model), X[:1])
 
