@@ -37,8 +37,10 @@ from .models import InputSpec, load_model, model_identity
 from .ops import adaround, adaround_init, bn_eval_slack, bn_stat_slack_loss, fake_quant
 from .quantization import (
     AdaRoundConfig,
+    Allocation,
     GptqConfig,
     QuantConfig,
+    allocate_bits,
     calibrate,
     finalize_weights,
     gptq,
@@ -67,6 +69,7 @@ __all__ = [
     "SyntheticDataset", "calibration_batches", "forward_loop", "ort_calibration_reader",
     # quantization
     "QuantConfig", "AdaRoundConfig", "quantize_model", "calibrate", "gptq", "GptqConfig", "reconstruct",
+    "allocate_bits", "Allocation",
     "finalize_weights",
     "save_quantized", "load_quantized",
     # models and evaluation

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     p.add_argument("--sensitivity-images", type=int, default=32)
     p.add_argument("--iterations", type=int, default=150, help="synthesis iterations")
     p.add_argument("--source", default="recommended", help="recommended (synthetic), real or noise")
-    p.add_argument("--abits", type=int, default=8)
+    p.add_argument("--abits", default="8", help="activation bits; a list measures each (one sensitivity: it is weight-only)")
     p.add_argument("--budgets", default="3.5,4,4.5,5,6")
     p.add_argument("--uniform", default="3,4,5,6")
     p.add_argument("--choices", default="2,3,4,5,6,8")
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
                                   args.seed, args.device, args.cache)[0]
     images = images.to(args.device)
     print(f"{args.model} FP32: {measure(fp)}", flush=True)
-    base = quant.QuantConfig(wbits=8, abits=args.abits)
+    base = quant.QuantConfig(wbits=8)
     choices = parse_choices(args.choices)
     t = time.perf_counter()
     sens = layer_sensitivity(fp, images[:args.sensitivity_images], base, choices, images[:1], device=args.device,
@@ -94,22 +94,22 @@ def main(argv=None) -> int:
         bits = allocate(sens, params, budget)
         settings.append((f"auto {budget:g}", bits, time.perf_counter() - t))
     rows = []
-    for label, bits, alloc_s in settings:
+    for abits, (label, bits, alloc_s) in ((a, s) for a in parse_choices(args.abits) for s in settings):
         rules = ",".join(f"{n}={b}" for n, b in bits.items())
-        config = quant.QuantConfig(wbits=8, abits=args.abits, layer_wbits=rules)
+        config = quant.QuantConfig(wbits=8, abits=abits, layer_wbits=rules)
         q = quant.quantize_model(fp, config, images[:1])
         t = time.perf_counter()
         quant.calibrate(q, images, device=args.device)
         calib_s = time.perf_counter() - t
         for method in args.methods.split(","):
             rounded, seconds = round_with(method, q, fp, images, 0, 0.0, args.device)
-            row = {"setting": label, "method": method, **measure(rounded), "average_wbits": average_wbits(rounded),
+            row = {"setting": label, "abits": abits, "method": method, **measure(rounded), "average_wbits": average_wbits(rounded),
                    "predicted_kl": sum(sens[n][b] for n, b in bits.items()),
                    "seconds": seconds, "calibration_seconds": calib_s, "allocation_seconds": alloc_s}
             rows.append(row)
             shown = (f"top-1 {row['top1']:6.2f}%" if fashion else
                      f"agreement {row['top1_agreement']:5.1f}%  KL {row['mean_kl']:.3f}")
-            print(f"W{row['average_wbits']:.2f}A{args.abits} {label:12s} {method:8s} {shown}  ({seconds:.1f} s)",
+            print(f"W{row['average_wbits']:.2f}A{abits} {label:12s} {method:8s} {shown}  ({seconds:.1f} s)",
                   flush=True)
     if args.json:
         with open(args.json, "w") as f:

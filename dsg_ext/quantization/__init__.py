@@ -34,12 +34,13 @@ from .prepare import (
 from .qparams import WEIGHT_OBSERVERS, mse_search, quant_range, range_to_qparams, weight_qparams
 from .quantizers import ActQuantizer, WeightMode, WeightQuantizer
 from .reconstruct import find_blocks, reconstruct, reconstruction_loss, reconstruction_summary
+from .allocation import Allocation, allocate_bits
 from .second_order import GptqConfig, gptq
 from .serialization import FORMAT_VERSION, load_quantized, read_quantized, save_quantized
 
 __all__ = [
     "PLACEMENTS", "RECONSTRUCTION_PRESETS", "RECONSTRUCTION_UNITS", "ROUNDING_STARTS", "AdaRoundConfig", "QuantConfig",
-    "GptqConfig", "gptq",
+    "GptqConfig", "gptq", "Allocation", "allocate_bits",
     "OBSERVERS", "WEIGHT_OBSERVERS", "Observer", "MinMaxObserver", "EmaObserver", "PercentileObserver", "MseObserver",
     "correct_bias", "act_quantizers", "batches", "calibrate", "execution_order", "finalize_weights", "float_weight",
     "float_reference", "fold_batchnorm", "quantize_model", "weight_quantizers",
