@@ -33,7 +33,25 @@ def _name(path: str) -> str:
     return os.path.relpath(path, ROOT)
 
 
-PYTHON = [(_name(p), i, code) for p in PAGES for i, code in enumerate(_blocks("python", p))]
+CONTINUES = "# continues the example above\n"
+
+
+def _python_examples():
+    """(page, index, code) per Python block; a block that starts with CONTINUES runs after the block
+    before it on its page, as a reader running them in order would."""
+    examples = []
+    for p in PAGES:
+        previous = ""
+        for i, code in enumerate(_blocks("python", p)):
+            if code.startswith(CONTINUES):
+                assert previous, f"{_name(p)}: python example {i + 1} continues nothing"
+                code = previous + code
+            examples.append((_name(p), i, code))
+            previous = code
+    return examples
+
+
+PYTHON = _python_examples()
 
 
 def test_the_pages_have_examples():

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     params = {n: fp.get_submodule(n).weight.numel() for n in sens}
     print(f"sensitivity: {len(sens)} layers x {len(choices)} widths on {args.sensitivity_images} images, "
           f"{sens_s:.0f} s", flush=True)
-    settings = [(f"uniform {b}", {n: b for n in sens}, None) for b in parse_choices(args.uniform)]
+    settings = [(f"uniform {b}", {n: b for n in sens}, None) for b in (parse_choices(args.uniform) if args.uniform else [])]
     for budget in (float(b) for b in args.budgets.split(",")):
         t = time.perf_counter()
         bits = allocate(sens, params, budget)

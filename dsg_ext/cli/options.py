@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from typing import Any, Callable, Optional
 
 from ..errors import ConfigError
@@ -120,3 +121,31 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
             return action.help
         return super()._get_help_string(action)
+
+
+def _average_bits(text: str) -> float:
+    """argparse type: average weight bits (a finite number)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of bits: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of average weight bits, got {text!r}")
+    return value
+
+
+_average_bits.__name__ = "average bits"
+
+
+def _bit_choices(text: str):
+    """argparse type: a comma list of weight widths to choose from."""
+    from ..errors import DsgError
+    from ..quantization.allocation import parse_choices
+
+    try:
+        return parse_choices(text)
+    except DsgError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+_bit_choices.__name__ = "bit choices"

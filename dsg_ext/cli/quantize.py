@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 
 from ..errors import ConfigError, DsgError, QuantizationError
 from .options import (
     DEFAULT_DEVICE,
+    _average_bits,
+    _bit_choices,
     _device,
     _Formatter,
     _option,
@@ -49,12 +50,12 @@ def add_parser(sub) -> None:
     _option(p, "--layer-wbits", Q, "layer_wbits", "mixed precision by rule: per-layer weight bits, "
             "'SELECTOR=BITS,...' with SELECTOR depthwise, first, last or a glob on the layer name (later rules win), "
             "e.g. 'depthwise=8'", metavar="RULES")
-    p.add_argument("--wbits-budget", type=_budget, default=None, metavar="BITS",
+    p.add_argument("--wbits-budget", type=_average_bits, default=None, metavar="BITS",
                    help="automatic mixed precision: per-layer weight bits chosen to minimise the summed "
                         "single-layer KL on the calibration images with the file's weights averaging at most "
                         "BITS bits (ZeroQ's Pareto allocation); --layer-wbits rules fix their layers; overrides "
                         "--wbits and the first/last layer's weight bits")
-    p.add_argument("--bit-choices", type=_choices, default=None, metavar="LIST",
+    p.add_argument("--bit-choices", type=_bit_choices, default=None, metavar="LIST",
                    help="widths the allocation picks from (default 2,3,4,5,6,8)")
     p.add_argument("--sensitivity-images", type=_positive_int, default=None, metavar="N",
                    help="calibration images the per-layer sensitivity is measured on (default 32)")
@@ -107,32 +108,6 @@ def add_parser(sub) -> None:
     p.add_argument("--device", type=_device, default=DEFAULT_DEVICE)
     add_output_options(p, "quantized model file (.safetensors)")
     p.set_defaults(func=run)
-
-
-def _budget(text: str) -> float:
-    """argparse type: average weight bits (a finite number)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of bits: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of average weight bits, got {text!r}")
-    return value
-
-
-_budget.__name__ = "average bits"
-
-
-def _choices(text: str):
-    from ..quantization.allocation import parse_choices
-
-    try:
-        return parse_choices(text)
-    except DsgError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-_choices.__name__ = "bit choices"
 
 
 def reconstruction_config(args: argparse.Namespace):

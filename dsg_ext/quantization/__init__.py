@@ -9,6 +9,7 @@ calibration), hessian + second_order (GPTQ rounding), reconstruct (AdaRound, BRE
 bias_correction, serialization (the file format).
 """
 
+from .allocation import Allocation, allocate_bits
 from .bias_correction import correct_bias
 from .config import (
     PLACEMENTS,
@@ -34,7 +35,6 @@ from .prepare import (
 from .qparams import WEIGHT_OBSERVERS, mse_search, quant_range, range_to_qparams, weight_qparams
 from .quantizers import ActQuantizer, WeightMode, WeightQuantizer
 from .reconstruct import find_blocks, reconstruct, reconstruction_loss, reconstruction_summary
-from .allocation import Allocation, allocate_bits
 from .second_order import GptqConfig, gptq
 from .serialization import FORMAT_VERSION, load_quantized, read_quantized, save_quantized
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError, InvalidDataError
+from ..errors import ConfigError, InvalidDataError, QuantizationError
 from .config import MAX_BITS, MIN_BITS, QuantConfig
 from .prepare import _rule_bits, batches, execution_order, fold_batchnorm
 from .qparams import fake_quant_broadcast, quant_range, weight_qparams
@@ -135,7 +135,7 @@ class _Outputs:
             for arg in node.all_input_nodes:
                 if self.last_use[arg] <= i:
                     env.pop(arg, None)
-        raise RuntimeError("the traced graph has no output")  # unreachable for a traced module
+        raise QuantizationError("the traced graph has no output")  # unreachable for a traced module
 
     @torch.no_grad()
     def sweep(self, order: Sequence[str], variants):
