@@ -26,7 +26,7 @@ from .options import (
 
 def add_parser(sub) -> None:
     from ..data.calibration import DEFAULT_CALIBRATION_IMAGES
-    from ..quantization.config import PLACEMENTS, RECONSTRUCTION_PRESETS, RECONSTRUCTION_UNITS, ROUNDING_STARTS
+    from ..quantization.config import PLACEMENTS, RECONSTRUCTION_PRESETS, RECONSTRUCTION_UNITS, ROUNDING_STARTS, TARGETS
     from ..quantization.config import AdaRoundConfig as A
     from ..quantization.config import QuantConfig as Q
     from ..quantization.engine import ENGINES
@@ -61,8 +61,13 @@ def add_parser(sub) -> None:
                    help="calibration images the per-layer sensitivity is measured on (default 32)")
     _option(p, "--per-tensor", Q, "w_per_channel", "one weight scale per layer instead of per output channel")
     _option(p, "--asymmetric-weights", Q, "w_symmetric", "asymmetric (unsigned, with a zero point) weight ranges")
+    p.add_argument("--target", choices=sorted(TARGETS), default=None,
+                   help="quantize for a runtime's integer kernels: onnxruntime = --placement deploy, --fold-bn, "
+                        "uint8 asymmetric activations, int8 symmetric per-channel weights (options given override it)")
     _option(p, "--placement", Q, "act_placement",
-            "activation quantizers at every layer input, or after each ReLU (ZeroQ)", choices=PLACEMENTS)
+            "activation quantizers at every layer input (the paper's), after each ReLU (ZeroQ's), or where an "
+            "integer runtime needs them (deploy: conv/linear outputs after their activation, residual adds, "
+            "pooling; needs --fold-bn)", choices=PLACEMENTS)
     _option(p, "--observer", Q, "observer", "activation ranges", choices=tuple(OBSERVERS))
     _option(p, "--percentile", Q, "percentile", "percentile of the 'percentile' observer")
     _option(p, "--weight-observer", Q, "weight_observer", "weight ranges per channel", choices=WEIGHT_OBSERVERS)
@@ -130,7 +135,10 @@ def run(args: argparse.Namespace) -> int:
     from ..quantization.engine import resolve_engine
 
     check_output_file(args.out, "--out", force=args.force)
-    config = config_from_args(args, quant.QuantConfig).validate()
+    from ..quantization.config import TARGETS
+
+    base = quant.QuantConfig(**TARGETS[args.target]) if args.target else None
+    config = config_from_args(args, quant.QuantConfig, base).validate()
     allocation_args = _allocation_args(args)
     ada = reconstruction_config(args)
     if ada is not None:

@@ -13,7 +13,15 @@ from .engine import ENGINES
 from .observers import OBSERVERS
 from .qparams import WEIGHT_OBSERVERS
 
-PLACEMENTS = ("input", "relu")
+# "input": a quantizer before every quantized layer (the paper's); "relu": after each ReLU/ReLU6 (ZeroQ's);
+# "deploy": where an integer runtime needs them (every conv/linear output after its activation, residual
+# adds, pooling; deploy.py), with BN folded and int32 biases, so that onnxruntime fuses every layer.
+PLACEMENTS = ("input", "relu", "deploy")
+# Deployment presets (``dsg quantize --target NAME``): QuantConfig fields that make the file run in the
+# named runtime's integer kernels (onnxruntime's QLinearConv: uint8 asymmetric activations, int8 symmetric
+# per-channel weights, BN folded).
+TARGETS = {"onnxruntime": {"act_placement": "deploy", "fold_bn": True, "a_symmetric": False,
+                           "w_symmetric": True, "w_per_channel": True}}
 RECONSTRUCTION_UNITS = ("layer", "block")
 # Where the learned rounding starts: nearest rounding (AdaRound's frac(W/s)), or the second-order
 # one-shot rounding (GPTQ, second_order.py), which then also runs first.
@@ -71,7 +79,7 @@ class QuantConfig:
     w_per_channel: bool = True
     w_symmetric: bool = True
     a_symmetric: bool = False
-    act_placement: str = "input"  # "input": before every quantized layer; "relu": after each ReLU/ReLU6
+    act_placement: str = "input"  # one of PLACEMENTS
     first_last_bits: Optional[int] = 8  # weight and activation bits of the first and last layer (None: same)
     observer: str = "mse"  # activation ranges: a name of observers.OBSERVERS
     percentile: float = 99.99  # of the "percentile" observer
@@ -97,6 +105,9 @@ class QuantConfig:
             problems.append(f"weight observer must be one of {WEIGHT_OBSERVERS}, got {self.weight_observer!r}")
         if self.act_placement not in PLACEMENTS:
             problems.append(f"activation placement must be one of {PLACEMENTS}, got {self.act_placement!r}")
+        if self.act_placement == "deploy" and not self.fold_bn:
+            problems.append("the deploy placement needs fold_bn (onnxruntime fuses no BatchNorm behind a "
+                            "quantized weight)")
         if not 50.0 < self.percentile <= 100.0:
             problems.append(f"percentile must lie in (50, 100], got {self.percentile}")
         if problems:

@@ -3,7 +3,7 @@
 A quantized model is the float model with these additions, all through the fused ops:
 - every Conv2d/Linear weight gets a parametrization (``WeightQuantizer``);
 - an activation quantizer (``ActQuantizer``, per tensor) at the input of every quantized layer, or
-  after every ReLU/ReLU6 module (ZeroQ's placement);
+  after every ReLU/ReLU6 module (ZeroQ's placement), or where an integer runtime needs one (deploy.py);
 - optionally BatchNorm folded into the convolution before it.
 
 ``quantize_model`` builds it, ``calibrate`` sets the activation ranges from images, and
@@ -61,8 +61,10 @@ def fold_batchnorm(model: nn.Module) -> List[Tuple[str, str]]:
     in place; the BN becomes Identity. Needs a torch.fx-traceable model. Returns (conv, bn) pairs."""
     import torch.fx
 
+    from .deploy import LayerLeafTracer
+
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = LayerLeafTracer().trace(model)
     except Exception as e:
         raise ConfigError(f"BN folding needs a torch.fx-traceable model: {type(e).__name__}: {e}") from e
     modules = dict(model.named_modules())
@@ -143,6 +145,14 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None,
         if config.abits and config.act_placement == "input":
             layer.act_quant = ActQuantizer(edge_bits or config.abits, config.a_symmetric, make_observer)
             layer.register_forward_pre_hook(_act_pre_hook)
+    if config.abits and config.act_placement == "deploy":
+        from .deploy import place
+
+        def bits_for(edge: bool) -> int:
+            return config.first_last_bits if edge and config.first_last_bits else config.abits
+
+        qmodel.dsg_deploy = place(qmodel, example, order, bits_for,
+                                  lambda bits: ActQuantizer(bits, config.a_symmetric, make_observer))
     if config.abits and config.act_placement == "relu":
         relus = [m for m in qmodel.modules() if isinstance(m, (nn.ReLU, nn.ReLU6))]
         if not relus:

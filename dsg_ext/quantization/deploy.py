@@ -1,0 +1,353 @@
+"""The deployment placement: activation quantizers where an integer runtime needs them.
+
+onnxruntime turns a QDQ graph into integer kernels only where every tensor such a kernel consumes or
+produces is on an integer grid: QLinearConv wants DequantizeLinear on its input and weight, an int32
+bias at scale s_input * s_weight and a QuantizeLinear on its output (a ReLU / ReLU6 before that
+QuantizeLinear is absorbed when the range starts at zero); QLinearAdd, QLinearConcat and
+QLinearGlobalAveragePool want their inputs and output quantized; Reshape / Flatten / MaxPool keep
+their input's grid. The ``input`` placement (a quantizer before each layer) leaves the outputs of
+convolutions and residual sums float, so the runtime cannot fuse them.
+
+``place`` rewrites a model in place so that it computes exactly what such a runtime computes:
+
+- each module that calls others (the model itself, its blocks, Sequentials) is traced with torch.fx,
+  its direct children as leaves, and its ``forward`` replaced by the traced graph with *points*
+  (``QuantPoint`` submodules) added: after each Conv2d / Linear and the activations that follow it
+  (Identity left by BN folding, ReLU, ReLU6, Hardtanh, clamp, Dropout), after each add / concat /
+  average pool, before their inputs, and after shape ops and max pooling (which keep the grid). The
+  module keeps its class, name, children and hooks (reconstruction finds its blocks as before);
+  the trace is taken in eval mode with the non-tensor arguments of the example's forward.
+- one forward of the example decides what each point is, by following which tensors are already on
+  a grid: an output point quantizes (its own range); an input point quantizes only a tensor not yet
+  on a grid; a shape point repeats its input's grid (no quantization of its own, but the exported
+  file gets the Q/DQ pair the runtime's rule needs). A layer whose input is on no grid (after an op
+  the placement has no integer form for) gets its own input quantizer, as the ``input`` placement
+  does, and is reported (``dsg_deploy_float``).
+- each biased layer rounds its bias to the int32 grid s_input * s_weight, as the exported file stores it.
+
+The logits (the model's output) stay float: onnxruntime's QGemm takes a float output.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+import types
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from .quantizers import ActQuantizer
+
+QUANT_TYPES = (nn.Conv2d, nn.Linear)
+# Ops that keep a conv's output "the conv's output" for the runtime: absorbed into QLinearConv's
+# requantization (ReLU / clip at zero) or gone in eval mode.
+_CHAIN_MODULES = (nn.Identity, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Dropout)
+_CHAIN_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardtanh, torch.clamp, F.dropout}
+_CHAIN_METHODS = {"relu", "relu_", "clamp", "clamp_"}
+_MERGES = {operator.add, operator.iadd, torch.add, torch.cat, torch.concat}
+_MERGE_METHODS = {"add", "add_"}
+_POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
+_POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.avg_pool2d}
+_SAME_MODULES = (nn.Flatten, nn.MaxPool2d)
+_SAME_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, F.max_pool2d}
+_SAME_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
+
+
+class QuantPoint(nn.Module):
+    """A tensor of the deployment graph that is on an integer grid. ``kind`` is where it sits
+    ("output" of an integer op, "input" of one, "same" grid as its input); ``mode``, set by ``place``'s
+    probe, is what it does: "quant" (its own ``act_quant``), "mirror" (its input's grid, identity in
+    torch; a Q/DQ pair with the source's range in the exported file) or "off" (identity)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.mode = kind, "off"
+        object.__setattr__(self, "source", None)  # mirror: the module holding the act_quant it repeats
+        self.export_qdq: Optional[nn.Module] = None  # set by export.qdq.deploy_module for a mirror
+
+    def forward(self, x: Tensor, grid_of: Optional[Tensor] = None) -> Tensor:
+        """``grid_of``: for a "same" point, the op's input, whose grid the output ``x`` keeps."""
+        if _PROBE is not None:
+            return _PROBE.visit(self, x, x if grid_of is None else grid_of)
+        if self.mode == "quant":
+            return self.act_quant(x)
+        if self.export_qdq is not None:
+            return self.export_qdq(x)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, {self.mode}"
+
+
+class _Probe:
+    """One forward that tags tensors on a grid (by object identity, the tensors kept alive)."""
+
+    def __init__(self):
+        self.grid: Dict[int, Tuple[Tensor, nn.Module]] = {}
+        self.layer_source: Dict[str, Optional[nn.Module]] = {}
+        self.seen: set = set()
+
+    def source(self, x: Tensor) -> Optional[nn.Module]:
+        hit = self.grid.get(id(x))
+        return hit[1] if hit is not None and hit[0] is x else None
+
+    def tag(self, x: Tensor, holder: nn.Module) -> None:
+        self.grid[id(x)] = (x, holder)
+
+    def visit(self, point: QuantPoint, x: Tensor, grid_of: Tensor) -> Tensor:
+        first = id(point) not in self.seen
+        self.seen.add(id(point))
+        src = self.source(grid_of)
+        if first:
+            if point.kind == "output" or (point.kind == "input" and src is None):
+                point.mode = "quant"
+            elif point.kind == "same" and src is not None:
+                point.mode = "mirror"
+                object.__setattr__(point, "source", src)
+        if point.mode == "quant":
+            y = x.clone()  # a new tensor: this point's grid, not its input's
+            self.tag(y, point)
+            return y
+        if point.mode == "mirror" and point.source is not None:
+            self.tag(x, point.source)
+        return x
+
+
+_PROBE: Optional[_Probe] = None
+
+
+class _ScopeTracer(fx.Tracer):
+    """Traces one module: every module it calls is a leaf (their own forwards are rewritten apart)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+
+class LayerLeafTracer(fx.Tracer):
+    """Traces a whole model with Conv2d / Linear and their subclasses (EfficientNet's
+    Conv2dStaticSamePadding) as leaves, so that BN folding sees them."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, QUANT_TYPES) or super().is_leaf_module(m, qualname)
+
+
+def _kind(node: fx.Node, modules: Dict[str, nn.Module]):
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        for kind, types_ in (("layer", QUANT_TYPES), ("chain", _CHAIN_MODULES), ("pool", _POOL_MODULES),
+                             ("same", _SAME_MODULES)):
+            if isinstance(m, types_):
+                return kind
+        return None
+    if node.op == "call_function":
+        target = node.target
+        for kind, group in (("chain", _CHAIN_FUNCTIONS), ("merge", _MERGES), ("pool", _POOL_FUNCTIONS),
+                            ("same", _SAME_FUNCTIONS)):
+            if target in group:
+                return kind
+        return None
+    if node.op == "call_method":
+        for kind, group in (("chain", _CHAIN_METHODS), ("merge", _MERGE_METHODS), ("same", _SAME_METHODS)):
+            if node.target in group:
+                return kind
+    return None
+
+
+def _chain_end(node: fx.Node, modules: Dict[str, nn.Module]) -> fx.Node:
+    """The last node of the single-user chain of activations after ``node``."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if _kind(user, modules) != "chain" or not user.args or user.args[0] is not node:
+            break
+        node = user
+    return node
+
+
+def _rewrite(scope: nn.Module, concrete: Dict[str, Any], root: bool) -> int:
+    """Adds points to ``scope``'s traced forward and makes it the scope's forward; returns how many."""
+    params = list(inspect.signature(scope.forward).parameters)
+    graph = _ScopeTracer().trace(scope, concrete_args=concrete or None)
+    for node, param in zip([n for n in graph.nodes if n.op == "placeholder"], params):
+        node.target = param  # fx renames a specialised argument; the callers use its name
+    modules = dict(scope.named_modules())
+    after: List[Tuple[str, fx.Node]] = []  # ("output" | "same", node the point follows)
+    consumers: List[fx.Node] = []  # merges and pools: their tensor inputs get "input" points
+    ends = set()
+    for node in list(graph.nodes):
+        kind = _kind(node, modules)
+        if node.op == "placeholder" and root and not ends:
+            ends.add(node)
+            after.append(("output", node))
+        elif kind in ("layer", "merge", "pool"):
+            if kind != "layer":
+                consumers.append(node)
+            end = _chain_end(node, modules)
+            if end not in ends and not (root and any(u.op == "output" for u in end.users)):
+                ends.add(end)
+                after.append(("output", end))
+        elif kind == "same" and node.args and isinstance(node.args[0], fx.Node):
+            after.append(("same", node))
+
+    def add_point(kind: str, node: fx.Node, suffix: str = "") -> fx.Node:
+        name = f"dsg_q_{node.name}{suffix}"
+        while hasattr(scope, name):
+            name += "_"
+        scope.add_module(name, QuantPoint(kind))
+        return graph.call_module(name, (node, node.args[0]) if kind == "same" else (node,))
+
+    count = 0
+    for kind, node in after:
+        with graph.inserting_after(node):
+            point = add_point(kind, node)
+        node.replace_all_uses_with(point, delete_user_cb=lambda u, _p=point: u is not _p)
+        count += 1
+    for consumer in consumers:
+        group = consumer.args[0] if consumer.target in (torch.cat, torch.concat) else consumer.args[:2]
+        for a in group if isinstance(group, (list, tuple)) else [group]:
+            if not isinstance(a, fx.Node) or (a.op == "call_module" and a.target.startswith("dsg_q_")
+                                              and getattr(scope, a.target).kind == "output"):
+                continue
+            with graph.inserting_before(consumer):
+                point = add_point("input", a, "_in_" + consumer.name)
+            consumer.replace_input_with(a, point)
+            count += 1
+    graph.lint()
+    code = fx.GraphModule(scope, graph)
+    object.__setattr__(scope, "forward", types.MethodType(type(code).forward, scope))
+    return count
+
+
+def _scope_calls(model: nn.Module, example: Tensor) -> Dict[str, Optional[Dict[str, Any]]]:
+    """Per module that calls others: the non-tensor arguments of its (first) call, or None when it cannot
+    be traced on its own (called with differing ones, or with tensors inside containers)."""
+    scopes = {n: m for n, m in model.named_modules() if not isinstance(m, QUANT_TYPES)
+              and any(True for _ in m.children()) and not isinstance(m, (nn.ModuleList, nn.ModuleDict))}
+    inside_layers = {n for n, m in model.named_modules() if isinstance(m, QUANT_TYPES)}
+    scopes = {n: m for n, m in scopes.items() if not any(n.startswith(p + ".") for p in inside_layers)}
+    calls: Dict[str, Optional[Dict[str, Any]]] = {}
+
+    def record(name: str) -> Callable:
+        def hook(m, args, kwargs):
+            try:
+                bound = inspect.signature(m.forward).bind(*args, **kwargs).arguments
+            except TypeError:
+                calls[name] = None
+                return
+            concrete = {k: v for k, v in bound.items() if not isinstance(v, Tensor)}
+            if any(isinstance(v, (list, tuple, dict)) for v in concrete.values()):
+                calls[name] = None
+            elif name in calls and calls[name] != concrete:
+                calls[name] = None
+            else:
+                calls.setdefault(name, concrete)
+        return hook
+
+    handles = [m.register_forward_pre_hook(record(n), with_kwargs=True) for n, m in scopes.items()]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _act_pre_hook(module: nn.Module, inputs):
+    return (module.act_quant(inputs[0]),) + tuple(inputs[1:])
+
+
+def int32_bias(layer: nn.Module) -> Optional[Tuple[Tensor, Tensor]]:
+    """(bias as int32 integers, their per-channel scale s_input * s_weight) of a deployment-placed
+    layer, or None where it has no bias or its input range is not set yet."""
+    holder = getattr(layer, "_dsg_bias_input", None)
+    if holder is None or layer.bias is None:
+        return None
+    aq = holder.act_quant
+    if not isinstance(aq, ActQuantizer) or not aq.calibrated or aq.calibrating:
+        return None
+    wq = layer.parametrizations.weight[0]
+    scale = (aq.scale.detach().float() * wq.scale.detach().float().reshape(-1)).expand(layer.bias.shape[0])
+    integers = torch.round(layer.bias.detach().float() / scale).clamp(-2**31, 2**31 - 1)
+    return integers.to(torch.int32), scale
+
+
+def _bias_hook(layer: nn.Module, _inputs, out: Tensor) -> Tensor:
+    got = int32_bias(layer)
+    if got is None:
+        return out
+    integers, scale = got
+    delta = (integers.float() * scale - layer.bias.detach().float()).to(out.dtype)
+    return out + delta.view([1, -1] + [1] * (out.dim() - 2))
+
+
+def place(model: nn.Module, example: Tensor, order: List[str], bits_for: Callable[[bool], int],
+          make_quantizer: Callable[[int], ActQuantizer]) -> Dict[str, Any]:
+    """Rewrites ``model`` (in place) for the deployment placement; see the module docstring.
+
+    Args:
+        model: the float model, BN folded, weights not parametrized yet.
+        example: one input batch.
+        order: its Conv2d / Linear layers in execution order.
+        bits_for: activation bits for a quantizer that feeds the first or last layer (True) or not.
+        make_quantizer: an ActQuantizer of the given bits.
+
+    Returns:
+        What was done: scopes rewritten, scopes left as they were (untraceable), layers whose input
+        needed its own quantizer.
+    """
+    global _PROBE
+    if example is None:
+        raise ConfigError("the deployment placement needs an example input (quantize_model(..., example=))")
+    calls = _scope_calls(model, example)
+    rewritten, untraced = [], []
+    for name, concrete in calls.items():
+        scope = model.get_submodule(name) if name else model
+        if concrete is None:
+            untraced.append(name or "(model)")
+            continue
+        try:
+            if _rewrite(scope, concrete, root=name == ""):
+                rewritten.append(name or "(model)")
+        except Exception as e:  # noqa: BLE001 -- any tracing failure: the scope keeps its forward
+            why = str(e).splitlines()[0][:120] if str(e) else ""
+            untraced.append(f"{name or '(model)'} ({type(e).__name__}: {why})")
+    layers = {n: model.get_submodule(n) for n in order}
+    probe = _Probe()
+
+    def see(name: str) -> Callable:
+        def hook(_m, inputs):
+            probe.layer_source.setdefault(name, probe.source(inputs[0]))
+        return hook
+
+    handles = [m.register_forward_pre_hook(see(n)) for n, m in layers.items()]
+    _PROBE = probe
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        _PROBE = None
+        for h in handles:
+            h.remove()
+    edge_holders = set()
+    own_input = []
+    for i, (name, layer) in enumerate(layers.items()):
+        holder = probe.layer_source.get(name)
+        if holder is None:
+            own_input.append(name)
+            layer.act_quant = make_quantizer(bits_for(i in (0, len(order) - 1)))
+            layer.register_forward_pre_hook(_act_pre_hook)
+            holder = layer
+        elif i in (0, len(order) - 1):
+            edge_holders.add(id(holder))
+        object.__setattr__(layer, "_dsg_bias_input", holder)
+        if layer.bias is not None:
+            layer.register_forward_hook(_bias_hook)
+    for m in model.modules():
+        if isinstance(m, QuantPoint) and m.mode == "quant":
+            m.act_quant = make_quantizer(bits_for(id(m) in edge_holders))
+    return {"rewritten": rewritten, "untraced": untraced, "own_input": own_input}
