@@ -17,18 +17,23 @@ def add_parser(sub) -> None:
     p.add_argument("--quantized", required=True, metavar="FILE", help="a file written by dsg quantize for this model")
     p.add_argument("--image-size", type=int, default=None, help="the model's input size (default: the source's own)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (>= 13)")
+    p.add_argument("--json", metavar="FILE", help="also write the export record: node counts, onnxruntime's "
+                   "optimised graph (integer kernels, the nodes left in float)")
     add_output_options(p, "the .onnx file")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._io import check_output_file
+    from .._io import atomic_write_json, check_output_file
     from ..export import export_onnx
+    from ..export.qdq import INTEGER_OPS_PREFIXES
     from ..models import load_model
     from ..models.spec import probe_model
     from ..quantization import load_quantized
 
     check_output_file(args.out, "--out", force=args.force)
+    if args.json:
+        check_output_file(args.json, "--json")
     loaded = load_model(args.model, weights=args.weights, image_size=args.image_size,
                         trust_model_code=args.trust_model_code)
     example = example_input(loaded).expand(2, -1, -1, -1).contiguous()
@@ -41,4 +46,15 @@ def run(args: argparse.Namespace) -> int:
           f"{nodes.get('QuantizeLinear', 0)} QuantizeLinear / {nodes.get('DequantizeLinear', 0)} DequantizeLinear, "
           f"{record['bytes'] / 1e6:.2f} MB"
           + (f"; onnxruntime vs dsg_ext max |logit diff| {check:.3g}" if check is not None else ""))
+    runtime = record.get("runtime")
+    if runtime:
+        kernels = ", ".join(f"{op} {n}" for op, n in runtime["nodes"].items() if op.startswith(INTEGER_OPS_PREFIXES))
+        floats = runtime["float_nodes"]
+        print(f"onnxruntime (CPU, optimised graph): {runtime['integer_nodes']} integer kernels ({kernels or 'none'}); "
+              f"{len(floats)} compute nodes in float" + (f": {', '.join(floats[:8])}" if floats else "")
+              + (f" and {len(floats) - 8} more" if len(floats) > 8 else "")
+              + ("" if qmodel.dsg_quant_config.get("act_placement") == "deploy" or not floats else
+                 " (quantize with --target onnxruntime for a file onnxruntime runs in integer kernels)"))
+    if args.json:
+        atomic_write_json(args.json, record)
     return 0

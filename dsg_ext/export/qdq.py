@@ -266,6 +266,9 @@ def _global_pools(model_proto) -> int:
             continue
         graph.node[i].CopyFrom(onnx.helper.make_node("GlobalAveragePool", [n.input[0]], list(n.output), name=n.name))
         count += 1
+    used = {name for n in graph.node for name in n.input}
+    for init in [i for i in graph.initializer if i.name not in used and i.name not in {g.name for g in graph.input}]:
+        graph.initializer.remove(init)  # the axes of the rewritten ReduceMeans
     return count
 
 

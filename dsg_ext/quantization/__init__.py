@@ -16,6 +16,7 @@ from .config import (
     RECONSTRUCTION_PRESETS,
     RECONSTRUCTION_UNITS,
     ROUNDING_STARTS,
+    TARGETS,
     AdaRoundConfig,
     QuantConfig,
 )
@@ -39,7 +40,8 @@ from .second_order import GptqConfig, gptq
 from .serialization import FORMAT_VERSION, load_quantized, read_quantized, save_quantized
 
 __all__ = [
-    "PLACEMENTS", "RECONSTRUCTION_PRESETS", "RECONSTRUCTION_UNITS", "ROUNDING_STARTS", "AdaRoundConfig", "QuantConfig",
+    "PLACEMENTS", "RECONSTRUCTION_PRESETS", "RECONSTRUCTION_UNITS", "ROUNDING_STARTS", "TARGETS", "AdaRoundConfig",
+    "QuantConfig",
     "GptqConfig", "gptq", "Allocation", "allocate_bits",
     "OBSERVERS", "WEIGHT_OBSERVERS", "Observer", "MinMaxObserver", "EmaObserver", "PercentileObserver", "MseObserver",
     "correct_bias", "act_quantizers", "batches", "calibrate", "execution_order", "finalize_weights", "float_weight",

@@ -136,6 +136,19 @@ class LayerLeafTracer(fx.Tracer):
         return isinstance(m, QUANT_TYPES) or super().is_leaf_module(m, qualname)
 
 
+def scope_graphs(model: nn.Module) -> List[Tuple[str, fx.Graph]]:
+    """(name, graph) of each module with children that traces on its own (children as leaves)."""
+    graphs = []
+    for name, m in model.named_modules():
+        if isinstance(m, QUANT_TYPES) or not any(True for _ in m.children()):
+            continue
+        try:
+            graphs.append((name, _ScopeTracer().trace(m)))
+        except Exception:  # noqa: BLE001,S112 -- not traceable alone: skipped
+            continue
+    return graphs
+
+
 def _kind(node: fx.Node, modules: Dict[str, nn.Module]):
     if node.op == "call_module":
         m = modules.get(node.target)

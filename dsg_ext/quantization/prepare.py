@@ -58,24 +58,32 @@ def execution_order(model: nn.Module, example: Optional[Tensor], types=QUANT_TYP
 
 def fold_batchnorm(model: nn.Module) -> List[Tuple[str, str]]:
     """Folds each BatchNorm2d that directly follows a Conv2d (its only user) into that convolution,
-    in place; the BN becomes Identity. Needs a torch.fx-traceable model. Returns (conv, bn) pairs."""
+    in place; the BN becomes Identity. Traces the model with torch.fx (Conv2d subclasses as leaves); a
+    model that does not trace whole is traced module by module, skipping those that do not trace.
+    Returns (conv, bn) pairs."""
     import torch.fx
 
-    from .deploy import LayerLeafTracer
+    from .deploy import LayerLeafTracer, scope_graphs
 
     try:
-        graph = LayerLeafTracer().trace(model)
-    except Exception as e:
-        raise ConfigError(f"BN folding needs a torch.fx-traceable model: {type(e).__name__}: {e}") from e
+        graphs = [("", LayerLeafTracer().trace(model))]
+    except Exception as e:  # noqa: BLE001 -- any tracing failure: try module by module
+        graphs = scope_graphs(model)
+        if not graphs:
+            raise ConfigError(f"BN folding needs a torch.fx-traceable model: {type(e).__name__}: {e}") from e
     modules = dict(model.named_modules())
     pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
-            continue
-        src = node.args[0]
-        if (isinstance(src, torch.fx.Node) and src.op == "call_module"
-                and isinstance(modules.get(src.target), nn.Conv2d) and len(src.users) == 1):
-            pairs.append((src.target, node.target))
+    for prefix, graph in graphs:
+        def full(target: str, _p=prefix) -> str:
+            return f"{_p}.{target}" if _p else target
+
+        for node in graph.nodes:
+            if node.op != "call_module" or not isinstance(modules.get(full(node.target)), nn.BatchNorm2d):
+                continue
+            src = node.args[0]
+            if (isinstance(src, torch.fx.Node) and src.op == "call_module"
+                    and isinstance(modules.get(full(src.target)), nn.Conv2d) and len(src.users) == 1):
+                pairs.append((full(src.target), full(node.target)))
     with torch.no_grad():
         for conv_name, bn_name in pairs:
             conv, bn = modules[conv_name], modules[bn_name]
