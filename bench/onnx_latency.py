@@ -1,9 +1,19 @@
-"""onnxruntime (CPU) latency and throughput of a network's W8A8 QDQ export (`dsg export`) against
-the FP32 ONNX export of the same network, in the same run; with the file sizes and the top-1
-agreement between the two. onnxruntime fuses 8-bit QDQ into integer kernels (QLinearConv, ...), so
-this is the speed-up a deployment sees.
+"""onnxruntime (CPU) speed, size and accuracy of our quantized ONNX files beside FP32 and beside
+onnxruntime's own ``quantize_static``, in one run, on the same calibration images and threads.
 
-    python bench/onnx_latency.py [--model fashion-mnist-resnet20|efficientnet-lite0] [--threads N]
+Rows: FP32; onnxruntime's own W8A8 (``quant_pre_process`` + ``quantize_static``: QDQ, per-channel
+int8 weights, uint8 activations, MinMax, fed with our images -- a ``dsg generate`` directory through
+``dsg_ext.data.interop.ort_calibration_reader``); ours with the deployment placement (``dsg quantize
+--target onnxruntime``) at W8A8 and W4A8; ours with the paper's ``input`` placement (BN folded) at
+W8A8, the file we wrote before. Per row: latency at batch 1 and throughput at the batch given
+(medians), file size, accuracy (ResNet-20: top-1 on the Fashion-MNIST test set; EfficientNet-Lite:
+top-1 agreement and KL with FP32 on the 80 held-out scikit-image crops), and onnxruntime's optimised
+graph (integer kernels, convolutions left in float, Q/DQ nodes and Transposes left).
+
+    python bench/onnx_latency.py --model fashion-mnist-resnet20 --calib DIR   # or --real
+    python bench/onnx_latency.py --model efficientnet-lite0 --real --batch 32
+
+Print ``lscpu``'s model name and flags with the table (the script does).
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -20,6 +31,8 @@ import warnings
 
 import numpy as np
 import torch
+
+MODELS = ("fashion-mnist-resnet20", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 
 
 def _time(session, name, x, repeat):
@@ -34,73 +47,251 @@ def _time(session, name, x, repeat):
     return statistics.median(times)
 
 
+def cpu_line() -> str:
+    """lscpu's model name and its int8-relevant flags (the speed-ups depend on them)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown CPU"
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    flags = fields.get("Flags", "").split()
+    shown = [f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "avx_vnni", "fma")]
+    return f"{fields.get('Model name', '?').strip()}, {os.cpu_count()} CPUs, flags: {' '.join(shown) or 'none listed'}"
+
+
+def _tensor_reader(name, images, batch=32):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.rewind()
+
+        def get_next(self):
+            return next(self._it, None)
+
+        def rewind(self):
+            self._it = iter([{name: images[i:i + batch].numpy()} for i in range(0, images.shape[0], batch)])
+
+    return Reader()
+
+
+def _ours(loaded, calib, **fields):
+    from dsg_ext import quantization as Q
+
+    config = Q.QuantConfig(**fields)
+    q = Q.quantize_model(loaded.model, config, calib[:1])
+    Q.calibrate(q, calib)
+    Q.finalize_weights(q)
+    return q
+
+
+def _pt2e(model, calib, example):
+    """torchao's PT2E path: export, X86InductorQuantizer (its default static config), calibrate on our images,
+    convert, torch.compile (Inductor's int8 CPU kernels). Returns the compiled callable."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    batch = torch.export.Dim("batch", min=1)
+    exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},)).module()
+    prepared = prepare_pt2e(exported, X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config()))
+    with torch.no_grad():
+        for i in range(0, calib.shape[0], 32):
+            prepared(calib[i:i + 32])
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # the int8 conv/linear lowerings need frozen weights (torchao's PT2E recipe)
+    return torch.compile(convert_pt2e(prepared), dynamic=False)
+
+
+class _TorchSession:
+    """The onnxruntime session interface (run) over a torch callable, for the PT2E row."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def run(self, _outputs, feed):
+        with torch.no_grad():
+            return [self.fn(torch.from_numpy(next(iter(feed.values())))).numpy()]
+
+
+def _run_all(session, name, x, batch):
+    return np.concatenate([session.run(None, {name: x[i:i + batch].numpy()})[0] for i in range(0, x.shape[0], batch)])
+
+
 def main(argv=None) -> int:
     import onnxruntime as ort
+    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
 
     from dsg_ext import quantization as Q
-    from dsg_ext.data.calibration import gaussian_noise, real_fashion_mnist
-    from dsg_ext.data.photos import photo_crops
+    from dsg_ext.data import fashion_mnist, photos
+    from dsg_ext.data.calibration import real_fashion_mnist
+    from dsg_ext.data.interop import SyntheticDataset, ort_calibration_reader
     from dsg_ext.export import export_onnx
+    from dsg_ext.export.qdq import runtime_report
     from dsg_ext.models import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="fashion-mnist-resnet20", choices=("fashion-mnist-resnet20", "efficientnet-lite0"))
+    parser.add_argument("--model", default="fashion-mnist-resnet20", choices=MODELS)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--calib", metavar="DIR", help="a dsg generate directory for this model (data-free)")
+    source.add_argument("--real", action="store_true",
+                        help="real images: Fashion-MNIST training images / crops of the even-numbered photos")
+    parser.add_argument("--samples", type=int, default=None, help="calibration images (default 256 / 64)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--batch", type=int, default=64, help="batch of the throughput figure")
+    parser.add_argument("--batch", type=int, default=None, help="batch of the throughput figure (default 64 / 32)")
+    parser.add_argument("--repeat", type=int, default=20, help="timed runs per figure (median)")
+    parser.add_argument("--eval", type=int, default=10000, help="Fashion-MNIST test images for top-1")
+    parser.add_argument("--rows", default="fp32,ort,deploy-w8a8,deploy-w4a8,input-w8a8",
+                        help="comma list; also input-w4a8, and pt2e (torchao's X86InductorQuantizer + torch.compile, "
+                             "timed in torch: minutes of compilation)")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
+    resnet = args.model == "fashion-mnist-resnet20"
+    batch = args.batch or (64 if resnet else 32)
+    samples = args.samples or (256 if resnet else 64)
+    rows_wanted = args.rows.split(",")
 
     loaded = load_model(args.model)
-    if args.model == "fashion-mnist-resnet20":
-        calib = real_fashion_mnist(256)
-    else:
-        calib = torch.cat([photo_crops(loaded.input), gaussian_noise(loaded.input, 0)])[:64]
-    quantized = {}
-    for label, fold in (("w8a8", False), ("w8a8-folded-bn", True)):
-        q = Q.quantize_model(loaded.model, Q.QuantConfig(wbits=8, abits=8, fold_bn=fold), calib[:1])
-        Q.calibrate(q, calib)
-        Q.finalize_weights(q)
-        quantized[label] = q
     spec = loaded.input
-    x1 = torch.randn(1, spec.channels, spec.image_size, spec.image_size)
-    xb = torch.randn(args.batch, spec.channels, spec.image_size, spec.image_size)
+    if args.calib:
+        dataset = SyntheticDataset(args.calib, loaded.identity, samples)
+        calib = torch.stack([dataset[i] for i in range(len(dataset))])
+        described = f"synthetic ({args.calib}, {calib.shape[0]} images)"
+    elif resnet:
+        calib, described = real_fashion_mnist(samples), f"real ({samples} Fashion-MNIST training images)"
+    else:
+        names = list(photos.SKIMAGE_PHOTOS)
+        calib = photos.photo_crops(spec, 8, names[::2], seed=2)[:samples]
+        described = f"real ({calib.shape[0]} crops of the even-numbered photos)"
+    if resnet:
+        images, labels = fashion_mnist.load_split(train=False)
+        eval_x, eval_y = fashion_mnist.preprocess(images[:args.eval]), labels[:args.eval].numpy()
+    else:
+        eval_x, eval_y = photos.photo_crops(spec, 8, list(photos.SKIMAGE_PHOTOS)[1::2], seed=1), None
+
+    target = Q.TARGETS["onnxruntime"]
+    built = {
+        "deploy-w8a8": lambda: _ours(loaded, calib, **target, wbits=8, abits=8),
+        "deploy-w4a8": lambda: _ours(loaded, calib, **target, wbits=4, abits=8),
+        "input-w8a8": lambda: _ours(loaded, calib, wbits=8, abits=8, fold_bn=True),
+        "input-w4a8": lambda: _ours(loaded, calib, wbits=4, abits=8, fold_bn=True),
+    }
+    rows, seconds = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        paths = {k: os.path.join(tmp, f"{k}.onnx") for k in ("fp32", *quantized)}
-        for label, q in quantized.items():
-            name = export_onnx(q, calib[:2], paths[label], check=False)["input"]
+        paths = {k: os.path.join(tmp, f"{k}.onnx") for k in rows_wanted}
+        qmodels = {}
+        for k in rows_wanted:
+            if k in built:
+                t = time.perf_counter()
+                qmodels[k] = built[k]()
+                export_onnx(qmodels[k], calib[:2], paths[k], check=False)
+                seconds[k] = time.perf_counter() - t
+        name = _input_name(loaded.model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(loaded.model, (calib[:2],), paths["fp32"], dynamo=True, input_names=[name],
+            fp32 = os.path.join(tmp, "fp32-export.onnx")
+            torch.onnx.export(loaded.model, (calib[:2],), fp32, dynamo=True, input_names=[name],
                               dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False,
                               external_data=False)
+        import onnx
+
+        proto = onnx.load(fp32)
+        for node in proto.graph.node:  # the exporter's stack traces, stripped from our files too
+            del node.metadata_props[:]
+        onnx.save(proto, fp32)
+        if "fp32" in paths:
+            os.replace(fp32, paths["fp32"])
+            fp32 = paths["fp32"]
+        if "ort" in paths:
+            t = time.perf_counter()
+            pre = os.path.join(tmp, "fp32-pre.onnx")
+            quant_pre_process(fp32, pre)
+            reader = (ort_calibration_reader(args.calib, name, 32, samples, loaded.identity) if args.calib
+                      else _tensor_reader(name, calib))
+            quantize_static(pre, paths["ort"], reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            seconds["ort"] = time.perf_counter() - t
         options = ort.SessionOptions()
         options.intra_op_num_threads = args.threads
-        sessions = {k: ort.InferenceSession(p, options, providers=["CPUExecutionProvider"]) for k, p in paths.items()}
-        rows = {}
-        probe = calib.numpy()
-        reference = sessions["fp32"].run(None, {name: probe})[0].argmax(1)
-        for k, s in sessions.items():
-            lat = _time(s, name, x1.numpy(), 50)
-            thr = _time(s, name, xb.numpy(), 10)
-            rows[k] = {"latency_ms": lat * 1e3, "throughput_img_s": args.batch / thr,
-                       "bytes": os.path.getsize(paths[k]),
-                       "top1_agreement_with_fp32": float(np.mean(s.run(None, {name: probe})[0].argmax(1) == reference))}
-    result = {"model": args.model, "threads": args.threads, "batch": args.batch, "onnxruntime": ort.__version__,
-              "torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor(),
-              "rows": rows}
-    fp = rows["fp32"]
-    print(f"{args.model}, onnxruntime {ort.__version__} CPU, {args.threads} threads "
-          f"(agreement: top-1 on the {probe.shape[0]} calibration images)")
-    print(f"{'':16s} {'latency b1 ms':>14s} {'img/s b' + str(args.batch):>12s} {'file MB':>8s} {'vs FP32: lat':>13s} "
-          f"{'thr':>6s} {'size':>6s} {'agree':>6s}")
-    for k, r in rows.items():
-        print(f"{k:16s} {r['latency_ms']:14.3f} {r['throughput_img_s']:12.1f} {r['bytes'] / 1e6:8.2f} "
-              f"{fp['latency_ms'] / r['latency_ms']:12.2f}x {r['throughput_img_s'] / fp['throughput_img_s']:5.2f}x "
-              f"{fp['bytes'] / r['bytes']:5.2f}x {r['top1_agreement_with_fp32'] * 100:5.1f}%")
+        options.log_severity_level = 3
+        fp_session = ort.InferenceSession(fp32, options, providers=["CPUExecutionProvider"])
+        fp_out = _run_all(fp_session, name, eval_x, 100)
+        x1 = torch.randn(1, spec.channels, spec.image_size, spec.image_size).numpy()
+        xb = torch.randn(batch, spec.channels, spec.image_size, spec.image_size).numpy()
+        for k in rows_wanted:
+            if k == "pt2e":
+                t = time.perf_counter()
+                torch.set_num_threads(args.threads)
+                s = _TorchSession(_pt2e(loaded.model, calib, calib[:2]))
+                s.run(None, {name: x1})
+                seconds[k] = time.perf_counter() - t
+                graph = {"nodes": {}, "qdq_left": 0, "float_nodes": []}
+            else:
+                s = ort.InferenceSession(paths[k], options, providers=["CPUExecutionProvider"])
+                graph = runtime_report(paths[k], args.threads)
+            out = _run_all(s, name, eval_x, 100)
+            counts = graph["nodes"]
+            convs = counts.get("QLinearConv", 0) + counts.get("Conv", 0) + counts.get("FusedConv", 0)
+            row = {"latency_ms": _time(s, name, x1, max(10, args.repeat * 2)) * 1e3,
+                   "throughput_img_s": batch / _time(s, name, xb, max(10, args.repeat)),
+                   "bytes": os.path.getsize(paths[k]) if os.path.exists(paths[k]) else 0,
+                   "build_s": seconds.get(k),
+                   "qlinearconv": counts.get("QLinearConv", 0), "convs": convs,
+                   "qlinearadd": counts.get("QLinearAdd", 0), "qdq_left": graph["qdq_left"],
+                   "transposes": counts.get("Transpose", 0), "float_nodes": len(graph["float_nodes"])}
+            if resnet:
+                row["top1"] = float(np.mean(out.argmax(1) == eval_y)) * 100
+                if k in qmodels:  # the file against `dsg eval` of the same model
+                    with torch.no_grad():
+                        ours = torch.cat([qmodels[k](eval_x[i:i + 500]) for i in range(0, eval_x.shape[0], 500)])
+                    row["same_as_torch_pct"] = float(np.mean(ours.argmax(1).numpy() == out.argmax(1))) * 100
+                    row["torch_top1"] = float(np.mean(ours.argmax(1).numpy() == eval_y)) * 100
+            else:
+                a, b = torch.from_numpy(fp_out).double(), torch.from_numpy(out).double()
+                row["agreement"] = float((a.argmax(1) == b.argmax(1)).double().mean()) * 100
+                la, lb = torch.log_softmax(a, 1), torch.log_softmax(b, 1)
+                row["kl"] = float((la.exp() * (la - lb)).sum(1).mean())
+            rows[k] = row
+    result = {"model": args.model, "calibration": described, "threads": args.threads, "batch": batch,
+              "onnxruntime": ort.__version__, "torch": torch.__version__, "cpu": cpu_line(), "rows": rows}
+    _print(result, resnet)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return 0
+
+
+def _input_name(model):
+    from dsg_ext.export.qdq import input_name
+
+    return input_name(model)
+
+
+def _print(result, resnet):
+    rows = result["rows"]
+    fp = rows.get("fp32")
+    print(f"{result['model']}, onnxruntime {result['onnxruntime']} CPU, {result['threads']} threads; "
+          f"calibration: {result['calibration']}")
+    print(f"CPU: {result['cpu']}")
+    acc = "top-1 %" if resnet else "agree/KL"
+    print(f"{'':12s} {'b1 ms':>8s} {'img/s b' + str(result['batch']):>11s} {'vs FP32':>8s} {'vs ORT':>7s} "
+          f"{'MB':>6s} {acc:>13s} {'QLinearConv':>12s} {'QLinearAdd':>10s} {'Q/DQ left':>9s} {'Transp.':>7s} "
+          f"{'float':>5s}")
+    for k, r in rows.items():
+        vs_fp = f"{r['throughput_img_s'] / fp['throughput_img_s']:.2f}x" if fp else "-"
+        ort_row = rows.get("ort")
+        vs_ort = f"{r['throughput_img_s'] / ort_row['throughput_img_s']:.2f}x" if ort_row else "-"
+        quality = f"{r['top1']:.2f}" if resnet else f"{r['agreement']:.1f}/{r['kl']:.4f}"
+        print(f"{k:12s} {r['latency_ms']:8.3f} {r['throughput_img_s']:11.1f} {vs_fp:>8s} {vs_ort:>7s} "
+              f"{r['bytes'] / 1e6:6.2f} {quality:>13s} {r['qlinearconv']:>5d} / {r['convs']:<5d} {r['qlinearadd']:>10d} "
+              f"{r['qdq_left']:>9d} {r['transposes']:>7d} {r['float_nodes']:>5d}")
+    for k, r in rows.items():
+        if "same_as_torch_pct" in r:
+            print(f"{k}: the file's predictions are our torch model's on {r['same_as_torch_pct']:.2f}% of the test "
+                  f"images (torch top-1 {r['torch_top1']:.2f})")
 
 
 if __name__ == "__main__":

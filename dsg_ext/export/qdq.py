@@ -188,11 +188,16 @@ def export_onnx(qmodel: nn.Module, example: Tensor, path: str, *, opset: int = D
     with torch.no_grad():
         ours = qmodel(example)
         mine = deploy(example)
-    # QuantizeLinear divides by the scale, our fake quantization multiplies by its inverse: a value at a
-    # rounding tie may land one step apart, and the step travels on through the later quantizers.
-    size = float(ours.abs().max().clamp_min(1))
-    gap = (ours - mine).abs()
-    if float(gap.max()) > 0.05 * size or float(gap.mean()) > 0.005 * size:
+    gap, size = (ours - mine).abs(), float(ours.abs().max().clamp_min(1))
+    if qmodel.dsg_quant_config.get("act_placement") != "deploy":
+        bad = not torch.allclose(ours, mine, rtol=1e-4, atol=1e-4 * size)
+    else:
+        # Our model adds the int32 bias's rounding to the float bias's output, the QDQ module convolves with
+        # the rounded bias: outputs an ulp apart, so a value at a rounding tie of the next quantizer may land
+        # one step away, and the step travels on through the later quantizers (EfficientNet-Lite0: mean
+        # difference 3% of the mean logit). A wrong quantizer moves them far more.
+        bad = float(gap.max()) > 0.1 * size or float(gap.mean()) > 0.05 * float(ours.abs().mean())
+    if bad:
         raise ExportError(f"internal: the QDQ module differs from the quantized model by {float(gap.max()):.3g}")
     batch = torch.export.Dim("batch", min=1)
     import warnings
@@ -211,8 +216,10 @@ def export_onnx(qmodel: nn.Module, example: Tensor, path: str, *, opset: int = D
     try:
         program.save(tmp)
         model_proto = onnx.load(tmp)
-        if _global_pools(model_proto):
-            onnx.save(model_proto, tmp)
+        _global_pools(model_proto)
+        for node in model_proto.graph.node:  # the exporter's per-node stack traces: half the file, and our paths
+            del node.metadata_props[:]
+        onnx.save(model_proto, tmp)
         onnx.checker.check_model(model_proto)
         record: Dict[str, Any] = {
             "input": name, "opset": opset, "bytes": os.path.getsize(tmp),
