@@ -35,16 +35,20 @@ import torch
 MODELS = ("fashion-mnist-resnet20", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 
 
-def _time(session, name, x, repeat):
+def _interleaved(sessions, name, x, rounds):
+    """Median seconds of one run per session, the sessions timed in turn round after round (so that the
+    machine's drift, large on our shared VMs, falls on every row alike)."""
     feed = {name: x}
-    for _ in range(3):
-        session.run(None, feed)
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    for s in sessions.values():
+        for _ in range(3):
+            s.run(None, feed)
+    times = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            t = time.perf_counter()
+            s.run(None, feed)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def cpu_line() -> str:
@@ -142,7 +146,8 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=None, help="calibration images (default 256 / 64)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--batch", type=int, default=None, help="batch of the throughput figure (default 64 / 32)")
-    parser.add_argument("--repeat", type=int, default=20, help="timed runs per figure (median)")
+    parser.add_argument("--repeat", type=int, default=30, help="timed rounds per figure (median; each round runs "
+                        "every row once, in turn)")
     parser.add_argument("--eval", type=int, default=10000, help="Fashion-MNIST test images for top-1")
     parser.add_argument("--rows", default="fp32,ort,deploy-w8a8,deploy-w4a8,input-w8a8",
                         help="comma list; also input-w4a8, and pt2e (torchao's X86InductorQuantizer + torch.compile, "
@@ -221,6 +226,7 @@ def main(argv=None) -> int:
         fp_out = _run_all(fp_session, name, eval_x, 100)
         x1 = torch.randn(1, spec.channels, spec.image_size, spec.image_size).numpy()
         xb = torch.randn(batch, spec.channels, spec.image_size, spec.image_size).numpy()
+        sessions = {}
         for k in rows_wanted:
             if k == "pt2e":
                 t = time.perf_counter()
@@ -235,9 +241,8 @@ def main(argv=None) -> int:
             out = _run_all(s, name, eval_x, 100)
             counts = graph["nodes"]
             convs = counts.get("QLinearConv", 0) + counts.get("Conv", 0) + counts.get("FusedConv", 0)
-            row = {"latency_ms": _time(s, name, x1, max(10, args.repeat * 2)) * 1e3,
-                   "throughput_img_s": batch / _time(s, name, xb, max(10, args.repeat)),
-                   "bytes": os.path.getsize(paths[k]) if os.path.exists(paths[k]) else 0,
+            sessions[k] = s
+            row = {"bytes": os.path.getsize(paths[k]) if os.path.exists(paths[k]) else 0,
                    "build_s": seconds.get(k),
                    "qlinearconv": counts.get("QLinearConv", 0), "convs": convs,
                    "qlinearadd": counts.get("QLinearAdd", 0), "qdq_left": graph["qdq_left"],
@@ -255,6 +260,10 @@ def main(argv=None) -> int:
                 la, lb = torch.log_softmax(a, 1), torch.log_softmax(b, 1)
                 row["kl"] = float((la.exp() * (la - lb)).sum(1).mean())
             rows[k] = row
+        latency = _interleaved(sessions, name, x1, max(10, args.repeat * 2))
+        throughput = _interleaved(sessions, name, xb, max(10, args.repeat))
+        for k, row in rows.items():
+            row["latency_ms"], row["throughput_img_s"] = latency[k] * 1e3, batch / throughput[k]
     result = {"model": args.model, "calibration": described, "threads": args.threads, "batch": batch,
               "onnxruntime": ort.__version__, "torch": torch.__version__, "cpu": cpu_line(), "rows": rows}
     _print(result, resnet)

@@ -155,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
                                *allocation_args)
         config = dataclasses.replace(config, layer_wbits=allocation.rules())
     qmodel = quant.quantize_model(fp, config, example_input(loaded).to(args.device))
+    _report_placement(qmodel)
     quant.calibrate(qmodel, images, device=args.device)
     records = []
     if ada is not None:
@@ -179,6 +180,21 @@ def run(args: argparse.Namespace) -> int:
         raise QuantizationError(f"bias correction failed ({error}); the reconstructed model was saved without it "
                                 f"to {args.out}")
     return 0
+
+
+def _report_placement(qmodel) -> None:
+    """What the deployment placement could not give an integer form, said before the long work starts."""
+    done = getattr(qmodel, "dsg_deploy", None)
+    if not done:
+        return
+    if done["untraced"]:
+        print(f"warning: deploy placement: {len(done['untraced'])} modules do not trace with torch.fx and keep "
+              f"their forward (their internal tensors get no quantizer): {'; '.join(done['untraced'][:4])}",
+              file=sys.stderr)
+    if done["own_input"]:
+        print(f"warning: deploy placement: {len(done['own_input'])} layers take an input no integer op produces "
+              f"and get their own input quantizer (the op before them stays float in the file): "
+              f"{', '.join(done['own_input'][:8])}", file=sys.stderr)
 
 
 def _allocation_args(args):
