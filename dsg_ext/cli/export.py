@@ -4,6 +4,7 @@ against our own model in onnxruntime."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .options import _Formatter, add_model_options, add_output_options, example_input
 
@@ -55,6 +56,12 @@ def run(args: argparse.Namespace) -> int:
               + (f" and {len(floats) - 8} more" if len(floats) > 8 else "")
               + ("" if qmodel.dsg_quant_config.get("act_placement") == "deploy" or not floats else
                  " (quantize with --target onnxruntime for a file onnxruntime runs in integer kernels)"))
+        if floats and qmodel.dsg_quant_config.get("act_placement") == "deploy":
+            import onnxruntime
+
+            print(f"warning: onnxruntime {onnxruntime.__version__} runs {len(floats)} compute nodes of this "
+                  f"deployment file in float (an op without an integer form, activations below 8 bits, or an "
+                  f"onnxruntime without the fused kernel); the --json record names them", file=sys.stderr)
     if args.json:
         atomic_write_json(args.json, record)
     return 0

@@ -214,6 +214,21 @@ def test_the_target_preset_on_the_command_line(tmp_path):
     assert r.returncode == 2 and "fold_bn" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_deployment_file_below_8_bit_activations_says_what_runs_in_float(tmp_path):
+    """4-bit activations need a Clip on the integers, which onnxruntime does not fuse: the file is
+    still our model, and dsg export says that its convolutions run in float."""
+    out = str(tmp_path / "q.safetensors")
+    r = subprocess.run([sys.executable, "-m", "dsg_ext", "quantize", "--model", "fashion-mnist-resnet20", "--real",
+                        "fashion-mnist", "--num-samples", "32", "--target", "onnxruntime", "--wbits", "4", "--abits",
+                        "4", "--observer", "minmax", "--out", out], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "dsg_ext", "export", "--model", "fashion-mnist-resnet20", "--quantized",
+                        out, "--out", str(tmp_path / "m.onnx")], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert "compute nodes in float: " in r.stdout and "Conv" in r.stdout
+    assert "warning: onnxruntime" in r.stderr and "in float" in r.stderr
+
+
 def test_efficientnet_lite0_runs_in_integer_kernels(tmp_path):
     from dsg_ext.data.photos import photo_crops
 
