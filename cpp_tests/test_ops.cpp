@@ -243,11 +243,12 @@ void test_slack_loss(const at::Device dev) {
   }
 }
 
-// bn_eval_slack: y = x * scale + shift (an eval-mode BatchNorm) with the per-sample slack loss of x.
+// bn_eval_slack: y = x * scale + shift (an eval-mode BatchNorm) with the slack loss of x, per sample and
+// per batch.
 void test_bn_eval_slack(const at::Device dev) {
   using Fn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-      const at::Tensor&, const at::Tensor&, double, bool);
+      const at::Tensor&, const at::Tensor&, double, bool, bool);
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("dsg_ext::bn_eval_slack", "").typed<Fn>();
   const std::string where = std::string(" [") + dev.str() + "]";
   const auto opts = at::TensorOptions().dtype(at::kDouble);
@@ -257,11 +258,13 @@ void test_bn_eval_slack(const at::Device dev) {
   const at::Tensor mean = (at::randn({c}, opts) * 0.3).to(dev);
   const at::Tensor std_t = (at::rand({c}, opts) + 0.5).to(dev);
   const at::Tensor delta = at::full({}, 0.05, opts).to(dev), gamma = at::full({c}, 0.1, opts).to(dev);
+  for (const bool per_sample : {true, false})
   for (const bool channels_last : {false, true}) {
     const at::Tensor xi = channels_last ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
-    const std::string tag = std::string(channels_last ? " channels_last" : "") + where;
-    const auto got = op.call(xi, scale, shift, mean, std_t, delta, gamma, 1e-5, true);
-    const auto want = slack_reference(x, mean, std_t, delta, gamma, 1e-5, true, true);
+    const std::string tag =
+        std::string(channels_last ? " channels_last" : "") + (per_sample ? "" : " batch") + where;
+    const auto got = op.call(xi, scale, shift, mean, std_t, delta, gamma, 1e-5, true, per_sample);
+    const auto want = slack_reference(x, mean, std_t, delta, gamma, 1e-5, true, per_sample);
     check_close("bn_eval_slack y" + tag, std::get<0>(got), x * scale.view({1, c, 1, 1}) + shift.view({1, c, 1, 1}),
                 1e-12, 1e-12);
     check_close("bn_eval_slack loss" + tag, std::get<1>(got), std::get<0>(want), 1e-10, 1e-12);

@@ -167,10 +167,10 @@ at::Tensor check_bn_affine(const char* op, const char* name, const at::Tensor& t
 
 BnEvalInputs check_bn_eval_inputs(const at::Tensor& x, const at::Tensor& bn_scale, const at::Tensor& bn_shift,
                                   const at::Tensor& mean, const at::Tensor& std_t, const at::Tensor& delta,
-                                  const at::Tensor& gamma) {
+                                  const at::Tensor& gamma, bool per_sample) {
   const char* op = "bn_eval_slack";
   BnEvalInputs in;
-  in.slack = check_slack_inputs(op, x, mean, std_t, delta, gamma, /*per_sample=*/true);
+  in.slack = check_slack_inputs(op, x, mean, std_t, delta, gamma, per_sample);
   in.bn_scale = check_bn_affine(op, "bn_scale", bn_scale, in.slack);
   in.bn_shift = check_bn_affine(op, "bn_shift", bn_shift, in.slack);
   return in;
@@ -179,11 +179,11 @@ BnEvalInputs check_bn_eval_inputs(const at::Tensor& x, const at::Tensor& bn_scal
 BnEvalInputs check_bn_eval_backward_inputs(const at::Tensor& grad_y, const at::Tensor& grad_loss, const at::Tensor& x,
                                            const at::Tensor& bn_scale, const at::Tensor& mean, const at::Tensor& std_t,
                                            const at::Tensor& delta, const at::Tensor& gamma,
-                                           const at::Tensor& stat_mean, const at::Tensor& stat_std) {
+                                           const at::Tensor& stat_mean, const at::Tensor& stat_std, bool per_sample) {
   const char* op = "bn_eval_slack_backward";
   BnEvalInputs in;
-  in.slack = check_slack_inputs(op, x, mean, std_t, delta, gamma, /*per_sample=*/true);
-  check_slack_saved(in.slack, grad_loss, stat_mean, stat_std, /*per_sample=*/true);
+  in.slack = check_slack_inputs(op, x, mean, std_t, delta, gamma, per_sample);
+  check_slack_saved(in.slack, grad_loss, stat_mean, stat_std, per_sample);
   in.bn_scale = check_bn_affine(op, "bn_scale", bn_scale, in.slack);
   check_same_shape_dtype_device(op, "x", in.slack.x, "grad_y", grad_y);
   in.grad_y = match_layout(grad_y, in.slack.x);

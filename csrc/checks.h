@@ -29,7 +29,7 @@ SlackInputs check_slack_inputs(const char* op, const at::Tensor& x, const at::Te
 void check_slack_saved(const SlackInputs& in, const at::Tensor& grad_loss, const at::Tensor& stat_mean,
                        const at::Tensor& stat_std, bool per_sample);
 
-// The fused eval-mode BN op (bn_eval_slack): the per-sample slack inputs plus the BN affine
+// The fused eval-mode BN op (bn_eval_slack): the slack inputs (per sample or per batch) plus the BN affine
 // parameters (length C, accumulation dtype, contiguous) and, for the backward, grad_y (shape, dtype
 // and device of x, in the layout of slack.x).
 struct BnEvalInputs {
@@ -39,12 +39,12 @@ struct BnEvalInputs {
 
 BnEvalInputs check_bn_eval_inputs(const at::Tensor& x, const at::Tensor& bn_scale, const at::Tensor& bn_shift,
                                   const at::Tensor& mean, const at::Tensor& std_t, const at::Tensor& delta,
-                                  const at::Tensor& gamma);
+                                  const at::Tensor& gamma, bool per_sample);
 
 BnEvalInputs check_bn_eval_backward_inputs(const at::Tensor& grad_y, const at::Tensor& grad_loss, const at::Tensor& x,
                                            const at::Tensor& bn_scale, const at::Tensor& mean, const at::Tensor& std_t,
                                            const at::Tensor& delta, const at::Tensor& gamma,
-                                           const at::Tensor& stat_mean, const at::Tensor& stat_std);
+                                           const at::Tensor& stat_mean, const at::Tensor& stat_std, bool per_sample);
 
 struct QuantInputs {
   at::Tensor x;       // contiguous or channels_last contiguous

@@ -24,16 +24,18 @@ TORCH_LIBRARY(dsg_ext, m) {
   m.def(
       "bn_stat_slack_loss_backward(Tensor grad_loss, Tensor x, Tensor mean, Tensor std, Tensor delta, "
       "Tensor gamma, Tensor stat_mean, Tensor stat_std, bool unbiased, bool per_sample) -> Tensor");
-  // Inference-mode BatchNorm fused with the per-sample slack loss on its input: returns
-  // (y = x * bn_scale[c] + bn_shift[c] in the dtype and layout of x, loss (N), mean~ (N, C), std~ (N, C)).
+  // Inference-mode BatchNorm fused with the slack loss on its input: returns (y = x * bn_scale[c] +
+  // bn_shift[c] in the dtype and layout of x, loss, mean~, std~): per sample (N), (N, C), (N, C), or with
+  // per_sample=False over the batch (), (C), (C).
   // bn_scale = weight / sqrt(running_var + eps_bn), bn_shift = bias - running_mean * bn_scale.
   m.def(
       "bn_eval_slack(Tensor x, Tensor bn_scale, Tensor bn_shift, Tensor mean, Tensor std, Tensor delta, "
-      "Tensor gamma, float eps, bool unbiased) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor gamma, float eps, bool unbiased, bool per_sample=True) -> (Tensor, Tensor, Tensor, Tensor)");
   // grad_x = grad_y * bn_scale[c] + d(loss)/dx, in one pass over grad_y and x.
   m.def(
       "bn_eval_slack_backward(Tensor grad_y, Tensor grad_loss, Tensor x, Tensor bn_scale, Tensor mean, "
-      "Tensor std, Tensor delta, Tensor gamma, Tensor stat_mean, Tensor stat_std, bool unbiased) -> Tensor");
+      "Tensor std, Tensor delta, Tensor gamma, Tensor stat_mean, Tensor stat_std, bool unbiased, "
+      "bool per_sample=True) -> Tensor");
   // With param_grads the backward also returns the scale and zero-point gradients (LSQ's, unscaled:
   // the Python API applies LSQ's gradient factor to scale and zero_point before the op).
   m.def("fake_quant(Tensor x, Tensor scale, Tensor zero_point, int quant_min, int quant_max, int? axis) -> Tensor");

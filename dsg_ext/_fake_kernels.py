@@ -39,23 +39,27 @@ def _slack_backward_fake(grad_loss, x, mean, std, delta, gamma, stat_mean, stat_
     return _empty_in_layout(x)
 
 @torch.library.register_fake("dsg_ext::bn_eval_slack")
-def _bn_eval_slack_fake(x, bn_scale, bn_shift, mean, std, delta, gamma, eps, unbiased):
+def _bn_eval_slack_fake(x, bn_scale, bn_shift, mean, std, delta, gamma, eps, unbiased, per_sample=True):
     _check_slack_shapes("bn_eval_slack", x, mean, std, delta, gamma)
     _check_channels("bn_eval_slack", "bn_scale", bn_scale, x.shape[1], False)
     _check_channels("bn_eval_slack", "bn_shift", bn_shift, x.shape[1], False)
     acc = _acc_dtype(x)
     n, c = x.shape[0], x.shape[1]
+    if not per_sample:
+        return (_empty_in_layout(x), x.new_empty((), dtype=acc), x.new_empty((c,), dtype=acc),
+                x.new_empty((c,), dtype=acc))
     return (_empty_in_layout(x), x.new_empty((n,), dtype=acc), x.new_empty((n, c), dtype=acc),
             x.new_empty((n, c), dtype=acc))
 
 @torch.library.register_fake("dsg_ext::bn_eval_slack_backward")
 def _bn_eval_slack_backward_fake(grad_y, grad_loss, x, bn_scale, mean, std, delta, gamma, stat_mean, stat_std,
-                                 unbiased):
+                                 unbiased, per_sample=True):
     op = "bn_eval_slack_backward"
     _check_slack_shapes(op, x, mean, std, delta, gamma)
     _check_channels(op, "bn_scale", bn_scale, x.shape[1], False)
     _check_same_shape(op, "x", x, "grad_y", grad_y)
-    torch._check(grad_loss.numel() == x.shape[0], lambda: f"{op}: grad_loss must have shape (N) = ({x.shape[0]})")
+    torch._check(grad_loss.numel() == (x.shape[0] if per_sample else 1),
+                 lambda: f"{op}: grad_loss must have one value per {'sample' if per_sample else 'batch'}")
     return _empty_in_layout(x)
 
 @torch.library.register_fake("dsg_ext::fake_quant")

@@ -131,27 +131,32 @@ def bn_eval_slack(
     *,
     eps: float = 1e-5,
     unbiased: bool = False,
+    mode: str = "per_sample",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Inference-mode BatchNorm fused with the per-sample slack loss on its input.
+    """Inference-mode BatchNorm fused with the slack loss on its input.
 
     Returns (y, loss, mean~, std~): y = x * bn_scale[c] + bn_shift[c] (dtype and layout of x) -- an
     eval-mode BatchNorm with bn_scale = weight / sqrt(running_var + bn.eps) and bn_shift = bias -
-    running_mean * bn_scale -- and loss (N) = ``bn_stat_slack_loss(x, mean, std, delta, gamma,
-    mode="per_sample")`` with its statistics. The backward gives x the gradient of both in one pass
-    (grad_y * bn_scale + d loss / dx); bn_scale, bn_shift and the targets get none.
+    running_mean * bn_scale -- and loss = ``bn_stat_slack_loss(x, mean, std, delta, gamma, mode=mode)``
+    with its statistics: (N) per sample, or a scalar over the batch (N*H*W) with mode "batch". The
+    backward gives x the gradient of both in one pass (grad_y * bn_scale + d loss / dx); bn_scale,
+    bn_shift and the targets get none.
     """
+    if mode not in _SLACK_MODES:
+        raise ValueError(f"bn_eval_slack: mode must be one of {_SLACK_MODES}, got {mode!r}")
     delta, gamma = _slack_margins("bn_eval_slack", x, delta, gamma, bn_scale=bn_scale, bn_shift=bn_shift, mean=mean,
                                   std=std)
     eps = _float_arg("bn_eval_slack", "eps", eps, 0.0)
     _check_target_std("bn_eval_slack", std)
-    return _ops.bn_eval_slack(x, bn_scale, bn_shift, mean, std, delta, gamma, eps, bool(unbiased))
+    return _ops.bn_eval_slack(x, bn_scale, bn_shift, mean, std, delta, gamma, eps, bool(unbiased), mode == "per_sample")
 
 
 def _bn_eval_slack_setup(ctx, inputs, output):
-    x, bn_scale, _shift, mean, std, delta, gamma, _eps, unbiased = inputs
+    x, bn_scale, _shift, mean, std, delta, gamma, _eps, unbiased, *rest = inputs
     _y, _loss, stat_mean, stat_std = output
     ctx.save_for_backward(x, bn_scale, mean, std, delta, gamma, stat_mean, stat_std)
     ctx.unbiased = unbiased
+    ctx.per_sample = rest[0] if rest else True
     ctx.mark_non_differentiable(stat_mean, stat_std)
 
 
@@ -161,14 +166,14 @@ def _bn_eval_slack_backward(ctx, grad_y, grad_loss, _grad_mean, _grad_std):
     if ctx.needs_input_grad[0]:
         acc = stat_mean.dtype
         if grad_loss is None:
-            grad_loss = x.new_zeros((x.shape[0],), dtype=acc)
+            grad_loss = x.new_zeros((x.shape[0],) if ctx.per_sample else (), dtype=acc)
         if grad_y is None:  # y unused: only the loss's gradient
             grad_x = _ops.bn_stat_slack_loss_backward(grad_loss, x, mean, std, delta, gamma, stat_mean, stat_std,
-                                                      ctx.unbiased, True)
+                                                      ctx.unbiased, ctx.per_sample)
         else:
             grad_x = _ops.bn_eval_slack_backward(grad_y, grad_loss, x, bn_scale, mean, std, delta, gamma, stat_mean,
-                                                 stat_std, ctx.unbiased)
-    return grad_x, None, None, None, None, None, None, None, None
+                                                 stat_std, ctx.unbiased, ctx.per_sample)
+    return grad_x, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("dsg_ext::bn_eval_slack", _bn_eval_slack_backward, setup_context=_bn_eval_slack_setup)

@@ -40,6 +40,7 @@ MODIFIERS = {
     "ce": {"ce_weight": 0.1, "ce_labels": "balanced"},
     "initial": {"layer_weighting": "initial"},
     "gen": {"generator": True, "lr": 0.1},  # Genie's generator + latent (latent lr 0.1, generator 0.01)
+    "hostrng": {"augment_rng": "host"},  # the augmentation's draws made on the host each step (the earlier path)
 }
 DEFAULT_CANDIDATES = ("zeroq", "dsg", "batch", "batch-dsg", "batch+clamp", "batch+aug", "batch+swing",
                       "batch+aug+swing+clamp")

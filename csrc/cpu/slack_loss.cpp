@@ -272,18 +272,19 @@ at::Tensor slack_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_eval_slack_cpu(
     const at::Tensor& x, const at::Tensor& bn_scale, const at::Tensor& bn_shift, const at::Tensor& mean,
-    const at::Tensor& std_t, const at::Tensor& delta, const at::Tensor& gamma, double eps, bool unbiased) {
-  const BnEvalInputs bn = check_bn_eval_inputs(x, bn_scale, bn_shift, mean, std_t, delta, gamma);
+    const at::Tensor& std_t, const at::Tensor& delta, const at::Tensor& gamma, double eps, bool unbiased,
+    bool per_sample) {
+  const BnEvalInputs bn = check_bn_eval_inputs(x, bn_scale, bn_shift, mean, std_t, delta, gamma, per_sample);
   const SlackInputs& in = bn.slack;
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto opts = x.options().dtype(acc);
-  at::Tensor stat_mean = at::empty(stat_shape(in, true), opts);
-  at::Tensor stat_std = at::empty(stat_shape(in, true), opts);
-  at::Tensor loss = at::empty({in.batch}, opts);
+  at::Tensor stat_mean = at::empty(stat_shape(in, per_sample), opts);
+  at::Tensor stat_std = at::empty(stat_shape(in, per_sample), opts);
+  at::Tensor loss = per_sample ? at::empty({in.batch}, opts) : at::empty({}, opts);
   at::Tensor y = at::empty_like(in.x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_eval_slack_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    slack_forward_kernel<scalar_t, true>(in, eps, unbiased ? 1 : 0, true, stat_mean, stat_std, loss,
+    slack_forward_kernel<scalar_t, true>(in, eps, unbiased ? 1 : 0, per_sample, stat_mean, stat_std, loss,
                                          y.data_ptr<scalar_t>(), bn.bn_scale.const_data_ptr<acc_t>(),
                                          bn.bn_shift.const_data_ptr<acc_t>());
   });
@@ -293,9 +294,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_eval_slack_cpu(
 at::Tensor bn_eval_slack_backward_cpu(const at::Tensor& grad_y, const at::Tensor& grad_loss, const at::Tensor& x,
                                       const at::Tensor& bn_scale, const at::Tensor& mean, const at::Tensor& std_t,
                                       const at::Tensor& delta, const at::Tensor& gamma, const at::Tensor& stat_mean,
-                                      const at::Tensor& stat_std, bool unbiased) {
-  const BnEvalInputs bn =
-      check_bn_eval_backward_inputs(grad_y, grad_loss, x, bn_scale, mean, std_t, delta, gamma, stat_mean, stat_std);
+                                      const at::Tensor& stat_std, bool unbiased, bool per_sample) {
+  const BnEvalInputs bn = check_bn_eval_backward_inputs(grad_y, grad_loss, x, bn_scale, mean, std_t, delta, gamma,
+                                                        stat_mean, stat_std, per_sample);
   return slack_backward(bn.slack, grad_loss, stat_mean, stat_std, unbiased, &bn.grad_y, &bn.bn_scale);
 }
 

@@ -219,12 +219,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> slack_loss_cuda(const at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_eval_slack_cuda(
     const at::Tensor& x, const at::Tensor& bn_scale, const at::Tensor& bn_shift, const at::Tensor& mean,
-    const at::Tensor& std_t, const at::Tensor& delta, const at::Tensor& gamma, double eps, bool unbiased) {
-  const BnEvalInputs bn = check_bn_eval_inputs(x, bn_scale, bn_shift, mean, std_t, delta, gamma);
+    const at::Tensor& std_t, const at::Tensor& delta, const at::Tensor& gamma, double eps, bool unbiased,
+    bool per_sample) {
+  const BnEvalInputs bn = check_bn_eval_inputs(x, bn_scale, bn_shift, mean, std_t, delta, gamma, per_sample);
   const SlackInputs& in = bn.slack;
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty_like(in.x);
-  auto [loss, stat_mean, stat_std] = slack_forward(in, x, eps, unbiased, true, &bn, &y);
+  auto [loss, stat_mean, stat_std] = slack_forward(in, x, eps, unbiased, per_sample, &bn, &y);
   return {y, loss, stat_mean, stat_std};
 }
 
@@ -272,9 +273,9 @@ at::Tensor slack_loss_backward_cuda(const at::Tensor& grad_loss, const at::Tenso
 at::Tensor bn_eval_slack_backward_cuda(const at::Tensor& grad_y, const at::Tensor& grad_loss, const at::Tensor& x,
                                        const at::Tensor& bn_scale, const at::Tensor& mean, const at::Tensor& std_t,
                                        const at::Tensor& delta, const at::Tensor& gamma, const at::Tensor& stat_mean,
-                                       const at::Tensor& stat_std, bool unbiased) {
-  const BnEvalInputs bn =
-      check_bn_eval_backward_inputs(grad_y, grad_loss, x, bn_scale, mean, std_t, delta, gamma, stat_mean, stat_std);
+                                       const at::Tensor& stat_std, bool unbiased, bool per_sample) {
+  const BnEvalInputs bn = check_bn_eval_backward_inputs(grad_y, grad_loss, x, bn_scale, mean, std_t, delta, gamma,
+                                                        stat_mean, stat_std, per_sample);
   return slack_backward(bn.slack, grad_loss, stat_mean, stat_std, unbiased, &bn.grad_y, &bn.bn_scale);
 }
 

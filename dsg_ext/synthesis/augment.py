@@ -9,7 +9,15 @@
   -1..1 pixels in each direction (reflect padding), so that the images cannot lock onto one
   stride phase.
 
-Every random draw comes from a generator seeded by the batch, so a batch is reproducible.
+Every random draw comes from a generator seeded by the batch, so a batch is reproducible. With
+``augment_rng="device"`` (the default) all draws of a batch are made once, before its first
+iteration, into a small table that is moved to the device; each training view reads its row through a
+device counter, and crops, flips and shifts are index gathers (``index_select``) built from those
+device values. No iteration then reads a random number on the host or syncs with the device, so the
+whole recommended recipe can be captured in a CUDA graph (``cuda_graph``), and crop + flip + the
+smoothing's reflect padding are one gather instead of three copies. ``augment_rng="host"`` is the
+earlier path (a Python draw and a slice per step), kept so that datasets written before the table
+existed resume with the same draws.
 """
 
 from __future__ import annotations
@@ -32,6 +40,22 @@ def gaussian_kernel(sigma: float, channels: int, device, dtype=torch.float32) ->
     return k2.expand(channels, 1, 3, 3).contiguous()
 
 
+def reflect_index(n: int, start, device, length: Optional[int] = None) -> Tensor:
+    """Indices start + 0..length-1 (length n by default) folded back into 0..n-1 by reflection (torch's
+    "reflect" padding: -1 -> 1, n -> n-2); ``start`` a Python int or a 0-d device tensor."""
+    i = (torch.arange(n if length is None else length, device=device) + start).abs()
+    return torch.where(i > n - 1, 2 * (n - 1) - i, i)
+
+
+def gather2d(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """x[..., rows, :][..., cols] as one index_select over the flattened image when x is contiguous."""
+    if x.is_contiguous():
+        n, c, _h, w = x.shape
+        flat = (rows[:, None] * w + cols[None, :]).reshape(-1)
+        return x.reshape(n, c, -1).index_select(2, flat).view(n, c, rows.numel(), cols.numel())
+    return x.index_select(2, rows).index_select(3, cols)
+
+
 class Augmenter:
     """Turns the optimised (possibly padded) images into what the network sees, and into the result."""
 
@@ -39,12 +63,31 @@ class Augmenter:
         self.config = config
         self.size = config.image_size
         self.pad = config.crop_pad
+        self.device = torch.device(device)
         self.gen = torch.Generator().manual_seed(seed)
         self.kernel = gaussian_kernel(config.smoothing, channels, device) if config.smoothing > 0 else None
         self.active = False  # swing shifts only while a training view is being computed
         self._handles: List = []
         self._strided = [m for m in model.modules() if isinstance(m, nn.Conv2d) and max(m.stride) > 1] \
             if config.swing else []
+        self.on_device = config.augment_rng == "device"
+        self.table: Optional[Tensor] = None  # (rows, columns) draws: crop oy, ox | flip | swing dy, dx per conv
+        self._row: Optional[Tensor] = None
+        self._call = 0
+        self._fresh = False
+        if self.on_device:
+            self._make_table()
+
+    def _make_table(self) -> None:
+        highs = ([2 * self.pad + 1] * 2 if self.pad else []) + ([2] if self.config.flip else []) \
+            + [3] * (2 * len(self._strided))
+        self._flip_col = 2 if self.pad else 0
+        self._swing_col = self._flip_col + (1 if self.config.flip else 0)
+        if not highs:
+            return
+        rows = max(1, self.config.iterations)
+        self.table = torch.stack([torch.randint(0, h, (rows,), generator=self.gen) for h in highs], 1).to(self.device)
+        self.step_index = torch.zeros(1, dtype=torch.long, device=self.device)  # training views so far
 
     @property
     def enabled(self) -> bool:
@@ -60,9 +103,15 @@ class Augmenter:
         x = inputs[0]
         if x.dim() != 4 or min(x.shape[2], x.shape[3]) < 2:
             return None
-        dy, dx = self._draw(3), self._draw(3)
         h, w = x.shape[2], x.shape[3]
-        shifted = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")[..., dy:dy + h, dx:dx + w]
+        if self.on_device:  # this conv's column pair of the row (a conv called twice reuses the pairs cyclically)
+            col = self._swing_col + 2 * (self._call % len(self._strided))
+            self._call += 1
+            dy, dx = self._row[col], self._row[col + 1]
+            shifted = gather2d(x, reflect_index(h, dy - 1, x.device), reflect_index(w, dx - 1, x.device))
+        else:
+            dy, dx = self._draw(3), self._draw(3)
+            shifted = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")[..., dy:dy + h, dx:dx + w]
         return (shifted,) + tuple(inputs[1:])
 
     def smooth(self, x: Tensor) -> Tensor:
@@ -73,12 +122,46 @@ class Augmenter:
 
     def view(self, x: Tensor, train: bool) -> Tensor:
         """The network's view of the optimised images: a random crop/flip when training, else the centre."""
+        if self.on_device:
+            return self._device_view(x, train)
         if self.pad:
             oy, ox = (self._draw(2 * self.pad + 1), self._draw(2 * self.pad + 1)) if train else (self.pad, self.pad)
             x = x[..., oy:oy + self.size, ox:ox + self.size]
         if train and self.config.flip and self._draw(2):
             x = x.flip(3)
         return self.smooth(x)
+
+    def _advance(self) -> None:
+        """The next row of draws (one per training view; read and counted on the device)."""
+        self._row = self.table.index_select(0, self.step_index.remainder(self.table.shape[0])).squeeze(0)
+        self.step_index.add_(1)
+        self._call = 0
+        self._fresh = True  # the training forward that follows uses this row
+
+    def _device_view(self, x: Tensor, train: bool) -> Tensor:
+        """Crop, flip and the smoothing's reflect padding as one gather, offsets read on the device."""
+        oy = ox = self.pad
+        flip = None
+        if train and self.table is not None:
+            self._advance()
+            if self.pad:
+                oy, ox = self._row[0], self._row[1]
+            if self.config.flip:
+                flip = self._row[self._flip_col]
+        if not (self.pad or flip is not None or self.kernel is not None):
+            return x
+        dev = x.device
+        sh, sw = (self.size, self.size) if self.pad else (x.shape[2], x.shape[3])  # what the network sees
+        if self.kernel is not None:  # the padded crop: reflect at the crop's own borders
+            rows, cols = reflect_index(sh, -1, dev, length=sh + 2), reflect_index(sw, -1, dev, length=sw + 2)
+        else:
+            rows, cols = torch.arange(sh, device=dev), torch.arange(sw, device=dev)
+        if flip is not None:  # mirror inside the crop: c -> sw-1-c
+            cols = cols + flip * (sw - 1 - 2 * cols)
+        x = gather2d(x, rows + oy, cols + ox)
+        if self.kernel is None:
+            return x
+        return nn.functional.conv2d(x, self.kernel.to(x.dtype), groups=x.shape[1])
 
     def result(self, x: Tensor) -> Tensor:
         """The images synthesis hands out: the smoothed centre crop."""
@@ -91,12 +174,15 @@ class Augmenter:
         if not train:
             yield self
             return
+        if self.on_device and self._strided and not self._fresh:
+            self._advance()  # a training forward without a training view first
         self._handles = [m.register_forward_pre_hook(self._swing) for m in self._strided]
         self.active = True
         try:
             yield self
         finally:
             self.active = False
+            self._fresh = False
             self.close()
 
     def __enter__(self) -> "Augmenter":

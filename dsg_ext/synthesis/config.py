@@ -14,6 +14,7 @@ BATCH_METHODS = ("batch", "batch-dsg")  # statistics over the whole batch (N*H*W
 INITS = ("gaussian", "uniform")
 LAYER_WEIGHTINGS = ("equal", "initial")
 CE_LABELS = ("random", "balanced")
+AUGMENT_RNGS = ("device", "host")  # synthesis/augment.py
 
 # Named presets (``dsg generate --recipe NAME``, ``SynthesisConfig.from_recipe``): SynthesisConfig fields
 # on top of the defaults. "paper-dsg" and "zeroq" are the papers' recipes.
@@ -21,7 +22,10 @@ CE_LABELS = ("random", "balanced")
 # they existed (checked: byte-identical shards): a dataset whose manifest lacks one of them resumes when
 # the requested config has that value (synthesis/writer.py).
 LATER_FIELDS = {"crop_pad": 0, "flip": False, "smoothing": 0.0, "swing": False, "ce_labels": "random",
-                "generator": False, "generator_lr": 0.01, "latent_dim": 256}
+                "generator": False, "generator_lr": 0.01, "latent_dim": 256, "augment_rng": "host"}
+# Fields that change no image unless a random augmentation (crop_pad, flip, swing) is on: left out of a
+# dataset's identity otherwise, so that datasets without augmentation resume whatever their value.
+AUGMENT_ONLY_FIELDS = ("augment_rng",)
 _BATCH_AUG = {"method": "batch", "crop_pad": 2, "flip": True, "smoothing": 0.5, "swing": True, "clamp_pixels": True}
 RECIPES = {
     "paper-dsg": {"method": "dsg"},
@@ -73,6 +77,10 @@ class SynthesisConfig:
     flip: bool = False
     smoothing: float = 0.0
     swing: bool = False
+    # Where the augmentation's random draws live: "device" (a table made before the first iteration,
+    # read through a device counter: no host sync, CUDA-graph capturable) or "host" (a Python draw per
+    # step, the path of datasets written before the table; resumes them with the same draws).
+    augment_rng: str = "device"
     # Targets of the cross-entropy prior: "random" classes, or "balanced" (sample n -> class n mod K).
     ce_labels: str = "random"
     # Genie's generator (synthesis/generator.py): the images are rendered each step by a fresh generator
@@ -136,9 +144,14 @@ class SynthesisConfig:
             problems.append(f"plateau patience must be > 0 and min_lr >= 0, got {self.plateau_patience}, {self.min_lr}")
         if self.crop_pad >= self.image_size:
             problems.append(f"crop_pad must be smaller than the image size, got {self.crop_pad} for {self.image_size}")
-        if self.cuda_graph and (self.jitter or self.crop_pad or self.flip or self.swing):
-            problems.append("cuda_graph cannot be combined with jitter, crop_pad, flip or swing "
-                            "(their random shifts are drawn on the host each step)")
+        if self.augment_rng not in AUGMENT_RNGS:
+            problems.append(f"augment_rng must be one of {AUGMENT_RNGS}, got {self.augment_rng!r}")
+        if self.cuda_graph and self.jitter:
+            problems.append("cuda_graph cannot be combined with jitter "
+                            "(its random shift is drawn on the host each step)")
+        if self.cuda_graph and self.augment_rng == "host" and (self.crop_pad or self.flip or self.swing):
+            problems.append("cuda_graph cannot be combined with crop_pad, flip or swing when augment_rng='host' "
+                            "(their random shifts are then drawn on the host each step); use augment_rng='device'")
         if self.cuda_graph and self.generator:
             problems.append("cuda_graph cannot be combined with generator (its learning-rate schedule steps on "
                             "the host)")

@@ -34,8 +34,9 @@ class BatchNormTaps:
 
     While active, every forward pass fills ``losses`` (one (N) tensor per layer, in layer order)
     and, with ``record_stats``, ``stats`` (mean~, std~ per layer). A plain eval-mode nn.BatchNorm2d
-    has its forward replaced by the fused ``bn_eval_slack`` op (the BN output and the loss from one
-    pass over the input, and one backward pass) when ``fused`` and on a device in ``FUSED_BN_DEVICES``;
+    has its forward replaced by the fused ``bn_eval_slack`` op (the BN output and the loss -- per sample,
+    or over the batch when only batch statistics are matched -- from one pass over the input, and one
+    backward pass) when ``fused`` and on a device in ``FUSED_BN_DEVICES``;
     every other BN layer (subclasses such as timm's BatchNormAct2d) gets a
     forward pre-hook computing ``bn_stat_slack_loss``. A BN layer found in training mode during a
     forward pass is refused (SynthesisError) before it runs, so its running statistics stay as they were.
@@ -145,12 +146,21 @@ class BatchNormTaps:
         hook = self._hook(index)
 
         def forward(x: Tensor) -> Tensor:
-            if x.dim() != 4 or x.device.type not in FUSED_BN_DEVICES or not self.per_sample:
+            if x.dim() != 4 or x.device.type not in FUSED_BN_DEVICES or not (self.per_sample or self.batch):
                 hook(bn, (x,))
                 return plain_forward(x)
             self._check_size(index, x)
-            self._batch_loss(index, x)
             mean, std, scale, shift = self._params(index, x.device)
+            if not self.per_sample:  # batch statistics only: BN and the batch loss in one pass
+                delta = self.batch_delta[index] if self.batch_delta else 0.0
+                gamma = self.batch_gamma[index] if self.batch_gamma else 0.0
+                y, loss, stat_mean, stat_std = bn_eval_slack(x, scale, shift, mean, std, delta, gamma, eps=bn.eps,
+                                                             unbiased=self.unbiased, mode="batch")
+                self.batch_losses[index] = loss
+                if self.record_stats:
+                    self.batch_stats[index] = (stat_mean, stat_std)
+                return y
+            self._batch_loss(index, x)
             delta = self.delta[index] if self.delta else 0.0
             gamma = self.gamma[index] if self.gamma else 0.0
             y, loss, stat_mean, stat_std = bn_eval_slack(x, scale, shift, mean, std, delta, gamma, eps=bn.eps,

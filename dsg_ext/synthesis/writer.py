@@ -21,7 +21,7 @@ from ..data import store as dataset
 from ..errors import ConfigError
 from ..models import LoadedModel, load_model
 from ..models.spec import check_device, probe_model
-from .config import LATER_FIELDS, SynthesisConfig
+from .config import AUGMENT_ONLY_FIELDS, LATER_FIELDS, SynthesisConfig
 from .diversity import diversity
 from .loop import per_sample_statistics, synthesize_batch
 from .taps import batchnorm_layers
@@ -71,12 +71,15 @@ def dataset_identity(loaded: LoadedModel, config: SynthesisConfig, num_samples: 
 
 def _as_written(identity: Dict[str, Any], manifest: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """``identity`` in the form an existing dataset recorded it: config fields added after that dataset was
-    written (LATER_FIELDS) are left out while they hold the value that makes the same images."""
+    written (LATER_FIELDS) are left out while they hold the value that makes the same images, and the
+    augmentation-only ones (AUGMENT_ONLY_FIELDS) whatever their value when no random augmentation is on."""
     written = (manifest or {}).get("config")
     if not isinstance(written, dict):
         return identity
+    augmented = any(identity["config"].get(k) for k in ("crop_pad", "flip", "swing"))
     config = {k: v for k, v in identity["config"].items()
-              if k in written or k not in LATER_FIELDS or v != LATER_FIELDS[k]}
+              if k in written or ((augmented or k not in AUGMENT_ONLY_FIELDS)
+                                  and (k not in LATER_FIELDS or v != LATER_FIELDS[k]))}
     return {**identity, "config": config}
 
 

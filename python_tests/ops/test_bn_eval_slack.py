@@ -1,4 +1,5 @@
-"""bn_eval_slack: inference-mode BatchNorm fused with the per-sample slack loss on its input, against
+"""bn_eval_slack: inference-mode BatchNorm fused with the slack loss on its input (per sample, and over
+the batch: mode="batch"), against
 an independent float64 reference (torch's batch_norm + the plain-PyTorch loss), gradients included."""
 
 from __future__ import annotations
@@ -28,19 +29,19 @@ def bn_params(c, dtype=F64, seed=0):
     return (weight, bias, running_mean, running_var), scale.to(dtype), shift.to(dtype)
 
 
-def reference(x, bn, mean, std, delta, gamma, grad_y, grad_loss, unbiased):
+def reference(x, bn, mean, std, delta, gamma, grad_y, grad_loss, unbiased, mode="per_sample"):
     """y by torch's batch_norm, loss by the plain reference, gradients by autograd -- all float64."""
     weight, bias, running_mean, running_var = bn
     x = cpu64(x).requires_grad_(True)
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=1e-5)
-    loss = slack_loss_ref(x, mean, std, delta, gamma, 1e-5, unbiased, "per_sample")
+    loss = slack_loss_ref(x, mean, std, delta, gamma, 1e-5, unbiased, mode)
     (gx,) = torch.autograd.grad([y, loss], [x], [cpu64(grad_y), cpu64(grad_loss)])
     return y.detach(), loss.detach(), gx
 
 
-def ours(x, scale, shift, mean, std, delta, gamma, grad_y, grad_loss, unbiased):
+def ours(x, scale, shift, mean, std, delta, gamma, grad_y, grad_loss, unbiased, mode="per_sample"):
     x = x.detach().clone().requires_grad_(True)
-    y, loss, _, _ = dsg_ext.bn_eval_slack(x, scale, shift, mean, std, delta, gamma, unbiased=unbiased)
+    y, loss, _, _ = dsg_ext.bn_eval_slack(x, scale, shift, mean, std, delta, gamma, unbiased=unbiased, mode=mode)
     (gx,) = torch.autograd.grad([y, loss], [x], [grad_y.to(y.dtype), grad_loss.to(loss.dtype)])
     return y, loss, gx
 
@@ -49,7 +50,8 @@ def ours(x, scale, shift, mean, std, delta, gamma, grad_y, grad_loss, unbiased):
                                    (3, 16, 5, 3)], ids=str)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("unbiased", [False, True])
-def test_matches_reference_fp64(device, shape, channels_last, unbiased):
+@pytest.mark.parametrize("mode", ["per_sample", "batch"])
+def test_matches_reference_fp64(device, shape, channels_last, unbiased, mode):
     if channels_last and len(shape) != 4:
         pytest.skip("channels_last needs 4-D")
     x = make_x(shape)
@@ -61,9 +63,12 @@ def test_matches_reference_fp64(device, shape, channels_last, unbiased):
     delta, gamma = torch.full((c,), 0.05, dtype=F64), torch.tensor(0.1, dtype=F64)
     g = torch.Generator().manual_seed(1)
     grad_y = torch.randn(shape, generator=g, dtype=F64)
-    grad_loss = torch.randn(shape[0], generator=g, dtype=F64)
-    y_ref, loss_ref, gx_ref = reference(x, bn, mean, std, delta, gamma, grad_y, grad_loss, unbiased)
-    y, loss, gx = ours(*to_dev(device, x, scale, shift, mean, std, delta, gamma, grad_y, grad_loss), unbiased)
+    grad_loss = torch.randn(shape[0] if mode == "per_sample" else (), generator=g, dtype=F64)
+    if mode == "batch":
+        mean, std = mean + 0.3, std * 1.2  # batch statistics sit near the per-sample targets' centre
+    y_ref, loss_ref, gx_ref = reference(x, bn, mean, std, delta, gamma, grad_y, grad_loss, unbiased, mode)
+    y, loss, gx = ours(*to_dev(device, x, scale, shift, mean, std, delta, gamma, grad_y, grad_loss), unbiased, mode)
+    assert loss.shape == loss_ref.shape
     if channels_last:
         assert y.is_contiguous(memory_format=torch.channels_last)
         assert gx.is_contiguous(memory_format=torch.channels_last)
@@ -121,12 +126,13 @@ def test_channels_last_view_at_an_offset(device, dtype):
 
 
 @pytest.mark.parametrize("unbiased", [False, True])
-def test_gradcheck(unbiased):
-    x, mean, std, delta, gamma = _gradcheck_setup("per_sample", unbiased)
+@pytest.mark.parametrize("mode", ["per_sample", "batch"])
+def test_gradcheck(unbiased, mode):
+    x, mean, std, delta, gamma = _gradcheck_setup(mode, unbiased)
     _, scale, shift = bn_params(3)
 
     def f(inp):
-        return dsg_ext.bn_eval_slack(inp, scale, shift, mean, std, delta, gamma, unbiased=unbiased)[:2]
+        return dsg_ext.bn_eval_slack(inp, scale, shift, mean, std, delta, gamma, unbiased=unbiased, mode=mode)[:2]
 
     assert torch.autograd.gradcheck(f, (x.requires_grad_(True),), eps=1e-6, atol=1e-7, rtol=1e-5)
     xc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
@@ -150,13 +156,16 @@ def _samples():
     return out
 
 
-def test_opcheck():
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_opcheck(per_sample):
     for args in _samples():
+        args = args + (per_sample,)
         torch.library.opcheck(torch.ops.dsg_ext.bn_eval_slack.default, args)
-        x, scale, shift, mean, std, delta, gamma, eps, unbiased = args
+        x, scale, shift, mean, std, delta, gamma, eps, unbiased, _ = args
         _, _, sm, ss = torch.ops.dsg_ext.bn_eval_slack(x.detach(), *args[1:])
-        bargs = (torch.randn_like(x.detach()), torch.randn(x.shape[0], dtype=sm.dtype), x.detach(), scale, mean, std,
-                 delta, gamma, sm, ss, unbiased)
+        grad_loss = torch.randn(x.shape[0] if per_sample else (), dtype=sm.dtype)
+        bargs = (torch.randn_like(x.detach()), grad_loss, x.detach(), scale, mean, std,
+                 delta, gamma, sm, ss, unbiased, per_sample)
         torch.library.opcheck(torch.ops.dsg_ext.bn_eval_slack_backward.default, bargs)
 
 

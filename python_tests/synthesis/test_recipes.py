@@ -117,7 +117,7 @@ def test_batch_method_keeps_samples_apart_where_zeroq_pulls_them_together():
 
 
 def test_crop_pad_optimises_larger_images_and_returns_the_centre():
-    config = small_config(crop_pad=3, iterations=5)
+    config = small_config(crop_pad=3, iterations=40)  # one table row per training view
     assert init_images(config, 0, 2).shape == (2, 3, 18, 18)
     aug = Augmenter(config, tiny_bn_net(), 3, "cpu", seed=0)
     x = torch.randn(2, 3, 18, 18)
@@ -224,8 +224,10 @@ def test_balanced_labels_cover_every_class():
 @pytest.mark.parametrize("kw, word", [
     (dict(crop_pad=-1), "crop_pad"), (dict(crop_pad=12), "crop_pad"), (dict(smoothing=-0.5), "smoothing"),
     (dict(ce_labels="sorted"), "ce_labels"), (dict(method="genie"), "method"),
-    (dict(cuda_graph=True, flip=True), "cuda_graph"), (dict(cuda_graph=True, swing=True), "cuda_graph"),
-    (dict(cuda_graph=True, crop_pad=2), "cuda_graph"), (dict(smoothing=float("nan")), "smoothing"),
+    (dict(cuda_graph=True, flip=True, augment_rng="host"), "cuda_graph"),
+    (dict(cuda_graph=True, swing=True, augment_rng="host"), "augment_rng='device'"),
+    (dict(cuda_graph=True, crop_pad=2, augment_rng="host"), "cuda_graph"), (dict(augment_rng="gpu"), "augment_rng"),
+    (dict(smoothing=float("nan")), "smoothing"),
 ])
 def test_bad_recipe_options(kw, word):
     with pytest.raises(ConfigError, match=word):
@@ -260,3 +262,139 @@ def test_a_synthesis_loop_with_its_own_augmenter_leaves_no_hook_on_the_model():
             loop.iterate()
     assert strided and seen == [0, 0, 0]
     assert not any(m._forward_pre_hooks for m in model.modules() if isinstance(m, nn.Conv2d))
+
+
+# --- augmentation drawn on the device (augment_rng="device", the default) ---------------------------
+
+def _padded_reference(x, oy, ox, flip, size, smooth):
+    """Crop, flip and the smoothing's reflect padding the way the host path does them (slices and pad)."""
+    v = x[..., oy:oy + size, ox:ox + size]
+    if flip:
+        v = v.flip(3)
+    return nn.functional.pad(v, (1, 1, 1, 1), mode="reflect") if smooth else v
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_device_view_is_the_crop_flip_and_smoothing_of_its_drawn_row(channels_last):
+    config = small_config(crop_pad=3, flip=True, smoothing=0.6, iterations=25)
+    aug = Augmenter(config, tiny_bn_net(), 3, "cpu", seed=5)
+    assert aug.table.shape == (25, 3) and aug.table.dtype == torch.long
+    assert aug.table[:, :2].min() >= 0 and aug.table[:, :2].max() <= 6 and set(aug.table[:, 2].tolist()) == {0, 1}
+    x = torch.randn(2, 3, 18, 18, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    k = gaussian_kernel(0.6, 3, "cpu", torch.float64)
+    aug.kernel = k
+    for t in range(30):  # past the table's end it starts again at row 0
+        oy, ox, f = aug.table[t % 25].tolist()
+        expected = nn.functional.conv2d(_padded_reference(x, oy, ox, f, 12, True), k, groups=3)
+        torch.testing.assert_close(aug.view(x, train=True), expected, rtol=1e-12, atol=1e-12)
+    centre = nn.functional.conv2d(_padded_reference(x, 3, 3, False, 12, True), k, groups=3)
+    torch.testing.assert_close(aug.result(x), centre, rtol=1e-12, atol=1e-12)
+    # the gradient reaches exactly the pixels the crop used, with the reflect padding's double counts
+    leaf = x.detach().clone().requires_grad_(True)
+    aug.step_index.zero_()
+    aug.view(leaf, train=True).sum().backward()
+    ref = x.detach().clone().requires_grad_(True)
+    oy, ox, f = aug.table[0].tolist()
+    nn.functional.conv2d(_padded_reference(ref, oy, ox, f, 12, True), k, groups=3).sum().backward()
+    torch.testing.assert_close(leaf.grad, ref.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_device_swing_is_a_reflect_shift_by_its_drawn_pair():
+    model = tiny_bn_net()
+    strided = [m for m in model.modules() if isinstance(m, nn.Conv2d) and max(m.stride) > 1]
+    aug = Augmenter(small_config(swing=True, iterations=8), model, 3, "cpu", seed=2)
+    assert aug.table.shape == (8, 2 * len(strided))
+    x = torch.randn(2, 3, 12, 12)
+    seen = []
+    for _ in range(8):
+        with aug.training():
+            h = strided[0].register_forward_pre_hook(lambda m, i: seen.append(i[0].clone()))
+            model(x)
+            h.remove()
+    plain = []
+    h = strided[0].register_forward_pre_hook(lambda m, i: plain.append(i[0].clone()))
+    model(x)
+    h.remove()
+    padded = nn.functional.pad(plain[0], (1, 1, 1, 1), mode="reflect")
+    for t, s in enumerate(seen):
+        dy, dx = aug.table[t, :2].tolist()
+        assert torch.equal(s, padded[..., dy:dy + s.shape[2], dx:dx + s.shape[3]])
+    assert len({tuple(r) for r in aug.table[:, :2].tolist()}) > 1
+
+
+def test_device_draws_trace_without_a_host_read():
+    """The training view and a swing shift trace into one graph (torch.compile, fullgraph): nothing reads
+    a random number back to the host, which is what lets a CUDA graph capture the recipe."""
+    model = tiny_bn_net()
+    strided = [m for m in model.modules() if isinstance(m, nn.Conv2d) and max(m.stride) > 1][0]
+    aug = Augmenter(small_config(crop_pad=2, flip=True, smoothing=0.5, swing=True, iterations=6), model, 3, "cpu",
+                    seed=0)
+    x = torch.randn(2, 3, 16, 16)
+
+    def step(img):
+        view = aug.view(img, train=True)
+        aug.active = True
+        shifted = aug._swing(strided, (view,))[0]
+        aug.active = False
+        return shifted
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    got = compiled(x)
+    aug.step_index.zero_()
+    torch.testing.assert_close(got, step(x))
+
+
+def test_device_draws_reproducible_per_seed_and_match_across_devices_of_the_table():
+    config = small_config(crop_pad=2, flip=True, smoothing=0.5, swing=True, iterations=12)
+    a = Augmenter(config, tiny_bn_net(), 3, "cpu", seed=9).table
+    b = Augmenter(config, tiny_bn_net(), 3, "cpu", seed=9).table
+    c = Augmenter(config, tiny_bn_net(), 3, "cpu", seed=10).table
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    host = synthesize_batch(tiny_bn_net(), dataclasses.replace(config, augment_rng="host"), 0)
+    dev = synthesize_batch(tiny_bn_net(), config, 0)
+    assert host.final_loss < host.initial_loss and dev.final_loss < dev.initial_loss
+
+
+def test_the_batch_recipe_runs_bn_fused_and_matches_the_unfused_taps():
+    """With batch statistics only, each BN layer runs as bn_eval_slack(mode="batch"): loss and image
+    gradient equal torch's BatchNorm + a separate statistic op."""
+    from dsg_ext.synthesis.taps import BatchNormTaps
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 12, 12, dtype=torch.float64)
+    results = []
+    for fused in (True, False):
+        model = _double(tiny_bn_net()).eval()
+        taps = BatchNormTaps(batchnorm_layers(model), unbiased=True, fused=fused, batch=True, per_sample=False)
+        leaf = x.clone().requires_grad_(True)
+        with taps:
+            assert all("forward" in bn.__dict__ for bn in taps.layers) == fused
+            out = model(leaf)
+            loss = torch.stack(taps.collected_batch()).sum() + out.sum() * 1e-2
+        loss.backward()
+        results.append((loss.detach(), leaf.grad))
+    # the taps hold BN's scale/shift and the targets in float32, torch's BatchNorm runs in float64
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-5, atol=1e-8)
+
+
+def test_a_dataset_written_before_the_draw_table_resumes_only_with_the_same_draws():
+    """A manifest without augment_rng was written by the host path: an augmented config resumes it only
+    with augment_rng="host"; without augmentation the field changes no image and is not compared."""
+    from dsg_ext.synthesis.writer import _as_written
+
+    def identity(config):
+        return {"config": dataclasses.asdict(config)}
+
+    for config, resumes in ((small_config(), True), (small_config(swing=True), False),
+                            (small_config(swing=True, augment_rng="host"), True)):
+        old = {k: v for k, v in dataclasses.asdict(config).items() if k != "augment_rng"}
+        if config.augment_rng == "host":
+            old = {k: v for k, v in dataclasses.asdict(dataclasses.replace(config, augment_rng="device")).items()
+                   if k != "augment_rng"}
+        assert (_as_written(identity(config), {"config": old})["config"] == old) == resumes, config
+    new = dataclasses.asdict(small_config(swing=True))  # a manifest that has the field compares it
+    assert _as_written(identity(small_config(swing=True)), {"config": new})["config"] == new
