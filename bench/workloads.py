@@ -287,7 +287,7 @@ def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "res
     start = torch.randn(batch, 3, image, image, generator=gen)
 
     def make(kind: str, fast: bool = False, graph: bool = False, cl_only: bool = False,
-             fused_bn: bool = True) -> Callable[[], object]:
+             fused_bn: bool = True, recipe: Optional[str] = None) -> Callable[[], object]:
         # fast: channels_last + bf16 autocast (GPU); cl_only: channels_last in fp32 (CPU);
         # fused_bn=False: ours with pre-hooks and torch's BatchNorm instead of the fused BN op
         state = {}
@@ -296,6 +296,20 @@ def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "res
             model = copy.deepcopy(base).to(device)
             images = start.clone().to(device)
             layers = batchnorm_layers(model)
+            if kind == "dsg_ext" and recipe is not None:  # a named recipe: batch statistics + augmentation
+                config = SynthesisConfig.from_recipe(recipe, lr=0.1, batch_size=batch, image_size=image,
+                                                     channels_last=fast or cl_only, autocast_bf16=fast,
+                                                     cuda_graph=graph, fused_bn=fused_bn)
+                pad = config.crop_pad
+                images = torch.nn.functional.pad(images, (pad, pad, pad, pad), mode="reflect")
+                taps = BatchNormTaps(layers, unbiased=True, fused=config.fused_bn, batch=True,
+                                     per_sample=False).__enter__()
+                taps.set_slack([], [])
+                loop = SynthesisLoop(model, taps, images, torch.ones(batch, len(layers), device=device), config,
+                                     device, input_range=([-2.2] * 3, [2.7] * 3))
+                state["fn"] = loop.iterate
+                state["keep"] = (loop, taps)
+                return
             if kind == "dsg_ext":
                 config = SynthesisConfig(method="dsg", lr=0.1, batch_size=batch, image_size=image,
                                          channels_last=fast or cl_only, autocast_bf16=fast, cuda_graph=graph,
@@ -345,13 +359,17 @@ def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "res
 
     impls = {"dsg_ext": make("dsg_ext"), "plain": make("plain"), "network_alone": make("network")}
     if torch.device(device).type == "cpu":  # channels_last in fp32 is the faster layout for oneDNN convolutions
-        impls.update({"dsg_ext_cl": make("dsg_ext", cl_only=True), "plain_cl": make("plain", cl_only=True),
+        impls.update({"dsg_ext_recommended": make("dsg_ext", recipe="recommended"),
+                      "dsg_ext_cl": make("dsg_ext", cl_only=True), "plain_cl": make("plain", cl_only=True),
                       "network_alone_cl": make("network", cl_only=True)})
     if variants:
         impls.update({
             "dsg_ext_bf16_cl": make("dsg_ext", fast=True),
             "dsg_ext_bf16_cl_graph": make("dsg_ext", fast=True, graph=True),
             "dsg_ext_fp32_graph": make("dsg_ext", graph=True),
+            # the recommended recipe (crop, flip, smoothing, swing drawn on the device), graph-captured
+            "dsg_ext_recommended_bf16_cl_graph": make("dsg_ext", fast=True, graph=True, recipe="recommended"),
+            "dsg_ext_recommended_bf16_cl": make("dsg_ext", fast=True, recipe="recommended"),
             # the taps' other path: pre-hooks computing the statistics, torch's own BatchNorm
             "dsg_ext_hooks_bf16_cl_graph": make("dsg_ext", fast=True, graph=True, fused_bn=False),
             "dsg_ext_hooks_fp32": make("dsg_ext", fused_bn=False),

@@ -10,7 +10,7 @@ from .options import DEFAULT_DEVICE, _device, _Formatter, _option, _positive_int
 
 
 def add_parser(sub) -> None:
-    from ..synthesis.config import CE_LABELS, INITS, LAYER_WEIGHTINGS, METHODS, RECIPES
+    from ..synthesis.config import AUGMENT_RNGS, CE_LABELS, INITS, LAYER_WEIGHTINGS, METHODS, RECIPES
     from ..synthesis.config import SynthesisConfig as S
     from ..synthesis.writer import DEFAULT_NUM_SAMPLES
 
@@ -51,6 +51,9 @@ def add_parser(sub) -> None:
             "sees and of the result (0 = off)")
     _option(p, "--swing", S, "swing", "swing convolution: a random 1-pixel shift before every strided convolution",
             toggle=True)
+    _option(p, "--augment-rng", S, "augment_rng", "where the augmentation's random draws live: 'device' (a table "
+            "per batch read on the device: no host sync, CUDA-graph capturable) or 'host' (the earlier per-step "
+            "draws, to resume datasets written before the table)", choices=AUGMENT_RNGS)
     _option(p, "--generator", S, "generator", "Genie's generator: render each batch from a fresh small generator and "
             "per-sample latents, both optimised (--lr then acts on the latent)", toggle=True)
     _option(p, "--generator-lr", S, "generator_lr", "Adam learning rate of the generator (x0.95 every 100 iterations)")
