@@ -20,8 +20,6 @@ import argparse
 import copy
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from typing import Callable, Dict, List
@@ -30,22 +28,13 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from onnx_latency import cpu_line  # noqa: E402
 
 from dsg_ext.models import load_model  # noqa: E402
 from dsg_ext.synthesis import SynthesisConfig, synthesize_batch  # noqa: E402
 from dsg_ext.synthesis.augment import gaussian_kernel  # noqa: E402
-
-
-def cpu_line() -> str:
-    """The CPU model and the flags that matter for these kernels."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return platform.processor()
-    model = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in out.splitlines() if line.startswith("Flags")), [])
-    keep = sorted(f for f in flags if f.startswith(("avx512_bf16", "avx512_vnni", "amx", "avx512f")))
-    return f"{model}; {' '.join(keep) or 'no AVX-512'}; {torch.get_num_threads()} threads"
 
 
 def plain_recipe(model: nn.Module, config: SynthesisConfig, count: int, iterations: int,
@@ -176,7 +165,8 @@ def main(argv=None) -> int:
             per = (times[args.long] - times[args.short]) / (args.long - args.short) / batch * 1e3
             best[tool] = min(best.get(tool, float("inf")), per)
             print(f"repeat {r}: {tool}: {per:.2f} ms per image-iteration", file=sys.stderr)
-    print(f"\n{args.model}, {batch} images in one batch, {size}x{size}; CPU: {cpu_line()}; torch {torch.__version__}")
+    print(f"\n{args.model}, {batch} images in one batch, {size}x{size}; CPU: {cpu_line()}, "
+          f"{torch.get_num_threads()} threads; torch {torch.__version__}")
     print("ms per image·iteration: difference of a {}- and a {}-iteration run, min of {}\n".format(
         args.short, args.long, args.repeats))
     print("| tool | ms per image·iteration | vs MCT | vs paper DSG |")
@@ -187,8 +177,8 @@ def main(argv=None) -> int:
         print(f"| {tool} | {best[tool]:.2f} | {vs_mct} | {vs_dsg} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "batch": batch, "cpu": cpu_line(), "ms_per_image_iteration": best}, f,
-                      indent=1)
+            json.dump({"model": args.model, "batch": batch, "cpu": cpu_line(), "threads": torch.get_num_threads(),
+                       "ms_per_image_iteration": best}, f, indent=1)
     return 0
 
 

@@ -304,7 +304,6 @@ def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "res
                 images = torch.nn.functional.pad(images, (pad, pad, pad, pad), mode="reflect")
                 taps = BatchNormTaps(layers, unbiased=True, fused=config.fused_bn, batch=True,
                                      per_sample=False).__enter__()
-                taps.set_slack([], [])
                 loop = SynthesisLoop(model, taps, images, torch.ones(batch, len(layers), device=device), config,
                                      device, input_range=([-2.2] * 3, [2.7] * 3))
                 state["fn"] = loop.iterate

@@ -23,7 +23,7 @@ existed resume with the same draws.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +75,7 @@ class Augmenter:
         self._row: Optional[Tensor] = None
         self._call = 0
         self._fresh = False
+        self._crop_indices: Dict[Tuple, Tuple[Tensor, Tensor]] = {}
         if self.on_device:
             self._make_table()
 
@@ -138,6 +139,18 @@ class Augmenter:
         self._call = 0
         self._fresh = True  # the training forward that follows uses this row
 
+    def _crop_index(self, sh: int, sw: int, device) -> Tuple[Tensor, Tensor]:
+        """Rows and columns of the unshifted crop (with the smoothing's reflect padding at its borders),
+        made once per shape: each view only adds its offsets."""
+        key = (sh, sw, device)
+        if key not in self._crop_indices:
+            if self.kernel is not None:
+                index = (reflect_index(sh, -1, device, length=sh + 2), reflect_index(sw, -1, device, length=sw + 2))
+            else:
+                index = (torch.arange(sh, device=device), torch.arange(sw, device=device))
+            self._crop_indices[key] = index
+        return self._crop_indices[key]
+
     def _device_view(self, x: Tensor, train: bool) -> Tensor:
         """Crop, flip and the smoothing's reflect padding as one gather, offsets read on the device."""
         oy = ox = self.pad
@@ -150,12 +163,8 @@ class Augmenter:
                 flip = self._row[self._flip_col]
         if not (self.pad or flip is not None or self.kernel is not None):
             return x
-        dev = x.device
         sh, sw = (self.size, self.size) if self.pad else (x.shape[2], x.shape[3])  # what the network sees
-        if self.kernel is not None:  # the padded crop: reflect at the crop's own borders
-            rows, cols = reflect_index(sh, -1, dev, length=sh + 2), reflect_index(sw, -1, dev, length=sw + 2)
-        else:
-            rows, cols = torch.arange(sh, device=dev), torch.arange(sw, device=dev)
+        rows, cols = self._crop_index(sh, sw, x.device)
         if flip is not None:  # mirror inside the crop: c -> sw-1-c
             cols = cols + flip * (sw - 1 - 2 * cols)
         x = gather2d(x, rows + oy, cols + ox)

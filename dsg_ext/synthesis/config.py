@@ -23,8 +23,9 @@ AUGMENT_RNGS = ("device", "host")  # synthesis/augment.py
 # the requested config has that value (synthesis/writer.py).
 LATER_FIELDS = {"crop_pad": 0, "flip": False, "smoothing": 0.0, "swing": False, "ce_labels": "random",
                 "generator": False, "generator_lr": 0.01, "latent_dim": 256, "augment_rng": "host"}
-# Fields that change no image unless a random augmentation (crop_pad, flip, swing) is on: left out of a
-# dataset's identity otherwise, so that datasets without augmentation resume whatever their value.
+# The augmentations with random draws, and the fields that change no image unless one of them is on (left
+# out of a dataset's identity otherwise, so that datasets without augmentation resume whatever their value).
+RANDOM_AUGMENTATIONS = ("crop_pad", "flip", "swing")
 AUGMENT_ONLY_FIELDS = ("augment_rng",)
 _BATCH_AUG = {"method": "batch", "crop_pad": 2, "flip": True, "smoothing": 0.5, "swing": True, "clamp_pixels": True}
 RECIPES = {
@@ -149,7 +150,7 @@ class SynthesisConfig:
         if self.cuda_graph and self.jitter:
             problems.append("cuda_graph cannot be combined with jitter "
                             "(its random shift is drawn on the host each step)")
-        if self.cuda_graph and self.augment_rng == "host" and (self.crop_pad or self.flip or self.swing):
+        if self.cuda_graph and self.augment_rng == "host" and any(getattr(self, k) for k in RANDOM_AUGMENTATIONS):
             problems.append("cuda_graph cannot be combined with crop_pad, flip or swing when augment_rng='host' "
                             "(their random shifts are then drawn on the host each step); use augment_rng='device'")
         if self.cuda_graph and self.generator:

@@ -81,10 +81,16 @@ class BatchNormTaps:
         if not self.batch:
             return
         mean, std = self._params(index, x.device)[:2]
-        delta = self.batch_delta[index] if self.batch_delta else 0.0
-        gamma = self.batch_gamma[index] if self.batch_gamma else 0.0
+        delta, gamma = self._batch_slack(index)
         loss, stat_mean, stat_std = bn_stat_slack_loss(x, mean, std, delta, gamma, eps=self.layers[index].eps,
                                                        unbiased=self.unbiased, mode="batch", return_stats=True)
+        self._record_batch(index, loss, stat_mean, stat_std)
+
+    def _batch_slack(self, index: int):
+        return (self.batch_delta[index] if self.batch_delta else 0.0,
+                self.batch_gamma[index] if self.batch_gamma else 0.0)
+
+    def _record_batch(self, index: int, loss: Tensor, stat_mean: Tensor, stat_std: Tensor) -> None:
         self.batch_losses[index] = loss
         if self.record_stats:
             self.batch_stats[index] = (stat_mean, stat_std)
@@ -152,13 +158,9 @@ class BatchNormTaps:
             self._check_size(index, x)
             mean, std, scale, shift = self._params(index, x.device)
             if not self.per_sample:  # batch statistics only: BN and the batch loss in one pass
-                delta = self.batch_delta[index] if self.batch_delta else 0.0
-                gamma = self.batch_gamma[index] if self.batch_gamma else 0.0
-                y, loss, stat_mean, stat_std = bn_eval_slack(x, scale, shift, mean, std, delta, gamma, eps=bn.eps,
-                                                             unbiased=self.unbiased, mode="batch")
-                self.batch_losses[index] = loss
-                if self.record_stats:
-                    self.batch_stats[index] = (stat_mean, stat_std)
+                y, loss, stat_mean, stat_std = bn_eval_slack(x, scale, shift, mean, std, *self._batch_slack(index),
+                                                             eps=bn.eps, unbiased=self.unbiased, mode="batch")
+                self._record_batch(index, loss, stat_mean, stat_std)
                 return y
             self._batch_loss(index, x)
             delta = self.delta[index] if self.delta else 0.0

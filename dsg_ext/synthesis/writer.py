@@ -21,7 +21,7 @@ from ..data import store as dataset
 from ..errors import ConfigError
 from ..models import LoadedModel, load_model
 from ..models.spec import check_device, probe_model
-from .config import AUGMENT_ONLY_FIELDS, LATER_FIELDS, SynthesisConfig
+from .config import AUGMENT_ONLY_FIELDS, LATER_FIELDS, RANDOM_AUGMENTATIONS, SynthesisConfig
 from .diversity import diversity
 from .loop import per_sample_statistics, synthesize_batch
 from .taps import batchnorm_layers
@@ -76,7 +76,7 @@ def _as_written(identity: Dict[str, Any], manifest: Optional[Dict[str, Any]]) ->
     written = (manifest or {}).get("config")
     if not isinstance(written, dict):
         return identity
-    augmented = any(identity["config"].get(k) for k in ("crop_pad", "flip", "swing"))
+    augmented = any(identity["config"].get(k) for k in RANDOM_AUGMENTATIONS)
     config = {k: v for k, v in identity["config"].items()
               if k in written or ((augmented or k not in AUGMENT_ONLY_FIELDS)
                                   and (k not in LATER_FIELDS or v != LATER_FIELDS[k]))}
