@@ -9,6 +9,11 @@ with the table (the machines differ between sessions; repeat runs of one case va
     python bench/synthesis_vs_mct.py --model efficientnet-lite0 --batch 32        (2 cores: ~10 min)
     python bench/synthesis_vs_mct.py --model fashion-mnist-resnet20 --batch 256   (~2 min)
 
+``--allocator retained`` (the default) keeps freed memory for reuse in the process, as the ``dsg`` command
+does; it is process-wide, so every tool of the run gets it (``--allocator default`` for glibc's own).
+``recommended`` runs in channels_last (its recipe); ``+cl``/``+bf16`` after a recipe name add channels_last /
+bf16 autocast (``--tools recommended,paper-dsg+cl``); the plain loop is NCHW fp32, as written from the papers.
+
 MCT is an optional benchmark dependency, never the product's: ``pip install model-compression-toolkit``
 (2.6.1 measured; a virtual environment with ``--system-site-packages`` keeps our torch). Without it the
 MCT row is left out and said so.
@@ -32,9 +37,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from onnx_latency import cpu_line  # noqa: E402
 
+from dsg_ext import retain_freed_memory  # noqa: E402
 from dsg_ext.models import load_model  # noqa: E402
 from dsg_ext.synthesis import SynthesisConfig, synthesize_batch  # noqa: E402
 from dsg_ext.synthesis.augment import gaussian_kernel  # noqa: E402
+from dsg_ext.synthesis.config import RECIPES  # noqa: E402
 
 
 def plain_recipe(model: nn.Module, config: SynthesisConfig, count: int, iterations: int,
@@ -120,11 +127,20 @@ def main(argv=None) -> int:
     p.add_argument("--short", type=int, default=3, help="iterations of the short run")
     p.add_argument("--long", type=int, default=11, help="iterations of the long run")
     p.add_argument("--tools", default="recommended,paper-dsg,plain,mct")
+    p.add_argument("--allocator", choices=("retained", "default"), default="retained",
+                   help="retained: freed memory kept for reuse, as the dsg command runs (dsg_ext.retain_freed_memory); "
+                        "default: glibc's own. Process-wide, so it applies to every tool of the run alike")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.long <= args.short:
         p.error("--long must be larger than --short")
+    for tool in args.tools.split(","):
+        recipe, *speed = tool.split("+")
+        if tool and tool not in ("plain", "mct") and (recipe not in RECIPES or not set(speed) <= {"cl", "bf16"}):
+            p.error(f"unknown tool {tool!r}: plain, mct, or a recipe ({', '.join(sorted(RECIPES))}) "
+                    "with optional +cl (channels_last) and +bf16 (bf16 autocast)")
     torch.set_num_threads(args.threads)
+    retained = retain_freed_memory() if args.allocator == "retained" else False
     loaded = load_model(args.model)
     spec = loaded.input
     size = 28 if args.model == "fashion-mnist-resnet20" else spec.image_size
@@ -140,10 +156,13 @@ def main(argv=None) -> int:
             print("MCT row left out: pip install model-compression-toolkit", file=sys.stderr)
             tools.remove("mct")
 
-    def ours(recipe: str) -> Callable[[int], None]:
+    def ours(tool: str) -> Callable[[int], None]:
+        recipe, *speed = tool.split("+")  # e.g. recommended+cl+bf16: channels_last, bf16 autocast
+        fields = {"channels_last": "cl" in speed, "autocast_bf16": "bf16" in speed}
+
         def run(iterations: int) -> None:
             config = SynthesisConfig.from_recipe(recipe, batch_size=batch, image_size=size, channels=spec.channels,
-                                                 iterations=iterations)
+                                                 iterations=iterations, **fields)
             synthesize_batch(base, config, 0, input_range=spec.valid_range())
         return run
 
@@ -152,8 +171,10 @@ def main(argv=None) -> int:
         plain_recipe(copy.deepcopy(base), config, batch, iterations, spec.valid_range())
 
     runners: Dict[str, Callable[[int], None]] = {
-        "recommended": ours("recommended"), "paper-dsg": ours("paper-dsg"), "plain": plain,
-        "mct": lambda n: mct_generate(copy.deepcopy(base), batch, size, n, spec.channels)}
+        "plain": plain, "mct": lambda n: mct_generate(copy.deepcopy(base), batch, size, n, spec.channels)}
+    for tool in tools:
+        if tool not in runners:
+            runners[tool] = ours(tool)
     best: Dict[str, float] = {}
     for r in range(args.repeats):
         for tool in tools:  # alternating: a slow spell of the machine hits every tool
@@ -166,7 +187,8 @@ def main(argv=None) -> int:
             best[tool] = min(best.get(tool, float("inf")), per)
             print(f"repeat {r}: {tool}: {per:.2f} ms per image-iteration", file=sys.stderr)
     print(f"\n{args.model}, {batch} images in one batch, {size}x{size}; CPU: {cpu_line()}, "
-          f"{torch.get_num_threads()} threads; torch {torch.__version__}")
+          f"{torch.get_num_threads()} threads; torch {torch.__version__}; allocator: "
+          f"{'freed memory retained' if retained else 'glibc default'}")
     print("ms per image·iteration: difference of a {}- and a {}-iteration run, min of {}\n".format(
         args.short, args.long, args.repeats))
     print("| tool | ms per image·iteration | vs MCT | vs paper DSG |")
@@ -178,6 +200,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "batch": batch, "cpu": cpu_line(), "threads": torch.get_num_threads(),
+                       "allocator": "retained" if retained else "default",
                        "ms_per_image_iteration": best}, f, indent=1)
     return 0
 

@@ -13,7 +13,7 @@ from dsg_ext.synthesis import SynthesisConfig
 
 def test_every_tool_runs_and_the_table_is_printed(tmp_path, capsys):
     out = tmp_path / "speed.json"
-    tools = "recommended,paper-dsg,plain"
+    tools = "recommended,paper-dsg,plain,paper-dsg+cl+bf16"
     try:
         import model_compression_toolkit  # noqa: F401
         tools += ",mct"
@@ -25,6 +25,11 @@ def test_every_tool_runs_and_the_table_is_printed(tmp_path, capsys):
     assert set(result["ms_per_image_iteration"]) == set(tools.split(","))
     text = capsys.readouterr().out
     assert "| recommended |" in text and "CPU:" in text
+
+
+def test_an_unknown_tool_is_named():
+    with pytest.raises(SystemExit):
+        synthesis_vs_mct.main(["--tools", "recommended+fast"])
 
 
 def test_the_plain_recipe_loop_optimises_its_loss():

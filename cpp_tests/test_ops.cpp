@@ -105,7 +105,7 @@ using AdaRoundFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const a
 
 const char* const kOps[] = {"bn_stat_slack_loss", "bn_stat_slack_loss_backward", "bn_eval_slack",
                             "bn_eval_slack_backward", "fake_quant", "fake_quant_backward", "adaround",
-                            "adaround_backward"};
+                            "adaround_backward", "reflect_shift", "reflect_shift_backward"};
 
 c10::TypedOperatorHandle<FakeQuantFn> fake_quant_op() {
   static const auto op =
@@ -362,12 +362,40 @@ void test_bad_inputs(const at::Device dev) {
   }
 }
 
+// reflect_shift: torch's reflect padding + crop, in both layouts; its backward as the adjoint,
+// <shift(x), g> == <x, shift_backward(g)>.
+void test_reflect_shift(const at::Device dev) {
+  using Fn = at::Tensor(const at::Tensor&, const at::Tensor&);
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("dsg_ext::reflect_shift", "").typed<Fn>();
+  static const auto back =
+      c10::Dispatcher::singleton().findSchemaOrThrow("dsg_ext::reflect_shift_backward", "").typed<Fn>();
+  const auto f64 = at::TensorOptions().dtype(at::kDouble);
+  const at::Tensor x = at::randn({2, 3, 5, 7}, f64), g = at::randn({2, 3, 5, 7}, f64);
+  const int64_t shifts[][2] = {{1, -1}, {-1, 0}, {4, -6}};
+  for (const auto& s : shifts) {
+    const int64_t py = std::abs(s[0]), px = std::abs(s[1]);
+    const at::Tensor want = at::pad(x, {px, px, py, py}, "reflect")
+                                .slice(2, py + s[0], py + s[0] + 5)
+                                .slice(3, px + s[1], px + s[1] + 7);
+    const at::Tensor shift = at::tensor({s[0], s[1]}, at::kLong).to(dev);
+    for (const bool cl : {false, true}) {
+      const auto mf = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+      const std::string tag = std::string(cl ? " channels_last" : "") + " shift " + std::to_string(s[0]) + "," +
+                              std::to_string(s[1]);
+      check_close("reflect_shift" + tag, op.call(x.contiguous(mf).to(dev), shift), want, 0.0, 0.0);
+      const at::Tensor gx = back.call(g.contiguous(mf).to(dev), shift).cpu();
+      check_close("reflect_shift_backward adjoint" + tag, (x * gx).sum(), (want * g).sum(), 1e-12, 1e-12);
+    }
+  }
+}
+
 void run_all(const at::Device dev) {
   at::manual_seed(0);
   test_fake_quant(dev);
   test_slack_loss(dev);
   test_bn_eval_slack(dev);
   test_adaround(dev);
+  test_reflect_shift(dev);
   test_bad_inputs(dev);
 }
 

@@ -290,4 +290,20 @@ void check_quant_values_cpu(const char* op, const QuantInputs& in, int64_t quant
   }
 }
 
+ShiftInputs check_reflect_shift_inputs(const char* op, const at::Tensor& x, const at::Tensor& shift) {
+  const char* name = std::string(op) == "reflect_shift" ? "x" : "grad";
+  check_float(op, name, x);
+  DSG_CHECK(x.dim() == 4, op, ": ", name, " must have shape (N, C, H, W), got shape ", x.sizes());
+  DSG_CHECK(!at::isFloatingType(shift.scalar_type()) && !at::isComplexType(shift.scalar_type()) &&
+                shift.scalar_type() != at::kBool,
+            op, ": shift must be an integer tensor (dy, dx), got ", shift.scalar_type());
+  DSG_CHECK(shift.numel() == 2, op, ": shift must hold two values (dy, dx), got shape ", shift.sizes());
+  check_device(op, "shift", shift, x);
+  ShiftInputs in;
+  in.channels_last = is_channels_last(x);
+  in.x = in.channels_last ? x : x.contiguous();
+  in.shift = shift.reshape({2}).to(at::kLong).contiguous();
+  return in;
+}
+
 }  // namespace dsg_ext

@@ -77,6 +77,14 @@ void check_quant_values_cpu(const char* op, const QuantInputs& in, int64_t quant
 void check_same_shape_dtype_device(const char* op, const char* name_a, const at::Tensor& a,
                                    const char* name_b, const at::Tensor& b);
 
+// reflect_shift: x 4-D floating (returned contiguous, or channels_last when it is), shift an integer tensor of
+// two values on the device of x (returned as int64).
+struct ShiftInputs {
+  at::Tensor x, shift;
+  bool channels_last;
+};
+ShiftInputs check_reflect_shift_inputs(const char* op, const at::Tensor& x, const at::Tensor& shift);
+
 // `t` in the same memory format as `like` (contiguous or channels_last), so both index alike.
 at::Tensor match_layout(const at::Tensor& t, const at::Tensor& like);
 

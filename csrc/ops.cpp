@@ -50,4 +50,10 @@ TORCH_LIBRARY(dsg_ext, m) {
       "adaround_backward(Tensor grad_w, Tensor grad_reg, Tensor w, Tensor v, Tensor scale, "
       "Tensor zero_point, int quant_min, int quant_max, int? axis, float beta, bool hard, "
       "bool scale_grad) -> (Tensor, Tensor)");
+  // Swing convolution's shift: out[n, c, i, j] = x[n, c, r(i + dy), r(j + dx)] with reflection at the borders
+  // (csrc/reflect_shift.h); shift = (dy, dx), int64 on the device of x (read there: no host sync), each
+  // clamped to +-(size - 1). Output in the dtype and layout (contiguous or channels_last) of x.
+  m.def("reflect_shift(Tensor x, Tensor shift) -> Tensor");
+  // The adjoint: grad_x[r(i + dy), r(j + dx)] += grad[i, j], as a gather (no atomics, no zero fill).
+  m.def("reflect_shift_backward(Tensor grad, Tensor shift) -> Tensor");
 }

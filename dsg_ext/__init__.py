@@ -14,6 +14,7 @@ exported here too (``bn_stat_slack_loss``, ``bn_eval_slack``, ``fake_quant``, ``
 Sub-packages: ``synthesis``, ``quantization``, ``data``, ``models``; ``evaluation``; ``errors``.
 """
 
+from ._memory import retain_freed_memory
 from .data.interop import SyntheticDataset, calibration_batches, forward_loop, ort_calibration_reader
 from .errors import (
     ConfigError,
@@ -34,7 +35,7 @@ from .errors import (
 from .evaluation import fidelity, topk_accuracy
 from .export import export_onnx
 from .models import InputSpec, load_model, model_identity
-from .ops import adaround, adaround_init, bn_eval_slack, bn_stat_slack_loss, fake_quant
+from .ops import adaround, adaround_init, bn_eval_slack, bn_stat_slack_loss, fake_quant, reflect_shift
 from .quantization import (
     AdaRoundConfig,
     Allocation,
@@ -63,7 +64,8 @@ def cuda_ops_built() -> bool:
 
 __all__ = [
     # ops
-    "adaround", "adaround_init", "bn_eval_slack", "bn_stat_slack_loss", "fake_quant", "cuda_ops_built",
+    "adaround", "adaround_init", "bn_eval_slack", "bn_stat_slack_loss", "fake_quant", "reflect_shift", "cuda_ops_built",
+    "retain_freed_memory",
     # synthesis
     "SynthesisConfig", "synthesize", "generate", "export_onnx",
     "SyntheticDataset", "calibration_batches", "forward_loop", "ort_calibration_reader",

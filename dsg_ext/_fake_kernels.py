@@ -85,3 +85,22 @@ def _adaround_backward_fake(grad_w, grad_reg, w, v, scale, zero_point, quant_min
     _check_same_shape("adaround_backward", "w", w, "v", v)
     _check_same_shape("adaround_backward", "w", w, "grad_w", grad_w)
     return _empty_in_layout(w), torch.empty_like(scale)
+
+
+def _check_shift(op, x, shift):
+    name = "x" if op == "reflect_shift" else "grad"
+    torch._check(x.dim() == 4, lambda: f"{op}: {name} must have shape (N, C, H, W), got shape {list(x.shape)}")
+    torch._check(shift.numel() == 2, lambda: f"{op}: shift must hold two values (dy, dx), got shape "
+                                             f"{list(shift.shape)}")
+
+
+@torch.library.register_fake("dsg_ext::reflect_shift")
+def _reflect_shift_fake(x, shift):
+    _check_shift("reflect_shift", x, shift)
+    return _empty_in_layout(x)
+
+
+@torch.library.register_fake("dsg_ext::reflect_shift_backward")
+def _reflect_shift_backward_fake(grad, shift):
+    _check_shift("reflect_shift_backward", grad, shift)
+    return _empty_in_layout(grad)

@@ -31,6 +31,7 @@ __all__ = [
     "rectified_sigmoid",
     "rounding_regularizer",
     "grad_scale",
+    "reflect_shift",
     "ADAROUND_ZETA",
     "ADAROUND_GAMMA",
 ]
@@ -348,3 +349,38 @@ def adaround_init(w: Tensor, scale: Union[float, Tensor], axis: Optional[int] = 
     frac = scaled - torch.floor(scaled)
     ratio = (ADAROUND_ZETA - ADAROUND_GAMMA) / (frac - ADAROUND_GAMMA) - 1.0
     return -torch.log(ratio)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Swing convolution's shift
+# --------------------------------------------------------------------------------------------
+
+
+def reflect_shift(x: Tensor, shift: Tensor) -> Tensor:
+    """x (N, C, H, W) shifted by ``shift`` = (dy, dx) pixels with reflection at the borders:
+    ``out[..., i, j] = x[..., r(i + dy), r(j + dx)]``, r as torch's "reflect" padding (-1 -> 1, H -> H-2),
+    i.e. ``F.pad(x, (p, p, p, p), mode="reflect")[..., p + dy:p + dy + H, p + dx:p + dx + W]`` without the
+    padded copy. ``shift`` is an integer tensor of two values on x's device, read there (no host sync: a
+    CUDA graph or torch.compile captures it with the values changing between replays); each value is
+    clamped to +-(size - 1), on every device alike. The output keeps x's dtype and layout (contiguous or
+    channels_last); the backward is the exact adjoint, one gather pass."""
+    return _ops.reflect_shift(x, shift)
+
+
+def _reflect_shift_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _reflect_shift_backward(ctx, grad):
+    (shift,) = ctx.saved_tensors
+    return _ops.reflect_shift_backward(grad, shift), None
+
+
+def _reflect_shift_backward_backward(ctx, grad):  # the adjoint of the adjoint: double backward works too
+    (shift,) = ctx.saved_tensors
+    return _ops.reflect_shift(grad, shift), None
+
+
+torch.library.register_autograd("dsg_ext::reflect_shift", _reflect_shift_backward, setup_context=_reflect_shift_setup)
+torch.library.register_autograd("dsg_ext::reflect_shift_backward", _reflect_shift_backward_backward,
+                                setup_context=_reflect_shift_setup)

@@ -58,7 +58,8 @@ def add_parser(sub) -> None:
             "per-sample latents, both optimised (--lr then acts on the latent)", toggle=True)
     _option(p, "--generator-lr", S, "generator_lr", "Adam learning rate of the generator (x0.95 every 100 iterations)")
     _option(p, "--latent-dim", S, "latent_dim", "latent size of the generator")
-    _option(p, "--channels-last", S, "channels_last", "run the network in channels_last (GPU speed)")
+    _option(p, "--channels-last", S, "channels_last", "run the network in channels_last (faster on CPUs and GPUs; "
+            "the recommended recipe sets it)", toggle=True)
     _option(p, "--bf16", S, "autocast_bf16", "run the network under bf16 autocast; statistics stay fp32")
     _option(p, "--cuda-graph", S, "cuda_graph",
             "capture one whole iteration in a CUDA graph and replay it (GPU; removes launch overhead)")

@@ -13,7 +13,8 @@ Every random draw comes from a generator seeded by the batch, so a batch is repr
 ``augment_rng="device"`` (the default) all draws of a batch are made once, before its first
 iteration, into a small table that is moved to the device; each training view reads its row through a
 device counter, and crops, flips and shifts are index gathers (``index_select``) built from those
-device values. No iteration then reads a random number on the host or syncs with the device, so the
+device values; swing's shift is the fused ``reflect_shift`` op (one copy forward, one gather backward,
+any layout). No iteration then reads a random number on the host or syncs with the device, so the
 whole recommended recipe can be captured in a CUDA graph (``cuda_graph``), and crop + flip + the
 smoothing's reflect padding are one gather instead of three copies. ``augment_rng="host"`` is the
 earlier path (a Python draw and a slice per step), kept so that datasets written before the table
@@ -28,6 +29,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..ops import reflect_shift
 from .config import SynthesisConfig
 
 
@@ -108,8 +110,7 @@ class Augmenter:
         if self.on_device:  # this conv's column pair of the row (a conv called twice reuses the pairs cyclically)
             col = self._swing_col + 2 * (self._call % len(self._strided))
             self._call += 1
-            dy, dx = self._row[col], self._row[col + 1]
-            shifted = gather2d(x, reflect_index(h, dy - 1, x.device), reflect_index(w, dx - 1, x.device))
+            shifted = reflect_shift(x, self._row[col:col + 2] - 1)
         else:
             dy, dx = self._draw(3), self._draw(3)
             shifted = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")[..., dy:dy + h, dx:dx + w]
