@@ -203,6 +203,29 @@ def correctness():
             ada_case(shape, axis, hard, torch.float32)
     ada_case((64, 32, 3, 3), 0, False, torch.float64)
     ada_case((64, 32, 3, 3), 0, False, torch.bfloat16)
+
+    def shift_case(shape, shift, dtype, channels_last, offset=False):
+        def make():
+            x = torch.randn(*shape, generator=g).to(dtype)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            dy = torch.randn(*shape, generator=g).to(dtype).contiguous(
+                memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            return [x.requires_grad_(True), torch.tensor(shift), dy]
+
+        def fn(x, s, dy):
+            xin = misaligned(x) if offset else x
+            out = ops.reflect_shift(xin, s)
+            (gx,) = torch.autograd.grad(out, x, dy)
+            return [out, gx]
+
+        check(f"reflect_shift {tuple(shape)} {shift} {dtype} cl={channels_last} offset={offset}", fn, make,
+              0.0 if dtype == torch.float64 else 1e-6 if dtype == torch.float32 else 1e-2)
+
+    for cl in (False, True):
+        shift_case((32, 96, 112, 112), (1, -1), torch.float32, cl)
+        shift_case((3, 5, 9, 11), (-8, 10), torch.float64, cl)
+        shift_case((8, 24, 56, 56), (0, 1), torch.bfloat16, cl, offset=True)
     return results
 
 

@@ -59,3 +59,10 @@ def test_the_plain_recipe_loop_optimises_its_loss():
 def test_long_must_exceed_short():
     with pytest.raises(SystemExit):
         synthesis_vs_mct.main(["--short", "5", "--long", "5"])
+
+
+def test_the_profile_prints_one_iteration(capsys):
+    import profile_synthesis
+    assert profile_synthesis.main(["--model", "fashion-mnist-resnet20", "--batch", "4", "--rows", "5"]) == 0
+    text = capsys.readouterr().out
+    assert "Self CPU time total" in text and "CPU:" in text
