@@ -294,6 +294,8 @@ def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "res
 
         def build():
             model = copy.deepcopy(base).to(device)
+            if fast or cl_only:  # every tool's network in channels_last alike (a copy: base stays as it is)
+                model = model.to(memory_format=torch.channels_last)
             images = start.clone().to(device)
             layers = batchnorm_layers(model)
             if kind == "dsg_ext" and recipe is not None:  # a named recipe: batch statistics + augmentation
@@ -321,8 +323,6 @@ def synthesis_workloads(device: str = "cpu", size: str = "cpu", arch: str = "res
                 state["fn"] = loop.iterate
                 state["keep"] = (loop, taps)
                 return
-            if fast or cl_only:
-                model = model.to(memory_format=torch.channels_last)
             images.requires_grad_(True)
             opt = torch.optim.Adam([images], lr=0.1)
             losses: List[torch.Tensor] = []

@@ -8,10 +8,12 @@ come from ``dsg``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import math
 import warnings
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +50,24 @@ def init_images(config: SynthesisConfig, batch_index: int, count: int) -> Tensor
 
 def _total_variation(x: Tensor) -> Tensor:
     return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+
+
+@contextlib.contextmanager
+def channels_last_weights(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
+    """The model's 4-D parameters and buffers in channels_last for the duration, then the very tensors it
+    had (the model is frozen meanwhile, so nothing is lost): synthesis does not change the layout, hence
+    the numerics, of the caller's model afterwards."""
+    saved = []
+    if enabled:
+        for t in itertools.chain(model.parameters(), model.buffers()):
+            if t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last):
+                saved.append((t, t.data))
+                t.data = t.data.contiguous(memory_format=torch.channels_last)
+    try:
+        yield model
+    finally:
+        for t, data in saved:
+            t.data = data
 
 
 class SynthesisLoop:
@@ -107,8 +127,6 @@ class SynthesisLoop:
             if self.images is not None:
                 with torch.no_grad():
                     self.images.copy_(self._clamp(self.images))
-        if config.channels_last:
-            self.model = model.to(memory_format=torch.channels_last)
         self.window = torch.zeros((), device=device)
         self.window_count = 0
         self.counter = torch.zeros((), dtype=torch.long, device=device)
@@ -269,7 +287,7 @@ def synthesize_batch(
     seed = config.batch_seed(batch_index) + 7
     augmenter = Augmenter(config, model, config.channels, device, seed)
 
-    with taps, augmenter:
+    with taps, augmenter, channels_last_weights(model, config.channels_last):
         zeros = [torch.zeros(()) for _ in layers]
         deltas, gammas = zeros, zeros
         weights = torch.ones(count, len(layers), device=device)

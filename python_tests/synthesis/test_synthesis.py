@@ -252,6 +252,18 @@ def test_channels_last_and_bf16_autocast():
     assert bf.images.dtype == torch.float32
 
 
+def test_channels_last_synthesis_hands_the_model_back_as_it_was():
+    """The network runs in channels_last during synthesis only: afterwards the caller's model holds the
+    very tensors it had (layout, hence the numerics of later calibration, unchanged)."""
+    model = tiny_bn_net()
+    before = {name: t for name, t in model.state_dict().items()}
+    pointers = {name: t.data_ptr() for name, t in before.items()}
+    synthesize_batch(model, small_config(method="batch", iterations=2, channels_last=True, swing=True), 0)
+    after = model.state_dict()
+    assert {name: t.data_ptr() for name, t in after.items()} == pointers
+    assert all(t.is_contiguous() for t in after.values())
+
+
 def test_killed_run_resumes_and_guards_config(tmp_path, monkeypatch):
     """A run that dies after its first shard leaves a manifest claiming the directory."""
     import dsg_ext.synthesis.writer as gen
