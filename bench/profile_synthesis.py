@@ -22,9 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from onnx_latency import cpu_line  # noqa: E402
+from synthesis_vs_mct import setup  # noqa: E402
 
-from dsg_ext import retain_freed_memory  # noqa: E402
-from dsg_ext.models import load_model  # noqa: E402
 from dsg_ext.synthesis import SynthesisConfig, synthesize_batch  # noqa: E402
 from dsg_ext.synthesis import loop as synthesis_loop  # noqa: E402
 from dsg_ext.synthesis.config import RECIPES  # noqa: E402
@@ -41,12 +40,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", type=int, default=20)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    retained = retain_freed_memory() if args.allocator == "retained" else False
-    loaded = load_model(args.model)
+    loaded, size, batch, retained = setup(args)
     spec = loaded.input
-    size = 28 if args.model == "fashion-mnist-resnet20" else spec.image_size
-    batch = args.batch or (256 if args.model == "fashion-mnist-resnet20" else 32)
     fields = {name: value == "yes" for name, value in (("channels_last", args.channels_last), ("swing", args.swing))
               if value != "recipe"}
     config = SynthesisConfig.from_recipe(args.recipe, batch_size=batch, image_size=size, channels=spec.channels,

@@ -120,6 +120,17 @@ def mct_generate(model: nn.Module, count: int, size: int, iterations: int, chann
     mct.data_generation.pytorch_data_generation_experimental(model, count, size, cfg)
 
 
+def setup(args):
+    """Threads, allocator, model and sizes from the shared options (--threads, --allocator, --model,
+    --batch): (loaded model, image size, batch, whether freed memory is retained)."""
+    torch.set_num_threads(args.threads)
+    retained = retain_freed_memory() if args.allocator == "retained" else False
+    loaded = load_model(args.model)
+    size = 28 if args.model == "fashion-mnist-resnet20" else loaded.input.image_size
+    batch = args.batch or (256 if args.model == "fashion-mnist-resnet20" else 32)
+    return loaded, size, batch, retained
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="efficientnet-lite0", choices=("efficientnet-lite0", "fashion-mnist-resnet20"))
@@ -141,12 +152,8 @@ def main(argv=None) -> int:
         if tool and tool not in ("plain", "mct") and (recipe not in RECIPES or not set(speed) <= {"cl", "bf16"}):
             p.error(f"unknown tool {tool!r}: plain, mct, or a recipe ({', '.join(sorted(RECIPES))}) "
                     "with optional +cl (channels_last) and +bf16 (bf16 autocast)")
-    torch.set_num_threads(args.threads)
-    retained = retain_freed_memory() if args.allocator == "retained" else False
-    loaded = load_model(args.model)
+    loaded, size, batch, retained = setup(args)
     spec = loaded.input
-    size = 28 if args.model == "fashion-mnist-resnet20" else spec.image_size
-    batch = args.batch or (256 if args.model == "fashion-mnist-resnet20" else 32)
     base = loaded.model.eval()
     for q in base.parameters():
         q.requires_grad_(False)  # frozen for every tool (MCT included: its tutorial leaves them trainable)
