@@ -306,4 +306,8 @@ ShiftInputs check_reflect_shift_inputs(const char* op, const at::Tensor& x, cons
   return in;
 }
 
+at::Tensor empty_shift_output(const ShiftInputs& in) {
+  return at::empty_like(in.x, in.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+}
+
 }  // namespace dsg_ext

@@ -84,6 +84,8 @@ struct ShiftInputs {
   bool channels_last;
 };
 ShiftInputs check_reflect_shift_inputs(const char* op, const at::Tensor& x, const at::Tensor& shift);
+// The output of reflect_shift(_backward): shaped like in.x, in its layout.
+at::Tensor empty_shift_output(const ShiftInputs& in);
 
 // `t` in the same memory format as `like` (contiguous or channels_last), so both index alike.
 at::Tensor match_layout(const at::Tensor& t, const at::Tensor& like);

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <tuple>
 #include <vector>
 
 #include "../checks.h"
@@ -74,16 +75,25 @@ void store_row(const acc_t* __restrict__ acc, scalar_t* __restrict__ dst, int64_
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(acc[i]);
 }
 
-at::Tensor empty_like_layout(const ShiftInputs& in) {
-  return at::empty_like(in.x, in.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+// What both directions start from: the checked input, the output, its rows and the clamped shifts.
+struct Prepared {
+  ShiftInputs in;
+  at::Tensor out;
+  Rows R;
+  int64_t dy = 0, dx = 0;
+};
+
+Prepared prepare(const char* op, const at::Tensor& t, const at::Tensor& shift) {
+  Prepared p{check_reflect_shift_inputs(op, t, shift), {}, {}};
+  p.out = empty_shift_output(p.in);
+  p.R = rows_of(p.in);
+  if (p.in.x.numel() > 0) std::tie(p.dy, p.dx) = shifts(p.in, p.R);
+  return p;
 }
 
 at::Tensor reflect_shift_cpu(const at::Tensor& x, const at::Tensor& shift) {
-  const ShiftInputs in = check_reflect_shift_inputs("reflect_shift", x, shift);
-  at::Tensor out = empty_like_layout(in);
-  const Rows R = rows_of(in);
+  const auto [in, out, R, dy, dx] = prepare("reflect_shift", x, shift);
   if (in.x.numel() == 0) return out;
-  const auto [dy, dx] = shifts(in, R);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "reflect_shift_cpu", [&] {
     const scalar_t* src = in.x.const_data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
@@ -99,11 +109,8 @@ at::Tensor reflect_shift_cpu(const at::Tensor& x, const at::Tensor& shift) {
 }
 
 at::Tensor reflect_shift_backward_cpu(const at::Tensor& grad, const at::Tensor& shift) {
-  const ShiftInputs in = check_reflect_shift_inputs("reflect_shift_backward", grad, shift);
-  at::Tensor out = empty_like_layout(in);
-  const Rows R = rows_of(in);
+  const auto [in, out, R, dy, dx] = prepare("reflect_shift_backward", grad, shift);
   if (in.x.numel() == 0) return out;
-  const auto [dy, dx] = shifts(in, R);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "reflect_shift_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const scalar_t* g = in.x.const_data_ptr<scalar_t>();

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "../checks.h"
 #include "../reflect_shift.h"
@@ -79,40 +80,41 @@ int blocks_for(int64_t numel) {
   return static_cast<int>(std::min<int64_t>((numel + kThreads - 1) / kThreads, int64_t(1) << 20));
 }
 
-at::Tensor empty_like_layout(const ShiftInputs& in) {
-  return at::empty_like(in.x, in.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-}
-
-at::Tensor reflect_shift_cuda(const at::Tensor& x, const at::Tensor& shift) {
-  const ShiftInputs in = check_reflect_shift_inputs("reflect_shift", x, shift);
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = empty_like_layout(in);
+// Checks, allocates and calls launch(tag, in, out, numel, stream) with tag a null scalar_t pointer of the
+// input's dtype: both directions differ only in their kernel.
+template <typename Launch>
+at::Tensor run(const char* op, const at::Tensor& t, const at::Tensor& shift, const Launch& launch) {
+  const ShiftInputs in = check_reflect_shift_inputs(op, t, shift);
+  const c10::cuda::CUDAGuard guard(t.device());
+  at::Tensor out = empty_shift_output(in);
   const int64_t numel = in.x.numel();
   if (numel == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "reflect_shift_cuda", [&] {
-    shift_kernel<scalar_t><<<blocks_for(numel), kThreads, 0, stream>>>(
-        in.x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), in.shift.const_data_ptr<int64_t>(),
-        geometry_of(in), numel);
+    launch(static_cast<scalar_t*>(nullptr), in, out, numel, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
+at::Tensor reflect_shift_cuda(const at::Tensor& x, const at::Tensor& shift) {
+  return run("reflect_shift", x, shift, [](auto tag, const ShiftInputs& in, at::Tensor& out, int64_t numel,
+                                          cudaStream_t stream) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    shift_kernel<scalar_t><<<blocks_for(numel), kThreads, 0, stream>>>(
+        in.x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), in.shift.const_data_ptr<int64_t>(),
+        geometry_of(in), numel);
+  });
+}
+
 at::Tensor reflect_shift_backward_cuda(const at::Tensor& grad, const at::Tensor& shift) {
-  const ShiftInputs in = check_reflect_shift_inputs("reflect_shift_backward", grad, shift);
-  const c10::cuda::CUDAGuard guard(grad.device());
-  at::Tensor out = empty_like_layout(in);
-  const int64_t numel = in.x.numel();
-  if (numel == 0) return out;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.x.scalar_type(), "reflect_shift_backward_cuda", [&] {
+  return run("reflect_shift_backward", grad, shift, [](auto tag, const ShiftInputs& in, at::Tensor& out,
+                                                      int64_t numel, cudaStream_t stream) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
     shift_backward_kernel<scalar_t, acc_type<scalar_t>><<<blocks_for(numel), kThreads, 0, stream>>>(
         in.x.const_data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), in.shift.const_data_ptr<int64_t>(),
         geometry_of(in), numel);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return out;
 }
 
 }  // namespace
