@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,15 +50,11 @@ def _interleaved(sessions, name, x, rounds):
 
 
 def cpu_line() -> str:
-    """lscpu's model name and its int8-relevant flags (the speed-ups depend on them)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown CPU"
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    flags = fields.get("Flags", "").split()
-    shown = [f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "avx_vnni", "fma")]
-    return f"{fields.get('Model name', '?').strip()}, {os.cpu_count()} CPUs, flags: {' '.join(shown) or 'none listed'}"
+    """lscpu's model name, onnxruntime's int8 kernel class on it (VNNI or not) and the int8-relevant flags."""
+    from dsg_ext.export.x86_kernels import cpu_info, describe_cpu
+
+    info = cpu_info()
+    return f"{describe_cpu(info)}, flags: {' '.join(info['flags']) or 'none listed'}"
 
 
 def _tensor_reader(name, images, batch=32):
@@ -135,6 +129,7 @@ def main(argv=None) -> int:
     from dsg_ext.data.interop import SyntheticDataset, ort_calibration_reader
     from dsg_ext.export import export_onnx
     from dsg_ext.export.qdq import runtime_report
+    from dsg_ext.export.x86_kernels import run_as_cpu
     from dsg_ext.models import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -149,9 +144,14 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=30, help="timed rounds per figure (median; each round runs "
                         "every row once, in turn)")
     parser.add_argument("--eval", type=int, default=10000, help="Fashion-MNIST test images for top-1")
-    parser.add_argument("--rows", default="fp32,ort,deploy-w8a8,deploy-w4a8,input-w8a8",
-                        help="comma list; also input-w4a8, and pt2e (torchao's X86InductorQuantizer + torch.compile, "
-                             "timed in torch: minutes of compilation)")
+    parser.add_argument("--rows", default="fp32,ort,ort-rr,deploy-w8a8,deploy-vnni-w8a8,deploy-w4a8,input-w8a8",
+                        help="comma list; ort-rr is onnxruntime's quantize_static with reduce_range (7-bit weights), "
+                             "deploy-vnni-w8a8 our file without the int16 pair limit (--target onnxruntime-vnni); also "
+                             "input-w4a8, and pt2e (torchao's X86InductorQuantizer + torch.compile, timed in torch: "
+                             "minutes of compilation)")
+    parser.add_argument("--avx2", type=int, default=0, metavar="N",
+                        help="also run every file on the first N evaluation images as an AVX2 CPU without VNNI "
+                             "(onnxruntime under qemu-x86_64 -cpu Haswell: accuracy only, minutes per file)")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
     resnet = args.model == "fashion-mnist-resnet20"
@@ -181,6 +181,7 @@ def main(argv=None) -> int:
     built = {
         "deploy-w8a8": lambda: _ours(loaded, calib, **target, wbits=8, abits=8),
         "deploy-w4a8": lambda: _ours(loaded, calib, **target, wbits=4, abits=8),
+        "deploy-vnni-w8a8": lambda: _ours(loaded, calib, **Q.TARGETS["onnxruntime-vnni"], wbits=8, abits=8),
         "input-w8a8": lambda: _ours(loaded, calib, wbits=8, abits=8, fold_bn=True),
         "input-w4a8": lambda: _ours(loaded, calib, wbits=4, abits=8, fold_bn=True),
     }
@@ -210,15 +211,17 @@ def main(argv=None) -> int:
         if "fp32" in paths:
             os.replace(fp32, paths["fp32"])
             fp32 = paths["fp32"]
-        if "ort" in paths:
+        for k in ("ort", "ort-rr"):
+            if k not in paths:
+                continue
             t = time.perf_counter()
             pre = os.path.join(tmp, "fp32-pre.onnx")
             quant_pre_process(fp32, pre)
             reader = (ort_calibration_reader(args.calib, name, 32, samples, loaded.identity) if args.calib
                       else _tensor_reader(name, calib))
-            quantize_static(pre, paths["ort"], reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-            seconds["ort"] = time.perf_counter() - t
+            quantize_static(pre, paths[k], reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=k == "ort-rr")
+            seconds[k] = time.perf_counter() - t
         options = ort.SessionOptions()
         options.intra_op_num_threads = args.threads
         options.log_severity_level = 3
@@ -247,18 +250,20 @@ def main(argv=None) -> int:
                    "qlinearconv": counts.get("QLinearConv", 0), "convs": convs,
                    "qlinearadd": counts.get("QLinearAdd", 0), "qdq_left": graph["qdq_left"],
                    "transposes": counts.get("Transpose", 0), "float_nodes": len(graph["float_nodes"])}
-            if resnet:
-                row["top1"] = float(np.mean(out.argmax(1) == eval_y)) * 100
-                if k in qmodels:  # the file against `dsg eval` of the same model
-                    with torch.no_grad():
-                        ours = torch.cat([qmodels[k](eval_x[i:i + 500]) for i in range(0, eval_x.shape[0], 500)])
-                    row["same_as_torch_pct"] = float(np.mean(ours.argmax(1).numpy() == out.argmax(1))) * 100
-                    row["torch_top1"] = float(np.mean(ours.argmax(1).numpy() == eval_y)) * 100
-            else:
-                a, b = torch.from_numpy(fp_out).double(), torch.from_numpy(out).double()
-                row["agreement"] = float((a.argmax(1) == b.argmax(1)).double().mean()) * 100
-                la, lb = torch.log_softmax(a, 1), torch.log_softmax(b, 1)
-                row["kl"] = float((la.exp() * (la - lb)).sum(1).mean())
+            ours = None
+            if k in qmodels:  # the file against `dsg eval` of the same model
+                with torch.no_grad():
+                    ours = torch.cat([qmodels[k](eval_x[i:i + 100]) for i in range(0, eval_x.shape[0], 100)]).numpy()
+                row["same_as_torch_pct"] = float(np.mean(ours.argmax(1) == out.argmax(1))) * 100
+                if resnet:
+                    row["torch_top1"] = float(np.mean(ours.argmax(1) == eval_y)) * 100
+            row.update(_quality(out, fp_out, eval_y))
+            if args.avx2:  # the same file on an (emulated) AVX2 CPU without VNNI
+                avx2 = run_as_cpu(paths[k], eval_x[:args.avx2]).numpy()
+                row["avx2"] = _quality(avx2, fp_out[:args.avx2], None if eval_y is None else eval_y[:args.avx2])
+                row["avx2"]["images"] = int(avx2.shape[0])
+                if ours is not None:
+                    row["avx2"]["same_as_torch_pct"] = float(np.mean(ours[:args.avx2].argmax(1) == avx2.argmax(1))) * 100
             rows[k] = row
         latency = _interleaved(sessions, name, x1, max(10, args.repeat * 2))
         throughput = _interleaved(sessions, name, xb, max(10, args.repeat))
@@ -271,6 +276,16 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return 0
+
+
+def _quality(out, fp_out, labels):
+    """Top-1 % with labels; else top-1 agreement % and mean KL with FP32."""
+    if labels is not None:
+        return {"top1": float(np.mean(out.argmax(1) == labels)) * 100}
+    a, b = torch.from_numpy(fp_out).double(), torch.from_numpy(out).double()
+    la, lb = torch.log_softmax(a, 1), torch.log_softmax(b, 1)
+    return {"agreement": float((a.argmax(1) == b.argmax(1)).double().mean()) * 100,
+            "kl": float((la.exp() * (la - lb)).sum(1).mean())}
 
 
 def _input_name(model):
@@ -300,7 +315,13 @@ def _print(result, resnet):
     for k, r in rows.items():
         if "same_as_torch_pct" in r:
             print(f"{k}: the file's predictions are our torch model's on {r['same_as_torch_pct']:.2f}% of the test "
-                  f"images (torch top-1 {r['torch_top1']:.2f})")
+                  f"images" + (f" (torch top-1 {r['torch_top1']:.2f})" if "torch_top1" in r else ""))
+    for k, r in rows.items():
+        if "avx2" in r:
+            a = r["avx2"]
+            quality = f"top-1 {a['top1']:.2f}" if "top1" in a else f"agreement {a['agreement']:.1f} / KL {a['kl']:.4f}"
+            same = f", same as our torch model {a['same_as_torch_pct']:.2f}%" if "same_as_torch_pct" in a else ""
+            print(f"{k} as an AVX2 CPU without VNNI (qemu -cpu Haswell, first {a['images']} images): {quality}{same}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,10 @@ def add_parser(sub) -> None:
     p = sub.add_parser("eval", formatter_class=_Formatter,
                        help="accuracy (and fidelity to FP32) of a model or a quantized model")
     add_model_options(p)
-    p.add_argument("--quantized", metavar="FILE", help="a file written by dsg quantize for this model")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--quantized", metavar="FILE", help="a file written by dsg quantize for this model")
+    which.add_argument("--onnx", metavar="FILE", help="an ONNX file (dsg export's) of this model, run in onnxruntime "
+                       "on this CPU with every graph optimisation on (its integer kernels)")
     p.add_argument("--data", required=True, help="'fashion-mnist' (test split), 'skimage-photos', an image directory "
                    "(ImageFolder layout for accuracy; any images for fidelity) or a `dsg generate` directory made "
                    "for this model (fidelity on synthetic images)")
@@ -39,8 +42,16 @@ def run(args: argparse.Namespace) -> int:
     if args.quantized:
         model = load_quantized(fp, args.quantized, loaded.identity, example_input(loaded))
         fp_ref = fp
+    elif args.onnx:
+        from .._io import read_regular
+        from ..errors import ExportError
+        from ..export.verify import OnnxModel
+
+        read_regular(args.onnx, ExportError, "ONNX file")  # a regular, readable file, named if not
+        model, fp_ref = OnnxModel(args.onnx), fp
     result = evaluate(model, loaded, args.data, args.max_images, fp_model=fp_ref)
-    what = f"{args.model}" + (f" quantized ({args.quantized})" if args.quantized else " FP32")
+    what = f"{args.model}" + (f" quantized ({args.quantized})" if args.quantized else
+                              f" ONNX ({args.onnx}, onnxruntime)" if args.onnx else " FP32")
     parts = [f"{result['images']} images"]
     if "top1" in result:
         parts.append(f"top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%")

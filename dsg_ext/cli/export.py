@@ -4,20 +4,27 @@ against our own model in onnxruntime."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from .options import _Formatter, add_model_options, add_output_options, example_input
+from .options import _Formatter, _positive_int, add_model_options, add_output_options, example_input
 
 
 def add_parser(sub) -> None:
-    from ..export.qdq import DEFAULT_OPSET
+    from ..export.qdq import DEFAULT_OPSET, MIN_OPSET
 
     p = sub.add_parser("export", formatter_class=_Formatter,
                        help="write a quantized model as standard ONNX with QuantizeLinear/DequantizeLinear")
     add_model_options(p, "the model source the quantized file was made from")
     p.add_argument("--quantized", required=True, metavar="FILE", help="a file written by dsg quantize for this model")
     p.add_argument("--image-size", type=int, default=None, help="the model's input size (default: the source's own)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (>= 13)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset ({MIN_OPSET}..the newest the "
+                   "installed onnx knows)")
+    p.add_argument("--check-data", metavar="DATA", default=None,
+                   help="images the file is verified on in onnxruntime, as dsg eval --data takes them (default: the "
+                        "quantized file's calibration images, where they can still be read)")
+    p.add_argument("--check-images", type=_positive_int, default=256, metavar="N",
+                   help="verify on at most this many images")
     p.add_argument("--json", metavar="FILE", help="also write the export record: node counts, onnxruntime's "
                    "optimised graph (integer kernels, the nodes left in float)")
     add_output_options(p, "the .onnx file")
@@ -26,8 +33,10 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .._io import atomic_write_json, check_output_file
+    from ..errors import ConfigError
     from ..export import export_onnx
-    from ..export.qdq import INTEGER_OPS_PREFIXES
+    from ..export.qdq import INTEGER_OPS_PREFIXES, MIN_OPSET, max_opset
+    from ..export.verify import verification_lines
     from ..models import load_model
     from ..models.spec import probe_model
     from ..quantization import load_quantized
@@ -35,12 +44,16 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(args.out, "--out", force=args.force)
     if args.json:
         check_output_file(args.json, "--json")
+    if not MIN_OPSET <= args.opset <= max_opset():
+        raise ConfigError(f"--opset must lie in {MIN_OPSET}..{max_opset()} (the opsets the installed exporter writes), "
+                          f"got {args.opset}")
     loaded = load_model(args.model, weights=args.weights, image_size=args.image_size,
                         trust_model_code=args.trust_model_code)
     example = example_input(loaded).expand(2, -1, -1, -1).contiguous()
     probe_model(loaded.model, example, args.model)
     qmodel = load_quantized(loaded.model, args.quantized, loaded.identity, example_input(loaded))
-    record = export_onnx(qmodel, example, args.out, opset=args.opset)
+    images, what = _check_images(args, loaded)
+    record = export_onnx(qmodel, example, args.out, opset=args.opset, check_images=images, check_data=what)
     nodes = record["nodes"]
     check = record.get("max_abs_diff_vs_ours")
     print(f"{args.out}: ONNX opset {record['opset']}, input {record['input']!r} (dynamic batch), "
@@ -62,6 +75,39 @@ def run(args: argparse.Namespace) -> int:
             print(f"warning: onnxruntime {onnxruntime.__version__} runs {len(floats)} compute nodes of this "
                   f"deployment file in float (an op without an integer form, activations below 8 bits, or an "
                   f"onnxruntime without the fused kernel); the --json record names them", file=sys.stderr)
+    if "verify" in record:
+        line, warning = verification_lines(record["verify"])
+        print(line)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         atomic_write_json(args.json, record)
     return 0
+
+
+def _check_images(args: argparse.Namespace, loaded):
+    """(images, what they are) the file is verified on: --check-data, else the calibration images the
+    quantized file records (a `dsg generate` directory or a real source), else the example input."""
+    from ..data.calibration import calibration_images, evaluation_images
+    from ..errors import DsgError
+    from ..quantization import read_quantized
+
+    if args.check_data:
+        return evaluation_images(loaded, args.check_data, args.check_images)[0], args.check_data
+    source = read_quantized(args.quantized)[1].get("calibration_source")
+    source = source if isinstance(source, dict) else {}
+    calib, real = source.get("calib"), source.get("real")
+    home = os.path.dirname(os.path.realpath(args.quantized))
+    inside = lambda path: isinstance(path, str) and os.path.realpath(path).startswith(home + os.sep)  # noqa: E731
+    # a path named in a file we read is followed only inside that file's directory
+    calib = calib if inside(calib) else None
+    real = real if real in ("fashion-mnist", "skimage-photos", "noise") or inside(real) else None
+    if calib or real:
+        try:
+            count = min(args.check_images, source.get("num_samples") or args.check_images)
+            images, described = calibration_images(loaded, calib, None if calib else real, count)
+            return images[:args.check_images], f"calibration images: {described}"
+        except DsgError as e:
+            print(f"note: the calibration images cannot be read now ({e}); verifying on the example input only "
+                  "(--check-data DATA for more)", file=sys.stderr)
+    return example_input(loaded), "the example input"

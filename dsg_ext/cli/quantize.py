@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from ..errors import ConfigError, DsgError, QuantizationError
@@ -63,7 +64,10 @@ def add_parser(sub) -> None:
     _option(p, "--asymmetric-weights", Q, "w_symmetric", "asymmetric (unsigned, with a zero point) weight ranges")
     p.add_argument("--target", choices=sorted(TARGETS), default=None,
                    help="quantize for a runtime's integer kernels: onnxruntime = --placement deploy, --fold-bn, "
-                        "uint8 asymmetric activations, int8 symmetric per-channel weights (options given override it)")
+                        "uint8 asymmetric activations, int8 symmetric per-channel weights, exact on every CPU (no "
+                        "pair of weight products can saturate int16 in the kernels of x86 CPUs without VNNI); "
+                        "onnxruntime-vnni = the same without that limit, for x86 CPUs with VNNI / AMX and ARM only "
+                        "(options given override it)")
     _option(p, "--placement", Q, "act_placement",
             "activation quantizers at every layer input (the paper's), after each ReLU (ZeroQ's), or where an "
             "integer runtime needs them (deploy: conv/linear outputs after their activation, residual adds, "
@@ -167,6 +171,9 @@ def run(args: argparse.Namespace) -> int:
     corrections, error = _bias_correction(args, qmodel, fp, images, keep=ada is not None)
     quant.save_quantized(qmodel, args.out, args.model, loaded.identity,
                          {"calibration": described, "calibration_images": int(images.shape[0]),
+                          "calibration_source": {"calib": os.path.abspath(args.calib) if args.calib else None,
+                                                 "real": args.real,
+                                                 "num_samples": args.num_samples},
                           "bias_correction": corrections,
                           "bias_correction_failed": (str(error) or type(error).__name__) if error else None,
                           "adaround": dataclasses.asdict(ada) if ada else None,

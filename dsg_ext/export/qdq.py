@@ -33,7 +33,9 @@ from ..quantization.prepare import act_quantizers, weight_quantizers
 from ..quantization.quantizers import ActQuantizer, WeightMode
 
 DEFAULT_OPSET = 20
-MIN_OPSET = 13  # per-channel DequantizeLinear
+# torch.onnx's dynamo exporter writes opset 18 and newer; asked for less, its down-conversion fails on our graphs
+# (ReduceMean's axes) and it writes 18 anyway. Per-channel DequantizeLinear needs 13.
+MIN_OPSET = 18
 
 
 def _storage(qmin: int, qmax: int) -> Tuple[torch.dtype, int, int]:
@@ -71,10 +73,14 @@ class DQWeight(nn.Module):
     def __init__(self, wq):
         super().__init__()
         dtype, _, _ = _storage(wq.qmin, wq.qmax)
-        self.register_buffer("weight_int", wq.w_int.to(dtype).contiguous())
+        ints, zero_point, qmin, qmax = wq.w_int, wq.zero_point.detach(), wq.qmin, wq.qmax
+        if wq.export_uint8 and dtype == torch.int8:  # the same values as uint8 - 128: onnxruntime's exact U8U8 kernels
+            ints, zero_point = ints.to(torch.int16) + 128, zero_point + 128
+            dtype, qmin, qmax = torch.uint8, qmin + 128, qmax + 128
+        self.register_buffer("weight_int", ints.to(dtype).contiguous())
         self.register_buffer("weight_scale", wq.scale.detach().float().reshape(-1).contiguous())
-        self.register_buffer("weight_zero_point", wq.zero_point.detach().reshape(-1).long().contiguous())
-        self.qmin, self.qmax, self.dtype, self.per_channel = wq.qmin, wq.qmax, dtype, wq.per_channel
+        self.register_buffer("weight_zero_point", zero_point.reshape(-1).long().contiguous())
+        self.qmin, self.qmax, self.dtype, self.per_channel = qmin, qmax, dtype, wq.per_channel
         # per tensor: Python numbers, so the exported graph holds constants (not a data-dependent item())
         self.tensor_qparams = (float(self.weight_scale[0]), int(self.weight_zero_point[0]))
 
@@ -162,8 +168,16 @@ def _unsupported(e: Exception) -> str:
     return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
+def max_opset() -> int:
+    """The newest ONNX opset the installed onnx package (and so the exporter's writer) knows."""
+    import onnx
+
+    return int(onnx.defs.onnx_opset_version())
+
+
 def export_onnx(qmodel: nn.Module, example: Tensor, path: str, *, opset: int = DEFAULT_OPSET,
-                name: Optional[str] = None, check: bool = True) -> Dict[str, Any]:
+                name: Optional[str] = None, check: bool = True, check_images: Optional[Tensor] = None,
+                check_data: str = "the example input") -> Dict[str, Any]:
     """Writes a quantized model as an ONNX QDQ file.
 
     Args:
@@ -171,9 +185,11 @@ def export_onnx(qmodel: nn.Module, example: Tensor, path: str, *, opset: int = D
         example: one input batch (its batch dimension is exported as dynamic).
         path: the ``.onnx`` file; written to a temporary file and renamed, so an existing file is
             replaced only by a complete one.
-        opset: the ONNX opset (>= 13, per-channel DequantizeLinear).
+        opset: the ONNX opset (MIN_OPSET..``max_opset()``).
         name: the graph input's name (default: the model's forward argument name).
-        check: run the file in onnxruntime (when installed) on ``example`` and compare with our model.
+        check: run the file in onnxruntime (when installed, every graph optimisation on) and compare with
+            our model, on this CPU and emulated on the other class of x86 CPU (``verify.verify_file``).
+        check_images: the images of that check (default ``example``), named by ``check_data``.
 
     Returns:
         A record: input name, opset, node counts, file size, and (with ``check``) the largest logit
@@ -181,8 +197,10 @@ def export_onnx(qmodel: nn.Module, example: Tensor, path: str, *, opset: int = D
     """
     import onnx
 
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        raise ExportError(f"--opset must be an integer >= {MIN_OPSET} (per-channel DequantizeLinear), got {opset!r}")
+    top = max_opset()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
+        raise ExportError(f"opset must be an integer in {MIN_OPSET}..{top} (the opsets the installed exporter writes: "
+                          f"torch.onnx's oldest, onnx {onnx.__version__}'s newest), got {opset!r}")
     deploy = deploy_module(qmodel)
     name = name or input_name(qmodel)
     with torch.no_grad():
@@ -221,6 +239,10 @@ def export_onnx(qmodel: nn.Module, example: Tensor, path: str, *, opset: int = D
             del node.metadata_props[:]
         onnx.save(model_proto, tmp)
         onnx.checker.check_model(model_proto)
+        written = max((o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")), default=None)
+        if written != opset:
+            raise ExportError(f"the exporter wrote opset {written} where opset {opset} was asked for: choose "
+                              f"another (--opset, {MIN_OPSET}..{max_opset()})")
         record: Dict[str, Any] = {
             "input": name, "opset": opset, "bytes": os.path.getsize(tmp),
             "nodes": {op: sum(n.op_type == op for n in model_proto.graph.node)
@@ -229,6 +251,11 @@ def export_onnx(qmodel: nn.Module, example: Tensor, path: str, *, opset: int = D
         if check:
             record["max_abs_diff_vs_ours"] = _check_runtime(tmp, name, example, ours)
             record["runtime"] = runtime_report(tmp)
+            if record["runtime"] is not None:
+                from .verify import verify_file
+
+                images = example if check_images is None else check_images
+                record["verify"] = verify_file(tmp, qmodel, images, check_data)
         os.replace(tmp, path)
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from None

@@ -20,8 +20,11 @@ PLACEMENTS = ("input", "relu", "deploy")
 # Deployment presets (``dsg quantize --target NAME``): QuantConfig fields that make the file run in the
 # named runtime's integer kernels (onnxruntime's QLinearConv: uint8 asymmetric activations, int8 symmetric
 # per-channel weights, BN folded).
-TARGETS = {"onnxruntime": {"act_placement": "deploy", "fold_bn": True, "a_symmetric": False,
-                           "w_symmetric": True, "w_per_channel": True}}
+# "onnxruntime" is exact on every CPU (int16_pairs.py: no pair of adjacent products can saturate in the
+# kernels of x86 CPUs without VNNI); "onnxruntime-vnni" lifts that limit, for x86 CPUs with AVX-512 VNNI /
+# AVX-VNNI and ARM only.
+_ORT = {"act_placement": "deploy", "fold_bn": True, "a_symmetric": False, "w_symmetric": True, "w_per_channel": True}
+TARGETS = {"onnxruntime": {**_ORT, "vnni_only": False}, "onnxruntime-vnni": {**_ORT, "vnni_only": True}}
 RECONSTRUCTION_UNITS = ("layer", "block")
 # Where the learned rounding starts: nearest rounding (AdaRound's frac(W/s)), or the second-order
 # one-shot rounding (GPTQ, second_order.py), which then also runs first.
@@ -88,6 +91,10 @@ class QuantConfig:
     # Mixed precision by rule: per-layer weight bits, "SELECTOR=BITS,..." (parse_bit_rules), applied after
     # wbits / first_last_bits, later rules winning; a rule that matches no layer is an error.
     layer_wbits: str = ""
+    # False (default): 8-bit weights are kept such that no pair of adjacent products leaves int16 for the
+    # layer's activation range, so onnxruntime's integer kernels compute the file exactly on x86 CPUs
+    # without VNNI too (int16_pairs.py). True: no such limit; the file is exact only on CPUs with VNNI / ARM.
+    vnni_only: bool = False
 
     def validate(self) -> "QuantConfig":
         problems = field_problems(self)

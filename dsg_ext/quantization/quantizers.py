@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..errors import QuantizationError
+from .int16_pairs import limit_pairs
 from .observers import Observer
 from .qparams import quant_range, weight_qparams
 
@@ -56,6 +57,15 @@ class WeightQuantizer(nn.Module):
         # of this weight instead of the layer's own (its up/down choices are the compensated weight's
         # neighbours on the grid). Not saved.
         self.start_weight: Optional[Tensor] = None
+        # The raw uint8 input range (lo, hi) for which every pair of adjacent integer products must fit int16
+        # (int16_pairs.py: onnxruntime's kernels on x86 CPUs without VNNI); None: no limit. Set by
+        # quantize_model; ``pairs_moved`` counts the weights the limit moved at the last store.
+        self.pair_range: Optional[Tuple[int, int]] = None
+        self.pairs_moved = 0
+        # Instead of the limit: the exported file stores this layer's weights as uint8 with zero point 128 (the
+        # same values), which onnxruntime runs in its U8U8 kernels, exact on every CPU (the first layer:
+        # the most sensitive to the limit, and the cheapest to run so).
+        self.export_uint8 = False
 
     @property
     def axis(self) -> Optional[int]:
@@ -120,8 +130,19 @@ class WeightQuantizer(nn.Module):
             q = torch.floor(w / s) + self.rounded_up().float() + z
         else:
             q = torch.round(w / s) + z
+        self.store_int(q, w / s + z)
+
+    @torch.no_grad()
+    def store_int(self, q: Tensor, target: Optional[Tensor] = None) -> None:
+        """Stores integer weights ``q`` (clamped to the range; with ``pair_range``, every pair of adjacent
+        products kept inside int16, moving the weights that stray least from ``target``, the unrounded
+        weights in integer units) and switches to them."""
         dtype = torch.int8 if self.qmin >= -128 and self.qmax <= 127 else torch.uint8
-        self.w_int = q.clamp(self.qmin, self.qmax).to(dtype)
+        q = q.clamp(self.qmin, self.qmax).to(dtype)
+        self.pairs_moved = 0
+        if self.pair_range is not None:
+            q, self.pairs_moved = limit_pairs(q, target, *self.pair_range)
+        self.w_int = q
         self.mode, self.v, self.last_reg = WeightMode.INT, None, None
 
 

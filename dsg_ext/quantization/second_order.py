@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, InvalidDataError, QuantizationError
 from .hessian import LayerHessian, grouped_weight, layer_groups
+from .int16_pairs import pair_safe_scale
 from .prepare import float_weight, weight_quantizers
 from .qparams import weight_qparams
 from .quantizers import WeightMode, WeightQuantizer
@@ -149,6 +150,8 @@ def round_layer(qmodel: nn.Module, name: str, hessian: LayerHessian, config: Gpt
     w = float_weight(qmodel, name).detach()
     if config.search_scales:
         scale, zp = weight_qparams(w, wq.qmin, wq.qmax, wq.per_channel, wq.symmetric, "mse")
+        if wq.pair_range is not None:  # the int16 pair limit's scale, from the searched one (int16_pairs.py)
+            scale = pair_safe_scale(w, scale, wq.qmin, wq.qmax, *wq.pair_range)
         wq.scale.copy_(scale)
         wq.zero_point.copy_(zp)
     wg = grouped_weight(layer, w.to(torch.float64))
@@ -166,9 +169,7 @@ def round_layer(qmodel: nn.Module, name: str, hessian: LayerHessian, config: Gpt
     # nearest rounding (rare; rank-deficient Hessians), nearest rounding is kept and the record says so.
     kept = "gptq" if error <= nearest_error else "nearest"
     ints = q if kept == "gptq" else nearest
-    dtype = torch.int8 if wq.qmin >= -128 and wq.qmax <= 127 else torch.uint8
-    wq.w_int = ints.reshape(w.shape).to(dtype).to(w.device)
-    wq.mode, wq.v, wq.last_reg = WeightMode.INT, None, None
+    wq.store_int(ints.reshape(w.shape).to(w.device), (wg / scale[..., None] + zp[..., None]).reshape(w.shape))
     wq.start_weight = compensated.reshape(w.shape).to(w.dtype).to(w.device) if kept == "gptq" else None
     return {
         "layer": name, "groups": groups, "input_dim": dim, "vectors": hessian.vectors, "kept": kept,

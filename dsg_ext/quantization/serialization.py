@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .._io import atomic_write_bytes, read_regular
 from ..errors import ConfigError, QuantizationError, QuantizedFileError
 from .config import QuantConfig
+from .int16_pairs import can_saturate
 from .prepare import act_quantizers, finalize_weights, float_weight, quantize_model, weight_quantizers
 from .quantizers import WeightMode
 
@@ -105,6 +106,8 @@ def read_quantized(path: str) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
     if not isinstance(config, dict) or set(config) - known:
         raise QuantizedFileError(f"{path}: its quantization config is missing or has unknown keys "
                                  f"{sorted(set(config) - known) if isinstance(config, dict) else ''}")
+    # Files written before the int16 pair limit existed have no such limit: they are for VNNI CPUs only.
+    config.setdefault("vnni_only", True)
     try:
         QuantConfig(**config).validate()
     except ConfigError as e:
@@ -177,6 +180,9 @@ def load_quantized(model: nn.Module, path: str, identity: str, example: Optional
                 raise QuantizedFileError(f"{path}: layer {name!r} has weights that are not integers in "
                                          f"{wq.qmin}..{wq.qmax} ({wq.bits} bits)")
             _check_qparams(path, f"layer {name!r}", scale, zero_point, wq.qmin, wq.qmax)
+            if wq.pair_range is not None and bool(can_saturate(w_int, *wq.pair_range).any()):
+                raise QuantizedFileError(f"{path}: layer {name!r} has weight pairs whose products can leave int16 "
+                                         "on x86 CPUs without VNNI, though its config says they cannot")
             wq.scale.copy_(scale)
             wq.zero_point.copy_(zero_point)
             wq.w_int, wq.mode = w_int, WeightMode.INT

@@ -14,12 +14,14 @@ import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
+from x86_cpus import QEMU, run_as_avx2_cpu
 
 from dsg_ext import quantization as Q
 from dsg_ext.data import fashion_mnist
 from dsg_ext.data.calibration import real_fashion_mnist
 from dsg_ext.errors import ConfigError
 from dsg_ext.export import export_onnx
+from dsg_ext.export.x86_kernels import onnxruntime_kernels
 from dsg_ext.models import load_model
 from dsg_ext.quantization.deploy import QuantPoint, int32_bias
 
@@ -35,6 +37,11 @@ def _deployed(model, calib, example=None, **kw):
     Q.calibrate(q, calib)
     Q.finalize_weights(q)
     return q
+
+
+def _batched(q, x, batch=500):
+    with torch.no_grad():
+        return torch.cat([q(x[i:i + batch]) for i in range(0, x.shape[0], batch)])
 
 
 def _run(path, name, x, batch=500):
@@ -67,11 +74,13 @@ def test_resnet20_runs_in_integer_kernels_and_predicts_as_our_model(tmp_path, re
     assert record["runtime"]["float_nodes"] == []
     assert record["runtime"]["qdq_left"] <= 2  # the input's QuantizeLinear (and at most one more)
     x, y = test_images
-    theirs = _run(path, "x", x)
-    with torch.no_grad():
-        ours = torch.cat([q(x[i:i + 500]) for i in range(0, x.shape[0], 500)])
+    theirs = _run(path, "x", x)  # live, on whichever CPU runs the test
+    ours = _batched(q, x)
     same = float((ours.argmax(1) == theirs.argmax(1)).float().mean())
     assert same >= 0.999, same
+    for vnni in (True, False):  # what the file computes on each x86 CPU class, whatever this CPU is
+        with onnxruntime_kernels(q, vnni=vnni) as pairs:
+            assert pairs == 0 and float((_batched(q, x).argmax(1) == ours.argmax(1)).float().mean()) >= 0.999
     top1 = float((ours.argmax(1) == y).float().mean())
     assert top1 >= 0.90, top1  # FP32 93.5% on these images: a placement bug would cost far more
 
@@ -251,9 +260,88 @@ def test_efficientnet_lite0_runs_in_integer_kernels(tmp_path):
     assert float((ours.argmax(1) == theirs.argmax(1)).float().mean()) >= 0.95
     to_fp, file_to_fp, file_to_ours = _kl(fp, ours), _kl(fp, theirs), _kl(ours, theirs)
     assert file_to_ours <= 0.1 * to_fp and abs(file_to_fp - to_fp) <= 0.2 * to_fp, (to_fp, file_to_fp, file_to_ours)
+    for vnni in (True, False):  # no weight pair can saturate: the same on every x86 CPU class
+        with onnxruntime_kernels(q, vnni=vnni) as pairs:
+            assert pairs == 0
+    if QEMU:  # and onnxruntime's real AVX2 kernels compute what it computes here (40 crops: a minute under QEMU)
+        avx2 = run_as_avx2_cpu(path, crops[:40], tmp_path)
+        assert float((avx2 - theirs[:40]).abs().max()) <= 0.01 * float(theirs.abs().max())
+        assert float((theirs[:40].argmax(1) == avx2.argmax(1)).float().mean()) >= 0.975
+
+
+@pytest.mark.skipif(QEMU is None, reason="qemu-x86_64 (Debian qemu-user) not installed")
+@pytest.mark.parametrize("target", ["onnxruntime", "onnxruntime-vnni"])
+def test_resnet20_on_an_avx2_cpu_computes_what_the_emulation_says(tmp_path, resnet20, test_images, target):
+    """onnxruntime's AVX2 kernels (under QEMU): the default target's file predicts as our model; the
+    VNNI-only file is off by the saturation (measured 99.0% same predictions) exactly as emulated."""
+    calib = real_fashion_mnist(128)
+    q = _deployed(resnet20.model, calib, **Q.TARGETS[target])
+    path = str(tmp_path / "m.onnx")
+    export_onnx(q, calib[:2], path, check=False)
+    x = test_images[0][:1000]
+    avx2 = run_as_avx2_cpu(path, x, tmp_path)
+    ours = _batched(q, x)
+    with onnxruntime_kernels(q, vnni=False) as pairs:
+        emulated = _batched(q, x)
+    assert (pairs == 0) == (target == "onnxruntime")
+    assert float((avx2.argmax(1) == emulated.argmax(1)).float().mean()) >= 0.999
+    same = float((avx2.argmax(1) == ours.argmax(1)).float().mean())
+    assert same >= 0.999 if target == "onnxruntime" else same < 0.999
 
 
 def _kl(p, q):
     lp, lq = torch.log_softmax(p.double(), 1), torch.log_softmax(q.double(), 1)
     return float((lp.exp() * (lp - lq)).sum(1).mean())
 
+
+
+def test_dsg_export_verifies_on_real_images_and_warns_for_a_vnni_only_file(tmp_path):
+    """The check runs on the calibration images the file records (or --check-data), names the CPU, and
+    says what the file gives on the other x86 class: a VNNI-only file warns on every CPU (its live run
+    or its emulation falls below 99.9% on 1000 test images), the default target's does not."""
+    def dsg(*a):
+        return subprocess.run([sys.executable, "-m", "dsg_ext", *a], capture_output=True, text=True, env=ENV)
+
+    for target in ("onnxruntime", "onnxruntime-vnni"):
+        out = str(tmp_path / f"{target}.safetensors")
+        r = dsg("quantize", "--model", "fashion-mnist-resnet20", "--real", "fashion-mnist", "--num-samples", "64",
+                "--target", target, "--wbits", "8", "--abits", "8", "--observer", "minmax", "--out", out)
+        assert r.returncode == 0, r.stderr
+        r = dsg("export", "--model", "fashion-mnist-resnet20", "--quantized", out, "--out",
+                str(tmp_path / f"{target}-calib.onnx"))
+        assert r.returncode == 0, r.stderr
+        assert "64 images (calibration images: real" in r.stdout and "CPUs;" in r.stdout
+        onnx_file, record = str(tmp_path / f"{target}.onnx"), str(tmp_path / f"{target}.json")
+        r = dsg("export", "--model", "fashion-mnist-resnet20", "--quantized", out, "--out", onnx_file,
+                "--check-data", "fashion-mnist", "--check-images", "1000", "--json", record)
+        assert r.returncode == 0, r.stderr
+        verify = json.load(open(record))["verify"]
+        assert verify["images"] == 1000 and verify["data"] == "fashion-mnist"
+        if target == "onnxruntime":
+            assert "warning" not in r.stderr and verify["top1_agreement"] >= 99.9
+            assert verify["other_cpus"]["top1_agreement"] >= 99.9 and verify["other_cpus"]["saturating_pairs"] == 0
+        else:
+            assert "warning: the file predicts as dsg_ext's model on fewer than 99.9%" in r.stderr
+            assert min(verify["top1_agreement"], verify["other_cpus"]["top1_agreement"]) < 99.9
+        r = dsg("eval", "--model", "fashion-mnist-resnet20", "--onnx", onnx_file, "--data", "fashion-mnist",
+                "--max-images", "500")
+        assert r.returncode == 0, r.stderr
+        assert "ONNX" in r.stdout and "top-1" in r.stdout and "agreement with FP32" in r.stdout
+
+
+def test_an_opset_the_exporter_cannot_write_is_refused_before_any_work(tmp_path):
+    out = str(tmp_path / "q.safetensors")
+    r = subprocess.run([sys.executable, "-m", "dsg_ext", "quantize", "--model", "fashion-mnist-resnet20", "--real",
+                        "noise", "--num-samples", "8", "--target", "onnxruntime", "--wbits", "8", "--abits", "8",
+                        "--out", out], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0, r.stderr
+    for opset in ("999", "12"):
+        r = subprocess.run([sys.executable, "-m", "dsg_ext", "export", "--model", "fashion-mnist-resnet20",
+                            "--quantized", out, "--out", str(tmp_path / "m.onnx"), "--opset", opset],
+                           capture_output=True, text=True, env=ENV)
+        assert r.returncode == 2 and "--opset must lie in 18.." in r.stderr and "Traceback" not in r.stderr
+        assert not os.path.exists(tmp_path / "m.onnx")
+    r = subprocess.run([sys.executable, "-m", "dsg_ext", "eval", "--model", "fashion-mnist-resnet20", "--onnx",
+                        str(tmp_path / "missing.onnx"), "--data", "fashion-mnist"], capture_output=True, text=True,
+                       env=ENV)
+    assert r.returncode == 2 and "missing.onnx" in r.stderr and "Traceback" not in r.stderr
