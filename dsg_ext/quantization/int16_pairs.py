@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import QuantizationError
+
 INT16_MIN, INT16_MAX = -(1 << 15), (1 << 15) - 1
 
 
@@ -101,7 +103,7 @@ def _fix(q: Tensor, t: Tensor, lo: int, hi: int) -> Tensor:
         step.scatter_(-1, down, -(over > 0).to(q.dtype).unsqueeze(-1))
         step.scatter_add_(-1, up, (under > 0).to(q.dtype).unsqueeze(-1))
         q = q + step
-    raise AssertionError("int16 pair limit did not converge")  # pragma: no cover -- bounded by the 8-bit range
+    raise QuantizationError("internal: the int16 pair limit did not converge")  # pragma: no cover -- bounded
 
 
 @torch.no_grad()

@@ -235,3 +235,40 @@ def test_the_emulation_matches_onnxruntimes_avx2_kernels(tmp_path):
     _export(safe, x, path)
     with torch.no_grad():
         assert float((run_as_avx2_cpu(path, x, tmp_path) - safe(x)).abs().max()) <= 0.02 * float(safe(x).abs().max())
+
+
+def _forge(path, tmp_path, change):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    from dsg_ext.quantization.serialization import content_checksum
+
+    with safe_open(path, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["dsg_ext"])
+    change(meta)
+    meta["checksum"] = content_checksum(tensors, meta)
+    forged = tmp_path / "forged.safetensors"
+    forged.write_bytes(save(tensors, metadata={"dsg_ext": json.dumps(meta)}))
+    return str(forged)
+
+
+def test_files_without_the_limit_say_so_and_a_false_claim_is_refused(tmp_path):
+    """A file written before the limit existed (no ``vnni_only`` in its config) loads as what it is, a
+    VNNI-only file; a file whose config claims the limit while its weights break it is refused."""
+    from dsg_ext.errors import QuantizedFileError
+
+    q, x = _saturating_model(vnni_only=True, placement="deploy")
+    model = _TwoConvs().eval()
+    path = str(tmp_path / "q.safetensors")
+    Q.save_quantized(q, path, "test", "id")
+    old = _forge(path, tmp_path, lambda meta: meta["config"].pop("vnni_only"))
+    back = Q.load_quantized(model, old, "id", x[:1])
+    assert back.dsg_quant_config["vnni_only"] is True
+    with torch.no_grad(), onnxruntime_kernels(back, vnni=False) as pairs:
+        assert pairs > 0
+    forged = _forge(path, tmp_path, lambda meta: meta["config"].update(vnni_only=False))
+    with pytest.raises(QuantizedFileError, match="weight pairs whose products can leave int16"):
+        Q.load_quantized(model, forged, "id", x[:1])
