@@ -152,8 +152,8 @@ def pair_safe_scale(w: Tensor, scale: Tensor, qmin: int, qmax: int, lo: int = 0,
     top = need.clamp(min=1.0) * (1 + 1 / 64)  # past rounding up of both weights
     if not per_row:
         top = top.amax().expand(rows)
-    best_error = torch.full((rows,), torch.inf, dtype=torch.float64)
-    best = torch.ones(rows, dtype=torch.float64)
+    best_error = torch.full((rows,), torch.inf, dtype=torch.float64, device=t.device)
+    best = torch.ones(rows, dtype=torch.float64, device=t.device)
     for j in range(candidates):
         f = 1 + (top - 1) * j / (candidates - 1)
         tf = t / f.view([-1] + [1] * (w.dim() - 1))
