@@ -49,6 +49,14 @@ def run(args: argparse.Namespace) -> int:
 
         read_regular(args.onnx, ExportError, "ONNX file")  # a regular, readable file, named if not
         model, fp_ref = OnnxModel(args.onnx), fp
+        import torch
+
+        example = example_input(loaded).expand(2, -1, -1, -1).contiguous()
+        with torch.no_grad():
+            theirs, ours = tuple(model(example).shape), tuple(fp(example).shape)
+        if theirs != ours:
+            raise ExportError(f"{args.onnx} gives outputs of shape {theirs} where {args.model} gives {ours}: "
+                              "a file of another model?")
     result = evaluate(model, loaded, args.data, args.max_images, fp_model=fp_ref)
     what = f"{args.model}" + (f" quantized ({args.quantized})" if args.quantized else
                               f" ONNX ({args.onnx}, onnxruntime)" if args.onnx else " FP32")

@@ -96,16 +96,19 @@ def _check_images(args: argparse.Namespace, loaded):
         return evaluation_images(loaded, args.check_data, args.check_images)[0], args.check_data
     source = read_quantized(args.quantized)[1].get("calibration_source")
     source = source if isinstance(source, dict) else {}
-    calib, real = source.get("calib"), source.get("real")
+    calib, real, named = source.get("calib"), source.get("real"), ("fashion-mnist", "skimage-photos", "noise")
     home = os.path.dirname(os.path.realpath(args.quantized))
     inside = lambda path: isinstance(path, str) and os.path.realpath(path).startswith(home + os.sep)  # noqa: E731
-    # a path named in a file we read is followed only inside that file's directory
-    calib = calib if inside(calib) else None
-    real = real if real in ("fashion-mnist", "skimage-photos", "noise") or inside(real) else None
-    if calib or real:
+    path = calib if calib is not None else (real if real not in named else None)
+    if path is not None and not inside(path):  # a path named in a file we read: followed only inside its directory
+        print(f"note: the calibration images ({path}) lie outside the quantized file's directory and are not read; "
+              "verifying on the example input only (--check-data DATA for more)", file=sys.stderr)
+    elif calib is not None or isinstance(real, str):
         try:
-            count = min(args.check_images, source.get("num_samples") or args.check_images)
-            images, described = calibration_images(loaded, calib, None if calib else real, count)
+            recorded = source.get("num_samples")
+            valid = isinstance(recorded, int) and not isinstance(recorded, bool) and recorded > 0
+            count = min(args.check_images, recorded) if valid else args.check_images
+            images, described = calibration_images(loaded, calib, None if calib is not None else real, count)
             return images[:args.check_images], f"calibration images: {described}"
         except DsgError as e:
             print(f"note: the calibration images cannot be read now ({e}); verifying on the example input only "

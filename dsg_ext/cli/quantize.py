@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     quant.save_quantized(qmodel, args.out, args.model, loaded.identity,
                          {"calibration": described, "calibration_images": int(images.shape[0]),
                           "calibration_source": {"calib": os.path.abspath(args.calib) if args.calib else None,
-                                                 "real": args.real,
+                                                 "real": _recorded_real(args.real),
                                                  "num_samples": args.num_samples},
                           "bias_correction": corrections,
                           "bias_correction_failed": (str(error) or type(error).__name__) if error else None,
@@ -262,3 +262,10 @@ def _reconstruction_label(ada) -> str:
     if ada.start != "gptq":
         return learned
     return "GPTQ rounding" + (f", then {learned} from it" if learned else "")
+
+
+def _recorded_real(real):
+    """A --real source as the quantized file records it: a name as given, a directory as an absolute path."""
+    if real is None or real in ("fashion-mnist", "skimage-photos", "noise"):
+        return real
+    return os.path.abspath(real)

@@ -22,8 +22,10 @@ class OnnxModel(nn.Module):
 
     def __init__(self, path: str, threads: Optional[int] = None):
         super().__init__()
-        import onnxruntime as ort
-
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ExportError("running an ONNX file needs onnxruntime (pip install onnxruntime)") from None
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
@@ -36,7 +38,11 @@ class OnnxModel(nn.Module):
         self.input_name = self.session.get_inputs()[0].name
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.session.run(None, {self.input_name: x.detach().cpu().float().contiguous().numpy()})[0]
+        try:
+            out = self.session.run(None, {self.input_name: x.detach().cpu().float().contiguous().numpy()})[0]
+        except Exception as e:  # noqa: BLE001 -- onnxruntime's own error types: inputs the file does not take
+            raise ExportError(f"onnxruntime cannot run the file on inputs of shape {tuple(x.shape)}: "
+                              f"{str(e).splitlines()[0][:300]}") from None
         return torch.from_numpy(np.asarray(out))
 
 

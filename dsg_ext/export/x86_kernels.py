@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
@@ -73,12 +74,16 @@ def _emulated_layers(qmodel: nn.Module) -> List[Dict[str, Any]]:
         if wq.mode is not WeightMode.INT or wq.qmin >= 0 or wq.export_uint8 or not kernel_pairs(layer) \
                 or aq is None:
             continue
+        if getattr(layer, "padding_mode", "zeros") != "zeros":
+            warnings.warn(f"layer {name!r} ({layer.padding_mode} padding) is not emulated as an x86 integer kernel",
+                          stacklevel=3)
+            continue
         lo, hi = uint8_range(aq.qmin, aq.qmax)
         pairs = pair_view(wq.w_int.to(torch.int64))
         over, under = pair_excess(pairs, lo, hi)
         rows, cols = ((over > 0) | (under > 0)).nonzero(as_tuple=True)
         if rows.numel():
-            layers.append({"layer": layer, "aq": aq, "shift": 128 if aq.qmin < 0 else 0, "rows": rows,
+            layers.append({"name": name, "layer": layer, "aq": aq, "shift": 128 if aq.qmin < 0 else 0, "rows": rows,
                            "first": _input_index(layer, rows, 2 * cols),
                            "second": _input_index(layer, rows, 2 * cols + 1),
                            "w": pairs[rows, cols].to(torch.float32), "scale": wq.scale.detach().float().reshape(-1)})
@@ -109,9 +114,12 @@ def _raw_input(entry: Dict[str, Any], x: Tensor) -> Tensor:
         if isinstance(pad, nn.Module):
             centred = pad(centred)
         padding = layer.padding
-        if isinstance(padding, str):
-            padding = 0 if padding == "valid" else tuple(d * (k - 1) // 2 for d, k in zip(layer.dilation,
-                                                                                           layer.kernel_size))
+        if padding == "same":  # PyTorch puts an odd total's extra row / column after
+            total = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
+            centred = F.pad(centred, (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2))
+            padding = 0
+        elif padding == "valid":
+            padding = 0
         flat = F.unfold(centred, layer.kernel_size, layer.dilation, padding, layer.stride)
     raw = flat + (aq.zero_point.float() + entry["shift"])
     return torch.cat([raw, torch.zeros_like(raw[:, :1])], 1)
@@ -121,7 +129,14 @@ def _saturation_hook(entry: Dict[str, Any]):
     def hook(_layer, inputs, out: Tensor) -> Tensor:
         raw = _raw_input(entry, inputs[0])
         n, _, positions = raw.shape
-        acc = torch.zeros(n, out.shape[1] if out.dim() == 4 else out.shape[-1], positions, device=raw.device)
+        channels = out.shape[-1] if isinstance(entry["layer"], nn.Linear) else out.shape[1]
+        if n * channels * positions != out.numel():  # padding done inside the layer's own forward (timm's
+            if not entry.get("warned"):              # Conv2dSame): not emulated, said once
+                warnings.warn(f"layer {entry['name']!r} pads inside its forward: not emulated as an x86 integer "
+                              "kernel", stacklevel=2)
+                entry["warned"] = True
+            return out
+        acc = torch.zeros(n, channels, positions, device=raw.device)
         step = max(1, _CHUNK // max(1, n * positions))
         for i in range(0, entry["rows"].numel(), step):
             sl = slice(i, i + step)

@@ -119,7 +119,7 @@ def limit_pairs(w_int: Tensor, target: Optional[Tensor], lo: int = 0, hi: int = 
     Returns:
         (the weights, same dtype and shape; how many weights moved).
     """
-    q = pair_view(w_int.to(torch.int64))
+    q = pair_view(w_int.to(torch.int64)).clone()  # a view of w_int itself where that is int64 already
     over, under = pair_excess(q, lo, hi)
     risky = (over > 0) | (under > 0)
     if not bool(risky.any()):

@@ -121,13 +121,15 @@ def _rule_bits(model: nn.Module, order: List[str], text: str) -> Dict[str, int]:
 
 
 def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None,
-                   example: Optional[Tensor] = None) -> nn.Module:
+                   example: Optional[Tensor] = None, *, fit_pair_scales: bool = True) -> nn.Module:
     """A fake-quantized copy of ``model``; the original is untouched.
 
     Args:
         model: the float network (any nn.Module with Conv2d / Linear layers).
         config: bit widths, granularity, observers (default: ``QuantConfig()``, the recommended recipe).
         example: one input batch; fixes which layers run first and last (otherwise registration order).
+        fit_pair_scales: search the weight scales the int16 pair limit errs least with (int16_pairs.py);
+            False where the scales are set next anyway (loading a file).
 
     Returns:
         The quantized model, in eval mode. Its activation quantizers still need ``calibrate``.
@@ -171,7 +173,7 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None,
             m.act_quant = ActQuantizer(config.abits, config.a_symmetric, make_observer)
             m.register_forward_hook(_act_post_hook)
     if config.abits and not config.vnni_only:
-        _limit_pairs(qmodel, order)
+        _limit_pairs(qmodel, order, fit_pair_scales)
     qmodel.dsg_quant_config = dataclasses.asdict(config)
     qmodel.dsg_quant_order = order
     return qmodel
@@ -186,7 +188,7 @@ def layer_input_quantizer(layer: nn.Module) -> Optional[ActQuantizer]:
     return aq if isinstance(aq, ActQuantizer) else None
 
 
-def _limit_pairs(qmodel: nn.Module, order: List[str]) -> None:
+def _limit_pairs(qmodel: nn.Module, order: List[str], fit_scales: bool) -> None:
     """Sets each int8 weight quantizer's ``pair_range`` (and its scale) where a pair of its products could
     saturate int16 in onnxruntime's x86 kernels without VNNI (int16_pairs.py); an input of unknown range
     counts as 0..255. The first layer is exported as uint8 weights instead (``export_uint8``)."""
@@ -203,7 +205,8 @@ def _limit_pairs(qmodel: nn.Module, order: List[str]) -> None:
             wq.export_uint8 = True
         else:
             wq.pair_range = (lo, hi)
-            wq.scale.copy_(pair_safe_scale(float_weight(qmodel, name), wq.scale, wq.qmin, wq.qmax, lo, hi))
+            if fit_scales:
+                wq.scale.copy_(pair_safe_scale(float_weight(qmodel, name), wq.scale, wq.qmin, wq.qmax, lo, hi))
 
 
 def float_reference(qmodel: nn.Module, fp_model: nn.Module) -> nn.Module:

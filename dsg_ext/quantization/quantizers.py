@@ -90,6 +90,11 @@ class WeightQuantizer(nn.Module):
             w_q, self.last_reg = self.rounding(w, self.v, scale, self.zero_point, self.qmin, self.qmax,
                                                self.axis, beta=self.beta)
             return w_q
+        if self.pair_range is not None:  # nearest rounding with the int16 pair limit: what store_int will store
+            s = self.scale.view(self.broadcast_shape(w))
+            target = w.detach().float() / s
+            q, _ = limit_pairs(torch.round(target).clamp(self.qmin, self.qmax), target, *self.pair_range)
+            return w + ((q * s).to(w.dtype) - w).detach()  # straight-through (the fused op's gradient in range)
         return ops.fake_quant(w, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
 
     def start_adaround(self, w: Tensor) -> None:

@@ -154,7 +154,7 @@ def load_quantized(model: nn.Module, path: str, identity: str, example: Optional
         raise QuantizedFileError(
             f"{path} was made from another model (identity {meta['model_identity'][:12]}..., this model "
             f"{identity[:12]}...; source {meta.get('source')!r})")
-    qmodel = quantize_model(model, QuantConfig(**meta["config"]), example)
+    qmodel = quantize_model(model, QuantConfig(**meta["config"]), example, fit_pair_scales=False)  # the file's scales
     if qmodel.dsg_quant_order != meta["order"] and set(qmodel.dsg_quant_order) != set(meta["order"]):
         raise QuantizedFileError(f"{path}: its layers do not match the model's")
     rebuilt = {name: wq.bits for name, wq in weight_quantizers(qmodel).items()}

@@ -272,3 +272,36 @@ def test_files_without_the_limit_say_so_and_a_false_claim_is_refused(tmp_path):
     forged = _forge(path, tmp_path, lambda meta: meta["config"].update(vnni_only=False))
     with pytest.raises(QuantizedFileError, match="weight pairs whose products can leave int16"):
         Q.load_quantized(model, forged, "id", x[:1])
+
+
+class _Awkward(nn.Module):
+    """'same' padding with an even kernel (the extra row after), and a Linear on channels-last 4-D input."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 2, padding="same")
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.b(torch.relu(self.a(x)))).permute(0, 2, 3, 1)).mean((1, 2))
+
+
+def test_the_emulation_handles_same_padding_and_linear_on_4d_inputs():
+    torch.manual_seed(0)
+    model = _Awkward().eval()
+    with torch.no_grad():
+        for m in (model.b, model.fc):
+            m.weight.abs_()
+            m.weight[:, :2] *= 6
+    x = torch.rand(4, 3, 7, 7)
+    q = Q.quantize_model(model, Q.QuantConfig(wbits=8, abits=8, first_last_bits=None, observer="minmax",
+                                              vnni_only=True), x[:1])
+    Q.calibrate(q, x)
+    Q.finalize_weights(q)
+    with torch.no_grad():
+        exact = q(x)
+        with onnxruntime_kernels(q, vnni=False) as pairs:
+            emulated = q(x)
+    assert pairs > 0 and emulated.shape == exact.shape and bool(torch.isfinite(emulated).all())
+    assert not torch.equal(emulated, exact)
