@@ -43,11 +43,9 @@ def run(args: argparse.Namespace) -> int:
         model = load_quantized(fp, args.quantized, loaded.identity, example_input(loaded))
         fp_ref = fp
     elif args.onnx:
-        from .._io import read_regular
         from ..errors import ExportError
         from ..export.verify import OnnxModel
 
-        read_regular(args.onnx, ExportError, "ONNX file")  # a regular, readable file, named if not
         model, fp_ref = OnnxModel(args.onnx), fp
         import torch
 

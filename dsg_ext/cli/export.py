@@ -33,9 +33,8 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .._io import atomic_write_json, check_output_file
-    from ..errors import ConfigError
     from ..export import export_onnx
-    from ..export.qdq import INTEGER_OPS_PREFIXES, MIN_OPSET, max_opset
+    from ..export.qdq import INTEGER_OPS_PREFIXES, check_opset
     from ..export.verify import verification_lines
     from ..models import load_model
     from ..models.spec import probe_model
@@ -44,9 +43,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(args.out, "--out", force=args.force)
     if args.json:
         check_output_file(args.json, "--json")
-    if not MIN_OPSET <= args.opset <= max_opset():
-        raise ConfigError(f"--opset must lie in {MIN_OPSET}..{max_opset()} (the opsets the installed exporter writes), "
-                          f"got {args.opset}")
+    check_opset(args.opset, "--opset")  # before any work
     loaded = load_model(args.model, weights=args.weights, image_size=args.image_size,
                         trust_model_code=args.trust_model_code)
     example = example_input(loaded).expand(2, -1, -1, -1).contiguous()
@@ -88,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
 def _check_images(args: argparse.Namespace, loaded):
     """(images, what they are) the file is verified on: --check-data, else the calibration images the
     quantized file records (a `dsg generate` directory or a real source), else the example input."""
-    from ..data.calibration import calibration_images, evaluation_images
+    from ..data.calibration import NAMED_REAL_SOURCES, calibration_images, evaluation_images
     from ..errors import DsgError
     from ..quantization import read_quantized
 
@@ -96,10 +93,10 @@ def _check_images(args: argparse.Namespace, loaded):
         return evaluation_images(loaded, args.check_data, args.check_images)[0], args.check_data
     source = read_quantized(args.quantized)[1].get("calibration_source")
     source = source if isinstance(source, dict) else {}
-    calib, real, named = source.get("calib"), source.get("real"), ("fashion-mnist", "skimage-photos", "noise")
+    calib, real = source.get("calib"), source.get("real")
     home = os.path.dirname(os.path.realpath(args.quantized))
     inside = lambda path: isinstance(path, str) and os.path.realpath(path).startswith(home + os.sep)  # noqa: E731
-    path = calib if calib is not None else (real if real not in named else None)
+    path = calib if calib is not None else (real if real not in NAMED_REAL_SOURCES else None)
     if path is not None and not inside(path):  # a path named in a file we read: followed only inside its directory
         print(f"note: the calibration images ({path}) lie outside the quantized file's directory and are not read; "
               "verifying on the example input only (--check-data DATA for more)", file=sys.stderr)

@@ -266,6 +266,8 @@ def _reconstruction_label(ada) -> str:
 
 def _recorded_real(real):
     """A --real source as the quantized file records it: a name as given, a directory as an absolute path."""
-    if real is None or real in ("fashion-mnist", "skimage-photos", "noise"):
+    from ..data.calibration import NAMED_REAL_SOURCES
+
+    if real is None or real in NAMED_REAL_SOURCES:
         return real
     return os.path.abspath(real)

@@ -60,6 +60,10 @@ def synthetic_calibration(directory: str, loaded: LoadedModel, max_samples: Opti
     return images
 
 
+# The real calibration sources named rather than given as a directory (``--real NAME``).
+NAMED_REAL_SOURCES = ("fashion-mnist", "skimage-photos", "noise")
+
+
 def calibration_images(loaded: LoadedModel, calib: Optional[str], real: Optional[str],
                        max_samples: int = DEFAULT_CALIBRATION_IMAGES) -> Tuple[Tensor, str]:
     """(images, description) from exactly one of a synthetic dataset directory (``calib``) or real

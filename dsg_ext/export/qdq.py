@@ -175,6 +175,14 @@ def max_opset() -> int:
     return int(onnx.defs.onnx_opset_version())
 
 
+def check_opset(opset: Any, name: str = "opset") -> None:
+    """Refuses an opset the installed exporter cannot write (``name``: how the caller calls it)."""
+    top = max_opset()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
+        raise ExportError(f"{name} must lie in {MIN_OPSET}..{top} (the opsets the installed exporter writes: "
+                          f"torch.onnx's oldest, onnx's newest), got {opset!r}")
+
+
 def export_onnx(qmodel: nn.Module, example: Tensor, path: str, *, opset: int = DEFAULT_OPSET,
                 name: Optional[str] = None, check: bool = True, check_images: Optional[Tensor] = None,
                 check_data: str = "the example input") -> Dict[str, Any]:
@@ -197,10 +205,7 @@ def export_onnx(qmodel: nn.Module, example: Tensor, path: str, *, opset: int = D
     """
     import onnx
 
-    top = max_opset()
-    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
-        raise ExportError(f"opset must be an integer in {MIN_OPSET}..{top} (the opsets the installed exporter writes: "
-                          f"torch.onnx's oldest, onnx {onnx.__version__}'s newest), got {opset!r}")
+    check_opset(opset)
     deploy = deploy_module(qmodel)
     name = name or input_name(qmodel)
     with torch.no_grad():

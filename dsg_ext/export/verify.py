@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._io import read_regular
 from ..errors import ExportError
 from .x86_kernels import cpu_info, describe_cpu, onnxruntime_kernels
 
@@ -31,8 +32,9 @@ class OnnxModel(nn.Module):
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
+        data = read_regular(path, ExportError, "ONNX file")  # a regular file (no FIFO, no device), read once
         try:
-            self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         except Exception as e:  # noqa: BLE001 -- onnxruntime's own error types: a file it cannot load
             raise ExportError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0][:300]}") from None
         self.input_name = self.session.get_inputs()[0].name

@@ -14,16 +14,17 @@ import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
-from x86_cpus import QEMU, run_as_avx2_cpu
 
 from dsg_ext import quantization as Q
 from dsg_ext.data import fashion_mnist
 from dsg_ext.data.calibration import real_fashion_mnist
 from dsg_ext.errors import ConfigError
 from dsg_ext.export import export_onnx
-from dsg_ext.export.x86_kernels import onnxruntime_kernels
+from dsg_ext.export.x86_kernels import onnxruntime_kernels, qemu, run_as_cpu
 from dsg_ext.models import load_model
 from dsg_ext.quantization.deploy import QuantPoint, int32_bias
+
+QEMU = qemu()  # onnxruntime as an AVX2 CPU (run_as_cpu); .ci/run installs qemu-user
 
 TESTS = os.path.dirname(os.path.dirname(__file__))
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]))
@@ -264,7 +265,7 @@ def test_efficientnet_lite0_runs_in_integer_kernels(tmp_path):
         with onnxruntime_kernels(q, vnni=vnni) as pairs:
             assert pairs == 0
     if QEMU:  # and onnxruntime's real AVX2 kernels compute what it computes here (40 crops: a minute under QEMU)
-        avx2 = run_as_avx2_cpu(path, crops[:40], tmp_path)
+        avx2 = run_as_cpu(path, crops[:40])
         assert float((avx2 - theirs[:40]).abs().max()) <= 0.01 * float(theirs.abs().max())
         assert float((theirs[:40].argmax(1) == avx2.argmax(1)).float().mean()) >= 0.975
 
@@ -279,7 +280,7 @@ def test_resnet20_on_an_avx2_cpu_computes_what_the_emulation_says(tmp_path, resn
     path = str(tmp_path / "m.onnx")
     export_onnx(q, calib[:2], path, check=False)
     x = test_images[0][:1000]
-    avx2 = run_as_avx2_cpu(path, x, tmp_path)
+    avx2 = run_as_cpu(path, x)
     ours = _batched(q, x)
     with onnxruntime_kernels(q, vnni=False) as pairs:
         emulated = _batched(q, x)

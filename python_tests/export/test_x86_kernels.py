@@ -8,10 +8,9 @@ import itertools
 import pytest
 import torch
 from torch import nn
-from x86_cpus import QEMU, run_as_avx2_cpu
 
 from dsg_ext import quantization as Q
-from dsg_ext.export.x86_kernels import cpu_info, describe_cpu, onnxruntime_kernels
+from dsg_ext.export.x86_kernels import cpu_info, describe_cpu, onnxruntime_kernels, qemu, run_as_cpu
 from dsg_ext.quantization.int16_pairs import (
     can_saturate,
     could_need_limit,
@@ -20,6 +19,8 @@ from dsg_ext.quantization.int16_pairs import (
     pair_safe_scale,
     pair_view,
 )
+
+QEMU = qemu()  # onnxruntime as an AVX2 CPU (run_as_cpu); .ci/run installs qemu-user
 
 
 def test_pairs_follow_the_kernels_reduction_order():
@@ -222,7 +223,7 @@ def test_the_emulation_matches_onnxruntimes_avx2_kernels(tmp_path):
     q, x = _saturating_model(vnni_only=True, placement="deploy")
     path = str(tmp_path / "v.onnx")
     _export(q, x, path)
-    avx2 = run_as_avx2_cpu(path, x, tmp_path)
+    avx2 = run_as_cpu(path, x)
     with torch.no_grad():
         exact = q(x)
         with onnxruntime_kernels(q, vnni=False):
@@ -234,7 +235,7 @@ def test_the_emulation_matches_onnxruntimes_avx2_kernels(tmp_path):
     path = str(tmp_path / "s.onnx")
     _export(safe, x, path)
     with torch.no_grad():
-        assert float((run_as_avx2_cpu(path, x, tmp_path) - safe(x)).abs().max()) <= 0.02 * float(safe(x).abs().max())
+        assert float((run_as_cpu(path, x) - safe(x)).abs().max()) <= 0.02 * float(safe(x).abs().max())
 
 
 def _forge(path, tmp_path, change):
