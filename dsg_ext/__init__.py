@@ -14,7 +14,7 @@ exported here too (``bn_stat_slack_loss``, ``bn_eval_slack``, ``fake_quant``, ``
 Sub-packages: ``synthesis``, ``quantization``, ``data``, ``models``; ``evaluation``; ``errors``.
 """
 
-from ._memory import retain_freed_memory
+from ._utils.memory import retain_freed_memory
 from .data.interop import SyntheticDataset, calibration_batches, forward_loop, ort_calibration_reader
 from .errors import (
     ConfigError,

@@ -1,7 +1,7 @@
 """Independent plain-PyTorch references for the dsg_ext ops.
 
 Nothing here calls dsg_ext: these are straightforward (slow, float64) transcriptions of the op
-contracts in dsg_ext/ops.py, used as the oracle of the tests. Gradients come from autograd of
+contracts in dsg_ext/ops/, used as the oracle of the tests. Gradients come from autograd of
 these functions (slack loss, AdaRound) or from the closed forms that torch's own learnable
 fake-quantization ops implement (fake quant).
 """

@@ -16,10 +16,10 @@ MAX_LINES = 400
 ENVIRON_ALLOWED = {
     "data/fashion_mnist.py": "DSG_FASHION_MNIST names the IDX directory (configuration)",
     "synthesis/writer.py": "torchrun's WORLD_SIZE / LOCAL_RANK at start-up",
-    "_memory.py": "DSG_EXT_RETAIN_MEMORY=0 leaves the C allocator alone (start-up, once per process)",
+    "_utils/memory.py": "DSG_EXT_RETAIN_MEMORY=0 leaves the C allocator alone (start-up, once per process)",
 }
 # The ops raise torch's own error types, as every torch operator does.
-BUILTIN_RAISES_ALLOWED = {"ops.py", "_arg_checks.py"}
+BUILTIN_RAISES_ALLOWED = {"ops/wrappers.py", "ops/arg_checks.py", "ops/adaround_math.py"}
 # argparse's own error for a bad option value: argparse prints it with the usage and exits with code 2.
 CLI_RAISES_ALLOWED = {"ArgumentTypeError"}
 # Protocols that name their exception: a torch Dataset (sequence protocol) ends with IndexError.

@@ -10,7 +10,7 @@ import stat
 import tempfile
 from typing import Any, Type
 
-from .errors import DsgError, OutputError
+from ..errors import DsgError, OutputError
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symbolic link"))

@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from .._memory import retain_freed_memory
+from .._utils.memory import retain_freed_memory
 from ..errors import DsgError
 from . import demo, evaluate, export, generate, info, quantize, report
 from .options import config_from_args
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    retain_freed_memory()  # large CPU tensors reused instead of page-faulted in each iteration (_memory.py)
+    retain_freed_memory()  # large CPU tensors reused instead of page-faulted in each iteration (_utils/memory.py)
     try:
         return args.func(args)
     except DsgError as e:  # every user-fixable problem: one line, exit code 2; other exceptions are our bugs

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 
 from .. import quantization as quant
-from .._io import atomic_write_bytes, prepare_output_dir
+from .._utils.io import atomic_write_bytes, prepare_output_dir
 from ..data import calibration, fashion_mnist
 from ..errors import ConfigError
 from ..evaluation import topk_accuracy

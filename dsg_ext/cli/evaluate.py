@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._io import atomic_write_json, check_output_file
+    from .._utils.io import atomic_write_json, check_output_file
     from ..evaluation import evaluate
     from ..models import load_model
     from ..models.spec import probe_model

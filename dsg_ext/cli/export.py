@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._io import atomic_write_json, check_output_file
+    from .._utils.io import atomic_write_json, check_output_file
     from ..export import export_onnx
     from ..export.qdq import INTEGER_OPS_PREFIXES, check_opset
     from ..export.verify import verification_lines

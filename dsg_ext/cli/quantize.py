@@ -132,7 +132,7 @@ def reconstruction_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from .. import quantization as quant
-    from .._io import check_output_file
+    from .._utils.io import check_output_file
     from ..data.calibration import calibration_images
     from ..models import load_model
     from ..models.spec import probe_model

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .._io import atomic_write_bytes, check_output_file, read_regular
+from .._utils.io import atomic_write_bytes, check_output_file, read_regular
 from ..data import store
 from ..errors import DsgError, ReportError
 from .options import TRUST_HELP, _Formatter, add_output_options

@@ -9,7 +9,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._io import read_regular
+from .._utils.io import read_regular
 from ..errors import DataSourceError
 from ..models.spec import InputSpec
 

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .._io import atomic_write_bytes, atomic_write_json, read_regular, sha256_bytes
+from .._utils.io import atomic_write_bytes, atomic_write_json, read_regular, sha256_bytes
 from ..errors import DatasetError
 
 FORMAT = "dsg_ext.synthetic/1"

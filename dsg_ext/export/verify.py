@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .._io import read_regular
+from .._utils.io import read_regular
 from ..errors import ExportError
 from .x86_kernels import cpu_info, describe_cpu, onnxruntime_kernels
 

@@ -136,7 +136,7 @@ def load_graph_file(path: str, spec: InputSpec, image_size: Optional[int],
     ``trust_model_code``."""
     import io
 
-    from .._io import read_regular
+    from .._utils.io import read_regular
     from .pt2_check import check_pt2
 
     if image_size:

@@ -36,7 +36,7 @@ from .spec import InputSpec, LoadedModel, model_identity
 def _load_state_dict(model: nn.Module, weights: str) -> None:
     import io
 
-    from .._io import read_regular
+    from .._utils.io import read_regular
 
     data = read_regular(weights, ModelSourceError, "weights file")
     try:

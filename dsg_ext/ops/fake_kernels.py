@@ -1,17 +1,13 @@
 """Fake (meta) kernels of the dsg_ext ops: output shapes, dtypes and layouts without computing,
-for tracing and torch.compile. Each checks its inputs' shapes with torch._check (``_shape_checks``),
+for tracing and torch.compile. Each checks its inputs' shapes with torch._check (``shape_checks``),
 so a wrong shape fails when the op is traced, not only when it runs."""
 
 from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (the op schemas must be registered first)
-from ._shape_checks import _check_channels, _check_quant_shapes, _check_same_shape, _check_slack_shapes
-
-
-def _acc_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+from .. import _C  # noqa: F401  (the op schemas must be registered first)
+from .shape_checks import _check_channels, _check_quant_shapes, _check_same_shape, _check_slack_shapes, acc_dtype
 
 
 def _empty_in_layout(x, dtype=None):
@@ -24,7 +20,7 @@ def _empty_in_layout(x, dtype=None):
 @torch.library.register_fake("dsg_ext::bn_stat_slack_loss")
 def _slack_fake(x, mean, std, delta, gamma, eps, unbiased, per_sample):
     _check_slack_shapes("bn_stat_slack_loss", x, mean, std, delta, gamma)
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x)
     n, c = x.shape[0], x.shape[1]
     if per_sample:
         return x.new_empty((n,), dtype=acc), x.new_empty((n, c), dtype=acc), x.new_empty((n, c), dtype=acc)
@@ -43,7 +39,7 @@ def _bn_eval_slack_fake(x, bn_scale, bn_shift, mean, std, delta, gamma, eps, unb
     _check_slack_shapes("bn_eval_slack", x, mean, std, delta, gamma)
     _check_channels("bn_eval_slack", "bn_scale", bn_scale, x.shape[1], False)
     _check_channels("bn_eval_slack", "bn_shift", bn_shift, x.shape[1], False)
-    acc = _acc_dtype(x)
+    acc = acc_dtype(x)
     n, c = x.shape[0], x.shape[1]
     if not per_sample:
         return (_empty_in_layout(x), x.new_empty((), dtype=acc), x.new_empty((c,), dtype=acc),
@@ -77,7 +73,7 @@ def _fake_quant_backward_fake(grad, x, scale, zero_point, quant_min, quant_max, 
 def _adaround_fake(w, v, scale, zero_point, quant_min, quant_max, axis, beta, hard):
     _check_quant_shapes("adaround", w, scale, zero_point, axis)
     _check_same_shape("adaround", "w", w, "v", v)
-    return _empty_in_layout(w), w.new_empty((), dtype=_acc_dtype(w))
+    return _empty_in_layout(w), w.new_empty((), dtype=acc_dtype(w))
 
 @torch.library.register_fake("dsg_ext::adaround_backward")
 def _adaround_backward_fake(grad_w, grad_reg, w, v, scale, zero_point, quant_min, quant_max, axis, beta, hard, sg):

@@ -10,6 +10,11 @@ import torch
 from torch import Tensor
 
 
+def acc_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the kernels accumulate in: float64 for float64 inputs, float32 for every other."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _check_channels(op: str, name: str, t: Tensor, channels, allow_scalar: bool) -> None:
     if allow_scalar and t.dim() <= 1 and t.numel() == 1:
         return

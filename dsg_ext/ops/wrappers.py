@@ -12,36 +12,14 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loads the library that registers the ops)
-from ._arg_checks import _check_target_std, _float_arg, _int_arg, _zero_point_arg
-from ._fake_kernels import _acc_dtype  # importing it registers the fake kernels (tracing, torch.compile)
+from .adaround_math import as_tensor
+from .arg_checks import _check_target_std, _float_arg, _int_arg, _zero_point_arg
+from .shape_checks import acc_dtype
 
 _ops = torch.ops.dsg_ext
 
 Number = Union[int, float]
-ADAROUND_ZETA = 1.1
-ADAROUND_GAMMA = -0.1
-
-__all__ = [
-    "bn_stat_slack_loss",
-    "bn_eval_slack",
-    "fake_quant",
-    "adaround",
-    "adaround_init",
-    "rectified_sigmoid",
-    "rounding_regularizer",
-    "grad_scale",
-    "reflect_shift",
-    "ADAROUND_ZETA",
-    "ADAROUND_GAMMA",
-]
-
-
-def _as_tensor(value, device, dtype) -> Tensor:
-    if isinstance(value, Tensor):
-        return value
-    return torch.tensor(value, dtype=dtype, device=device)
-
+__all__ = ["bn_stat_slack_loss", "bn_eval_slack", "fake_quant", "adaround", "grad_scale", "reflect_shift"]
 
 # --------------------------------------------------------------------------------------------
 # 1. BN-statistic slack loss
@@ -53,9 +31,9 @@ _SLACK_MODES = ("per_sample", "batch")
 def _slack_margins(op: str, x: Tensor, delta, gamma, **targets) -> Tuple[Tensor, Tensor]:
     """delta and gamma as tensors in the accumulation dtype on x's device; refuses any of them or of
     ``targets`` requiring grad (the slack ops give gradients to x only)."""
-    acc = _acc_dtype(x) if x.is_floating_point() else torch.float32
-    delta = _as_tensor(delta, x.device, acc)
-    gamma = _as_tensor(gamma, x.device, acc)
+    acc = acc_dtype(x) if x.is_floating_point() else torch.float32
+    delta = as_tensor(delta, x.device, acc)
+    gamma = as_tensor(gamma, x.device, acc)
     for name, t in (*targets.items(), ("delta", delta), ("gamma", gamma)):
         if isinstance(t, Tensor) and t.requires_grad:
             raise ValueError(f"{op}: {name} requires grad, but gradients flow to x only; pass {name}.detach()")
@@ -206,7 +184,7 @@ def fake_quant(
     half to even and clamped into the range; integer ones must lie inside it. NaN inputs give NaN
     outputs. On CUDA an invalid scale or zero point gives NaN (checking it would need a device sync).
     """
-    scale = _as_tensor(scale, x.device, torch.float32)
+    scale = as_tensor(scale, x.device, torch.float32)
     zero_point = _zero_point_arg("fake_quant", zero_point, x.device, torch.float32)
     grad_factor = _float_arg("fake_quant", "grad_factor", grad_factor)
     if grad_factor != 1.0:
@@ -280,8 +258,8 @@ def adaround(
     per tensor (axis=None) or per channel along ``axis`` (usually 0, the output channels); a single
     zero point applies to every channel.
     """
-    acc = _acc_dtype(w) if w.is_floating_point() else torch.float32
-    scale = _as_tensor(scale, w.device, acc)
+    acc = acc_dtype(w) if w.is_floating_point() else torch.float32
+    scale = as_tensor(scale, w.device, acc)
     zero_point = _zero_point_arg("adaround", zero_point, w.device, acc)
     return _ops.adaround(w, v, scale, zero_point, _int_arg("adaround", "quant_min", quant_min),
                          _int_arg("adaround", "quant_max", quant_max), axis, float(beta), bool(hard))
@@ -302,53 +280,6 @@ def _adaround_backward(ctx, grad_w, grad_reg):
 
 
 torch.library.register_autograd("dsg_ext::adaround", _adaround_backward, setup_context=_adaround_setup)
-
-
-def rectified_sigmoid(v: Tensor) -> Tensor:
-    """AdaRound's soft rounding h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1), in plain torch:
-    the formula ``adaround`` fuses (csrc/adaround.h), for statistics on V and for baselines."""
-    return torch.clamp(torch.sigmoid(v) * (ADAROUND_ZETA - ADAROUND_GAMMA) + ADAROUND_GAMMA, 0, 1)
-
-
-def rounding_regularizer(v: Tensor, beta: Union[float, Tensor]) -> Tensor:
-    """AdaRound's R(V) = sum(1 - |2 h(V) - 1|^beta) in plain torch (float32 or wider), for a beta held in
-    a device tensor: a CUDA-graph-captured reconstruction step reads the annealed beta there, where
-    ``adaround``'s fused R takes beta as a host number fixed at capture."""
-    u = (2 * rectified_sigmoid(v if v.dtype == torch.float64 else v.float()) - 1).abs()
-    return (1 - u.pow(beta)).sum()
-
-
-def adaround_init(w: Tensor, scale: Union[float, Tensor], axis: Optional[int] = None) -> Tensor:
-    """Rounding variables V0 with h(V0) = frac(w / scale): AdaRound starts from the float weights.
-
-    Checks what ``adaround`` checks: scale finite and > 0, one scale per tensor (axis=None) or one
-    per channel along a valid ``axis``."""
-    if not isinstance(w, Tensor) or not w.is_floating_point():
-        raise TypeError(f"adaround_init: w must be a floating tensor, got {getattr(w, 'dtype', type(w).__name__)}")
-    scale = _as_tensor(scale, w.device, w.dtype).to(w.dtype)
-    if not scale.is_floating_point() or not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
-        raise ValueError("adaround_init: scale must be finite and > 0")
-    if axis is None:
-        if scale.numel() != 1:
-            raise ValueError(f"adaround_init: {scale.numel()} scales need an axis (per-channel), got axis=None")
-    else:
-        if isinstance(axis, bool) or not isinstance(axis, int) or not -w.dim() <= axis < w.dim():
-            raise ValueError(f"adaround_init: axis {axis!r} out of range for a {w.dim()}-d w")
-        axis = axis % w.dim()
-        if scale.numel() not in (1, w.shape[axis]):
-            raise ValueError(f"adaround_init: scale must have {w.shape[axis]} values (w.shape[{axis}]), "
-                             f"got {scale.numel()}")
-    if axis is not None and scale.numel() > 1:
-        shape = [1] * w.dim()
-        shape[axis] = -1
-        scale = scale.reshape(shape)
-    scaled = w / scale
-    if not bool(torch.isfinite(scaled[torch.isfinite(w)]).all()):
-        raise ValueError(f"adaround_init: w / scale overflows {w.dtype} (a scale of {float(scale.min()):.3g} is too "
-                         "small for these weights)")
-    frac = scaled - torch.floor(scaled)
-    ratio = (ADAROUND_ZETA - ADAROUND_GAMMA) / (frac - ADAROUND_GAMMA) - 1.0
-    return -torch.log(ratio)
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import dataclasses
 import math
 from typing import List, Optional, Tuple
 
-from .._validation import field_problems
+from .._utils.validation import field_problems
 from ..errors import ConfigError
 from .engine import ENGINES
 from .observers import OBSERVERS

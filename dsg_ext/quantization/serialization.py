@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .._io import atomic_write_bytes, read_regular
+from .._utils.io import atomic_write_bytes, read_regular
 from ..errors import ConfigError, QuantizationError, QuantizedFileError
 from .config import QuantConfig
 from .int16_pairs import can_saturate

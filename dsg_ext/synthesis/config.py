@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from .._validation import field_problems
+from .._utils.validation import field_problems
 from ..errors import ConfigError
 
 METHODS = ("zeroq", "dsg", "batch", "batch-dsg")

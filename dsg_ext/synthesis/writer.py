@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .._io import atomic_write_json, check_output_dir, check_output_file, prepare_output_dir
+from .._utils.io import atomic_write_json, check_output_dir, check_output_file, prepare_output_dir
 from ..data import store as dataset
 from ..errors import ConfigError
 from ..models import LoadedModel, load_model
