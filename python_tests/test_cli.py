@@ -19,7 +19,7 @@ from dsg_ext.quantization import (
     AdaRoundConfig,
     QuantConfig,
 )
-from dsg_ext.quantization.engine import ENGINES
+from dsg_ext.quantization.algorithms.engine import ENGINES
 from dsg_ext.synthesis import INITS, LAYER_WEIGHTINGS, METHODS, SynthesisConfig
 
 

@@ -19,7 +19,7 @@ import torch
 from dsg_ext import data as P
 from dsg_ext import quantization as Q
 from dsg_ext.models import load_model
-from dsg_ext.quantization.reconstruct import _unit_inputs
+from dsg_ext.quantization.algorithms.reconstruct import unit_inputs
 
 
 def main():
@@ -44,8 +44,8 @@ def main():
             (rec,) = Q.reconstruct(q, fp, calib, Q.AdaRoundConfig(iterations=its, batch_size=16, lr=args.lr,
                                                                 keep_better=False), progress=False, layers=[name])
             layer, wq = q.get_submodule(name), Q.weight_quantizers(q)[name]
-            x_fp = _unit_inputs(fp, name, held_out, 16, "cpu")
-            x_q = _unit_inputs(q, name, held_out, 16, "cpu")
+            x_fp = unit_inputs(fp, name, held_out, 16, "cpu")
+            x_q = unit_inputs(q, name, held_out, 16, "cpu")
             with torch.no_grad():
                 target = fp.get_submodule(name)(x_fp)
                 held_ada = float(Q.reconstruction_loss(layer(x_q), target))

@@ -31,7 +31,7 @@ from dsg_ext import quantization as quant  # noqa: E402
 from dsg_ext.data import calibration, fashion_mnist  # noqa: E402
 from dsg_ext.evaluation import fidelity, topk_accuracy  # noqa: E402
 from dsg_ext.models import load_model  # noqa: E402
-from dsg_ext.quantization.allocation import allocate, layer_sensitivity, parse_choices  # noqa: E402
+from dsg_ext.quantization.algorithms.mixed_precision import allocate, layer_sensitivity, parse_choices  # noqa: E402
 
 
 def main(argv=None) -> int:

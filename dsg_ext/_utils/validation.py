@@ -11,11 +11,17 @@ from typing import List
 def field_problems(config) -> List[str]:
     """Type and finiteness problems of ``config``'s fields, judged against a default instance: a
     float field takes a finite real number, an int field an integer (not a bool), a bool field a
-    bool, a str field a str. Fields that are None (optional widths) are left to the caller."""
-    defaults = type(config)()
+    bool, a str field a str. Fields that are None (optional widths) are left to the caller. The
+    defaults are read from the fields (not from a default instance: a config checks itself when built)."""
     problems = []
     for f in dataclasses.fields(config):
-        value, default = getattr(config, f.name), getattr(defaults, f.name)
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            continue
+        value = getattr(config, f.name)
         if value is None or default is None:
             continue
         if isinstance(default, bool):

@@ -21,7 +21,7 @@ TRUST_HELP = ("allow a TorchScript model file, whose loading runs the code it ho
               "and need no trust)")
 # Prefixes of the argparse destinations of each config's fields (a field may exist in two configs).
 _DEST = {"SynthesisConfig": "synthesis_", "QuantConfig": "quant_", "AdaRoundConfig": "adaround_",
-         "DemoConfig": "demo_"}
+         "GptqConfig": "gptq_", "DemoConfig": "demo_"}
 
 
 def _option(parser, flag: str, cls, field: str, help: str, toggle: bool = False, **kwargs) -> None:
@@ -140,7 +140,7 @@ _average_bits.__name__ = "average bits"
 def _bit_choices(text: str):
     """argparse type: a comma list of weight widths to choose from."""
     from ..errors import DsgError
-    from ..quantization.allocation import parse_choices
+    from ..quantization.algorithms.mixed_precision import parse_choices
 
     try:
         return parse_choices(text)

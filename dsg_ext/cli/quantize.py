@@ -27,12 +27,18 @@ from .options import (
 
 def add_parser(sub) -> None:
     from ..data.calibration import DEFAULT_CALIBRATION_IMAGES
-    from ..quantization.config import PLACEMENTS, RECONSTRUCTION_PRESETS, RECONSTRUCTION_UNITS, ROUNDING_STARTS, TARGETS
+    from ..quantization.config import (
+        ENGINES,
+        PLACEMENTS,
+        RECONSTRUCTION_PRESETS,
+        RECONSTRUCTION_UNITS,
+        ROUNDING_STARTS,
+        TARGETS,
+        GptqConfig,
+    )
     from ..quantization.config import AdaRoundConfig as A
     from ..quantization.config import QuantConfig as Q
-    from ..quantization.engine import ENGINES
-    from ..quantization.observers import OBSERVERS
-    from ..quantization.qparams import WEIGHT_OBSERVERS
+    from ..quantization.observers import OBSERVERS, WEIGHT_OBSERVERS
 
     p = sub.add_parser("quantize", formatter_class=_Formatter,
                        help="fake-quantize a model, calibrated on synthetic or real images")
@@ -108,9 +114,16 @@ def add_parser(sub) -> None:
     _option_a(p, "--start", "start", "where the learned rounding starts: nearest rounding, or the second-order "
               "one-shot rounding (GPTQ), which then runs first (with --adaround-iters 0: GPTQ alone)",
               choices=ROUNDING_STARTS)
-    _option_a(p, "--gptq-damp", "gptq_damp", "GPTQ dampening, a fraction of the Hessian's mean diagonal")
-    _option_a(p, "--gptq-act-order", "gptq_act_order", "GPTQ rounds the input columns in descending order of "
-              "the Hessian's diagonal", toggle=True)
+    G = GptqConfig  # every GPTQ option (with --start gptq or --reconstruction gptq / gptq-brecq)
+    _option(p, "--gptq-damp", G, "damp", "GPTQ dampening, a fraction of the Hessian's mean diagonal")
+    _option(p, "--gptq-act-order", G, "act_order", "GPTQ rounds the input columns in descending order of "
+            "the Hessian's diagonal", toggle=True)
+    _option(p, "--gptq-block-size", G, "block_size", "GPTQ columns updated together (speed only)",
+            type=_positive_int)
+    _option(p, "--gptq-search-scales", G, "search_scales", "GPTQ first searches each channel's weight scale "
+            "(MSE)", toggle=True)
+    _option(p, "--gptq-batch", G, "batch_size", "images per forward while GPTQ collects a layer's inputs",
+            type=_positive_int)
     _option_a(p, "--recon-engine", "engine", "how the iterations run: graph = one CUDA-graph replay per iteration "
               "(CUDA), device = no host sync per iteration, loop = the plain PyTorch loop; auto = graph on CUDA, "
               "device elsewhere (same schedule and batches whichever runs)", choices=ENGINES)
@@ -122,12 +135,12 @@ def add_parser(sub) -> None:
 def reconstruction_config(args: argparse.Namespace):
     """The AdaRoundConfig a parsed ``dsg quantize`` line describes (defaults, then its
     ``--reconstruction``, then the options given), or None without --adaround / --reconstruction."""
-    from ..quantization import AdaRoundConfig
+    from ..quantization import AdaRoundConfig, GptqConfig
 
     if not (args.adaround or args.reconstruction):
         return None
-    base = AdaRoundConfig.from_preset(args.reconstruction) if args.reconstruction else None
-    return config_from_args(args, AdaRoundConfig, base)
+    base = AdaRoundConfig.from_preset(args.reconstruction) if args.reconstruction else AdaRoundConfig()
+    return config_from_args(args, AdaRoundConfig, base, gptq=config_from_args(args, GptqConfig, base.gptq))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,12 +149,11 @@ def run(args: argparse.Namespace) -> int:
     from ..data.calibration import calibration_images
     from ..models import load_model
     from ..models.spec import probe_model
-    from ..quantization.engine import resolve_engine
+    from ..quantization.algorithms.engine import resolve_engine
 
     check_output_file(args.out, "--out", force=args.force)
-    from ..quantization.config import TARGETS
 
-    base = quant.QuantConfig(**TARGETS[args.target]) if args.target else None
+    base = quant.QuantConfig.for_target(args.target) if args.target else None
     config = config_from_args(args, quant.QuantConfig, base).validate()
     allocation_args = _allocation_args(args)
     ada = reconstruction_config(args)
@@ -206,7 +218,7 @@ def _report_placement(qmodel) -> None:
 
 def _allocation_args(args):
     """(budget, choices, images) of --wbits-budget, checked before any work; None without it."""
-    from ..quantization.allocation import DEFAULT_CHOICES, DEFAULT_SENSITIVITY_IMAGES, check_budget
+    from ..quantization.algorithms.mixed_precision import DEFAULT_CHOICES, DEFAULT_SENSITIVITY_IMAGES, check_budget
 
     if args.wbits_budget is None:
         if args.bit_choices is not None or args.sensitivity_images is not None:
@@ -220,7 +232,7 @@ def _allocation_args(args):
 def _allocate(fp, images, config, example, device, budget, choices, count):
     import time
 
-    from ..quantization.allocation import allocate_bits
+    from ..quantization.algorithms.mixed_precision import allocate_bits
 
     start = time.perf_counter()
     allocation = allocate_bits(fp, images[:count], config, budget, choices, example=example, device=device)

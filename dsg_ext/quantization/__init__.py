@@ -3,14 +3,28 @@
 -> ``reconstruct`` (AdaRound / BRECQ rounding, optional, started from nearest or GPTQ's rounding)
 -> ``correct_bias`` (optional) -> ``save_quantized`` / ``load_quantized`` (the native safetensors file).
 
-Rooms: config (options), qparams (scale / zero-point math), observers (activation range rules),
-quantizers (the weight and activation quantizer modules), prepare (builder, BN folding,
-calibration), hessian + second_order (GPTQ rounding), reconstruct (AdaRound, BRECQ),
-bias_correction, serialization (the file format).
+Rooms. The quantized model's parts (the core): ``config`` (options, presets, checked when built),
+``qparams`` (scale / zero-point math), ``observers`` (the range rules, one registry), ``quantizers``
+(the weight and activation quantizer modules and their state changes), ``prepare`` (the builder and
+calibration), ``folding`` (BN folding and its tracers), ``deploy`` (the deployment placement),
+``int16_pairs`` (onnxruntime's pair limit), ``capture`` (hooks and forwards stopped at a module),
+``serialization`` (the file format). ``algorithms/`` changes a model: GPTQ, reconstruction, bias
+correction, mixed precision; it imports the core, never the reverse.
 """
 
-from .allocation import Allocation, allocate_bits
-from .bias_correction import correct_bias
+import sys as _sys
+
+from . import algorithms
+from .algorithms import (
+    Allocation,
+    allocate_bits,
+    correct_bias,
+    find_blocks,
+    gptq,
+    reconstruct,
+    reconstruction_loss,
+    reconstruction_summary,
+)
 from .config import (
     PLACEMENTS,
     RECONSTRUCTION_PRESETS,
@@ -18,9 +32,19 @@ from .config import (
     ROUNDING_STARTS,
     TARGETS,
     AdaRoundConfig,
+    GptqConfig,
     QuantConfig,
 )
-from .observers import OBSERVERS, EmaObserver, MinMaxObserver, MseObserver, Observer, PercentileObserver
+from .folding import fold_batchnorm
+from .observers import (
+    OBSERVERS,
+    WEIGHT_OBSERVERS,
+    EmaObserver,
+    MinMaxObserver,
+    MseObserver,
+    Observer,
+    PercentileObserver,
+)
 from .prepare import (
     act_quantizers,
     batches,
@@ -29,15 +53,19 @@ from .prepare import (
     finalize_weights,
     float_reference,
     float_weight,
-    fold_batchnorm,
     quantize_model,
     weight_quantizers,
 )
-from .qparams import WEIGHT_OBSERVERS, mse_search, quant_range, range_to_qparams, weight_qparams
+from .qparams import mse_search, quant_range, range_to_qparams, weight_qparams
 from .quantizers import ActQuantizer, WeightMode, WeightQuantizer
-from .reconstruct import find_blocks, reconstruct, reconstruction_loss, reconstruction_summary
-from .second_order import GptqConfig, gptq
 from .serialization import FORMAT_VERSION, load_quantized, read_quantized, save_quantized
+
+# Deprecated module paths (before 2026-12-07 the algorithms sat beside the core): the old names import
+# the modules' new homes, e.g. ``dsg_ext.quantization.allocation`` is ``algorithms.mixed_precision``.
+for _old, _new in (("allocation", "mixed_precision"), ("bias_correction", "bias_correction"), ("engine", "engine"),
+                   ("hessian", "hessian"), ("reconstruct", "reconstruct"), ("second_order", "second_order")):
+    _sys.modules[f"{__name__}.{_old}"] = _sys.modules[f"{algorithms.__name__}.{_new}"]
+    globals().setdefault(_old, _sys.modules[f"{algorithms.__name__}.{_new}"])
 
 __all__ = [
     "PLACEMENTS", "RECONSTRUCTION_PRESETS", "RECONSTRUCTION_UNITS", "ROUNDING_STARTS", "TARGETS", "AdaRoundConfig",
@@ -49,5 +77,5 @@ __all__ = [
     "mse_search", "quant_range", "range_to_qparams", "weight_qparams",
     "ActQuantizer", "WeightMode", "WeightQuantizer",
     "find_blocks", "reconstruct", "reconstruction_loss", "reconstruction_summary",
-    "FORMAT_VERSION", "load_quantized", "read_quantized", "save_quantized",
+    "FORMAT_VERSION", "load_quantized", "read_quantized", "save_quantized", "algorithms",
 ]

@@ -1,17 +1,28 @@
 """What a quantized model is made of (``QuantConfig``) and how its rounding is learned
-(``AdaRoundConfig``): the options of ``dsg quantize`` and of the Python API, defaults in one place."""
+(``AdaRoundConfig``, ``GptqConfig``): the options of ``dsg quantize`` and of the Python API, defaults
+and presets in one place. Every config checks itself when it is built or ``dataclasses.replace``d
+(a ``ConfigError`` naming the field), so a bad value never reaches the work.
+
+This module imports nothing of the package but its errors and field checks: the implementations
+import it. The observer names it accepts are those ``observers.py`` registers in ``OBSERVERS``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .._utils.validation import field_problems
 from ..errors import ConfigError
-from .engine import ENGINES
-from .observers import OBSERVERS
-from .qparams import WEIGHT_OBSERVERS
+
+# Range observers by name (``QuantConfig.observer`` / ``weight_observer``): filled by observers.py's
+# ``register_observer`` when the package is imported; each class says whether it can set weight ranges.
+OBSERVERS: Dict[str, Any] = {}
+# How the reconstruction iterations run (algorithms/engine.py): "loop" (plain PyTorch, BRECQ's way),
+# "device" (no host sync per iteration), "graph" (device's step replayed from a CUDA graph), "auto" (graph
+# on CUDA, device elsewhere).
+ENGINES = ("auto", "loop", "device", "graph")
 
 # "input": a quantizer before every quantized layer (the paper's); "relu": after each ReLU/ReLU6 (ZeroQ's);
 # "deploy": where an integer runtime needs them (every conv/linear output after its activation, residual
@@ -68,6 +79,32 @@ def parse_bit_rules(text: str) -> List[Tuple[str, int]]:
 
 
 @dataclasses.dataclass
+class GptqConfig:
+    """Options of the second-order one-shot rounding (GPTQ; algorithms/second_order.py)."""
+
+    damp: float = 0.01  # lambda = damp x mean(diag H), per group
+    block_size: int = 128  # columns updated together (lazy batch updates); the result does not depend on it
+    act_order: bool = False  # round the columns in descending order of diag(H)
+    search_scales: bool = True  # per-channel weight scales by MSE search first (else the quantizer's own)
+    batch_size: int = 32  # images per forward pass while collecting a layer's inputs
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> "GptqConfig":
+        problems = field_problems(self)
+        if not problems and not self.damp > 0:
+            problems.append(f"damp must be a positive number, got {self.damp!r}")
+        for name in ("block_size", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        if problems:
+            raise ConfigError("invalid second-order rounding options: " + "; ".join(problems))
+        return self
+
+
+@dataclasses.dataclass
 class QuantConfig:
     """A fake-quantized model: integer weights and activations of the given widths.
 
@@ -96,6 +133,17 @@ class QuantConfig:
     # without VNNI too (int16_pairs.py). True: no such limit; the file is exact only on CPUs with VNNI / ARM.
     vnni_only: bool = False
 
+    def __post_init__(self):
+        self.validate()
+
+    @classmethod
+    def for_target(cls, name: str, **fields) -> "QuantConfig":
+        """The config whose file runs in the named runtime's integer kernels (``TARGETS``), with
+        ``fields`` on top of it (the bit widths, observers, ...)."""
+        if name not in TARGETS:
+            raise ConfigError(f"unknown deployment target {name!r}; choose from {sorted(TARGETS)}")
+        return cls(**{**TARGETS[name], **fields})
+
     def validate(self) -> "QuantConfig":
         problems = field_problems(self)
         if problems:
@@ -108,8 +156,9 @@ class QuantConfig:
                 problems.append(f"{name} must be an integer in {MIN_BITS}..{MAX_BITS}, got {b!r}")
         if self.observer not in OBSERVERS:
             problems.append(f"observer must be one of {tuple(OBSERVERS)}, got {self.observer!r}")
-        if self.weight_observer not in WEIGHT_OBSERVERS:
-            problems.append(f"weight observer must be one of {WEIGHT_OBSERVERS}, got {self.weight_observer!r}")
+        weight_observers = tuple(n for n, c in OBSERVERS.items() if c.sets_weights)
+        if self.weight_observer not in weight_observers:
+            problems.append(f"weight observer must be one of {weight_observers}, got {self.weight_observer!r}")
         if self.act_placement not in PLACEMENTS:
             problems.append(f"activation placement must be one of {PLACEMENTS}, got {self.act_placement!r}")
         if self.act_placement == "deploy" and not self.fold_bn:
@@ -152,15 +201,26 @@ class AdaRoundConfig:
     act_scale_lr: float = 4e-5
     learn_weight_scale: bool = False  # the unit's weight scales learned jointly (lr weight_scale_lr)
     weight_scale_lr: float = 1e-4
-    # How the iterations run (quantization/engine.py): "loop" (plain PyTorch, BRECQ's way), "device"
-    # (no host sync per iteration), "graph" (device's step replayed from a CUDA graph), "auto" (graph on
-    # CUDA, device elsewhere). Same schedule and batches whichever runs.
+    # How the iterations run: one of ENGINES (same schedule and batches whichever runs).
     engine: str = "auto"
-    # "gptq": the second-order rounding runs first (second_order.py) and the learned rounding starts from its
-    # decision, the keep-better guard comparing against it; iterations 0 then keeps GPTQ's rounding alone.
+    # "gptq": the second-order rounding runs first (algorithms/second_order.py, with the options ``gptq``) and the
+    # learned rounding starts from its decision, the keep-better guard comparing against it; iterations 0
+    # then keeps GPTQ's rounding alone.
     start: str = "nearest"
-    gptq_damp: float = 0.01  # GPTQ's dampening: lambda = gptq_damp x mean(diag H)
-    gptq_act_order: bool = False  # GPTQ rounds the columns in descending order of diag(H)
+    gptq: GptqConfig = dataclasses.field(default_factory=GptqConfig)
+    # Deprecated spellings of gptq.damp / gptq.act_order (before 2026-12-07), folded into ``gptq``.
+    gptq_damp: dataclasses.InitVar[Optional[float]] = None
+    gptq_act_order: dataclasses.InitVar[Optional[bool]] = None
+
+    def __post_init__(self, gptq_damp: Optional[float] = None, gptq_act_order: Optional[bool] = None):
+        if isinstance(self.gptq, dict):  # a recorded config (asdict) read back
+            self.gptq = GptqConfig(**self.gptq)
+        if not isinstance(self.gptq, GptqConfig):
+            raise ConfigError(f"invalid AdaRound options: gptq must be a GptqConfig, got {self.gptq!r}")
+        folded = {k: v for k, v in (("damp", gptq_damp), ("act_order", gptq_act_order)) if v is not None}
+        if folded:
+            self.gptq = dataclasses.replace(self.gptq, **folded)
+        self.validate()
 
     @classmethod
     def from_preset(cls, name: str, **fields) -> "AdaRoundConfig":
@@ -179,8 +239,6 @@ class AdaRoundConfig:
         if not isinstance(self.iterations, int) or self.iterations < least:
             problems.append(f"iterations must be an integer >= {least}"
                             + (" (0 only with start='gptq')" if least else "") + f", got {self.iterations!r}")
-        if not self.gptq_damp > 0:
-            problems.append(f"gptq_damp must be positive, got {self.gptq_damp}")
         if not isinstance(self.batch_size, int) or self.batch_size <= 0:
             problems.append(f"batch size must be a positive integer, got {self.batch_size!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):

@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .folding import QUANT_TYPES, LayerLeafTracer, ScopeTracer, scope_graphs  # noqa: F401 (the last two: deprecated here)
 from .quantizers import ActQuantizer
 
-QUANT_TYPES = (nn.Conv2d, nn.Linear)
 # Ops that keep a conv's output "the conv's output" for the runtime: absorbed into QLinearConv's
 # requantization (ReLU / clip at zero) or gone in eval mode.
 _CHAIN_MODULES = (nn.Identity, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Dropout)
@@ -121,34 +121,6 @@ class _Probe:
 _PROBE: Optional[_Probe] = None
 
 
-class _ScopeTracer(fx.Tracer):
-    """Traces one module: every module it calls is a leaf (their own forwards are rewritten apart)."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return True
-
-
-class LayerLeafTracer(fx.Tracer):
-    """Traces a whole model with Conv2d / Linear and their subclasses (EfficientNet's
-    Conv2dStaticSamePadding) as leaves, so that BN folding sees them."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, QUANT_TYPES) or super().is_leaf_module(m, qualname)
-
-
-def scope_graphs(model: nn.Module) -> List[Tuple[str, fx.Graph]]:
-    """(name, graph) of each module with children that traces on its own (children as leaves)."""
-    graphs = []
-    for name, m in model.named_modules():
-        if isinstance(m, QUANT_TYPES) or not any(True for _ in m.children()):
-            continue
-        try:
-            graphs.append((name, _ScopeTracer().trace(m)))
-        except Exception:  # noqa: BLE001,S112 -- not traceable alone: skipped
-            continue
-    return graphs
-
-
 def _kind(node: fx.Node, modules: Dict[str, nn.Module]):
     if node.op == "call_module":
         m = modules.get(node.target)
@@ -184,7 +156,7 @@ def _chain_end(node: fx.Node, modules: Dict[str, nn.Module]) -> fx.Node:
 def _rewrite(scope: nn.Module, concrete: Dict[str, Any], root: bool) -> int:
     """Adds points to ``scope``'s traced forward and makes it the scope's forward; returns how many."""
     params = list(inspect.signature(scope.forward).parameters)
-    graph = _ScopeTracer().trace(scope, concrete_args=concrete or None)
+    graph = ScopeTracer().trace(scope, concrete_args=concrete or None)
     for node, param in zip([n for n in graph.nodes if n.op == "placeholder"], params):
         node.target = param  # fx renames a specialised argument; the callers use its name
     modules = dict(scope.named_modules())

@@ -1,6 +1,8 @@
-"""Activation range observers: each sees calibration batches (``observe``) and then gives the
-quantization parameters of the range it chose (``compute_qparams``). One class per rule; ``OBSERVERS``
-maps the names used by ``QuantConfig.observer`` and ``dsg quantize --observer`` to them.
+"""Range observers: each sees calibration batches (``observe``) and then gives the quantization
+parameters of the range it chose (``compute_qparams``). One class per rule, registered by name with
+``register_observer`` in ``OBSERVERS`` (the one registry: ``QuantConfig.observer`` / ``dsg quantize
+--observer`` for activations; those that can also set a weight tensor's per-channel ranges, ``sets_weights``,
+are the choices of ``QuantConfig.weight_observer`` and ``qparams.weight_qparams``).
 
 Every observer is vectorised: one reduction per batch; the percentile and MSE observers keep a
 bounded random sample of the values they saw.
@@ -8,20 +10,43 @@ bounded random sample of the values they saw.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple, Type
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ..errors import InvalidDataError, QuantizationError
+from .config import OBSERVERS
 from .qparams import mse_search, range_to_qparams
 
-__all__ = ["Observer", "MinMaxObserver", "EmaObserver", "PercentileObserver", "MseObserver", "OBSERVERS"]
+__all__ = ["Observer", "MinMaxObserver", "EmaObserver", "PercentileObserver", "MseObserver", "OBSERVERS",
+           "WEIGHT_OBSERVERS", "register_observer"]
+
+
+def register_observer(name: str):
+    """Class decorator: the observer answers to ``name`` in ``OBSERVERS`` (config and command line)."""
+    def register(cls):
+        if name in OBSERVERS:
+            raise QuantizationError(f"an observer named {name!r} is already registered")
+        OBSERVERS[name] = cls
+        return cls
+
+    return register
 
 
 class Observer:
     """Base class: tracks the running min/max of what it sees; subclasses change the update or the
-    range they derive from it. ``symmetric`` ranges are widened to [-m, m] before the qparams."""
+    range they derive from it. ``symmetric`` ranges are widened to [-m, m] before the qparams.
+    ``sets_weights``: the rule also sets weight ranges, per row of a weight (``row_qparams``)."""
+
+    sets_weights = False
+
+    @classmethod
+    def row_qparams(cls, rows: Tensor, lo: Tensor, hi: Tensor, qmin: int, qmax: int,
+                    symmetric: bool) -> Tuple[Tensor, Tensor]:
+        """(scale, zero_point) per row of ``rows`` (R, M) with min ``lo`` / max ``hi`` (R,): the
+        weight form of the rule (classes with ``sets_weights``)."""
+        raise QuantizationError(f"{cls.__name__} does not set weight ranges")
 
     def __init__(self, qmin: int, qmax: int, symmetric: bool):
         self.qmin, self.qmax, self.symmetric = qmin, qmax, symmetric
@@ -66,10 +91,18 @@ class Observer:
         return range_to_qparams(lo, hi, self.qmin, self.qmax, self.symmetric)
 
 
+@register_observer("minmax")
 class MinMaxObserver(Observer):
-    """The smallest and largest value over all calibration batches."""
+    """The smallest and largest value over all calibration batches (weights: each row's)."""
+
+    sets_weights = True
+
+    @classmethod
+    def row_qparams(cls, rows, lo, hi, qmin, qmax, symmetric):
+        return range_to_qparams(lo, hi, qmin, qmax, symmetric)
 
 
+@register_observer("ema")
 class EmaObserver(Observer):
     """Exponential moving averages of each batch's min and max (``momentum`` on the past)."""
 
@@ -117,6 +150,7 @@ class _SampledObserver(Observer):
         return torch.cat(self._samples)
 
 
+@register_observer("percentile")
 class PercentileObserver(_SampledObserver):
     """The (100 - p)-th and p-th percentiles of the sampled values."""
 
@@ -135,16 +169,21 @@ class PercentileObserver(_SampledObserver):
         return lo, hi
 
 
+@register_observer("mse")
 class MseObserver(_SampledObserver):
-    """The shrinking of the min/max range that minimises the quantization MSE of the sampled values."""
+    """The shrinking of the min/max range that minimises the quantization MSE of the sampled values
+    (weights: of each row's values)."""
+
+    sets_weights = True
+
+    @classmethod
+    def row_qparams(cls, rows, lo, hi, qmin, qmax, symmetric):
+        return mse_search(rows, lo, hi, qmin, qmax, symmetric)
 
     def _qparams(self, lo: Tensor, hi: Tensor) -> Tuple[Tensor, Tensor]:
         return mse_search(self.samples(), lo, hi, self.qmin, self.qmax, self.symmetric)
 
 
-OBSERVERS: Dict[str, Type[Observer]] = {
-    "minmax": MinMaxObserver,
-    "ema": EmaObserver,
-    "percentile": PercentileObserver,
-    "mse": MseObserver,
-}
+# Deprecated (before 2026-12-07 a tuple in qparams.py): the registered observers that set weight ranges.
+WEIGHT_OBSERVERS = tuple(n for n, c in OBSERVERS.items() if c.sets_weights)
+

@@ -16,19 +16,20 @@ import copy
 import dataclasses
 import fnmatch
 import functools
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..errors import ConfigError, InvalidDataError
+from .capture import batches
 from .config import QuantConfig, parse_bit_rules
+from .deploy import place
+from .folding import QUANT_TYPES, fold_batchnorm
 from .int16_pairs import could_need_limit, kernel_pairs, pair_safe_scale, uint8_range
 from .observers import OBSERVERS
 from .quantizers import ActQuantizer, WeightMode, WeightQuantizer
-
-QUANT_TYPES = (nn.Conv2d, nn.Linear)
 
 
 def _act_pre_hook(module: nn.Module, inputs):
@@ -57,51 +58,7 @@ def execution_order(model: nn.Module, example: Optional[Tensor], types=QUANT_TYP
     return order + [n for n, _ in named if n not in order]
 
 
-def fold_batchnorm(model: nn.Module) -> List[Tuple[str, str]]:
-    """Folds each BatchNorm2d that directly follows a Conv2d (its only user) into that convolution,
-    in place; the BN becomes Identity. Traces the model with torch.fx (Conv2d subclasses as leaves); a
-    model that does not trace whole is traced module by module, skipping those that do not trace.
-    Returns (conv, bn) pairs."""
-    import torch.fx
-
-    from .deploy import LayerLeafTracer, scope_graphs
-
-    try:
-        graphs = [("", LayerLeafTracer().trace(model))]
-    except Exception as e:  # noqa: BLE001 -- any tracing failure: try module by module
-        graphs = scope_graphs(model)
-        if not graphs:
-            raise ConfigError(f"BN folding needs a torch.fx-traceable model: {type(e).__name__}: {e}") from e
-    modules = dict(model.named_modules())
-    pairs = []
-    for prefix, graph in graphs:
-        def full(target: str, _p=prefix) -> str:
-            return f"{_p}.{target}" if _p else target
-
-        for node in graph.nodes:
-            if node.op != "call_module" or not isinstance(modules.get(full(node.target)), nn.BatchNorm2d):
-                continue
-            src = node.args[0]
-            if (isinstance(src, torch.fx.Node) and src.op == "call_module"
-                    and isinstance(modules.get(full(src.target)), nn.Conv2d) and len(src.users) == 1):
-                pairs.append((full(src.target), full(node.target)))
-    with torch.no_grad():
-        for conv_name, bn_name in pairs:
-            conv, bn = modules[conv_name], modules[bn_name]
-            std = torch.sqrt(bn.running_var + bn.eps)
-            gamma = bn.weight if bn.affine else torch.ones_like(std)
-            beta = bn.bias if bn.affine else torch.zeros_like(std)
-            k = gamma / std
-            conv.weight.mul_(k.view(-1, 1, 1, 1))
-            bias = conv.bias if conv.bias is not None else torch.zeros_like(std)
-            new_bias = beta + (bias - bn.running_mean) * k
-            conv.bias = nn.Parameter(new_bias)
-            parent_name, _, attr = bn_name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, nn.Identity())
-    return pairs
-
-
-def _rule_bits(model: nn.Module, order: List[str], text: str) -> Dict[str, int]:
+def rule_bits(model: nn.Module, order: List[str], text: str) -> Dict[str, int]:
     """{layer: weight bits} the rules of ``QuantConfig.layer_wbits`` give (later rules winning)."""
     bits: Dict[str, int] = {}
     for selector, b in parse_bit_rules(text):
@@ -145,7 +102,7 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None,
         raise ConfigError("the model has no Conv2d or Linear layer to quantize")
     make_observer = functools.partial(OBSERVERS[config.observer].from_config, config)
     edge = {order[0], order[-1]}
-    layer_wbits = _rule_bits(qmodel, order, config.layer_wbits)
+    layer_wbits = rule_bits(qmodel, order, config.layer_wbits)
     for name in order:
         layer = qmodel.get_submodule(name)
         edge_bits = config.first_last_bits if (name in edge and config.first_last_bits) else None
@@ -157,7 +114,6 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None,
             layer.act_quant = ActQuantizer(edge_bits or config.abits, config.a_symmetric, make_observer)
             layer.register_forward_pre_hook(_act_pre_hook)
     if config.abits and config.act_placement == "deploy":
-        from .deploy import place
 
         def bits_for(edge: bool) -> int:
             return config.first_last_bits if edge and config.first_last_bits else config.abits
@@ -202,9 +158,9 @@ def _limit_pairs(qmodel: nn.Module, order: List[str], fit_scales: bool) -> None:
         if not could_need_limit(wq.qmin, wq.qmax, lo, hi):
             continue
         if name == order[0]:  # EfficientNet-Lite0: the limit on the stem alone took KL to FP32 0.038 -> 0.144
-            wq.export_uint8 = True
+            wq.export_as_uint8()
         else:
-            wq.pair_range = (lo, hi)
+            wq.limit_pairs_for(lo, hi)
             if fit_scales:
                 wq.scale.copy_(pair_safe_scale(float_weight(qmodel, name), wq.scale, wq.qmin, wq.qmax, lo, hi))
 
@@ -232,11 +188,6 @@ def act_quantizers(qmodel: nn.Module) -> Dict[str, ActQuantizer]:
 def float_weight(qmodel: nn.Module, name: str) -> Tensor:
     """The float weight under layer ``name``'s quantizer."""
     return qmodel.get_submodule(name).parametrizations.weight.original
-
-
-def batches(images: Tensor, batch_size: int) -> Iterable[Tensor]:
-    for i in range(0, images.shape[0], batch_size):
-        yield images[i : i + batch_size]
 
 
 @torch.no_grad()

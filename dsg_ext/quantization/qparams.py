@@ -1,5 +1,5 @@
 """Quantization parameters: integer ranges, scale and zero point of a float range, the MSE range
-search, and the per-channel ranges of a weight tensor."""
+search, and a weight tensor's per-channel ranges by a registered observer's weight rule."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-WEIGHT_OBSERVERS = ("minmax", "mse")
+from ..errors import QuantizationError
+from .config import OBSERVERS
 
 
 def quant_range(bits: int, symmetric: bool) -> Tuple[int, int]:
@@ -62,13 +63,15 @@ def mse_search(values: Tensor, lo: Tensor, hi: Tensor, qmin: int, qmax: int, sym
 
 def weight_qparams(weight: Tensor, qmin: int, qmax: int, per_channel: bool, symmetric: bool,
                    observer: str) -> Tuple[Tensor, Tensor]:
-    """Scale and zero point of a weight tensor, per output channel (dim 0) or per tensor, from its
-    min/max (``observer="minmax"``) or the MSE-best shrinking of it (``"mse"``)."""
+    """Scale and zero point of a weight tensor, per output channel (dim 0) or per tensor, by the
+    registered ``observer``'s weight rule (``"minmax"``: its min/max; ``"mse"``: the MSE-best shrinking)."""
+    cls = OBSERVERS.get(observer)
+    if cls is None or not cls.sets_weights:
+        names = tuple(n for n, c in OBSERVERS.items() if c.sets_weights)
+        raise QuantizationError(f"weight observer must be one of {names}, got {observer!r}")
     w = weight.detach().float()
     flat = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
     lo, hi = flat.amin(1), flat.amax(1)
     if symmetric:
         lo, hi = torch.minimum(lo, -hi), torch.maximum(hi, -lo)
-    if observer == "mse":
-        return mse_search(flat, lo, hi, qmin, qmax, symmetric)
-    return range_to_qparams(lo, hi, qmin, qmax, symmetric)
+    return cls.row_qparams(flat, lo, hi, qmin, qmax, symmetric)

@@ -97,6 +97,33 @@ class WeightQuantizer(nn.Module):
             return w + ((q * s).to(w.dtype) - w).detach()  # straight-through (the fused op's gradient in range)
         return ops.fake_quant(w, self.scale, self.zero_point, self.qmin, self.qmax, self.axis)
 
+    def use(self, mode: WeightMode) -> None:
+        """Switches what the forward computes: FAKE (nearest rounding of the float weight), ADAROUND (the
+        soft rounding; needs ``start_adaround``) or INT (the stored integers; needs ``store_int``)."""
+        if mode is WeightMode.ADAROUND and self.v is None:
+            raise QuantizationError("AdaRound mode without rounding variables: call start_adaround() first")
+        if mode is WeightMode.INT and self.w_int.numel() == 0:
+            raise QuantizationError("integer mode without stored integers: call store_int() first")
+        self.mode = WeightMode(mode)
+
+    def set_start_weight(self, w: Optional[Tensor]) -> None:
+        """The weight whose rounding the reconstruction learns instead of the layer's (the second-order
+        rounding's compensated weight), or None for the layer's own."""
+        self.start_weight = None if w is None else w.detach()
+
+    def set_beta(self, beta: "float | Tensor") -> None:
+        """AdaRound's annealed exponent for the next forwards (a 0-dim device tensor under the device engines)."""
+        self.beta = beta
+
+    def limit_pairs_for(self, lo: int, hi: int) -> None:
+        """Keeps every pair of adjacent integer products inside int16 for uint8 inputs in [lo, hi]
+        (int16_pairs.py), from the next nearest rounding or ``store_int`` on."""
+        self.pair_range = (int(lo), int(hi))
+
+    def export_as_uint8(self) -> None:
+        """The exported file stores these weights as uint8 with zero point 128 (same values, exact kernels)."""
+        self.export_uint8 = True
+
     def start_adaround(self, w: Tensor) -> None:
         """Rounding variables that start at frac(w / s) (``start_weight``'s where set)."""
         w = w if self.start_weight is None else self.start_weight
@@ -138,6 +165,13 @@ class WeightQuantizer(nn.Module):
         self.store_int(q, w / s + z)
 
     @torch.no_grad()
+    def load_int(self, q: Tensor) -> None:
+        """Switches to integers ``q`` as they are (read from a file, or a decision kept earlier): no
+        clamping and no pair limit, which the caller has checked."""
+        self.w_int = q
+        self.mode, self.v, self.last_reg = WeightMode.INT, None, None
+
+    @torch.no_grad()
     def store_int(self, q: Tensor, target: Optional[Tensor] = None) -> None:
         """Stores integer weights ``q`` (clamped to the range; with ``pair_range``, every pair of adjacent
         products kept inside int16, moving the weights that stray least from ``target``, the unrounded
@@ -147,8 +181,7 @@ class WeightQuantizer(nn.Module):
         self.pairs_moved = 0
         if self.pair_range is not None:
             q, self.pairs_moved = limit_pairs(q, target, *self.pair_range)
-        self.w_int = q
-        self.mode, self.v, self.last_reg = WeightMode.INT, None, None
+        self.load_int(q)
 
 
 class ActQuantizer(nn.Module):
@@ -190,6 +223,18 @@ class ActQuantizer(nn.Module):
             keep_float = torch.rand(x.shape, generator=self.drop_generator, device=x.device) < self.drop_prob
             q = torch.where(keep_float, x, q)
         return q
+
+    def set_drop(self, prob: float, generator: Optional[torch.Generator] = None) -> None:
+        """QDrop during reconstruction: each element keeps its float value with probability ``prob``
+        (drawn from ``generator``); ``set_drop(0.0)`` ends it."""
+        self.drop_prob, self.drop_generator = float(prob), generator if prob else None
+
+    @torch.no_grad()
+    def load_range(self, scale: Tensor, zero_point: Tensor) -> None:
+        """Sets the quantization range directly (a saved file) and marks the quantizer calibrated."""
+        self.scale.copy_(scale.reshape(()))
+        self.zero_point.copy_(zero_point.reshape(()))
+        self.calibrated = True
 
     def learn_scale(self) -> nn.Parameter:
         """Makes the step size a parameter (LSQ) until ``freeze_scale()``."""

@@ -18,7 +18,6 @@ from ..errors import ConfigError, QuantizationError, QuantizedFileError
 from .config import QuantConfig
 from .int16_pairs import can_saturate
 from .prepare import act_quantizers, finalize_weights, float_weight, quantize_model, weight_quantizers
-from .quantizers import WeightMode
 
 # 2: the metadata holds a checksum of the tensors and the metadata (format 1 files had none).
 FORMAT_VERSION = 2
@@ -185,7 +184,7 @@ def load_quantized(model: nn.Module, path: str, identity: str, example: Optional
                                          "on x86 CPUs without VNNI, though its config says they cannot")
             wq.scale.copy_(scale)
             wq.zero_point.copy_(zero_point)
-            wq.w_int, wq.mode = w_int, WeightMode.INT
+            wq.load_int(w_int)
             layer = qmodel.get_submodule(name)
             if f"{name}.bias" in tensors:
                 bias = tensors[f"{name}.bias"]
@@ -203,7 +202,5 @@ def load_quantized(model: nn.Module, path: str, identity: str, example: Optional
             if scale.numel() != 1 or zero_point.numel() != 1:
                 raise QuantizedFileError(f"{path}: activation range of {name!r} is not one scale and zero point")
             _check_qparams(path, f"the activation range of {name!r}", scale, zero_point, aq.qmin, aq.qmax)
-            aq.scale.copy_(scale.reshape(()))
-            aq.zero_point.copy_(zero_point.reshape(()))
-            aq.calibrated = True
+            aq.load_range(scale, zero_point)
     return qmodel

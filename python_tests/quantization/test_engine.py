@@ -14,7 +14,7 @@ from dsg_ext import ops
 from dsg_ext import quantization as Q
 from dsg_ext.errors import ConfigError, QuantizationError
 
-engine = importlib.import_module("dsg_ext.quantization.engine")
+engine = importlib.import_module("dsg_ext.quantization.algorithms.engine")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -97,7 +97,7 @@ def test_resident_step_run_eagerly_matches_the_plain_loop(options, monkeypatch):
     def resident(*args, **kw):
         return real(*args, **{**kw, "resident": True})
 
-    monkeypatch.setattr(importlib.import_module("dsg_ext.quantization.reconstruct"), "optimise_device", resident)
+    monkeypatch.setattr(importlib.import_module("dsg_ext.quantization.algorithms.reconstruct"), "optimise_device", resident)
     ints_res, rec_res = run("device", **options)
     ints_loop, rec_loop = run("loop", **options)
     assert (ints_res != ints_loop).float().mean() < 0.01
@@ -153,7 +153,7 @@ def test_no_host_sync_between_iterations_on_cuda(engine_name):
     first replay; capturing it synchronises once) to the end of the last: any device-to-host wait inside
     the loop raises."""
     model, q, calib = calibrated("cuda")
-    R = importlib.import_module("dsg_ext.quantization.reconstruct")
+    R = importlib.import_module("dsg_ext.quantization.algorithms.reconstruct")
     config = Q.AdaRoundConfig(iterations=12, qdrop=0.5, learn_act_scale=True, learn_weight_scale=True)
     calls = []
 
@@ -177,7 +177,7 @@ def test_chained_inputs_equal_the_full_forward_and_only_where_units_chain(monkey
     do not. The rounding is the one full-forward inputs give."""
     from tiny_models import residual_net
 
-    R = importlib.import_module("dsg_ext.quantization.reconstruct")
+    R = importlib.import_module("dsg_ext.quantization.algorithms.reconstruct")
     model = residual_net()
     calib = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(5))
 
@@ -204,7 +204,7 @@ def test_chained_inputs_equal_the_full_forward_and_only_where_units_chain(monkey
 def test_auto_engine_runs_on_eagerly_when_the_step_cannot_be_captured(monkeypatch):
     """engine "auto": a capture failure warns and the unit goes on with the captured step's body,
     eagerly, from where the warm-up left it; engine "graph" asked for explicitly raises."""
-    R = importlib.import_module("dsg_ext.quantization.reconstruct")
+    R = importlib.import_module("dsg_ext.quantization.algorithms.reconstruct")
 
     def cannot(*_a):
         raise QuantizationError("the reconstruction step could not be captured in a CUDA graph (test)")

@@ -13,8 +13,8 @@ from torch import nn
 import dsg_ext
 from dsg_ext import quantization as Q
 from dsg_ext.errors import ConfigError, InvalidDataError, QuantizationError
-from dsg_ext.quantization.hessian import LayerHessian, grouped_weight
-from dsg_ext.quantization.second_order import GptqConfig, gptq, gptq_round, quadratic_error
+from dsg_ext.quantization.algorithms.hessian import LayerHessian, grouped_weight
+from dsg_ext.quantization.algorithms.second_order import GptqConfig, gptq, gptq_round, quadratic_error
 
 
 def _quant(w, scale, zp, qmin, qmax):

@@ -10,7 +10,7 @@ from test_gptq import _calibrated
 
 from dsg_ext import quantization as Q
 from dsg_ext.errors import ConfigError
-from dsg_ext.quantization.second_order import gptq
+from dsg_ext.quantization.algorithms.second_order import gptq
 
 
 def _ints(qmodel):
@@ -84,7 +84,7 @@ def test_start_options_are_checked():
 
 
 def test_a_layer_where_gptq_measures_worse_keeps_nearest_rounding(monkeypatch):
-    import dsg_ext.quantization.second_order as G
+    import dsg_ext.quantization.algorithms.second_order as G
 
     model, qmodel, images = _calibrated(wbits=3)
     real = G.gptq_round

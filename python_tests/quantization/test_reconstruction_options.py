@@ -121,7 +121,7 @@ def test_interrupted_reconstruction_leaves_no_learnable_scale_or_dropping():
     model, q, calib = calibrated()
     import importlib
 
-    R = importlib.import_module("dsg_ext.quantization.reconstruct")  # the module, not the function
+    R = importlib.import_module("dsg_ext.quantization.algorithms.reconstruct")  # the module, not the function
 
     calls = []
 

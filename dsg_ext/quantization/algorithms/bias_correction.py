@@ -14,8 +14,8 @@ from typing import Dict, List
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, InvalidDataError
-from .prepare import float_reference
+from ...errors import ConfigError, InvalidDataError
+from ..prepare import float_reference
 
 
 def _channel_dim(layer: nn.Module) -> int:

@@ -22,9 +22,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..errors import QuantizationError
+from ...errors import QuantizationError
+from ..config import ENGINES  # noqa: F401 (re-exported; the names live with the options)
 
-ENGINES = ("auto", "loop", "device", "graph")
 GRAPH_WARMUP = 3  # eager iterations on a side stream before capture (they are iterations of the schedule)
 # A learned scale is kept at or above this fraction of its starting value after every step: Adam moves a
 # parameter by about its learning rate per step whatever its size, and Genie's 1e-4 for weight scales
@@ -88,7 +88,7 @@ def optimise_loop(unit, run, quantizers, groups, x_q: Tensor, target: Tensor, co
         idx = torch.randint(0, x_q.shape[0], (min(config.batch_size, x_q.shape[0]),), generator=gen).to(device)
         beta, lam = schedule(config, it)
         for wq in quantizers:
-            wq.beta = beta
+            wq.set_beta(beta)
         opt.zero_grad(set_to_none=True)
         rec = reconstruction_loss(run(unit, x_q[idx]), target[idx])
         loss = rec + lam * sum(wq.last_reg for wq in quantizers) if lam else rec
@@ -133,7 +133,7 @@ class DeviceStep:
             idx = self.indices[self.host_it]
             beta, lam = self.table[self.host_it]
         for wq in self.quantizers:
-            wq.beta = beta
+            wq.set_beta(beta)
         rec = reconstruction_loss(self.run(self.unit, self.x_q.index_select(0, idx)), self.target.index_select(0, idx))
         if self.resident:
             loss = rec + lam * sum(wq.last_reg for wq in self.quantizers)
@@ -150,7 +150,7 @@ class DeviceStep:
 
     def release(self) -> None:
         for wq, beta in zip(self.quantizers, self._betas):
-            wq.beta = beta
+            wq.set_beta(beta)
 
 
 def optimise_device(unit, run, quantizers, groups, x_q: Tensor, target: Tensor, config, gen: torch.Generator,

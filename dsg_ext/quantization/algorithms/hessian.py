@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import QuantizationError
+from ...errors import QuantizationError
 
 # Unfolded columns held at once (elements): the input is unfolded a few images at a time.
 CHUNK_ELEMENTS = 1 << 24

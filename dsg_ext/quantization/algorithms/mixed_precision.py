@@ -26,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError, InvalidDataError, QuantizationError
-from .config import MAX_BITS, MIN_BITS, QuantConfig
-from .prepare import _rule_bits, batches, execution_order, fold_batchnorm
-from .qparams import fake_quant_broadcast, quant_range, weight_qparams
+from ...errors import ConfigError, InvalidDataError, QuantizationError
+from ..capture import batches
+from ..config import MAX_BITS, MIN_BITS, QuantConfig
+from ..folding import fold_batchnorm
+from ..prepare import execution_order, rule_bits
+from ..qparams import fake_quant_broadcast, quant_range, weight_qparams
 
 DEFAULT_CHOICES = (2, 3, 4, 5, 6, 8)
 DEFAULT_SENSITIVITY_IMAGES = 32
@@ -302,7 +304,7 @@ def allocate_bits(model: nn.Module, images: Tensor, config: QuantConfig, budget:
     order = execution_order(fp, example)
     if not order:
         raise ConfigError("the model has no Conv2d or Linear layer to quantize")
-    fixed = _rule_bits(fp, order, config.layer_wbits)
+    fixed = rule_bits(fp, order, config.layer_wbits)
     params = {n: _weight_view(fp, n).numel() for n in order}
     free = [n for n in order if n not in fixed]
     # Impossible budgets are refused before the (minutes of) sensitivity passes.

@@ -9,19 +9,17 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import torch
 from torch import Tensor, nn
 
-from .. import ops
-from ..errors import QuantizationError
-from .config import AdaRoundConfig
+from ... import ops
+from ...errors import QuantizationError
+from ..capture import StopForward, batches, forward_until
+from ..config import AdaRoundConfig
+from ..prepare import act_quantizers, float_reference, float_weight, weight_quantizers
+from ..quantizers import ActQuantizer, WeightMode, WeightQuantizer
 from .engine import optimise_device, optimise_loop, reconstruction_loss, resolve_engine, scale_group
-from .prepare import act_quantizers, batches, float_reference, float_weight, weight_quantizers
-from .quantizers import ActQuantizer, WeightMode, WeightQuantizer
+from .second_order import gptq
 
 
-class _Stop(Exception):
-    pass
-
-
-def _unit_inputs(model: nn.Module, unit_name: str, images: Tensor, batch_size: int, device: str,
+def unit_inputs(model: nn.Module, unit_name: str, images: Tensor, batch_size: int, device: str,
                  kwargs_out: Optional[Dict[str, Any]] = None) -> Tensor:
     """The inputs the layer (or block) receives (before its activation quantizer) for all images, kept
     on ``device`` (computed once per unit; the reconstruction loop indexes them there); the
@@ -37,30 +35,13 @@ def _unit_inputs(model: nn.Module, unit_name: str, images: Tensor, batch_size: i
         got.append(inputs[0].detach())
         if kwargs_out is not None:
             kwargs_out.update(kwargs)
-        raise _Stop
+        raise StopForward
 
     # prepend, so that the capture sees the raw input even when an activation quantizer hook exists
     forward_until(model, unit, grab, images, batch_size, device, prepend=True, with_kwargs=True)
     if not got:
         raise QuantizationError(f"{unit_name!r} is never reached by the forward pass")
     return torch.cat(got)
-
-
-def forward_until(model: nn.Module, module: nn.Module, grab: Callable[..., None], images: Tensor, batch_size: int,
-                  device: str, **hook_options) -> None:
-    """Runs ``model`` over ``images`` batch by batch, each forward stopped where ``module`` is entered:
-    ``grab`` is its forward pre-hook (``hook_options`` go to ``register_forward_pre_hook``) and ends
-    the forward by raising ``_Stop``."""
-    handle = module.register_forward_pre_hook(grab, **hook_options)
-    try:
-        with torch.no_grad():
-            for x in batches(images, batch_size):
-                try:
-                    model(x.to(device))
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
 
 
 def _chained_inputs(qmodel: nn.Module, fp_model: nn.Module, unit_name: str, images: Tensor, device: str,
@@ -73,13 +54,13 @@ def _chained_inputs(qmodel: nn.Module, fp_model: nn.Module, unit_name: str, imag
         return None
     k = min(CHAIN_CHECK_IMAGES, images.shape[0])
     kw: Dict[str, Any] = {}
-    head_fp = _unit_inputs(fp_model, unit_name, images[:k], k, device, kw)
+    head_fp = unit_inputs(fp_model, unit_name, images[:k], k, device, kw)
     if not _same(head_fp, prev.target[:k]):
         return None
     q_prev = qmodel.get_submodule(prev.name)
     with torch.no_grad():
         x_q = torch.cat([prev.run(q_prev, x) for x in batches(prev.x_q, 64)])
-    if not _same(_unit_inputs(qmodel, unit_name, images[:k], k, device), x_q[:k]):
+    if not _same(unit_inputs(qmodel, unit_name, images[:k], k, device), x_q[:k]):
         return None
     return prev.target, x_q, kw
 
@@ -171,33 +152,30 @@ def _rounding_state(quantizers: Sequence[WeightQuantizer], weights: Sequence[Ten
     return undecided, changed
 
 
-def _reconstruct_unit(qmodel: nn.Module, fp_model: nn.Module, unit_name: str, unit_layers: List[str],
-                      images: Tensor, config: AdaRoundConfig, device: str, gen: torch.Generator,
-                      step: Callable[[], None], engine: str,
-                      prev: Optional[_Carry] = None) -> Tuple[Dict[str, Any], _Carry]:
-    """One unit reconstructed; with ``prev`` (the previous unit's outputs) its inputs come from them
-    where the units form a chain. Returns the record and what the next unit may take its inputs from."""
-    unit, fp_unit = qmodel.get_submodule(unit_name), fp_model.get_submodule(unit_name)
-    wqs = weight_quantizers(qmodel)
-    quantizers = [wqs[n] for n in unit_layers]
-    originals = [float_weight(qmodel, n) for n in unit_layers]
+def _unit_data(qmodel: nn.Module, fp_model: nn.Module, unit_name: str, images: Tensor, device: str,
+               prev: Optional[_Carry]) -> Tuple[Callable, Tensor, Tensor, bool]:
+    """Step 1: (run, x_q, target, chained) of a unit -- how to call it, its quantized inputs and its
+    float outputs on the float inputs, from the previous unit's outputs where the units form a chain."""
+    fp_unit = fp_model.get_submodule(unit_name)
     chained = _chained_inputs(qmodel, fp_model, unit_name, images, device, prev)
     if chained is not None:
         x_fp, x_q, kw = chained
     else:
         kw = {}
-        x_fp = _unit_inputs(fp_model, unit_name, images, 64, device, kw)
+        x_fp = unit_inputs(fp_model, unit_name, images, 64, device, kw)
     run = (lambda m, x: m(x, **kw)) if kw else (lambda m, x: m(x))
     with torch.no_grad():
         target = torch.cat([run(fp_unit, x) for x in batches(x_fp, 64)])
     del x_fp
     if chained is None:
-        x_q = _unit_inputs(qmodel, unit_name, images, 64, device)
-    acts = _unit_act_quantizers(qmodel, unit_name)
-    # Layers the second-order rounding decided start from that decision (and are compared against it).
-    from_gptq = [wq.start_weight is not None for wq in quantizers]
-    gptq_ints = [wq.w_int.clone() if g else None for wq, g in zip(quantizers, from_gptq)]
-    starting = [wq.start_weight if g else w for wq, w, g in zip(quantizers, originals, from_gptq)]
+        x_q = unit_inputs(qmodel, unit_name, images, 64, device)
+    return run, x_q, target, chained is not None
+
+
+def _start_learning(quantizers: List[WeightQuantizer], originals: List[Tensor], acts: List[ActQuantizer],
+                    config: AdaRoundConfig, gen: torch.Generator, device: str) -> List[Dict[str, Any]]:
+    """Step 2: rounding variables at the starting decision (GPTQ's where it ran, else nearest), the
+    learned scales and QDrop switched on; returns the optimiser's parameter groups."""
     for wq, w in zip(quantizers, originals):
         wq.start_adaround(w)
     groups = [{"params": [wq.v for wq in quantizers], "lr": config.lr}]
@@ -208,57 +186,92 @@ def _reconstruct_unit(qmodel: nn.Module, fp_model: nn.Module, unit_name: str, un
     if config.qdrop:  # drawn only when used, so that the schedule without QDrop is unchanged
         drop_gen = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
         for aq in acts:
-            aq.drop_prob, aq.drop_generator = config.qdrop, drop_gen
+            aq.set_drop(config.qdrop, drop_gen)
+    return groups
+
+
+def _optimise(unit: nn.Module, run: Callable, quantizers: List[WeightQuantizer], acts: List[ActQuantizer],
+              groups: List[Dict[str, Any]], x_q: Tensor, target: Tensor, config: AdaRoundConfig,
+              gen: torch.Generator, device: str, step: Callable[[], None], engine: str) -> Tuple[float, float, str]:
+    """Step 3: the iterations, by ``engine``; (first batch loss, seconds, engine that ran). QDrop ends
+    whatever happens; a failure also drops the learned scales."""
     try:
         if engine == "loop":
-            start_loss, seconds, ran = optimise_loop(unit, run, quantizers, groups, x_q, target, config, gen, device,
-                                                     step)
-        else:
-            start_loss, seconds, ran = optimise_device(unit, run, quantizers, groups, x_q, target, config, gen,
-                                                       device, step, graph=engine == "graph",
-                                                       fallback=config.engine == "auto")
+            return optimise_loop(unit, run, quantizers, groups, x_q, target, config, gen, device, step)
+        return optimise_device(unit, run, quantizers, groups, x_q, target, config, gen, device, step,
+                               graph=engine == "graph", fallback=config.engine == "auto")
     except BaseException:
         for q in (*quantizers, *acts):
             q.freeze_scale(keep=False)
         raise
     finally:
         for aq in acts:
-            aq.drop_prob, aq.drop_generator = 0.0, None
+            aq.set_drop(0.0)
 
-    with torch.no_grad():
-        start_scales = [wq.scale.clone() for wq in quantizers]
-        start_steps = [aq.scale.clone() for aq in acts]
-        learned_scales = [_learned(wq) for wq in quantizers]
-        learned_steps = [_learned(aq) for aq in acts]
-        for q in (*quantizers, *acts):
-            q.freeze_scale(keep=False)  # the starting scales and steps, for the nearest-rounding comparison
-        for wq, g in zip(quantizers, from_gptq):
-            wq.mode = WeightMode.INT if g else WeightMode.FAKE  # the starting decision: GPTQ's or nearest
-        nearest = _loss_batched(lambda x: run(unit, x), x_q, target)
-        for q, learned in zip((*quantizers, *acts), (*learned_scales, *learned_steps)):
-            q.scale.copy_(learned)
-        undecided, changed = _rounding_state(quantizers, starting)
-        for wq, w in zip(quantizers, originals):
-            wq.mode = WeightMode.ADAROUND
-            wq.finalize(w)
-        end_loss = _loss_batched(lambda x: run(unit, x), x_q, target)
-        kept = "adaround"
-        if config.keep_better and not end_loss <= nearest:
-            for q, start in zip((*quantizers, *acts), (*start_scales, *start_steps)):
-                q.scale.copy_(start)
-            for wq, w, ints in zip(quantizers, originals, gptq_ints):  # back to the start, its scales too
-                if ints is not None:
-                    wq.w_int, wq.mode = ints, WeightMode.INT
-                else:
-                    wq.mode = WeightMode.FAKE
-                    wq.finalize(w)
-            kept = "gptq" if any(from_gptq) else "nearest"
-    return {"layer": unit_name, "layers": unit_layers, "kind": "block" if unit_layers != [unit_name] else "layer",
-            "rec_loss_nearest": nearest, "rec_loss_adaround": end_loss, "kept": kept,
-            "undecided": undecided, "changed_vs_nearest": changed,
-            "start": "gptq" if any(from_gptq) else "nearest", "first_batch_loss": start_loss,
-            "seconds": seconds, "engine": ran, "inputs": "chained" if chained is not None else "forward"}, \
-        _Carry(unit_name, run, target, x_q)
+
+@torch.no_grad()
+def _decide(unit: nn.Module, run: Callable, quantizers: List[WeightQuantizer], acts: List[ActQuantizer],
+            originals: List[Tensor], starting: List[Tensor], gptq_ints: List[Optional[Tensor]], x_q: Tensor,
+            target: Tensor, keep_better: bool) -> Dict[str, Any]:
+    """Step 4: the learned rounding made hard and compared with the starting decision on the unit's
+    data; with ``keep_better`` the better of the two is kept (its scales too)."""
+    from_gptq = [ints is not None for ints in gptq_ints]
+    start_scales = [wq.scale.clone() for wq in quantizers]
+    start_steps = [aq.scale.clone() for aq in acts]
+    learned_scales = [_learned(wq) for wq in quantizers]
+    learned_steps = [_learned(aq) for aq in acts]
+    for q in (*quantizers, *acts):
+        q.freeze_scale(keep=False)  # the starting scales and steps, for the nearest-rounding comparison
+    for wq, g in zip(quantizers, from_gptq):
+        wq.use(WeightMode.INT if g else WeightMode.FAKE)  # the starting decision: GPTQ's or nearest
+    nearest = _loss_batched(lambda x: run(unit, x), x_q, target)
+    for q, learned in zip((*quantizers, *acts), (*learned_scales, *learned_steps)):
+        q.scale.copy_(learned)
+    undecided, changed = _rounding_state(quantizers, starting)
+    for wq, w in zip(quantizers, originals):
+        wq.use(WeightMode.ADAROUND)
+        wq.finalize(w)
+    end_loss = _loss_batched(lambda x: run(unit, x), x_q, target)
+    kept = "adaround"
+    if keep_better and not end_loss <= nearest:
+        for q, start in zip((*quantizers, *acts), (*start_scales, *start_steps)):
+            q.scale.copy_(start)
+        for wq, w, ints in zip(quantizers, originals, gptq_ints):  # back to the start, its scales too
+            if ints is not None:
+                wq.load_int(ints)
+            else:
+                wq.use(WeightMode.FAKE)
+                wq.finalize(w)
+        kept = "gptq" if any(from_gptq) else "nearest"
+    return {"rec_loss_nearest": nearest, "rec_loss_adaround": end_loss, "kept": kept, "undecided": undecided,
+            "changed_vs_nearest": changed}
+
+
+def _reconstruct_unit(qmodel: nn.Module, fp_model: nn.Module, unit_name: str, unit_layers: List[str],
+                      images: Tensor, config: AdaRoundConfig, device: str, gen: torch.Generator,
+                      step: Callable[[], None], engine: str,
+                      prev: Optional[_Carry] = None) -> Tuple[Dict[str, Any], _Carry]:
+    """One unit reconstructed, step by step (its data, the start, the iterations, the decision); with
+    ``prev`` (the previous unit's outputs) its inputs come from them where the units form a chain.
+    Returns the record and what the next unit may take its inputs from."""
+    unit = qmodel.get_submodule(unit_name)
+    wqs = weight_quantizers(qmodel)
+    quantizers = [wqs[n] for n in unit_layers]
+    originals = [float_weight(qmodel, n) for n in unit_layers]
+    run, x_q, target, chained = _unit_data(qmodel, fp_model, unit_name, images, device, prev)
+    acts = _unit_act_quantizers(qmodel, unit_name)
+    # Layers the second-order rounding decided start from that decision (and are compared against it).
+    gptq_ints = [wq.w_int.clone() if wq.start_weight is not None else None for wq in quantizers]
+    starting = [wq.start_weight if ints is not None else w for wq, w, ints in zip(quantizers, originals, gptq_ints)]
+    groups = _start_learning(quantizers, originals, acts, config, gen, device)
+    start_loss, seconds, ran = _optimise(unit, run, quantizers, acts, groups, x_q, target, config, gen, device,
+                                         step, engine)
+    decision = _decide(unit, run, quantizers, acts, originals, starting, gptq_ints, x_q, target, config.keep_better)
+    record = {"layer": unit_name, "layers": unit_layers, "kind": "block" if unit_layers != [unit_name] else "layer",
+              **decision, "start": "gptq" if any(i is not None for i in gptq_ints) else "nearest",
+              "first_batch_loss": start_loss, "seconds": seconds, "engine": ran,
+              "inputs": "chained" if chained else "forward"}
+    return record, _Carry(unit_name, run, target, x_q)
 
 
 def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, config: Optional[AdaRoundConfig] = None,
@@ -294,14 +307,12 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, config: 
     fp_model = float_reference(qmodel, fp_model)
     records: List[Dict[str, Any]] = []
     if config.start == "gptq":
-        from .second_order import GptqConfig, gptq
-
         records = [{**r, "kind": "gptq"} for r in gptq(
-            qmodel, images, GptqConfig(damp=config.gptq_damp, act_order=config.gptq_act_order), device=device,
+            qmodel, images, config.gptq, device=device,
             layers=layers, progress=progress)]
         if config.iterations == 0:
             for wq in weight_quantizers(qmodel).values():
-                wq.start_weight = None
+                wq.set_start_weight(None)
             return records
     if blocks is None and config.unit == "block":
         blocks = find_blocks(qmodel)
@@ -324,7 +335,7 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, config: 
     if bar is not None:
         bar.close()
     for wq in weight_quantizers(qmodel).values():  # a GPTQ start outside every unit: not carried further
-        wq.start_weight = None
+        wq.set_start_weight(None)
     return records
 
 

@@ -12,8 +12,6 @@ columns are updated lazily in blocks, optionally in descending order of the Hess
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -21,38 +19,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, InvalidDataError, QuantizationError
+from ...errors import ConfigError, InvalidDataError, QuantizationError
+from ..capture import StopForward, forward_until
+from ..config import GptqConfig
+from ..int16_pairs import pair_safe_scale
+from ..prepare import float_weight, weight_quantizers
+from ..qparams import weight_qparams
+from ..quantizers import WeightMode, WeightQuantizer
 from .hessian import LayerHessian, grouped_weight, layer_groups
-from .int16_pairs import pair_safe_scale
-from .prepare import float_weight, weight_quantizers
-from .qparams import weight_qparams
-from .quantizers import WeightMode, WeightQuantizer
-from .reconstruct import _Stop, forward_until
 
 DAMPING_RETRIES = 4  # each retry multiplies the dampening by 10
-
-
-@dataclasses.dataclass
-class GptqConfig:
-    """Options of the second-order rounding."""
-
-    damp: float = 0.01  # lambda = damp x mean(diag H), per group
-    block_size: int = 128  # columns updated together (lazy batch updates); the result does not depend on it
-    act_order: bool = False  # round the columns in descending order of diag(H)
-    search_scales: bool = True  # per-channel weight scales by MSE search first (else the quantizer's own)
-    batch_size: int = 32  # images per forward pass while collecting a layer's inputs
-
-    def validate(self) -> "GptqConfig":
-        problems = []
-        if not (isinstance(self.damp, (int, float)) and math.isfinite(self.damp) and self.damp > 0):
-            problems.append(f"damp must be a positive number, got {self.damp!r}")
-        for name in ("block_size", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                problems.append(f"{name} must be a positive integer, got {value!r}")
-        if problems:
-            raise ConfigError("invalid second-order rounding options: " + "; ".join(problems))
-        return self
 
 
 def _inverse_cholesky(h: Tensor, damp: float) -> Tuple[Tensor, Tensor]:
@@ -127,7 +103,7 @@ def _collect(qmodel: nn.Module, name: str, images: Tensor, batch_size: int, devi
 
     def grab(_m, inputs):
         hessian.add(inputs[0].detach())
-        raise _Stop
+        raise StopForward
 
     forward_until(qmodel, layer, grab, images, batch_size, device)  # after the activation quantizer's pre-hook
     if hessian.vectors == 0:
@@ -170,7 +146,7 @@ def round_layer(qmodel: nn.Module, name: str, hessian: LayerHessian, config: Gpt
     kept = "gptq" if error <= nearest_error else "nearest"
     ints = q if kept == "gptq" else nearest
     wq.store_int(ints.reshape(w.shape).to(w.device), (wg / scale[..., None] + zp[..., None]).reshape(w.shape))
-    wq.start_weight = compensated.reshape(w.shape).to(w.dtype).to(w.device) if kept == "gptq" else None
+    wq.set_start_weight(compensated.reshape(w.shape).to(w.dtype).to(w.device) if kept == "gptq" else None)
     return {
         "layer": name, "groups": groups, "input_dim": dim, "vectors": hessian.vectors, "kept": kept,
         "error": min(error, nearest_error), "gptq_error": error, "nearest_error": nearest_error,

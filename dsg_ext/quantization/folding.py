@@ -1,0 +1,86 @@
+"""BatchNorm folding and the torch.fx tracers it needs (the deployment placement traces with them too).
+
+``fold_batchnorm`` traces the model with its Conv2d / Linear layers as leaves (``LayerLeafTracer``);
+a model that does not trace whole is traced module by module (``scope_graphs``, each module with its
+children as leaves: ``ScopeTracer``), skipping those that do not trace.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..errors import ConfigError
+
+QUANT_TYPES = (nn.Conv2d, nn.Linear)
+
+
+class ScopeTracer(fx.Tracer):
+    """Traces one module: every module it calls is a leaf (their own forwards are rewritten apart)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+
+class LayerLeafTracer(fx.Tracer):
+    """Traces a whole model with Conv2d / Linear and their subclasses (EfficientNet's
+    Conv2dStaticSamePadding) as leaves, so that BN folding sees them."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, QUANT_TYPES) or super().is_leaf_module(m, qualname)
+
+
+def scope_graphs(model: nn.Module) -> List[Tuple[str, fx.Graph]]:
+    """(name, graph) of each module with children that traces on its own (children as leaves)."""
+    graphs = []
+    for name, m in model.named_modules():
+        if isinstance(m, QUANT_TYPES) or not any(True for _ in m.children()):
+            continue
+        try:
+            graphs.append((name, ScopeTracer().trace(m)))
+        except Exception:  # noqa: BLE001,S112 -- not traceable alone: skipped
+            continue
+    return graphs
+
+
+def fold_batchnorm(model: nn.Module) -> List[Tuple[str, str]]:
+    """Folds each BatchNorm2d that directly follows a Conv2d (its only user) into that convolution,
+    in place; the BN becomes Identity. Traces the model with torch.fx (Conv2d subclasses as leaves); a
+    model that does not trace whole is traced module by module, skipping those that do not trace.
+    Returns (conv, bn) pairs."""
+    try:
+        graphs = [("", LayerLeafTracer().trace(model))]
+    except Exception as e:  # noqa: BLE001 -- any tracing failure: try module by module
+        graphs = scope_graphs(model)
+        if not graphs:
+            raise ConfigError(f"BN folding needs a torch.fx-traceable model: {type(e).__name__}: {e}") from e
+    modules = dict(model.named_modules())
+    pairs = []
+    for prefix, graph in graphs:
+        def full(target: str, _p=prefix) -> str:
+            return f"{_p}.{target}" if _p else target
+
+        for node in graph.nodes:
+            if node.op != "call_module" or not isinstance(modules.get(full(node.target)), nn.BatchNorm2d):
+                continue
+            src = node.args[0]
+            if (isinstance(src, fx.Node) and src.op == "call_module"
+                    and isinstance(modules.get(full(src.target)), nn.Conv2d) and len(src.users) == 1):
+                pairs.append((full(src.target), full(node.target)))
+    with torch.no_grad():
+        for conv_name, bn_name in pairs:
+            conv, bn = modules[conv_name], modules[bn_name]
+            std = torch.sqrt(bn.running_var + bn.eps)
+            gamma = bn.weight if bn.affine else torch.ones_like(std)
+            beta = bn.bias if bn.affine else torch.zeros_like(std)
+            k = gamma / std
+            conv.weight.mul_(k.view(-1, 1, 1, 1))
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(std)
+            new_bias = beta + (bias - bn.running_mean) * k
+            conv.bias = nn.Parameter(new_bias)
+            parent_name, _, attr = bn_name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, nn.Identity())
+    return pairs
