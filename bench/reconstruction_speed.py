@@ -31,10 +31,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from dsg_ext import quantization as quant  # noqa: E402
-from dsg_ext.cli.demo import parse_bits  # noqa: E402
 from dsg_ext.data import calibration  # noqa: E402
 from dsg_ext.models import load_model  # noqa: E402
 from dsg_ext.models.spec import InputSpec  # noqa: E402
+from dsg_ext.quantization import parse_bits  # noqa: E402
 
 
 def model_and_spec(name: str):

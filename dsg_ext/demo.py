@@ -10,7 +10,6 @@ when the demo is run again.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -20,14 +19,13 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
-from .. import quantization as quant
-from .._utils.io import atomic_write_bytes, prepare_output_dir
-from ..data import calibration, fashion_mnist
-from ..errors import ConfigError
-from ..evaluation import topk_accuracy
-from ..models import load_model
-from ..synthesis import SynthesisConfig, generate
-from .options import _device, _Formatter, _option, _positive_int, config_from_args
+from . import quantization as quant
+from ._utils.io import atomic_write_bytes, prepare_output_dir
+from .data import calibration, fashion_mnist
+from .errors import ConfigError
+from .evaluation import topk_accuracy
+from .models import load_model
+from .synthesis import SynthesisConfig, generate
 
 MODEL = "fashion-mnist-resnet20"
 
@@ -57,22 +55,6 @@ class DemoConfig:
     observer: str = "minmax"
     bias_correction: bool = False  # empirical bias correction (quantization.correct_bias) last, in both columns
     seed: int = 0
-
-
-def format_bits(bits: Sequence[Tuple[int, int]]) -> str:
-    """((8, 8), (4, 4)) -> "W8A8,W4A4" (the form ``dsg demo --bits`` takes)."""
-    return ",".join(f"W{w}A{a}" for w, a in bits)
-
-
-def parse_bits(text: str) -> Tuple[Tuple[int, int], ...]:
-    """"W8A8,W4A4" -> ((8, 8), (4, 4))."""
-    try:
-        bits = tuple(tuple(int(v) for v in b.strip().upper().lstrip("W").split("A")) for b in text.split(","))
-    except ValueError:
-        bits = ()
-    if not bits or any(len(b) != 2 for b in bits):
-        raise ConfigError(f"bit settings must look like W8A8,W4A4; got {text!r}")
-    return bits
 
 
 def _synthetic(source: str, cfg: DemoConfig, progress: bool) -> torch.Tensor:
@@ -230,34 +212,3 @@ def write_chart(result: Dict[str, Any], path: str) -> None:
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
 
-
-def add_parser(sub) -> None:
-    from ..quantization.config import RECONSTRUCTION_PRESETS
-    from ..quantization.observers import OBSERVERS
-
-    D = DemoConfig
-
-    p = sub.add_parser("demo", formatter_class=_Formatter,
-                       help="end to end on the shipped Fashion-MNIST network (CPU, about 10 minutes)")
-    _option(p, "--out", D, "out", "directory for the synthetic data, demo.json and demo.png")
-    _option(p, "--samples", D, "samples", "calibration images per source", type=_positive_int)
-    _option(p, "--synth-iters", D, "synth_iterations", "synthesis iterations (the papers: 500)")
-    _option(p, "--adaround-iters", D, "adaround_iterations", "reconstruction iterations per layer or block "
-            "(the papers: 10000-20000)")
-    _option(p, "--reconstruction", D, "reconstruction", "named reconstruction", choices=sorted(RECONSTRUCTION_PRESETS))
-    _option(p, "--eval-samples", D, "eval_samples", "test images evaluated (10000 = all)", type=_positive_int)
-    _option(p, "--bits", D, "bits", "bit settings", type=parse_bits, shown_default=format_bits(D().bits))
-    _option(p, "--observer", D, "observer", "activation ranges (min/max shows the calibration data's influence most)",
-            choices=tuple(OBSERVERS))
-    _option(p, "--reconstruct-max-wbits", D, "reconstruct_max_wbits", "reconstruct only bit settings with at most "
-            "this many weight bits (8 = all)")
-    _option(p, "--device", D, "device", "where to run", type=_device)
-    _option(p, "--bias-correction", D, "bias_correction", "also correct the biases (empirical bias correction) after "
-            "calibration and after reconstruction")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    run_demo(config_from_args(args, DemoConfig), progress=not args.quiet)
-    return 0

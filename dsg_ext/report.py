@@ -14,7 +14,6 @@ directories and, when given, quantized files and a `dsg demo` result:
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -24,10 +23,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .._utils.io import atomic_write_bytes, check_output_file, read_regular
-from ..data import store
-from ..errors import DsgError, ReportError
-from .options import TRUST_HELP, _Formatter, add_output_options
+from ._utils.io import atomic_write_bytes, check_output_file, read_regular
+from .data import store
+from .errors import DsgError, ReportError
 
 MAX_IMAGES = 256  # samples read per directory (statistics and the grid)
 
@@ -51,7 +49,7 @@ def _figure(width=9, height=3.2, cols=1):
 
 
 def _grid(images: torch.Tensor, spec: Dict[str, Any]) -> str:
-    from ..synthesis.writer import image_grid
+    from .synthesis.writer import image_grid
 
     img = image_grid(images, spec["mean"], spec["std"])
     fig, ax = _figure(5, 5)
@@ -62,8 +60,8 @@ def _grid(images: torch.Tensor, spec: Dict[str, Any]) -> str:
 
 def _layer_statistics(model, images: torch.Tensor) -> Dict[str, Dict[str, torch.Tensor]]:
     """Per BN layer: per-sample (N, C) means and stds of its input, and its running mean / std."""
-    from ..synthesis.loop import per_sample_moments
-    from ..synthesis.taps import batchnorm_layers
+    from .synthesis.loop import per_sample_moments
+    from .synthesis.taps import batchnorm_layers
 
     moments = per_sample_moments(model, images)
     return {name: {"mean": moments[name][0].float(), "std": moments[name][1].float(),
@@ -75,7 +73,7 @@ class _Source:
     """One `dsg generate` directory with what the report shows of it."""
 
     def __init__(self, directory: str, trust_model_code: bool, weights: Optional[str]):
-        from ..models import load_model
+        from .models import load_model
 
         self.directory = directory
         manifest = store.load_manifest(directory)
@@ -145,8 +143,8 @@ def _homogenization(sources: List[_Source]) -> str:
 
 
 def _quantized_rows(paths: Sequence[str], source: Optional[_Source]) -> List[Dict[str, Any]]:
-    from ..evaluation import fidelity
-    from ..quantization import load_quantized, read_quantized
+    from .evaluation import fidelity
+    from .quantization import load_quantized, read_quantized
 
     rows = []
     for path in paths:
@@ -288,22 +286,3 @@ def write_report(directories: Sequence[str], out: str, quantized: Sequence[str] 
     atomic_write_bytes(out, page.encode("utf-8"))
     return out
 
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("report", formatter_class=_Formatter,
-                       help="one HTML page: samples, BN alignment, homogenisation, quantization results")
-    p.add_argument("dirs", nargs="+", metavar="DIR", help="`dsg generate` directories (several are compared)")
-    p.add_argument("--quantized", nargs="*", metavar="FILE", help="quantized files: fidelity to FP32 on the samples")
-    p.add_argument("--demo", metavar="FILE", help="a `dsg demo` result (demo.json): accuracy bars")
-    p.add_argument("--weights", help="state-dict file of the model the data were made from, when it needs one")
-    p.add_argument("--trust-model-code", action="store_true", help=TRUST_HELP)
-    add_output_options(p, "the .html file")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    check_output_file(args.out, "--out", force=args.force)
-    write_report(args.dirs, args.out, args.quantized or (), demo=args.demo, weights=args.weights,
-                 trust_model_code=args.trust_model_code)
-    print(f"wrote {args.out}")
-    return 0

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from dsg_ext import cli
-from dsg_ext.cli.demo import DemoConfig
+from dsg_ext.demo import DemoConfig
 from dsg_ext.quantization import (
     OBSERVERS,
     PLACEMENTS,

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from dsg_ext.cli.report import write_report
 from dsg_ext.errors import ReportError
+from dsg_ext.report import write_report
 from dsg_ext.synthesis import SynthesisConfig, generate
 
 TESTS = os.path.dirname(__file__)

@@ -30,10 +30,10 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from synthesis_recipes import recipe_config  # noqa: E402
 
 from dsg_ext import quantization as quant  # noqa: E402
-from dsg_ext.cli.demo import parse_bits  # noqa: E402
 from dsg_ext.data import calibration, photos  # noqa: E402
 from dsg_ext.evaluation import fidelity  # noqa: E402
 from dsg_ext.models import load_model  # noqa: E402
+from dsg_ext.quantization import parse_bits  # noqa: E402
 from dsg_ext.synthesis import synthesize  # noqa: E402
 from dsg_ext.synthesis.diversity import diversity  # noqa: E402
 

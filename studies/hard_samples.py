@@ -40,9 +40,9 @@ from effnet_recipes import (  # noqa: E402
 )
 
 from dsg_ext import quantization as quant  # noqa: E402
-from dsg_ext.cli.demo import parse_bits  # noqa: E402
 from dsg_ext.evaluation import fidelity  # noqa: E402
 from dsg_ext.models import load_model  # noqa: E402
+from dsg_ext.quantization import parse_bits  # noqa: E402
 from dsg_ext.synthesis.augment import Augmenter  # noqa: E402
 from dsg_ext.synthesis.config import SynthesisConfig  # noqa: E402
 from dsg_ext.synthesis.loop import SynthesisLoop  # noqa: E402

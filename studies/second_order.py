@@ -28,10 +28,10 @@ import torch  # noqa: E402
 from effnet_recipes import photo_sets, synthetic_images  # noqa: E402
 
 from dsg_ext import quantization as quant  # noqa: E402
-from dsg_ext.cli.demo import parse_bits  # noqa: E402
 from dsg_ext.data import calibration, fashion_mnist  # noqa: E402
 from dsg_ext.evaluation import fidelity, topk_accuracy  # noqa: E402
 from dsg_ext.models import load_model  # noqa: E402
+from dsg_ext.quantization import parse_bits  # noqa: E402
 
 METHODS = ("nearest", "gptq", "recommended", "gptq-brecq")
 

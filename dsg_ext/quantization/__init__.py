@@ -34,6 +34,8 @@ from .config import (
     AdaRoundConfig,
     GptqConfig,
     QuantConfig,
+    format_bits,
+    parse_bits,
 )
 from .folding import fold_batchnorm
 from .observers import (
@@ -69,7 +71,7 @@ for _old, _new in (("allocation", "mixed_precision"), ("bias_correction", "bias_
 
 __all__ = [
     "PLACEMENTS", "RECONSTRUCTION_PRESETS", "RECONSTRUCTION_UNITS", "ROUNDING_STARTS", "TARGETS", "AdaRoundConfig",
-    "QuantConfig",
+    "QuantConfig", "parse_bits", "format_bits",
     "GptqConfig", "gptq", "Allocation", "allocate_bits",
     "OBSERVERS", "WEIGHT_OBSERVERS", "Observer", "MinMaxObserver", "EmaObserver", "PercentileObserver", "MseObserver",
     "correct_bias", "act_quantizers", "batches", "calibrate", "execution_order", "finalize_weights", "float_weight",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .._utils.validation import field_problems
 from ..errors import ConfigError
@@ -76,6 +76,22 @@ def parse_bit_rules(text: str) -> List[Tuple[str, int]]:
             raise ConfigError(f"weight-bit rule {part!r}: bits must be an integer in {MIN_BITS}..{MAX_BITS}")
         rules.append((selector.strip(), int(bits)))
     return rules
+
+
+def format_bits(bits: Sequence[Tuple[int, int]]) -> str:
+    """((8, 8), (4, 4)) -> "W8A8,W4A4" (the form ``dsg demo --bits`` takes)."""
+    return ",".join(f"W{w}A{a}" for w, a in bits)
+
+
+def parse_bits(text: str) -> Tuple[Tuple[int, int], ...]:
+    """"W8A8,W4A4" -> ((8, 8), (4, 4))."""
+    try:
+        bits = tuple(tuple(int(v) for v in b.strip().upper().lstrip("W").split("A")) for b in text.split(","))
+    except ValueError:
+        bits = ()
+    if not bits or any(len(b) != 2 for b in bits):
+        raise ConfigError(f"bit settings must look like W8A8,W4A4; got {text!r}")
+    return bits
 
 
 @dataclasses.dataclass

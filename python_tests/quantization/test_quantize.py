@@ -428,7 +428,7 @@ def test_cli_quantize_eval_round_trip_and_refusals(tmp_path):
 
 @needs_fashion
 def test_demo_pipeline_at_tiny_settings(tmp_path):
-    from dsg_ext.cli.demo import DemoConfig, run_demo
+    from dsg_ext.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(out=str(tmp_path / "demo"), samples=8, synth_iterations=2, synth_batch=8, adaround_iterations=2,
                      eval_samples=50, bits=[(4, 4)])
@@ -459,7 +459,7 @@ def test_demo_pipeline_at_tiny_settings(tmp_path):
 
 @needs_fashion
 def test_demo_bias_correction_corrects_both_columns(tmp_path, monkeypatch):
-    from dsg_ext.cli.demo import DemoConfig, format_table, run_demo
+    from dsg_ext.demo import DemoConfig, format_table, run_demo
 
     corrected = []
     real = Q.correct_bias
