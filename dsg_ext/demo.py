@@ -65,7 +65,50 @@ def _synthetic(source: str, cfg: DemoConfig, progress: bool) -> torch.Tensor:
     return calibration.synthetic_calibration(out, load_model(MODEL), cfg.samples)
 
 
+def _calibration_sources(cfg: DemoConfig, loaded, progress: bool, log) -> Tuple[Dict[str, torch.Tensor],
+                                                                            Dict[str, float]]:
+    """{source: calibration images} for every source of ``cfg``, and the seconds each took."""
+    timings: Dict[str, float] = {}
+    calib: Dict[str, torch.Tensor] = {}
+    for source in cfg.sources:
+        t = time.perf_counter()
+        if source == "real":
+            calib[source] = calibration.real_fashion_mnist(cfg.samples, cfg.seed)
+        elif source == "noise":
+            calib[source] = calibration.gaussian_noise(loaded.input, cfg.samples, cfg.seed)
+        elif source in SOURCE_RECIPES:
+            calib[source] = _synthetic(source, cfg, progress)
+        else:
+            raise ConfigError(f"unknown calibration source {source!r}; choose from {SOURCES}")
+        timings[f"data_{source}_s"] = time.perf_counter() - t
+        log(f"calibration data {source}: {calib[source].shape[0]} images ({timings[f'data_{source}_s']:.1f} s)")
+    return calib, timings
+
+
+def _row(fp, qconf, images: torch.Tensor, example: torch.Tensor, ada, cfg: DemoConfig, accuracy) -> Dict[str, Any]:
+    """One cell of the table: ``qconf`` calibrated on ``images`` (plain), then reconstructed (4-bit weights)."""
+    t = time.perf_counter()
+    q = quant.quantize_model(fp, qconf, example)
+    quant.calibrate(q, images, device=cfg.device)
+    q_ada = copy.deepcopy(q)  # same activation ranges; reconstruction then rounds its weights
+    quant.finalize_weights(q)
+    if cfg.bias_correction:
+        quant.correct_bias(q, fp, images, device=cfg.device)
+    plain_acc = accuracy(q)
+    t_ada = time.perf_counter()
+    ada_acc = None
+    if qconf.wbits <= cfg.reconstruct_max_wbits:
+        quant.reconstruct(q_ada, fp, images, ada, device=cfg.device, progress=False)
+        if cfg.bias_correction:
+            quant.correct_bias(q_ada, fp, images, device=cfg.device)
+        ada_acc = accuracy(q_ada)
+    return {"bits": qconf.label(), "calibration": plain_acc, "adaround": ada_acc,
+            "adaround_seconds": time.perf_counter() - t_ada, "seconds": time.perf_counter() - t}
+
+
 def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> Dict[str, Any]:
+    """Runs the demo ``cfg`` describes: the table's cells (``log`` gets a line each), then demo.json,
+    demo.png and report.html in ``cfg.out``; returns what demo.json holds."""
     t_start = time.perf_counter()
     ada = quant.AdaRoundConfig.from_preset(cfg.reconstruction, iterations=cfg.adaround_iterations,
                                            seed=cfg.seed).validate()  # refused before any work
@@ -85,51 +128,18 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> Dict[str, Any
 
     fp_acc = accuracy(fp)
     log(f"FP32 ResNet-20 on {n_eval} Fashion-MNIST test images: top-1 {fp_acc:.2f}%")
-
-    timings: Dict[str, float] = {}
-    calib: Dict[str, torch.Tensor] = {}
-    for source in cfg.sources:
-        t = time.perf_counter()
-        if source == "real":
-            calib[source] = calibration.real_fashion_mnist(cfg.samples, cfg.seed)
-        elif source == "noise":
-            calib[source] = calibration.gaussian_noise(loaded.input, cfg.samples, cfg.seed)
-        elif source in SOURCE_RECIPES:
-            calib[source] = _synthetic(source, cfg, progress)
-        else:
-            raise ConfigError(f"unknown calibration source {source!r}; choose from {SOURCES}")
-        timings[f"data_{source}_s"] = time.perf_counter() - t
-        log(f"calibration data {source}: {calib[source].shape[0]} images ({timings[f'data_{source}_s']:.1f} s)")
-
+    calib, timings = _calibration_sources(cfg, loaded, progress, log)
     rows: List[Dict[str, Any]] = []
     example = calib[cfg.sources[0]][:2].to(cfg.device)
     for wbits, abits in cfg.bits:
         qconf = quant.QuantConfig(wbits=wbits, abits=abits, observer=cfg.observer)
         for source in cfg.sources:
-            images = calib[source].to(cfg.device)
-            t = time.perf_counter()
-            q = quant.quantize_model(fp, qconf, example)
-            quant.calibrate(q, images, device=cfg.device)
-            q_ada = copy.deepcopy(q)  # same activation ranges; reconstruction then rounds its weights
-            quant.finalize_weights(q)
-            if cfg.bias_correction:
-                quant.correct_bias(q, fp, images, device=cfg.device)
-            plain_acc = accuracy(q)
-            t_ada = time.perf_counter()
-            ada_acc = None
-            if wbits <= cfg.reconstruct_max_wbits:
-                quant.reconstruct(q_ada, fp, images, ada, device=cfg.device, progress=False)
-                if cfg.bias_correction:
-                    quant.correct_bias(q_ada, fp, images, device=cfg.device)
-                ada_acc = accuracy(q_ada)
-            ada_s = time.perf_counter() - t_ada
-            row = {"bits": qconf.label(), "source": source, "calibration": plain_acc, "adaround": ada_acc,
-                   "adaround_seconds": ada_s, "seconds": time.perf_counter() - t}
+            row = _row(fp, qconf, calib[source].to(cfg.device), example, ada, cfg, accuracy)
+            row = {"bits": row.pop("bits"), "source": source, **row}
             rows.append(row)
-            shown = f"{ada_acc:6.2f}%" if ada_acc is not None else "     -"
-            log(f"{row['bits']:6s} {source:11s} calibration {plain_acc:6.2f}%  reconstruction {shown}  "
+            shown = f"{row['adaround']:6.2f}%" if row["adaround"] is not None else "     -"
+            log(f"{row['bits']:6s} {source:11s} calibration {row['calibration']:6.2f}%  reconstruction {shown}  "
                 f"({row['seconds']:.1f} s)")
-
     result = {
         "fp32_top1": fp_acc,
         "eval_images": n_eval,
@@ -140,6 +150,12 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> Dict[str, Any
         "timings": timings,
         "total_seconds": time.perf_counter() - t_start,
     }
+    _write_outputs(result, cfg, log)
+    return result
+
+
+def _write_outputs(result: Dict[str, Any], cfg: DemoConfig, log) -> None:
+    """demo.json, the table (to ``log``), demo.png and report.html, and where they went."""
     written = {"results (JSON)": os.path.join(cfg.out, "demo.json")}
     atomic_write_bytes(written["results (JSON)"], json.dumps(result, indent=2).encode())
     log(format_table(result))
@@ -157,7 +173,6 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> Dict[str, Any
     log(f"\nwritten ({result['total_seconds'] / 60:.1f} min in all):")
     for what, path in written.items():
         log(f"  {what:15s} {path}")
-    return result
 
 
 def _pct(value) -> str:

@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import LOW_PRECISION, cpu64, offset_view, to_dev
+from helpers import gradcheck_setup as _gradcheck_setup
+from helpers import make_targets, make_x
 from reference import slack_loss_ref
-from test_slack_loss import _gradcheck_setup, make_targets, make_x
 
 import dsg_ext
 

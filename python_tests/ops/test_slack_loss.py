@@ -16,9 +16,12 @@ from conftest import (
     run_isolated,
     to_dev,
 )
+from helpers import check_empty as _check_empty
+from helpers import gradcheck_setup as _gradcheck_setup
+from helpers import make_targets, make_x
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import slack_loss_lowprec, slack_loss_ref, slack_stats_ref
+from reference import slack_loss_lowprec, slack_loss_ref
 
 import dsg_ext
 
@@ -27,24 +30,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*degrees of freedom is <= 0:Use
 F64 = torch.float64
 MODES = ["per_sample", "batch"]
 
-
-def make_x(shape, dtype=F64, scale=1.5):
-    """Activations with a different mean and spread per channel."""
-    x = torch.randn(shape, dtype=F64)
-    if len(shape) >= 2 and shape[1] > 0:
-        c = shape[1]
-        view = [1, c] + [1] * (len(shape) - 2)
-        x = x * (0.5 + scale * torch.rand(c, dtype=F64)).reshape(view) + torch.randn(c, dtype=F64).reshape(view)
-    return x.to(dtype)
-
-
-def make_targets(x, spread=0.3):
-    """BN targets near the statistics of x, so some channels lie inside a slack of ~0.1 and some outside."""
-    sm, ss = slack_stats_ref(x, mode="batch")
-    c = x.shape[1]
-    mean = sm + spread * torch.randn(c, dtype=F64)
-    std = (ss + spread * torch.randn(c, dtype=F64)).abs() + 0.05
-    return mean.nan_to_num(0.0), std.nan_to_num(1.0)
 
 
 def run_op(x, mean, std, delta=0.0, gamma=0.0, grad_loss=None, **kw):
@@ -257,23 +242,6 @@ def test_low_precision_error_bound(device, dtype, mode, channels_last):
     torch.testing.assert_close(cpu64(ours_loss), ref_loss, rtol=1e-4, atol=1e-5)
 
 
-def _gradcheck_setup(mode, unbiased):
-    x = make_x((2, 3, 3, 4))
-    sm, ss = slack_stats_ref(x, 1e-5, unbiased, mode)
-    center_m = sm.mean(0) if mode == "per_sample" else sm
-    center_s = ss.mean(0) if mode == "per_sample" else ss
-    # channel 0 outside both slacks, channel 1 inside both, channel 2 mixed
-    mean = center_m + torch.tensor([0.8, 0.0, -0.7], dtype=F64)
-    std = center_s + torch.tensor([-0.5, 0.0, 0.0], dtype=F64)
-    delta = torch.tensor([0.1, 2.0, 0.1], dtype=F64)
-    gamma = torch.tensor([0.1, 2.0, 2.0], dtype=F64)
-    # every hinge is at least 1e-3 away from its kink (finite differences would see a kink)
-    dm = (sm - mean).abs() - delta
-    ds = (ss - std).abs() - gamma
-    assert dm.abs().min() > 1e-3 and ds.abs().min() > 1e-3
-    assert (dm < 0).any() and (dm > 0).any() and (ds < 0).any() and (ds > 0).any()
-    return x, mean, std, delta, gamma
-
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("unbiased", [False, True])
@@ -397,25 +365,6 @@ def test_hypothesis_ranks_fp32(shape, mode, seed):
     assert_all_close(ours, ref, rtol=2e-5, atol=2e-6)
 
 
-def _check_empty(device, shape, mode, channels_last=False):
-    x = torch.zeros(shape, dtype=F64)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    c = shape[1]
-    mean, std = torch.zeros(c, dtype=F64), torch.ones(c, dtype=F64)
-    xo = x.to(device).requires_grad_(True)
-    loss, sm, ss = dsg_ext.bn_stat_slack_loss(xo, mean.to(device), std.to(device), 0.1, 0.1, mode=mode,
-                                              return_stats=True)
-    ref, rm, rs = slack_loss_ref(x, mean, std, 0.1, 0.1, mode=mode, return_stats=True)
-    assert loss.shape == ref.shape and sm.shape == rm.shape and ss.shape == rs.shape
-    # empty groups give NaN statistics (as torch.mean / torch.var), no channels a zero loss
-    torch.testing.assert_close(loss.cpu(), ref, equal_nan=True, rtol=0, atol=0)
-    torch.testing.assert_close(sm.cpu(), rm, equal_nan=True, rtol=0, atol=0)
-    torch.testing.assert_close(ss.cpu(), rs, equal_nan=True, rtol=0, atol=0)
-    if loss.numel() > 0:
-        (gx,) = torch.autograd.grad(loss.sum(), xo)
-        assert gx.shape == x.shape
-
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 0, 4, 4), (0, 3), (0, 0), (2, 1, 0, 3), (0, 2, 3, 2, 1)], ids=str)
@@ -429,7 +378,7 @@ def test_empty_spatial_isolated():
     run_isolated(
         """
         import torch, dsg_ext
-        from test_slack_loss import _check_empty
+        from helpers import check_empty as _check_empty
         for shape, cl in (((2, 3, 0, 4), False), ((2, 3, 0, 4), True), ((2, 3, 4, 0, 2), False)):
             for mode in ("per_sample", "batch"):
                 print("case", shape, "channels_last" if cl else "", mode, flush=True)

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from test_quantize import dsg, images
+from helpers import dsg, images
 from tiny_models import bias_free_net, tiny_bn_net
 from torch import nn
 

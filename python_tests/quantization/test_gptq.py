@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from tiny_models import tiny_bn_net
+from helpers import calibrated as _calibrated
 from torch import nn
 
 import dsg_ext
@@ -137,15 +137,6 @@ def test_the_hessian_refuses_non_finite_inputs():
     with pytest.raises(QuantizationError, match="NaN or Inf"):
         hess.add(torch.tensor([[1.0, float("nan"), 0.0]]))
 
-
-def _calibrated(wbits=4, abits=8, seed=0):
-    model = tiny_bn_net()
-    g = torch.Generator().manual_seed(seed)
-    images = torch.randn(48, 3, 12, 12, generator=g)
-    qmodel = Q.quantize_model(model, Q.QuantConfig(wbits=wbits, abits=abits, first_last_bits=None,
-                                                   observer="minmax"), example=images[:1])
-    Q.calibrate(qmodel, images)
-    return model, qmodel, images
 
 
 def test_gptq_rounds_every_layer_better_than_nearest_and_the_model_follows():

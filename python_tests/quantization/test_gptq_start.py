@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_gptq import _calibrated
+from helpers import calibrated as _calibrated
 
 from dsg_ext import quantization as Q
 from dsg_ext.errors import ConfigError

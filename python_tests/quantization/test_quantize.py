@@ -6,11 +6,10 @@ from __future__ import annotations
 import functools
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers import dsg, images
 from tiny_models import tiny_bn_net
 from torch import nn
 
@@ -24,9 +23,6 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # python_tes
 FASHION = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
 needs_fashion = pytest.mark.skipif(not os.path.exists(FASHION), reason="needs the Debian package dataset-fashion-mnist")
 
-
-def images(n=32, size=12, seed=0):
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 def quantized(config=None, model=None, calib=None):
@@ -377,10 +373,6 @@ def test_synthetic_calibration_of_another_model_is_refused(tmp_path):
 # commands
 # ---------------------------------------------------------------------------------------------
 
-
-def dsg(*args, cwd=None):
-    env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "dsg_ext", *args], capture_output=True, text=True, env=env, cwd=cwd)
 
 
 def test_cli_quantize_eval_round_trip_and_refusals(tmp_path):
