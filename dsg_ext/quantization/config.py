@@ -38,7 +38,7 @@ _ORT = {"act_placement": "deploy", "fold_bn": True, "a_symmetric": False, "w_sym
 TARGETS = {"onnxruntime": {**_ORT, "vnni_only": False}, "onnxruntime-vnni": {**_ORT, "vnni_only": True}}
 RECONSTRUCTION_UNITS = ("layer", "block")
 # Where the learned rounding starts: nearest rounding (AdaRound's frac(W/s)), or the second-order
-# one-shot rounding (GPTQ, second_order.py), which then also runs first.
+# one-shot rounding (GPTQ, algorithms/second_order.py), which then also runs first.
 ROUNDING_STARTS = ("nearest", "gptq")
 # Named reconstructions (``dsg quantize --reconstruction NAME``): AdaRoundConfig fields on top of the defaults.
 RECONSTRUCTION_PRESETS = {

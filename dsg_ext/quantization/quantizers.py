@@ -52,10 +52,10 @@ class WeightQuantizer(nn.Module):
         self.last_reg: Optional[Tensor] = None
         self.rounding: RoundingFn = ops.adaround
         self.scale_param: Optional[nn.Parameter] = None  # learned jointly with the rounding (reconstruction)
-        # Set by the second-order rounding (second_order.py): the weight after its error compensation, whose nearest
-        # rounding is that step's decision. A reconstruction started from that decision learns the rounding
-        # of this weight instead of the layer's own (its up/down choices are the compensated weight's
-        # neighbours on the grid). Not saved.
+        # Set by the second-order rounding (algorithms/second_order.py, through set_start_weight): the weight
+        # after its error compensation, whose nearest rounding is that step's decision. A reconstruction
+        # started from that decision learns the rounding of this weight instead of the layer's own (its
+        # up/down choices are the compensated weight's neighbours on the grid). Not saved.
         self.start_weight: Optional[Tensor] = None
         # The raw uint8 input range (lo, hi) for which every pair of adjacent integer products must fit int16
         # (int16_pairs.py: onnxruntime's kernels on x86 CPUs without VNNI); None: no limit. Set by

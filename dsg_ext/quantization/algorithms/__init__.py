@@ -1,7 +1,7 @@
 """What changes a quantized model's weights or bit widths, each technique in its module; they import
 the quantization core (the model's parts), never the reverse.
 
-- ``gptq``: second-order one-shot rounding (GPTQ), with the input Hessians of ``hessian``;
+- ``second_order``: second-order one-shot rounding (GPTQ), with the input Hessians of ``hessian``;
 - ``reconstruct``: learned rounding by reconstruction (AdaRound per layer, BRECQ per block, QDrop,
   LSQ step sizes, learned weight scales), its iterations run by one of the ``engine``s;
 - ``bias_correction``: empirical bias correction;
