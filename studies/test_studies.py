@@ -103,3 +103,14 @@ def test_bit_allocation_compares_every_budget_with_uniform_bits(tmp_path):
     budgets = {"uniform 3": 3, "uniform 4": 4, "auto 3.5": 3.5, "auto 5": 5}
     assert all(r["average_wbits"] <= budgets[r["setting"]] + 1e-9 for r in report["rows"])
     assert all(0 <= r["top1"] <= 100 for r in report["rows"]) and len(report["sensitivity"]) == 22
+
+
+def test_demo_seed_spread_measures_every_variant_and_seed(tmp_path):
+    import demo_seed_spread
+
+    out = tmp_path / "spread.json"
+    assert demo_seed_spread.main(["--seeds", "0,1", "--eval-samples", "40", "--samples", "4", "--synth-iters", "2",
+                                  "--adaround-iters", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["variant"], r["seed"]) for r in rows] == [(v, s) for v in demo_seed_spread.VARIANTS for s in (0, 1)]
+    assert all(0 <= r["calibration"] <= 100 and 0 <= r["reconstruction"] <= 100 for r in rows)
