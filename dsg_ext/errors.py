@@ -28,7 +28,30 @@ __all__ = [
 
 
 class DsgError(Exception):
-    """Base class of every error dsg_ext raises for a problem the user can fix."""
+    """Base class of every error dsg_ext raises for a problem the user can fix.
+
+    ``parameter``: the argument of the Python API the message names (written ``name=value``, or else as
+    the bare word ``name``, in the message); ``dsg`` shows it as the matching option (``--name``), so an API
+    user reads the parameter they passed and a command-line user the flag they typed."""
+
+    def __init__(self, *args, parameter: "str | None" = None):
+        super().__init__(*args)
+        self.parameter = parameter
+
+    def for_command_line(self) -> str:
+        """The message with the parameter it names written as its option: ``force=True`` -> ``--force``,
+        ``num_samples=0`` -> ``--num-samples 0``, ``opset`` -> ``--opset``."""
+        message = str(self)
+        if not self.parameter:
+            return message
+        import re
+
+        flag = "--" + self.parameter.replace("_", "-")
+        name = re.escape(self.parameter)
+        if re.search(rf"\b{name}=", message):  # the parameter written as name=value: only those
+            message = re.sub(rf"\b{name}=True\b", flag, message)
+            return re.sub(rf"\b{name}=", flag + " ", message)
+        return re.sub(rf"(?<![-\w]){name}\b", flag, message)
 
 
 class ConfigError(DsgError, ValueError):

@@ -236,3 +236,29 @@ def test_quantize_bit_budget_errors_before_work_and_a_written_allocation(tmp_pat
     assert "bit allocation:" in printed and "uniform 3 bits" in printed and "uniform 4 bits" in printed
     assert meta["bit_allocation"]["budget"] == 3.5 and set(meta["weight_bits"].values()) <= {2, 3, 4, 8}
     assert meta["bit_allocation"]["average_bits"] <= 3.5
+
+
+def test_library_errors_name_the_parameter_and_dsg_shows_the_option(tmp_path):
+    """An API user reads the parameter they passed (force=True, device=..., opset, num_samples); `dsg`
+    prints the same error with the option they typed (DsgError.for_command_line)."""
+    from dsg_ext import SynthesisConfig, generate
+    from dsg_ext._utils.io import check_output_file
+    from dsg_ext.errors import ConfigError, ExportError, OutputError
+    from dsg_ext.export.qdq import check_opset
+    from dsg_ext.models.spec import check_device
+
+    existing = tmp_path / "kept"
+    existing.write_text("keep")
+    with pytest.raises(OutputError) as e:
+        check_output_file(str(existing), "output file", force=False)
+    assert "force=True" in str(e.value) and "--force" not in str(e.value)
+    assert "use --force to replace it" in e.value.for_command_line()
+    with pytest.raises(ConfigError) as e:
+        check_device("no-such-device")
+    assert str(e.value).startswith("device=") and e.value.for_command_line().startswith("--device 'no-such-device'")
+    with pytest.raises(ExportError) as e:
+        check_opset(3)
+    assert str(e.value).startswith("opset must lie") and e.value.for_command_line().startswith("--opset must lie")
+    with pytest.raises(ConfigError) as e:
+        generate("fashion-mnist-resnet20", str(tmp_path / "data"), SynthesisConfig(iterations=1), 0)
+    assert str(e.value).startswith("num_samples must") and e.value.for_command_line().startswith("--num-samples must")

@@ -71,8 +71,8 @@ def check_output_file(path: str, what: str = "output file", force: bool = True) 
     if os.path.isdir(path):
         raise OutputError(f"{what} {path} is a directory; give a file name")
     if os.path.lexists(path) and not force:
-        raise OutputError(f"{what} {path} exists; use --force to replace it "
-                          "(it is replaced only once the new file is complete)")
+        raise OutputError(f"{what} {path} exists; use force=True to replace it "
+                          "(it is replaced only once the new file is complete)", parameter="force")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise OutputError(f"the directory of {what} {path} does not exist ({parent})")

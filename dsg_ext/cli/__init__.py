@@ -40,7 +40,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.func(args)
     except DsgError as e:  # every user-fixable problem: one line, exit code 2; other exceptions are our bugs
-        print(f"dsg {args.command}: {e}", file=sys.stderr)
+        print(f"dsg {args.command}: {e.for_command_line()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dsg {args.command}: interrupted (finished work is kept; re-running resumes `dsg generate`)",

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_file(args.out, "--out", force=args.force)
     if args.json:
         check_output_file(args.json, "--json")
-    check_opset(args.opset, "--opset")  # before any work
+    check_opset(args.opset)  # before any work
     loaded = load_model(args.model, weights=args.weights, image_size=args.image_size,
                         trust_model_code=args.trust_model_code)
     example = example_input(loaded).expand(2, -1, -1, -1).contiguous()

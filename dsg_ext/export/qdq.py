@@ -175,12 +175,12 @@ def max_opset() -> int:
     return int(onnx.defs.onnx_opset_version())
 
 
-def check_opset(opset: Any, name: str = "opset") -> None:
-    """Refuses an opset the installed exporter cannot write (``name``: how the caller calls it)."""
+def check_opset(opset: Any) -> None:
+    """Refuses an opset the installed exporter cannot write."""
     top = max_opset()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
-        raise ExportError(f"{name} must lie in {MIN_OPSET}..{top} (the opsets the installed exporter writes: "
-                          f"torch.onnx's oldest, onnx's newest), got {opset!r}")
+        raise ExportError(f"opset must lie in {MIN_OPSET}..{top} (the opsets the installed exporter writes: "
+                          f"torch.onnx's oldest, onnx's newest), got {opset!r}", parameter="opset")
 
 
 def export_onnx(qmodel: nn.Module, example: Tensor, path: str, *, opset: int = DEFAULT_OPSET,
@@ -247,7 +247,7 @@ def export_onnx(qmodel: nn.Module, example: Tensor, path: str, *, opset: int = D
         written = max((o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")), default=None)
         if written != opset:
             raise ExportError(f"the exporter wrote opset {written} where opset {opset} was asked for: choose "
-                              f"another (--opset, {MIN_OPSET}..{max_opset()})")
+                              f"another (opset {MIN_OPSET}..{max_opset()})", parameter="opset")
         record: Dict[str, Any] = {
             "input": name, "opset": opset, "bytes": os.path.getsize(tmp),
             "nodes": {op: sum(n.op_type == op for n in model_proto.graph.node)

@@ -90,11 +90,13 @@ def load_model(source: str, weights: Optional[str] = None, image_size: Optional[
         from .resnet20 import pretrained_resnet20
 
         if weights:
-            raise ModelSourceError("fashion-mnist-resnet20 brings its own weights; --weights is not used with it")
+            raise ModelSourceError("fashion-mnist-resnet20 brings its own weights; weights=FILE is not used with it",
+                                   parameter="weights")
         model, spec = pretrained_resnet20(), InputSpec(1, 32, mean=(MEAN,), std=(STD,))
     elif source in EFFICIENTNET_LITE:
         if weights:
-            raise ModelSourceError(f"{source} brings its own weights; --weights is not used with it")
+            raise ModelSourceError(f"{source} brings its own weights; weights=FILE is not used with it",
+                                   parameter="weights")
         model, spec = _efficientnet_lite(source)
     elif source.startswith("torchvision:"):
         import torchvision

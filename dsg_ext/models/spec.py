@@ -65,12 +65,15 @@ def check_device(device: str) -> str:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(f"--device {device!r} is not a device (use cpu, cuda or cuda:N)") from None
+        raise ConfigError(f"device={device!r} is not one torch knows (use cpu, cuda or cuda:N)",
+                          parameter="device") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: no CUDA GPU is available on this machine (use --device cpu)")
+            raise ConfigError(f"device={device}: no CUDA GPU is available on this machine (use device=cpu)",
+                              parameter="device")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+            raise ConfigError(f"device={device}: this machine has {torch.cuda.device_count()} GPU(s)",
+                              parameter="device")
     elif dev.type != "cpu":
-        raise ConfigError(f"--device {device}: only cpu and cuda are supported")
+        raise ConfigError(f"device={device}: only cpu and cuda are supported", parameter="device")
     return device

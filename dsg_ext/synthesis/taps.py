@@ -120,7 +120,8 @@ class BatchNormTaps:
         if x.dim() == 4 and x.shape[2] * x.shape[3] < 2:
             raise ConfigError(
                 f"BN layer {self.names[index]!r} sees {x.shape[2]}x{x.shape[3]} feature maps at this image size: "
-                "per-sample statistics need at least 2 pixels per channel; use a larger --image-size")
+                "per-sample statistics need at least 2 pixels per channel; use a larger image_size",
+                parameter="image_size")
 
     def _record(self, index: int, loss: Tensor, stat_mean: Tensor, stat_std: Tensor) -> None:
         self.losses[index] = loss

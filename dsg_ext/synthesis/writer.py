@@ -158,7 +158,7 @@ def generate(
     """
     config.validate()
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
-        raise ConfigError(f"--num-samples must be a positive integer, got {num_samples!r}")
+        raise ConfigError(f"num_samples must be a positive integer, got {num_samples!r}", parameter="num_samples")
     check_device(device)
     check_output_dir(out, "dataset directory")
     if preview is not None:
