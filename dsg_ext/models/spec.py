@@ -65,7 +65,7 @@ def check_device(device: str) -> str:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(f"device={device!r} is not one torch knows (use cpu, cuda or cuda:N)",
+        raise ConfigError(f"device={device!r} is not a device torch knows (use cpu, cuda or cuda:N)",
                           parameter="device") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():

@@ -103,6 +103,9 @@ class SynthesisConfig:
     # pre-hooks and leaves BatchNorm to torch (the path benchmarks compare with).
     fused_bn: bool = True
 
+    def __post_init__(self):
+        self.validate()  # when built and on dataclasses.replace: a bad value never reaches the work
+
     def batch_seed(self, batch_index: int) -> int:
         """The seed of batch ``batch_index``'s starting point (pixels, or generator and latent): from
         (seed, batch index) only, so that a batch does not depend on rank or world size."""
