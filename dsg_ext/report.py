@@ -209,6 +209,28 @@ def _bars(rows: List[Dict[str, Any]], demo: Optional[Dict[str, Any]]) -> Optiona
     return _png(fig)
 
 
+def _quantized_section(rows: List[Dict[str, Any]]) -> List[str]:
+    """The quantized files' table, their weight bits per layer (chart) and, per file, its bits table."""
+    parts = []
+    cells = "".join(
+        f"<tr><td>{html.escape(r['file'])}</td><td>{r['label']}</td><td>{html.escape(str(r['calibration']))}</td>"
+        f"<td>{r.get('average_wbits', float('nan')):.3f}</td>"
+        f"<td>{r.get('top1_agreement', float('nan')):.2f}</td><td>{r.get('mean_kl', float('nan')):.4g}</td></tr>"
+        for r in rows)
+    parts.append("<table><tr><th>file</th><th>bits</th><th>calibration</th><th>average weight bits</th>"
+                 f"<th>top-1 agreement %</th><th>mean KL</th></tr>{cells}</table>")
+    per_layer = _layer_bits(rows)
+    if per_layer:
+        parts.append(f'<img alt="weight bits per layer" src="data:image/png;base64,{per_layer}">')
+    for r in (r for r in rows if r.get("weight_bits")):
+        table = "".join(f"<tr><td>{html.escape(n)}</td><td>{b}</td></tr>" for n, b in r["weight_bits"].items())
+        budget = r.get("bit_allocation") or {}
+        parts.append(f"<details><summary>{html.escape(r['file'])}: weight bits per layer"
+                     + (f" (automatic allocation, budget {budget.get('budget')} average bits)" if budget else "")
+                     + f"</summary><table><tr><th>layer</th><th>bits</th></tr>{table}</table></details>")
+    return parts
+
+
 def write_report(directories: Sequence[str], out: str, quantized: Sequence[str] = (), demo: Optional[str] = None,
                  weights: Optional[str] = None, trust_model_code: bool = False) -> str:
     """Writes the HTML report.
@@ -259,22 +281,7 @@ def write_report(directories: Sequence[str], out: str, quantized: Sequence[str] 
     if bars:
         parts.append(f'<img alt="accuracy" src="data:image/png;base64,{bars}">')
     if rows:
-        cells = "".join(
-            f"<tr><td>{html.escape(r['file'])}</td><td>{r['label']}</td><td>{html.escape(str(r['calibration']))}</td>"
-            f"<td>{r.get('average_wbits', float('nan')):.3f}</td>"
-            f"<td>{r.get('top1_agreement', float('nan')):.2f}</td><td>{r.get('mean_kl', float('nan')):.4g}</td></tr>"
-            for r in rows)
-        parts.append("<table><tr><th>file</th><th>bits</th><th>calibration</th><th>average weight bits</th>"
-                     f"<th>top-1 agreement %</th><th>mean KL</th></tr>{cells}</table>")
-        per_layer = _layer_bits(rows)
-        if per_layer:
-            parts.append(f'<img alt="weight bits per layer" src="data:image/png;base64,{per_layer}">')
-        for r in (r for r in rows if r.get("weight_bits")):
-            table = "".join(f"<tr><td>{html.escape(n)}</td><td>{b}</td></tr>" for n, b in r["weight_bits"].items())
-            budget = r.get("bit_allocation") or {}
-            parts.append(f"<details><summary>{html.escape(r['file'])}: weight bits per layer"
-                         + (f" (automatic allocation, budget {budget.get('budget')} average bits)" if budget else "")
-                         + f"</summary><table><tr><th>layer</th><th>bits</th></tr>{table}</table></details>")
+        parts.extend(_quantized_section(rows))
     parts.append("<h2>Configs</h2>")
     for s in sources:
         config = html.escape(json.dumps(s.manifest["config"], indent=1))

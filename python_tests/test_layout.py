@@ -19,11 +19,7 @@ LONG_FUNCTIONS_ALLOWED = {
     "cli/quantize.py:add_parser": "the option table of dsg quantize: one add_argument per option, read as a list",
     "synthesis/writer.py:generate": "the resumable, distributed write loop; to split by step next (issue 39's note)",
     "models/graph.py:modularise": "one torch.fx graph walk that rewrites functional calls into modules",
-    "quantization/algorithms/bias_correction.py:correct_bias": "two hook passes sharing their closures",
     "synthesis/loop.py:synthesize_batch": "the synthesis loop, its per-iteration steps inline for speed reading",
-    "export/qdq.py:export_onnx": "export, its checks and the verification run in the order the file is made",
-    "report.py:write_report": "the HTML page, section by section",
-    "models/sources.py:load_model": "one branch per model source, each a few lines",
 }
 # Modules that import nothing of the package (leaves every module may use).
 LEAVES = {"dsg_ext.errors", "dsg_ext._utils.validation"}

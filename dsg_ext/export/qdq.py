@@ -183,6 +183,25 @@ def check_opset(opset: Any) -> None:
                           f"torch.onnx's oldest, onnx's newest), got {opset!r}", parameter="opset")
 
 
+def _same_as_ours(qmodel: nn.Module, deploy: nn.Module, example: Tensor) -> Tensor:
+    """Our model's output on ``example``, after checking the QDQ module computes it too."""
+    with torch.no_grad():
+        ours = qmodel(example)
+        mine = deploy(example)
+    gap, size = (ours - mine).abs(), float(ours.abs().max().clamp_min(1))
+    if qmodel.dsg_quant_config.get("act_placement") != "deploy":
+        bad = not torch.allclose(ours, mine, rtol=1e-4, atol=1e-4 * size)
+    else:
+        # Our model adds the int32 bias's rounding to the float bias's output, the QDQ module convolves with
+        # the rounded bias: outputs an ulp apart, so a value at a rounding tie of the next quantizer may land
+        # one step away, and the step travels on through the later quantizers (EfficientNet-Lite0: mean
+        # difference 3% of the mean logit). A wrong quantizer moves them far more.
+        bad = float(gap.max()) > 0.1 * size or float(gap.mean()) > 0.05 * float(ours.abs().mean())
+    if bad:
+        raise ExportError(f"internal: the QDQ module differs from the quantized model by {float(gap.max()):.3g}")
+    return ours
+
+
 def export_onnx(qmodel: nn.Module, example: Tensor, path: str, *, opset: int = DEFAULT_OPSET,
                 name: Optional[str] = None, check: bool = True, check_images: Optional[Tensor] = None,
                 check_data: str = "the example input") -> Dict[str, Any]:
@@ -208,20 +227,7 @@ def export_onnx(qmodel: nn.Module, example: Tensor, path: str, *, opset: int = D
     check_opset(opset)
     deploy = deploy_module(qmodel)
     name = name or input_name(qmodel)
-    with torch.no_grad():
-        ours = qmodel(example)
-        mine = deploy(example)
-    gap, size = (ours - mine).abs(), float(ours.abs().max().clamp_min(1))
-    if qmodel.dsg_quant_config.get("act_placement") != "deploy":
-        bad = not torch.allclose(ours, mine, rtol=1e-4, atol=1e-4 * size)
-    else:
-        # Our model adds the int32 bias's rounding to the float bias's output, the QDQ module convolves with
-        # the rounded bias: outputs an ulp apart, so a value at a rounding tie of the next quantizer may land
-        # one step away, and the step travels on through the later quantizers (EfficientNet-Lite0: mean
-        # difference 3% of the mean logit). A wrong quantizer moves them far more.
-        bad = float(gap.max()) > 0.1 * size or float(gap.mean()) > 0.05 * float(ours.abs().mean())
-    if bad:
-        raise ExportError(f"internal: the QDQ module differs from the quantized model by {float(gap.max()):.3g}")
+    ours = _same_as_ours(qmodel, deploy, example)
     batch = torch.export.Dim("batch", min=1)
     import warnings
 

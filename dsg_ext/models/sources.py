@@ -77,6 +77,42 @@ def _efficientnet_lite(name: str) -> Tuple[nn.Module, InputSpec]:
     return model, InputSpec(3, EFFICIENTNET_LITE[name], mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
 
 
+def _architecture(source: str) -> nn.Module:
+    """``torchvision:NAME`` / ``timm:NAME``: the architecture with freshly initialised weights."""
+    library, name = source.split(":", 1)
+    if library == "torchvision":
+        import torchvision
+
+        try:
+            return torchvision.models.get_model(name, weights=None)
+        except (ValueError, KeyError) as e:
+            raise ModelSourceError(f"torchvision has no model {name!r}") from e
+    try:
+        import timm
+    except ImportError as e:
+        raise ModelSourceError("timm:NAME needs the timm package (pip install timm)") from e
+    try:
+        return timm.create_model(name, pretrained=False)
+    except RuntimeError as e:
+        raise ModelSourceError(f"timm has no model {name!r}") from e
+
+
+def _from_function(source: str) -> nn.Module:
+    """``module:function``: the module the user's function returns."""
+    module_name, func_name = source.split(":", 1)
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as e:
+        raise ModelSourceError(f"cannot import {func_name!r} from module {module_name!r}: {e}") from e
+    try:
+        model = func()
+    except Exception as e:  # the user's own constructor
+        raise ModelSourceError(f"the model {source} rejected its construction: {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise ModelSourceError(f"{source} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
 def load_model(source: str, weights: Optional[str] = None, image_size: Optional[int] = None,
                trust_model_code: bool = False) -> LoadedModel:
     """Builds the model a source string names, in eval mode on the CPU.
@@ -98,42 +134,14 @@ def load_model(source: str, weights: Optional[str] = None, image_size: Optional[
             raise ModelSourceError(f"{source} brings its own weights; weights=FILE is not used with it",
                                    parameter="weights")
         model, spec = _efficientnet_lite(source)
-    elif source.startswith("torchvision:"):
-        import torchvision
-
-        name = source.split(":", 1)[1]
-        try:
-            model = torchvision.models.get_model(name, weights=None)
-        except (ValueError, KeyError) as e:
-            raise ModelSourceError(f"torchvision has no model {name!r}") from e
-        if weights:
-            _load_state_dict(model, weights)
-    elif source.startswith("timm:"):
-        try:
-            import timm
-        except ImportError as e:
-            raise ModelSourceError("timm:NAME needs the timm package (pip install timm)") from e
-        name = source.split(":", 1)[1]
-        try:
-            model = timm.create_model(name, pretrained=False)
-        except RuntimeError as e:
-            raise ModelSourceError(f"timm has no model {name!r}") from e
+    elif source.startswith(("torchvision:", "timm:")):
+        model = _architecture(source)
         if weights:
             _load_state_dict(model, weights)
     elif os.path.lexists(source) or source.endswith((".pt2", ".pt", ".ts", ".pth")):
         model, spec = load_graph_file(source, spec, image_size, trust_model_code)
     elif ":" in source:
-        module_name, func_name = source.split(":", 1)
-        try:
-            func = getattr(importlib.import_module(module_name), func_name)
-        except (ImportError, AttributeError) as e:
-            raise ModelSourceError(f"cannot import {func_name!r} from module {module_name!r}: {e}") from e
-        try:
-            model = func()
-        except Exception as e:  # the user's own constructor
-            raise ModelSourceError(f"the model {source} rejected its construction: {type(e).__name__}: {e}") from e
-        if not isinstance(model, nn.Module):
-            raise ModelSourceError(f"{source} returned {type(model).__name__}, not an nn.Module")
+        model = _from_function(source)
         spec = getattr(model, "dsg_input_spec", spec)
         if weights:
             _load_state_dict(model, weights)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import ConfigError, InvalidDataError
+from ..capture import hooks
 from ..prepare import float_reference
 
 
@@ -32,6 +33,23 @@ def _channel_mean(out: Tensor, layer: nn.Module, name: str) -> Tensor:
 
 def _broadcast(delta: Tensor, out: Tensor, layer: nn.Module) -> Tensor:
     return delta if _channel_dim(layer) == -1 else delta.view(1, -1, *([1] * (out.dim() - 2)))
+
+
+@torch.no_grad()
+def _float_means(fp_model: nn.Module, fp_modules: Dict[str, nn.Module], order: List[str],
+                 x: Tensor) -> Dict[str, Tensor]:
+    """{layer: its per-channel output mean} in the float model on ``x`` (a layer called twice: its first call)."""
+    target: Dict[str, Tensor] = {}
+
+    def record(name):
+        def hook(m, _inputs, out):
+            if name not in target:
+                target[name] = _channel_mean(out, m, name)
+        return hook
+
+    with hooks([fp_modules[n].register_forward_hook(record(n)) for n in order]):
+        fp_model(x)
+    return target
 
 
 @torch.no_grad()
@@ -64,20 +82,7 @@ def correct_bias(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, max_ima
     missing = [n for n in order if n not in fp_modules]
     if missing:
         raise ConfigError(f"the float model has no layer {missing[0]!r}: it is not the model this one was made from")
-    target: Dict[str, Tensor] = {}
-
-    def record(name):
-        def hook(m, _inputs, out):
-            if name not in target:  # a layer called twice: its first call
-                target[name] = _channel_mean(out, m, name)
-        return hook
-
-    handles = [fp_modules[n].register_forward_hook(record(n)) for n in order]
-    try:
-        fp_model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    target = _float_means(fp_model, fp_modules, order, x)
     records: List[Dict[str, float]] = []
     done = set()
 
