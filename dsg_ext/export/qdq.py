@@ -175,8 +175,9 @@ def max_opset() -> int:
     return int(onnx.defs.onnx_opset_version())
 
 
-def check_opset(opset: Any) -> None:
-    """Refuses an opset the installed exporter cannot write."""
+def check_opset(opset: Any, name: Optional[str] = None) -> None:
+    """Refuses an opset the installed exporter cannot write (``name``: deprecated and unused; the error
+    names the parameter, and ``dsg`` shows it as ``--opset``)."""
     top = max_opset()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
         raise ExportError(f"opset must lie in {MIN_OPSET}..{top} (the opsets the installed exporter writes: "

@@ -224,7 +224,8 @@ class AdaRoundConfig:
     # then keeps GPTQ's rounding alone.
     start: str = "nearest"
     gptq: GptqConfig = dataclasses.field(default_factory=GptqConfig)
-    # Deprecated spellings of gptq.damp / gptq.act_order (before 2026-12-07), folded into ``gptq``.
+    # Deprecated spellings of gptq.damp / gptq.act_order (before 2026-12-07), folded into ``gptq`` when given;
+    # read ``gptq.damp`` / ``gptq.act_order`` (these attributes read None, so that replace() keeps ``gptq``).
     gptq_damp: dataclasses.InitVar[Optional[float]] = None
     gptq_act_order: dataclasses.InitVar[Optional[bool]] = None
 
@@ -234,8 +235,7 @@ class AdaRoundConfig:
         if not isinstance(self.gptq, GptqConfig):
             raise ConfigError(f"invalid AdaRound options: gptq must be a GptqConfig, got {self.gptq!r}")
         folded = {k: v for k, v in (("damp", gptq_damp), ("act_order", gptq_act_order)) if v is not None}
-        if folded:
-            self.gptq = dataclasses.replace(self.gptq, **folded)
+        self.gptq = dataclasses.replace(self.gptq, **folded)  # a copy: replace() never shares it between configs
         self.validate()
 
     @classmethod

@@ -12,6 +12,12 @@ from ..errors import QuantizationError
 from .config import OBSERVERS
 
 
+def __getattr__(name: str):
+    if name == "WEIGHT_OBSERVERS":  # deprecated here (before 2026-12-07 a tuple of this module)
+        return tuple(n for n, c in OBSERVERS.items() if c.sets_weights)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def quant_range(bits: int, symmetric: bool) -> Tuple[int, int]:
     """(quant_min, quant_max) of a signed symmetric or an unsigned asymmetric ``bits``-bit integer."""
     return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if symmetric else (0, (1 << bits) - 1)

@@ -164,3 +164,11 @@ def test_allocated_file_round_trips_and_its_bits_are_checked(tmp_path):
         f.write(save(tensors, metadata={"dsg_ext": json.dumps(meta)}))
     with pytest.raises(QuantizedFileError, match="per-layer weight bits do not follow from its config.*'b'"):
         Q.load_quantized(model, forged, model_identity(model), X[:1])
+
+
+def test_automatic_bits_for_the_onnxruntime_target():
+    """dsg quantize --target onnxruntime --wbits-budget: the deploy placement (BN folded) allocates too."""
+    model = _net()
+    config = Q.QuantConfig.for_target("onnxruntime", wbits=4, abits=8)
+    alloc = A.allocate_bits(model, X, config, 4.0, (2, 4, 8), progress=False)
+    assert alloc.average_bits <= 4.0 and set(alloc.bits) == set(alloc.params)

@@ -309,7 +309,9 @@ def allocate_bits(model: nn.Module, images: Tensor, config: QuantConfig, budget:
     free = [n for n in order if n not in fixed]
     # Impossible budgets are refused before the (minutes of) sensitivity passes.
     allocate({n: {min(choices): 0.0} for n in free}, params, budget, fixed)
-    config = dataclasses.replace(config, fold_bn=False)  # fp is folded already
+    # fp is folded already; the sensitivity quantizes weights only, so the placement does not matter (and the
+    # deploy placement, which needs fold_bn, would be refused)
+    config = dataclasses.replace(config, fold_bn=False, act_placement="input")
     sensitivity = layer_sensitivity(fp, images, config, choices, example, batch_size, device, layers=free,
                                     progress=progress)
     bits = allocate(sensitivity, params, budget, fixed)
