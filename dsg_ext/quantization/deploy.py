@@ -215,21 +215,32 @@ def _scope_calls(model: nn.Module, example: Tensor) -> Dict[str, Optional[Dict[s
     inside_layers = {n for n, m in model.named_modules() if isinstance(m, QUANT_TYPES)}
     scopes = {n: m for n, m in scopes.items() if not any(n.startswith(p + ".") for p in inside_layers)}
     calls: Dict[str, Optional[Dict[str, Any]]] = {}
+    tensor_args: Dict[str, frozenset] = {}  # the arguments each scope's first call passed as tensors
 
     def record(name: str) -> Callable:
         def hook(m, args, kwargs):
             try:
-                bound = inspect.signature(m.forward).bind(*args, **kwargs).arguments
+                signature = inspect.signature(m.forward)
+                bound = dict(signature.bind(*args, **kwargs).arguments)
             except TypeError:
                 calls[name] = None
                 return
+            # An argument left at its default is part of the call too: traced as a placeholder, a None default
+            # would be taken for a tensor (DLA's blocks: `if shortcut is None` inside).
+            bound.update({k: p.default for k, p in signature.parameters.items() if k not in bound
+                          and p.default is not inspect.Parameter.empty
+                          and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)})
             concrete = {k: v for k, v in bound.items() if not isinstance(v, Tensor)}
+            tensors = frozenset(k for k, v in bound.items() if isinstance(v, Tensor))
             if any(isinstance(v, (list, tuple, dict)) for v in concrete.values()):
                 calls[name] = None
-            elif name in calls and calls[name] != concrete:
+            elif name in calls and (calls[name] != concrete or tensor_args[name] != tensors):
+                # e.g. DLA's blocks, called with a shortcut tensor and without one (None inside): one trace
+                # cannot serve both
                 calls[name] = None
             else:
                 calls.setdefault(name, concrete)
+                tensor_args.setdefault(name, tensors)
         return hook
 
     handles = [m.register_forward_pre_hook(record(n), with_kwargs=True) for n, m in scopes.items()]

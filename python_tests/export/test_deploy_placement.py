@@ -346,3 +346,44 @@ def test_an_opset_the_exporter_cannot_write_is_refused_before_any_work(tmp_path)
                         str(tmp_path / "missing.onnx"), "--data", "fashion-mnist"], capture_output=True, text=True,
                        env=ENV)
     assert r.returncode == 2 and "missing.onnx" in r.stderr and "Traceback" not in r.stderr
+
+
+class _OptionalShortcut(nn.Module):
+    """A block whose shortcut argument defaults to None (DLA's BasicBlock): `if shortcut is None` inside."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x, shortcut=None):
+        if shortcut is None:
+            shortcut = x
+        return torch.relu(self.bn(self.conv(x)) + shortcut)
+
+
+class _DefaultsNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.a, self.b = _OptionalShortcut(4), _OptionalShortcut(4)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.stem(x)))
+        z = self.b(self.a(x), x)  # a: shortcut left at its default; b: given
+        return self.head(z.mean((2, 3)))
+
+
+def test_a_block_called_with_an_argument_left_at_its_none_default_is_traced_as_called():
+    """timm's DLA-34 crashed here ('NoneType' object has no attribute 'clone'): the default None was traced as
+    a tensor placeholder. An argument left at its default is now part of the call the trace specialises on."""
+    torch.manual_seed(0)
+    model = _DefaultsNet().eval()
+    x = torch.randn(16, 3, 10, 10)
+    q = Q.quantize_model(model, Q.QuantConfig.for_target("onnxruntime", wbits=8, abits=8), x[:1])
+    Q.calibrate(q, x)
+    Q.finalize_weights(q)
+    assert {"a", "b"} <= set(q.dsg_deploy["rewritten"])
+    with torch.no_grad():
+        ref, got = model(x), q(x)
+    assert float((got - ref).abs().max()) < 0.1 * float(ref.abs().max())
