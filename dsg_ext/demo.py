@@ -85,8 +85,10 @@ def _calibration_sources(cfg: DemoConfig, loaded, progress: bool, log) -> Tuple[
     return calib, timings
 
 
-def _row(fp, qconf, images: torch.Tensor, example: torch.Tensor, ada, cfg: DemoConfig, accuracy) -> Dict[str, Any]:
-    """One cell of the table: ``qconf`` calibrated on ``images`` (plain), then reconstructed (4-bit weights)."""
+def measure_cell(fp, qconf, source: str, images: torch.Tensor, example: torch.Tensor, ada, cfg: DemoConfig,
+                 accuracy) -> Dict[str, Any]:
+    """One cell of the table: ``qconf`` calibrated on ``images`` of ``source`` (plain), then reconstructed
+    (at most ``cfg.reconstruct_max_wbits`` weight bits); ``accuracy(model)`` scores each."""
     t = time.perf_counter()
     q = quant.quantize_model(fp, qconf, example)
     quant.calibrate(q, images, device=cfg.device)
@@ -102,7 +104,7 @@ def _row(fp, qconf, images: torch.Tensor, example: torch.Tensor, ada, cfg: DemoC
         if cfg.bias_correction:
             quant.correct_bias(q_ada, fp, images, device=cfg.device)
         ada_acc = accuracy(q_ada)
-    return {"bits": qconf.label(), "calibration": plain_acc, "adaround": ada_acc,
+    return {"bits": qconf.label(), "source": source, "calibration": plain_acc, "adaround": ada_acc,
             "adaround_seconds": time.perf_counter() - t_ada, "seconds": time.perf_counter() - t}
 
 
@@ -134,8 +136,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True, log=print) -> Dict[str, Any
     for wbits, abits in cfg.bits:
         qconf = quant.QuantConfig(wbits=wbits, abits=abits, observer=cfg.observer)
         for source in cfg.sources:
-            row = _row(fp, qconf, calib[source].to(cfg.device), example, ada, cfg, accuracy)
-            row = {"bits": row.pop("bits"), "source": source, **row}
+            row = measure_cell(fp, qconf, source, calib[source].to(cfg.device), example, ada, cfg, accuracy)
             rows.append(row)
             shown = f"{row['adaround']:6.2f}%" if row["adaround"] is not None else "     -"
             log(f"{row['bits']:6s} {source:11s} calibration {row['calibration']:6.2f}%  reconstruction {shown}  "

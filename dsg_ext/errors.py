@@ -9,6 +9,8 @@ else is a bug and keeps its traceback. The fused ops raise torch's own errors (`
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "DsgError",
     "ConfigError",
@@ -44,8 +46,6 @@ class DsgError(Exception):
         message = str(self)
         if not self.parameter:
             return message
-        import re
-
         flag = "--" + self.parameter.replace("_", "-")
         name = re.escape(self.parameter)
         if re.search(rf"\b{name}=", message):  # the parameter written as name=value: only those

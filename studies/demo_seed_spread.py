@@ -12,7 +12,6 @@ host, contiguous memory: ``augment_rng="host"``, ``channels_last=False``), in on
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import statistics
@@ -21,24 +20,13 @@ import time
 
 from dsg_ext import quantization as quant
 from dsg_ext.data import calibration, fashion_mnist
-from dsg_ext.demo import DemoConfig
+from dsg_ext.demo import DemoConfig, measure_cell
 from dsg_ext.evaluation import topk_accuracy
 from dsg_ext.models import load_model
 from dsg_ext.synthesis import SynthesisConfig, generate
 
 MODEL = "fashion-mnist-resnet20"
 VARIANTS = {"today": {}, "before 2026-12-07": {"augment_rng": "host", "channels_last": False}}
-
-
-def demo_row(fp, test_x, test_y, images, cfg: DemoConfig, wbits: int, abits: int):
-    """(plain calibration, reconstruction) top-1 of the demo's row on ``images``."""
-    ada = quant.AdaRoundConfig.from_preset(cfg.reconstruction, iterations=cfg.adaround_iterations, seed=cfg.seed)
-    q = quant.quantize_model(fp, quant.QuantConfig(wbits=wbits, abits=abits, observer=cfg.observer), images[:2])
-    quant.calibrate(q, images)
-    q_ada = copy.deepcopy(q)
-    quant.finalize_weights(q)
-    quant.reconstruct(q_ada, fp, images, ada, progress=False)
-    return tuple(topk_accuracy(m, test_x, test_y, batch_size=500)[0] for m in (q, q_ada))
 
 
 def main(argv=None) -> int:
@@ -56,6 +44,9 @@ def main(argv=None) -> int:
     test_u8, test_y = fashion_mnist.load_split(train=False)
     test_x = fashion_mnist.preprocess(test_u8[: args.eval_samples])
     test_y = test_y[: args.eval_samples]
+    def accuracy(model) -> float:
+        return topk_accuracy(model, test_x, test_y, batch_size=500)[0]
+
     rows = []
     print(f"W4A4, {test_x.shape[0]} test images: top-1 plain calibration / reconstruction")
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,7 +61,11 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 generate(MODEL, out, sconf, cfg.samples, show_progress=False, image_size=None)
                 images = calibration.synthetic_calibration(out, load_model(MODEL), cfg.samples)
-                plain, recon = demo_row(fp, test_x, test_y, images, cfg, 4, 4)
+                ada = quant.AdaRoundConfig.from_preset(cfg.reconstruction, iterations=cfg.adaround_iterations,
+                                                       seed=seed)
+                cell = measure_cell(fp, quant.QuantConfig(wbits=4, abits=4, observer=cfg.observer), "recommended",
+                                    images, images[:2], ada, cfg, accuracy)
+                plain, recon = cell["calibration"], cell["adaround"]
                 rows.append({"variant": variant, "seed": seed, "calibration": plain, "reconstruction": recon,
                              "seconds": time.perf_counter() - t})
                 print(f"{variant:18s} seed {seed}: {plain:.2f} / {recon:.2f}  ({rows[-1]['seconds']:.0f} s)", flush=True)

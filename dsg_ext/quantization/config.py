@@ -24,6 +24,11 @@ OBSERVERS: Dict[str, Any] = {}
 # on CUDA, device elsewhere).
 ENGINES = ("auto", "loop", "device", "graph")
 
+
+def weight_observers() -> Tuple[str, ...]:
+    """The registered observers that also set weight ranges (``QuantConfig.weight_observer``)."""
+    return tuple(n for n, c in OBSERVERS.items() if c.sets_weights)
+
 # "input": a quantizer before every quantized layer (the paper's); "relu": after each ReLU/ReLU6 (ZeroQ's);
 # "deploy": where an integer runtime needs them (every conv/linear output after its activation, residual
 # adds, pooling; deploy.py), with BN folded and int32 biases, so that onnxruntime fuses every layer.
@@ -172,9 +177,8 @@ class QuantConfig:
                 problems.append(f"{name} must be an integer in {MIN_BITS}..{MAX_BITS}, got {b!r}")
         if self.observer not in OBSERVERS:
             problems.append(f"observer must be one of {tuple(OBSERVERS)}, got {self.observer!r}")
-        weight_observers = tuple(n for n, c in OBSERVERS.items() if c.sets_weights)
-        if self.weight_observer not in weight_observers:
-            problems.append(f"weight observer must be one of {weight_observers}, got {self.weight_observer!r}")
+        if self.weight_observer not in weight_observers():
+            problems.append(f"weight observer must be one of {weight_observers()}, got {self.weight_observer!r}")
         if self.act_placement not in PLACEMENTS:
             problems.append(f"activation placement must be one of {PLACEMENTS}, got {self.act_placement!r}")
         if self.act_placement == "deploy" and not self.fold_bn:

@@ -215,7 +215,6 @@ def _scope_calls(model: nn.Module, example: Tensor) -> Dict[str, Optional[Dict[s
     inside_layers = {n for n, m in model.named_modules() if isinstance(m, QUANT_TYPES)}
     scopes = {n: m for n, m in scopes.items() if not any(n.startswith(p + ".") for p in inside_layers)}
     calls: Dict[str, Optional[Dict[str, Any]]] = {}
-    tensor_args: Dict[str, frozenset] = {}  # the arguments each scope's first call passed as tensors
 
     def record(name: str) -> Callable:
         def hook(m, args, kwargs):
@@ -231,16 +230,12 @@ def _scope_calls(model: nn.Module, example: Tensor) -> Dict[str, Optional[Dict[s
                           and p.default is not inspect.Parameter.empty
                           and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)})
             concrete = {k: v for k, v in bound.items() if not isinstance(v, Tensor)}
-            tensors = frozenset(k for k, v in bound.items() if isinstance(v, Tensor))
             if any(isinstance(v, (list, tuple, dict)) for v in concrete.values()):
                 calls[name] = None
-            elif name in calls and (calls[name] != concrete or tensor_args[name] != tensors):
-                # e.g. DLA's blocks, called with a shortcut tensor and without one (None inside): one trace
-                # cannot serve both
+            elif name in calls and calls[name] != concrete:  # e.g. a shortcut tensor in one call, None in another
                 calls[name] = None
             else:
                 calls.setdefault(name, concrete)
-                tensor_args.setdefault(name, tensors)
         return hook
 
     handles = [m.register_forward_pre_hook(record(n), with_kwargs=True) for n, m in scopes.items()]

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidDataError, QuantizationError
-from .config import OBSERVERS
+from .config import OBSERVERS, weight_observers
 from .qparams import mse_search, range_to_qparams
 
 __all__ = ["Observer", "MinMaxObserver", "EmaObserver", "PercentileObserver", "MseObserver", "OBSERVERS",
@@ -185,5 +185,5 @@ class MseObserver(_SampledObserver):
 
 
 # Deprecated (before 2026-12-07 a tuple in qparams.py): the registered observers that set weight ranges.
-WEIGHT_OBSERVERS = tuple(n for n, c in OBSERVERS.items() if c.sets_weights)
+WEIGHT_OBSERVERS = weight_observers()
 

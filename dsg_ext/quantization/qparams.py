@@ -9,12 +9,12 @@ import torch
 from torch import Tensor
 
 from ..errors import QuantizationError
-from .config import OBSERVERS
+from .config import OBSERVERS, weight_observers
 
 
 def __getattr__(name: str):
     if name == "WEIGHT_OBSERVERS":  # deprecated here (before 2026-12-07 a tuple of this module)
-        return tuple(n for n, c in OBSERVERS.items() if c.sets_weights)
+        return weight_observers()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -73,8 +73,7 @@ def weight_qparams(weight: Tensor, qmin: int, qmax: int, per_channel: bool, symm
     registered ``observer``'s weight rule (``"minmax"``: its min/max; ``"mse"``: the MSE-best shrinking)."""
     cls = OBSERVERS.get(observer)
     if cls is None or not cls.sets_weights:
-        names = tuple(n for n, c in OBSERVERS.items() if c.sets_weights)
-        raise QuantizationError(f"weight observer must be one of {names}, got {observer!r}")
+        raise QuantizationError(f"weight observer must be one of {weight_observers()}, got {observer!r}")
     w = weight.detach().float()
     flat = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
     lo, hi = flat.amin(1), flat.amax(1)

@@ -19,7 +19,6 @@ from dsg_ext.errors import ConfigError, DataSourceError, InvalidDataError, Quant
 from dsg_ext.evaluation import fidelity
 from dsg_ext.quantization.qparams import fake_quant_broadcast
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # python_tests/, for tiny_models
 FASHION = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
 needs_fashion = pytest.mark.skipif(not os.path.exists(FASHION), reason="needs the Debian package dataset-fashion-mnist")
 
