@@ -107,3 +107,50 @@ def residual_net() -> nn.Module:
                 mod.weight.normal_(1, 0.2)
                 mod.bias.normal_(0, 0.2)
     return m
+
+
+class _AuxHeadNet(nn.Module):
+    """An auxiliary head (conv + BN) run only in training, as GoogLeNet's and Inception-v3's."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = tiny_bn_net()
+        self.aux = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                 nn.Flatten(), nn.Linear(4, 10))
+
+    def forward(self, x):
+        out = self.body(x)
+        return (out, self.aux(x)) if self.training else out
+
+
+def aux_head_net() -> nn.Module:
+    """Its ``aux.1`` BatchNorm runs only in training mode; same weights on every call."""
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        return _AuxHeadNet().eval()
+
+
+class _SqueezeExciteBn(nn.Module):
+    """Squeeze-excite with a BatchNorm on the pooled 1x1 map (ReXNet's): it sees 1x1 at every input size."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.expand = nn.Conv2d(4, channels, 1)
+
+    def forward(self, x):
+        s = self.expand(torch.relu(self.bn(self.reduce(x.mean((2, 3), keepdim=True)))))
+        return x * torch.sigmoid(s)
+
+
+def se_bn_net() -> nn.Module:
+    """tiny_bn_net with a squeeze-excite block whose BN (``1.bn``) sees 1x1 maps; same weights on every call."""
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        body = tiny_bn_net()
+        se = _SqueezeExciteBn(8)
+        with torch.no_grad():
+            se.bn.running_mean.normal_(0, 0.5)
+            se.bn.running_var.uniform_(0.5, 2.0)
+        return nn.Sequential(body[:3], se, body[3:]).eval()

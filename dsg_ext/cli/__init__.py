@@ -12,7 +12,9 @@ reported as one line with exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from typing import List, Optional
 
 from .._utils.memory import retain_freed_memory
@@ -34,9 +36,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _one_line_warnings(command: str):
+    """A ``warnings.showwarning`` that prints dsg_ext's own warnings as one line, ``dsg <command>: warning:
+    ...`` (the source line Python adds says nothing to a command-line user); other packages' keep Python's
+    format."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not os.path.abspath(filename).startswith(PACKAGE_DIR + os.sep):
+            return default(message, category, filename, lineno, file, line)
+        from tqdm import tqdm
+
+        tqdm.write(f"dsg {command}: warning: {message}", file=file or sys.stderr)  # below any progress bar
+
+    return show
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     retain_freed_memory()  # large CPU tensors reused instead of page-faulted in each iteration (_utils/memory.py)
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warnings(args.command)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except DsgError as e:  # every user-fixable problem: one line, exit code 2; other exceptions are our bugs

@@ -24,7 +24,7 @@ from .augment import Augmenter
 from .config import BATCH_METHODS, SynthesisConfig
 from .dsg import enhancement_weights, slack_margins
 from .generator import GeneratedImages
-from .taps import BatchNormTaps, batchnorm_layers
+from .taps import BatchNormTaps, synthesis_layers
 
 
 @dataclasses.dataclass
@@ -278,7 +278,8 @@ def synthesize_batch(
     model = model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    layers = list(layers) if layers is not None else batchnorm_layers(model)
+    layers = (list(layers) if layers is not None
+              else synthesis_layers(model, config.channels, config.image_size, device, type(model).__name__))
     batch_stats = config.method in BATCH_METHODS
     taps = BatchNormTaps(layers, config.unbiased, fused=config.fused_bn, batch=batch_stats,
                          per_sample=config.method != "batch")
@@ -351,7 +352,8 @@ def _first_nonfinite_layer(names: Sequence[str], first_bad: Sequence[int]) -> Op
 def per_sample_moments(model: nn.Module, images: Tensor, unbiased: bool = True,
                        device: str = "cpu") -> Dict[str, Tuple[Tensor, Tensor]]:
     """Per BN layer, the (N, C) per-sample means and stds of its input."""
-    layers = batchnorm_layers(model)
+    model = model.eval()
+    layers = synthesis_layers(model, images.shape[1], images.shape[-1], device, type(model).__name__, warn=False)
     taps = BatchNormTaps(layers, unbiased)
     taps.record_stats = True
     with taps, torch.no_grad():
@@ -387,7 +389,7 @@ def synthesize(model: nn.Module, config: Optional[SynthesisConfig] = None, num_s
     if not isinstance(num_samples, int) or num_samples <= 0:
         raise ConfigError(f"num_samples must be a positive integer, got {num_samples!r}")
     model = model.to(device)
-    layers = batchnorm_layers(model, type(model).__name__)
+    layers = synthesis_layers(model, config.channels, config.image_size, device, type(model).__name__)
     parts = []
     for b in range(math.ceil(num_samples / config.batch_size)):
         count = min(config.batch_size, num_samples - b * config.batch_size)

@@ -4,6 +4,7 @@ forward pass while the taps are active."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -27,6 +28,71 @@ def batchnorm_layers(model: nn.Module, model_name: str = "model") -> List[Tuple[
             f"{model_name} has no BatchNorm2d layer with running statistics: DSG/ZeroQ synthesis needs them"
         )
     return layers
+
+
+def _input_shapes(model: nn.Module, layers: Sequence[Tuple[str, nn.BatchNorm2d]],
+                  example: Tensor) -> Dict[str, Tuple[int, ...]]:
+    """Each BN layer's input shape in one eval-mode forward of ``example`` (a layer missing from the
+    result is not reached)."""
+    shapes: Dict[str, Tuple[int, ...]] = {}
+
+    def record(name: str) -> Callable:
+        def hook(_module, inputs) -> None:  # returns None: the inputs stay as they are
+            shapes.setdefault(name, tuple(inputs[0].shape))
+        return hook
+
+    handles = [bn.register_forward_pre_hook(record(name)) for name, bn in layers]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def _pixels(shape: Tuple[int, ...]) -> int:
+    return shape[2] * shape[3] if len(shape) == 4 else 2
+
+
+def synthesis_layers(model: nn.Module, channels: int, image_size: int, device="cpu",
+                     model_name: str = "model", warn: bool = True) -> List[Tuple[str, nn.BatchNorm2d]]:
+    """The BN layers synthesis can match at this input size, found by one eval-mode forward pass.
+
+    Skipped, with one warning that names them: layers the eval-mode forward never reaches (GoogLeNet's
+    auxiliary heads run only in training) and layers that see 1x1 maps at every input size (a BN after a
+    global pool, as in ReXNet's squeeze-excite), where per-sample statistics do not exist. A layer that
+    sees 1x1 maps only because ``image_size`` is small is refused (ConfigError): a larger size keeps it.
+    ``warn`` False: skip them silently (measurements of images already made).
+    """
+    layers = batchnorm_layers(model, model_name)
+    shapes = _input_shapes(model, layers, torch.zeros(1, channels, image_size, image_size, device=device))
+    unreached = [name for name, _ in layers if name not in shapes]
+    single = [name for name in shapes if _pixels(shapes[name]) < 2]
+    if single:
+        try:
+            larger = _input_shapes(model, layers, torch.zeros(1, channels, 2 * image_size, 2 * image_size,
+                                                              device=device))
+        except Exception:  # a model that takes only this size: nothing a larger size could change
+            larger = shapes
+        grows = [name for name in single if name in larger and _pixels(larger[name]) >= 2]
+        if grows:
+            shape = shapes[grows[0]]
+            raise ConfigError(
+                f"BN layer {grows[0]!r} sees {shape[2]}x{shape[3]} feature maps at image_size={image_size}: "
+                "per-sample statistics need at least 2 pixels per channel; use a larger image_size",
+                parameter="image_size")
+    skipped = {name: "not reached by the eval-mode forward" for name in unreached}
+    skipped.update({name: "sees 1x1 maps at every input size" for name in single})
+    kept = [(name, bn) for name, bn in layers if name not in skipped]
+    if not kept:
+        raise NoBatchNormError(f"{model_name}: no BatchNorm2d layer synthesis can match "
+                               f"({len(unreached)} not reached by the eval-mode forward, {len(single)} see 1x1 maps)")
+    if skipped and warn:
+        warnings.warn(f"{model_name}: synthesis skips {len(skipped)} of {len(layers)} BN layers: "
+                      + "; ".join(f"{reason}: {', '.join(n for n in skipped if skipped[n] == reason)}"
+                                  for reason in dict.fromkeys(skipped.values())), stacklevel=2)
+    return kept
 
 
 class BatchNormTaps:

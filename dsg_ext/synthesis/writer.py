@@ -24,7 +24,7 @@ from ..models.spec import check_device, probe_model
 from .config import AUGMENT_ONLY_FIELDS, LATER_FIELDS, RANDOM_AUGMENTATIONS, SynthesisConfig
 from .diversity import diversity
 from .loop import per_sample_statistics, synthesize_batch
-from .taps import batchnorm_layers
+from .taps import synthesis_layers
 
 DEFAULT_NUM_SAMPLES = 256
 
@@ -170,9 +170,9 @@ def generate(
     loaded = load_model(source, weights=weights, image_size=config.image_size if image_size == -1 else image_size,
                         trust_model_code=trust_model_code)
     config = dataclasses.replace(config, channels=loaded.input.channels, image_size=loaded.input.image_size)
-    layers = batchnorm_layers(loaded.model, source)
     model = loaded.model.to(device)
     _check_image_size(model, config, device, source)
+    layers = synthesis_layers(model, config.channels, config.image_size, device, source)
 
     identity = dataset_identity(loaded, config, num_samples)
     num_batches = math.ceil(num_samples / config.batch_size)

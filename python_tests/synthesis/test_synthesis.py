@@ -334,3 +334,66 @@ def test_random_label_cross_entropy_prior_steers_predictions():
     assert hit_ce >= 0.75 and hit_ce > hit_plain
     with pytest.raises(ConfigError, match="ce_weight"):
         small_config(ce_weight=-1.0).validate()
+
+
+def _warnings_of(func):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = func()
+    return result, [str(w.message) for w in caught if "synthesis skips" in str(w.message)]
+
+
+@pytest.mark.parametrize("source, skipped, reason", [
+    ("aux_head_net", "aux.1", "not reached by the eval-mode forward"),
+    ("se_bn_net", "1.bn", "sees 1x1 maps at every input size"),
+])
+def test_layers_synthesis_cannot_match_are_skipped_with_one_warning_naming_them(source, skipped, reason):
+    """GoogLeNet's training-only auxiliary heads and ReXNet's squeeze-excite BN (1x1 maps at any size) used to
+    make synthesis refuse the whole network."""
+    import tiny_models
+
+    model = getattr(tiny_models, source)()
+    all_layers = [name for name, _ in batchnorm_layers(model)]
+    assert skipped in all_layers
+    for method in ("dsg", "batch"):
+        result, said = _warnings_of(lambda: synthesize_batch(model, small_config(method=method, iterations=3), 0))
+        assert len(said) == 1 and f"{reason}: {skipped}" in said[0] and f"1 of {len(all_layers)}" in said[0], said
+        assert len(result.final_layer_losses) == len(all_layers) - 1
+        assert torch.isfinite(result.images).all()
+
+
+def test_generate_writes_the_layers_it_matched_and_says_once_which_it_skipped(tmp_path):
+    out = str(tmp_path / "aux")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsg_ext", "generate", "--model", "tiny_models:aux_head_net", "--out", out,
+         "--image-size", "12", "--num-samples", "4", "--batch-size", "4", "--iterations", "3"],
+        capture_output=True, text=True, cwd=HERE, env={**os.environ, "PYTHONPATH": HERE})
+    assert proc.returncode == 0, proc.stderr
+    said = [line for line in proc.stderr.splitlines() if "synthesis skips" in line]
+    assert said == ["dsg generate: warning: tiny_models:aux_head_net: synthesis skips 1 of 4 BN layers: "
+                    "not reached by the eval-mode forward: aux.1"], proc.stderr
+    manifest = dataset.load_manifest(out)
+    assert "aux.1" not in manifest["layers"] and len(manifest["layers"]) == 3
+    assert [r["layer"] for r in manifest["summary"]["per_layer"]] == manifest["layers"]
+
+
+def test_a_layer_a_larger_image_size_would_keep_is_still_refused_with_that_advice():
+    with pytest.raises(ConfigError, match=r"BN layer '4' sees 1x1 feature maps at image_size=2: .*larger image_size"):
+        synthesize_batch(tiny_bn_net(), small_config(image_size=2, iterations=2), 0)
+
+
+def test_a_network_whose_every_bn_layer_is_unusable_is_refused():
+    import tiny_models
+
+    class OnlySeBn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.se = tiny_models._SqueezeExciteBn(3)
+
+        def forward(self, x):
+            return self.se(x)
+
+    with pytest.raises(NoBatchNormError, match="no BatchNorm2d layer synthesis can match .*1 see 1x1 maps"):
+        synthesize_batch(OnlySeBn().eval(), small_config(iterations=2), 0)
