@@ -35,3 +35,21 @@ def retain_freed_memory() -> bool:
             mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
             _state = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     return _state
+
+
+def available_memory(device: "str | object" = "cpu") -> Optional[int]:
+    """Bytes that can still be allocated on ``device`` without swapping: the GPU's free memory, or the
+    kernel's MemAvailable estimate (/proc/meminfo) for the CPU; None where neither can be read."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

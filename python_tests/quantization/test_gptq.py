@@ -173,3 +173,64 @@ def test_gptq_input_errors():
     for bad in ({"damp": 0}, {"damp": float("inf")}, {"block_size": 0}, {"batch_size": 1.5}):
         with pytest.raises(ConfigError, match="second-order"):
             GptqConfig(**bad).validate()
+
+
+def test_gptq_in_float32_matches_the_float64_rounding_on_a_well_conditioned_problem():
+    """The float32 path (a Hessian too large for float64) follows the same algorithm: same integers but for
+    the rare column whose rounding sits on a tie after float32 error propagation."""
+    same = total = 0
+    for seed in range(4):
+        w, x, scale, zp, qmin, qmax = _problem(seed, rows=16, dim=40, vectors=200)
+        h = x @ x.t()
+        q64, _, _, _ = gptq_round(w[None], h[None], scale[None], zp[None], qmin, qmax)
+        q32, _, _, _ = gptq_round(w[None].float(), h[None].float(), scale[None], zp[None], qmin, qmax)
+        assert q32.dtype == torch.float32
+        same += int((q32.double() == q64).sum())
+        total += q64.numel()
+    assert same / total >= 0.99, same / total
+
+
+def test_the_precision_of_each_layer_is_planned_from_the_memory_before_any_is_rounded():
+    from dsg_ext.quantization.algorithms import second_order
+
+    _, qmodel, images = _calibrated()
+    names = qmodel.dsg_quant_order
+    sizes = {n: second_order.hessian_bytes(qmodel.get_submodule(n), torch.float64) for n in names}
+    big = max(sizes, key=sizes.get)
+    # Memory for every layer in float64 but the largest, which fits in float32.
+    available = int(sizes[big] / second_order.MEMORY_SHARE) - 1
+    plan = second_order.plan_precision(qmodel, names, GptqConfig(), "cpu", available=available)
+    assert plan[big] is torch.float32 and all(plan[n] is torch.float64 for n in names if n != big)
+    # Too little for the largest even in float32: nearest rounding, and a warning naming it and the memory.
+    with pytest.warns(UserWarning, match=rf"GPTQ: layer '{big}' is rounded to nearest: .* GiB in float32"):
+        plan = second_order.plan_precision(qmodel, names, GptqConfig(), "cpu", available=available // 4)
+    assert plan[big] is None
+
+
+def test_a_layer_whose_hessian_does_not_fit_is_rounded_to_nearest_and_the_rest_by_gptq(monkeypatch):
+    from dsg_ext._utils import memory
+    from dsg_ext.quantization.algorithms import second_order
+
+    _, qmodel, images = _calibrated(wbits=3)
+    names = qmodel.dsg_quant_order
+    sizes = {n: second_order.hessian_bytes(qmodel.get_submodule(n), torch.float32) for n in names}
+    big = max(sizes, key=sizes.get)
+    monkeypatch.setattr(memory, "available_memory", lambda device="cpu": int(sizes[big] / second_order.MEMORY_SHARE) - 1)
+    collected = []
+    real_collect = second_order._collect
+    monkeypatch.setattr(second_order, "_collect", lambda q, name, *a, **k: collected.append(name) or real_collect(
+        q, name, *a, **k))
+    with pytest.warns(UserWarning, match=f"layer '{big}' is rounded to nearest"):
+        records = gptq(qmodel, images, progress=False)
+    by_layer = {r["layer"]: r for r in records}
+    assert big not in collected and by_layer[big]["kept"] == "nearest" and by_layer[big]["error"] is None
+    wq = Q.weight_quantizers(qmodel)[big]
+    w = Q.prepare.float_weight(qmodel, big).detach()
+    nearest = torch.clamp(torch.round(w / wq.scale.reshape(-1, *[1] * (w.dim() - 1)) + wq.zero_point.reshape(
+        -1, *[1] * (w.dim() - 1))), wq.qmin, wq.qmax)
+    assert torch.equal(wq.w_int.float(), nearest.float())
+    assert all(by_layer[n]["precision"] in ("float64", "float32") for n in names if n != big)
+    from dsg_ext.quantization.algorithms.reconstruct import reconstruction_summary
+
+    summary, _ = reconstruction_summary([{**r, "kind": "gptq"} for r in records])
+    assert summary.startswith(f"GPTQ: {len(names)} layers")

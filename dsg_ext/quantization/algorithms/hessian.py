@@ -1,4 +1,4 @@
-"""The second-order statistics of a layer's inputs: H = sum over input vectors x of x x^T, in float64,
+"""The second-order statistics of a layer's inputs: H = sum over input vectors x of x x^T (float64),
 for the weight rows of each group of a Conv2d (grouped and depthwise included) or a Linear layer.
 
 A layer's output row is w . x for every input vector x its weight row meets: every spatial position
@@ -38,12 +38,13 @@ def grouped_weight(layer: nn.Module, w: Tensor) -> Tensor:
 
 
 class LayerHessian:
-    """Accumulates H_g = sum x x^T (float64) over the inputs ``add`` is given, one per weight group."""
+    """Accumulates H_g = sum x x^T over the inputs ``add`` is given, one per weight group, in ``dtype``
+    (float64; float32 where float64 would not fit in memory: second_order.plan_precision)."""
 
-    def __init__(self, layer: nn.Module, device: "str | torch.device" = "cpu"):
+    def __init__(self, layer: nn.Module, device: "str | torch.device" = "cpu", dtype: torch.dtype = torch.float64):
         self.layer = layer
         self.groups, self.dim = layer_groups(layer)
-        self.h = torch.zeros(self.groups, self.dim, self.dim, dtype=torch.float64, device=device)
+        self.h = torch.zeros(self.groups, self.dim, self.dim, dtype=dtype, device=device)
         self.vectors = 0  # input vectors per group
 
     def _columns(self, x: Tensor) -> Tensor:
@@ -71,6 +72,6 @@ class LayerHessian:
         taps = self.layer.kernel_size[0] * self.layer.kernel_size[1] if isinstance(self.layer, nn.Conv2d) else 1
         step = max(1, CHUNK_ELEMENTS // max(1, x[0].numel() * taps))  # images unfolded at once
         for i in range(0, x.shape[0], step):
-            cols = self._columns(x[i : i + step]).to(torch.float64)
+            cols = self._columns(x[i : i + step]).to(self.h.dtype)
             self.h += cols @ cols.transpose(1, 2)
             self.vectors += cols.shape[2]

@@ -349,7 +349,7 @@ def reconstruction_summary(records: Sequence[Dict[str, Any]]) -> Tuple[str, Opti
     learned = [r for r in records if r.get("kind") != "gptq"]
     parts = []
     if one_shot:
-        ratios = sorted(r["error"] / r["nearest_error"] for r in one_shot if r["nearest_error"] > 0)
+        ratios = sorted(r["error"] / r["nearest_error"] for r in one_shot if (r["nearest_error"] or 0) > 0)
         median = ratios[len(ratios) // 2] if ratios else 1.0
         parts.append(f"GPTQ: {len(one_shot)} layers rounded in {sum(r['seconds'] for r in one_shot):.1f} s, median "
                      f"layer output error {100 * median:.1f}% of nearest rounding's")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -29,20 +30,29 @@ from ..quantizers import WeightMode, WeightQuantizer
 from .hessian import LayerHessian, grouped_weight, layer_groups
 
 DAMPING_RETRIES = 4  # each retry multiplies the dampening by 10
+# (groups, dim, dim) matrices alive at once while a layer is rounded: its Hessian, and while it is inverted
+# the damped copy or its factor, the inverse, the inverse's factor (act-order: one more, the permuted Hessian).
+PEAK_HESSIAN_COPIES = 4
+MEMORY_SHARE = 0.7  # of the memory available when rounding starts, for one layer's matrices
 
 
 def _inverse_cholesky(h: Tensor, damp: float) -> Tuple[Tensor, Tensor]:
     """Upper Cholesky factor U of (H + lambda I)^-1 per group (so that (H + lambda I)^-1 = U^T U), and
-    lambda; the dampening grows tenfold until every group's matrix factorises."""
-    groups, dim, _ = h.shape
+    lambda; the dampening grows tenfold until every group's matrix factorises. At most three (groups, dim,
+    dim) matrices are alive at once besides ``h`` (PEAK_HESSIAN_COPIES)."""
     mean = h.diagonal(dim1=1, dim2=2).mean(1)
     mean = torch.where(mean > 0, mean, torch.ones_like(mean))  # an all-zero input: nearest rounding
-    eye = torch.eye(dim, dtype=h.dtype, device=h.device)
     for attempt in range(DAMPING_RETRIES):
         lam = damp * 10.0 ** attempt * mean
-        low, info = torch.linalg.cholesky_ex(h + lam[:, None, None] * eye)
+        damped = h.clone()
+        damped.diagonal(dim1=1, dim2=2).add_(lam[:, None])
+        low, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if bool((info == 0).all()):
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
+            inverse = torch.cholesky_inverse(low)
+            del low
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if bool((info == 0).all()) and bool(torch.isfinite(upper).all()):
                 return upper, lam
     raise QuantizationError(f"the input Hessian is singular even with dampening x{10 ** (DAMPING_RETRIES - 1)}")
@@ -55,9 +65,11 @@ def gptq_round(w: Tensor, h: Tensor, scale: Tensor, zero_point: Tensor, qmin: in
     ``scale`` / ``zero_point``: (groups, rows), one per weight row. Returns the integers (as float64,
     same shape as ``w``), the objective per group -- sum over rows of (W - W~)(H + lambda I)(W - W~)^T,
     accumulated as GPTQ reports it --, lambda per group, and the compensated weights (each column as it
-    was when rounded: the integers are its nearest rounding)."""
-    w, h = w.to(torch.float64).clone(), h.to(torch.float64)
-    scale, zp = scale.to(torch.float64), zero_point.to(torch.float64)
+    was when rounded: the integers are its nearest rounding). The arithmetic is ``h``'s dtype: float64, or
+    float32 for a Hessian too large for float64 (plan_precision)."""
+    dtype = h.dtype if h.dtype in (torch.float32, torch.float64) else torch.float64
+    w, h = w.to(dtype).clone(), h.to(dtype)
+    scale, zp = scale.to(dtype), zero_point.to(dtype)
     groups, rows, dim = w.shape
     perm = None
     if act_order:
@@ -67,7 +79,7 @@ def gptq_round(w: Tensor, h: Tensor, scale: Tensor, zero_point: Tensor, qmin: in
                          perm[:, None, :].expand(groups, dim, dim))
     upper, lam = _inverse_cholesky(h, damp)
     q_all, comp_all = torch.empty_like(w), torch.empty_like(w)
-    error = torch.zeros(groups, dtype=torch.float64, device=w.device)
+    error = torch.zeros(groups, dtype=dtype, device=w.device)
     for b0 in range(0, dim, block_size):
         b1 = min(dim, b0 + block_size)
         block = w[:, :, b0:b1].clone()
@@ -91,15 +103,17 @@ def gptq_round(w: Tensor, h: Tensor, scale: Tensor, zero_point: Tensor, qmin: in
 
 
 def quadratic_error(w: Tensor, q_w: Tensor, h: Tensor) -> Tensor:
-    """sum over rows of (W - W~) H (W - W~)^T per group: ||W X - W~ X||^2 for H = X X^T."""
-    d = (w - q_w).to(torch.float64)
-    return torch.einsum("grd,gde,gre->g", d, h.to(torch.float64), d)
+    """sum over rows of (W - W~) H (W - W~)^T per group: ||W X - W~ X||^2 for H = X X^T (in ``h``'s dtype,
+    returned as float64)."""
+    d = (w - q_w).to(h.dtype)
+    return torch.einsum("grd,gde,gre->g", d, h, d).to(torch.float64)
 
 
-def _collect(qmodel: nn.Module, name: str, images: Tensor, batch_size: int, device: str) -> LayerHessian:
+def _collect(qmodel: nn.Module, name: str, images: Tensor, batch_size: int, device: str,
+             dtype: torch.dtype = torch.float64) -> LayerHessian:
     """The Hessian of what layer ``name`` receives (after its activation quantizer) for all images."""
     layer = qmodel.get_submodule(name)
-    hessian = LayerHessian(layer, device)
+    hessian = LayerHessian(layer, device, dtype)
 
     def grab(_m, inputs):
         hessian.add(inputs[0].detach())
@@ -119,17 +133,74 @@ def _row_qparams(wq: WeightQuantizer, groups: int, rows: int) -> Tuple[Tensor, T
     return scale.reshape(groups, rows), zp.reshape(groups, rows)
 
 
+def hessian_bytes(layer: nn.Module, dtype: torch.dtype, act_order: bool = False) -> int:
+    """Peak bytes of the (groups, dim, dim) matrices second-order rounding of ``layer`` holds in ``dtype``."""
+    groups, dim = layer_groups(layer)
+    copies = PEAK_HESSIAN_COPIES + int(act_order)
+    return copies * groups * dim * dim * (torch.finfo(dtype).bits // 8)
+
+
+def plan_precision(qmodel: nn.Module, names: Sequence[str], config: GptqConfig, device: str,
+                   available: Optional[int] = None) -> Dict[str, Optional[torch.dtype]]:
+    """Per layer, before any is rounded: the dtype of its Hessian and linear algebra -- float64 where its
+    matrices fit in MEMORY_SHARE of ``available`` (default: the memory available now on ``device``), else
+    float32 (GPTQ's own precision), else None: the layer is rounded to nearest, with a warning naming it and
+    the memory it would need (VGG's 25088-input classifier: 10 GB in float32)."""
+    from ..._utils.memory import available_memory
+
+    available = available_memory(device) if available is None else available
+    budget = None if available is None else MEMORY_SHARE * available
+    plan: Dict[str, Optional[torch.dtype]] = {}
+    for name in names:
+        layer = qmodel.get_submodule(name)
+        need64, need32 = (hessian_bytes(layer, dtype, config.act_order) for dtype in (torch.float64, torch.float32))
+        if budget is None or need64 <= budget:
+            plan[name] = torch.float64
+        elif need32 <= budget:
+            plan[name] = torch.float32
+        else:
+            plan[name] = None
+            groups, dim = layer_groups(layer)
+            warnings.warn(f"GPTQ: layer {name!r} is rounded to nearest: its input Hessian ({groups} x {dim} x {dim}) "
+                          f"needs {need32 / 2**30:.1f} GiB in float32, more than {budget / 2**30:.1f} GiB "
+                          f"({100 * MEMORY_SHARE:.0f}% of the memory available on {device})", stacklevel=3)
+    return plan
+
+
+def _searched_qparams(w: Tensor, wq: WeightQuantizer) -> None:
+    """Per-channel weight scales by MSE search (``GptqConfig.search_scales``), limited for int16 pairs."""
+    scale, zp = weight_qparams(w, wq.qmin, wq.qmax, wq.per_channel, wq.symmetric, "mse")
+    if wq.pair_range is not None:  # the int16 pair limit's scale, from the searched one (int16_pairs.py)
+        scale = pair_safe_scale(w, scale, wq.qmin, wq.qmax, *wq.pair_range)
+    wq.scale.copy_(scale)
+    wq.zero_point.copy_(zp)
+
+
+@torch.no_grad()
+def round_nearest(qmodel: nn.Module, name: str, config: GptqConfig) -> Dict[str, Any]:
+    """Layer ``name`` rounded to nearest (with the scales GPTQ would use): a layer whose Hessian does not fit."""
+    layer, wq = qmodel.get_submodule(name), weight_quantizers(qmodel)[name]
+    w = float_weight(qmodel, name).detach()
+    if config.search_scales:
+        _searched_qparams(w, wq)
+    groups, dim = layer_groups(layer)
+    wg = grouped_weight(layer, w.to(torch.float64))
+    scale, zp = _row_qparams(wq, groups, wg.shape[1])
+    real = wg / scale[..., None] + zp[..., None]
+    wq.store_int(torch.clamp(torch.round(real), wq.qmin, wq.qmax).reshape(w.shape).to(w.device), real.reshape(w.shape))
+    wq.set_start_weight(None)
+    return {"layer": name, "groups": groups, "input_dim": dim, "vectors": 0, "kept": "nearest",
+            "precision": "none (Hessian too large)", "error": None, "gptq_error": None, "nearest_error": None,
+            "reported_error": None, "damping": None, "changed": 0.0}
+
+
 @torch.no_grad()
 def round_layer(qmodel: nn.Module, name: str, hessian: LayerHessian, config: GptqConfig) -> Dict[str, Any]:
     """Rounds layer ``name`` by GPTQ against ``hessian`` and stores its integers in its quantizer."""
     layer, wq = qmodel.get_submodule(name), weight_quantizers(qmodel)[name]
     w = float_weight(qmodel, name).detach()
     if config.search_scales:
-        scale, zp = weight_qparams(w, wq.qmin, wq.qmax, wq.per_channel, wq.symmetric, "mse")
-        if wq.pair_range is not None:  # the int16 pair limit's scale, from the searched one (int16_pairs.py)
-            scale = pair_safe_scale(w, scale, wq.qmin, wq.qmax, *wq.pair_range)
-        wq.scale.copy_(scale)
-        wq.zero_point.copy_(zp)
+        _searched_qparams(w, wq)
     wg = grouped_weight(layer, w.to(torch.float64))
     groups, rows, dim = wg.shape
     scale, zp = _row_qparams(wq, groups, rows)
@@ -149,6 +220,7 @@ def round_layer(qmodel: nn.Module, name: str, hessian: LayerHessian, config: Gpt
     wq.set_start_weight(compensated.reshape(w.shape).to(w.dtype).to(w.device) if kept == "gptq" else None)
     return {
         "layer": name, "groups": groups, "input_dim": dim, "vectors": hessian.vectors, "kept": kept,
+        "precision": str(hessian.h.dtype).replace("torch.", ""),
         "error": min(error, nearest_error), "gptq_error": error, "nearest_error": nearest_error,
         "reported_error": float(reported.sum()), "damping": float(lam.max()),
         "changed": float((ints != nearest).to(torch.float64).mean()),
@@ -174,7 +246,9 @@ def gptq(qmodel: nn.Module, images: Tensor, config: Optional[GptqConfig] = None,
         One record per layer: groups, input dimension, input vectors, which rounding was kept ("gptq",
         or "nearest" where GPTQ's measured worse), the quadratic error ||(W - W~) X||^2 on the Hessian
         of the kept rounding, of GPTQ's and of nearest rounding, the error GPTQ reported, the dampening
-        used, the fraction of weights rounded otherwise than nearest, seconds.
+        used, the fraction of weights rounded otherwise than nearest, the precision of its linear algebra
+        (float64; float32, or nearest rounding with a warning, where the Hessian would not fit in memory:
+        ``plan_precision``, decided for every layer before the first is rounded), seconds.
     """
     config = (config or GptqConfig()).validate()
     if images.numel() == 0:
@@ -188,12 +262,15 @@ def gptq(qmodel: nn.Module, images: Tensor, config: Optional[GptqConfig] = None,
         raise ConfigError(f"not quantized layers of this model: {unknown}")
     for name in names:  # every layer's kind checked before any is rounded
         layer_groups(qmodel.get_submodule(name))
+    names = [n for n in names if quantizers[n].mode is WeightMode.FAKE]  # not rounded yet
+    plan = plan_precision(qmodel, names, config, device)
     records = []
     for name in names:
-        if quantizers[name].mode is not WeightMode.FAKE:
-            continue  # already rounded (finalised or being reconstructed)
         start = time.perf_counter()
-        hessian = _collect(qmodel, name, images, config.batch_size, device)
+        if plan[name] is None:
+            records.append({**round_nearest(qmodel, name, config), "seconds": time.perf_counter() - start})
+            continue
+        hessian = _collect(qmodel, name, images, config.batch_size, device, plan[name])
         if hessian.vectors < hessian.dim:
             log(f"warning: {name}: {hessian.vectors} input vectors for an input dimension of {hessian.dim}: "
                 "its Hessian is rank-deficient (more calibration images help)")
