@@ -88,6 +88,48 @@ def test_the_scale_widens_only_where_that_errs_less():
     assert bool((error(chosen) <= error(scale) + 1e-12).all())
 
 
+def _reference_pair_safe_scale(w, scale, qmin, qmax, lo, hi, candidates=17):
+    """The scale search written plainly: every candidate's nearest rounding of the whole weight, limit_pairs
+    on all of it, the float-unit squared error per channel (or summed, per tensor)."""
+    rows = w.shape[0]
+    per_row = scale.numel() == rows and rows > 1
+    s = scale.double().reshape(-1).expand(rows) if per_row else scale.double().reshape(1).expand(rows)
+    t = w.double() / s.view(-1, *[1] * (w.dim() - 1))
+    pairs = pair_view(t)
+    pos, neg = pairs.clamp(min=0).sum(-1), pairs.clamp(max=0).sum(-1)
+    need = torch.maximum((hi * pos + lo * neg) / 32767, (lo * pos + hi * neg) / -32768).amax(-1)
+    top = need.clamp(min=1.0) * (1 + 1 / 64)
+    if not per_row:
+        top = top.amax().expand(rows)
+    errors, factors = [], []
+    for j in range(candidates):
+        f = 1 + (top - 1) * j / (candidates - 1)
+        tf = t / f.view(-1, *[1] * (w.dim() - 1))
+        q, _ = limit_pairs(tf.round().clamp(qmin, qmax), tf, lo, hi)
+        e = (f * f) * ((q - tf) ** 2).reshape(rows, -1).sum(-1)
+        errors.append(e if per_row else e.sum().expand(rows))
+        factors.append(f)
+    pick = torch.stack(errors).argmin(0)  # the first of equal errors, as a strict < keeps it
+    chosen = s * torch.stack(factors).gather(0, pick[None])[0]
+    return (chosen if per_row else chosen[:1]).to(scale.dtype).reshape(scale.shape)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize("lo, hi", [(0, 255), (7, 250)])
+def test_the_scale_search_limits_only_the_pairs_that_can_saturate_and_chooses_as_the_plain_search(
+        per_channel, lo, hi):
+    """pair_safe_scale runs limit_pairs only on the pairs that can saturate at the observer's scale (a coarser
+    grid cannot add any); it picks the scales the plain search over the whole tensor picks."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 13, 3, 3, generator=g)  # 117 weights per channel: odd, the last pair padded
+    w[:10, :4] = w[:10, :4].abs() * 3  # large same-sign neighbours: pairs that saturate
+    w[10:14, :4] = -w[10:14, :4].abs() * 3
+    scale = w.abs().amax((1, 2, 3)) / 127 if per_channel else w.abs().amax().reshape(1) / 127
+    got = pair_safe_scale(w, scale, -128, 127, lo, hi)
+    assert torch.equal(got, _reference_pair_safe_scale(w, scale, -128, 127, lo, hi))
+    assert bool((got > scale).any()) if per_channel else True
+
+
 class _TwoConvs(nn.Module):
     """A 3-channel (odd: pairs straddle taps) padded stride-2 conv, a grouped (non-depthwise) conv, a
     depthwise conv and a Linear: every pairing the emulation handles."""
