@@ -196,8 +196,10 @@ def _same_as_ours(qmodel: nn.Module, deploy: nn.Module, example: Tensor) -> Tens
         # Our model adds the int32 bias's rounding to the float bias's output, the QDQ module convolves with
         # the rounded bias: outputs an ulp apart, so a value at a rounding tie of the next quantizer may land
         # one step away, and the step travels on through the later quantizers (EfficientNet-Lite0: mean
-        # difference 3% of the mean logit). A wrong quantizer moves them far more.
-        bad = float(gap.max()) > 0.1 * size or float(gap.mean()) > 0.05 * float(ours.abs().mean())
+        # difference 3% of the mean logit; a MobileNetV3 with random weights, whose logits reach 230: 2.5%, and
+        # 22% of the largest logit at one output). A wrong quantizer moves them far more (tested: one range ten
+        # times too narrow in the ResNet-20 moves the mean by 16-50%).
+        bad = float(gap.max()) > 0.5 * size or float(gap.mean()) > 0.05 * float(ours.abs().mean())
     if bad:
         raise ExportError(f"internal: the QDQ module differs from the quantized model by {float(gap.max()):.3g}")
     return ours

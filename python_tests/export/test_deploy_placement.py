@@ -387,3 +387,19 @@ def test_a_block_called_with_an_argument_left_at_its_none_default_is_traced_as_c
     with torch.no_grad():
         ref, got = model(x), q(x)
     assert float((got - ref).abs().max()) < 0.1 * float(ref.abs().max())
+
+
+def test_the_export_check_tells_a_wrong_range_from_rounding_ties(resnet20):
+    """The file's module is checked against our model before writing: the one-step differences of rounding
+    ties (which grow through a network with large logits) pass; one activation range ten times too narrow fails."""
+    from dsg_ext.errors import ExportError
+    from dsg_ext.export.qdq import ActQDQ, _same_as_ours, deploy_module
+
+    calib = real_fashion_mnist(64)
+    q = _deployed(resnet20.model, calib)
+    deploy = deploy_module(q)
+    _same_as_ours(q, deploy, calib)
+    points = [m for m in deploy.modules() if isinstance(m, ActQDQ)]
+    points[len(points) // 2].scale *= 0.1
+    with pytest.raises(ExportError, match="differs from the quantized model"):
+        _same_as_ours(q, deploy, calib)
