@@ -12,6 +12,7 @@ graph (integer kernels, convolutions left in float, Q/DQ nodes and Transposes le
 
     python bench/onnx_latency.py --model fashion-mnist-resnet20 --calib DIR   # or --real
     python bench/onnx_latency.py --model efficientnet-lite0 --real --batch 32
+    python bench/onnx_latency.py --model zoo:mobilenet_v2 --real   # a labelled-zoo network (Fashion-MNIST top-1)
 
 Print ``lscpu``'s model name and flags with the table (the script does).
 """
@@ -30,7 +31,13 @@ import warnings
 import numpy as np
 import torch
 
-MODELS = ("fashion-mnist-resnet20", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+MODELS = ("fashion-mnist-resnet20", "efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "zoo:NAME")
+
+
+def _model(value: str) -> str:
+    if value in MODELS[:-1] or value.startswith("zoo:"):
+        return value
+    raise argparse.ArgumentTypeError(f"one of {', '.join(MODELS)}, not {value!r}")
 
 
 def _interleaved(sessions, name, x, rounds):
@@ -124,8 +131,8 @@ def main(argv=None) -> int:
     from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
 
     from dsg_ext import quantization as Q
-    from dsg_ext.data import fashion_mnist, photos
-    from dsg_ext.data.calibration import real_fashion_mnist
+    from dsg_ext.data import photos
+    from dsg_ext.data.calibration import calibration_images, evaluation_images
     from dsg_ext.data.interop import SyntheticDataset, ort_calibration_reader
     from dsg_ext.export import export_onnx
     from dsg_ext.export.qdq import runtime_report
@@ -133,7 +140,8 @@ def main(argv=None) -> int:
     from dsg_ext.models import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="fashion-mnist-resnet20", choices=MODELS)
+    parser.add_argument("--model", default="fashion-mnist-resnet20", type=_model, help=", ".join(MODELS))
+    parser.add_argument("--weights", help="weights file of a zoo:NAME network (default: its trained weights)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--calib", metavar="DIR", help="a dsg generate directory for this model (data-free)")
     source.add_argument("--real", action="store_true",
@@ -154,26 +162,27 @@ def main(argv=None) -> int:
                              "(onnxruntime under qemu-x86_64 -cpu Haswell: accuracy only, minutes per file)")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
-    resnet = args.model == "fashion-mnist-resnet20"
-    batch = args.batch or (64 if resnet else 32)
+    resnet = args.model == "fashion-mnist-resnet20" or args.model.startswith("zoo:")  # labelled (Fashion-MNIST)
+    batch = args.batch or (64 if args.model == "fashion-mnist-resnet20" else 32)
     samples = args.samples or (256 if resnet else 64)
     rows_wanted = args.rows.split(",")
 
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, weights=args.weights)
     spec = loaded.input
     if args.calib:
         dataset = SyntheticDataset(args.calib, loaded.identity, samples)
         calib = torch.stack([dataset[i] for i in range(len(dataset))])
         described = f"synthetic ({args.calib}, {calib.shape[0]} images)"
     elif resnet:
-        calib, described = real_fashion_mnist(samples), f"real ({samples} Fashion-MNIST training images)"
+        calib = calibration_images(loaded, None, "fashion-mnist", samples)[0]
+        described = f"real ({samples} Fashion-MNIST training images)"
     else:
         names = list(photos.SKIMAGE_PHOTOS)
         calib = photos.photo_crops(spec, 8, names[::2], seed=2)[:samples]
         described = f"real ({calib.shape[0]} crops of the even-numbered photos)"
     if resnet:
-        images, labels = fashion_mnist.load_split(train=False)
-        eval_x, eval_y = fashion_mnist.preprocess(images[:args.eval]), labels[:args.eval].numpy()
+        eval_x, eval_y = evaluation_images(loaded, "fashion-mnist", args.eval)
+        eval_y = eval_y.numpy()
     else:
         eval_x, eval_y = photos.photo_crops(spec, 8, list(photos.SKIMAGE_PHOTOS)[1::2], seed=1), None
 

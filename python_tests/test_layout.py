@@ -26,6 +26,7 @@ LEAVES = {"dsg_ext.errors", "dsg_ext._utils.validation"}
 # Where reading the environment is configuration or start-up, not a product path:
 ENVIRON_ALLOWED = {
     "data/fashion_mnist.py": "DSG_FASHION_MNIST names the IDX directory (configuration)",
+    "models/zoo.py": "DSG_ZOO_DIR names the trained-zoo cache directory (configuration)",
     "synthesis/writer.py": "torchrun's WORLD_SIZE / LOCAL_RANK at start-up",
     "_utils/memory.py": "DSG_EXT_RETAIN_MEMORY=0 leaves the C allocator alone (start-up, once per process)",
 }

@@ -60,6 +60,20 @@ def synthetic_calibration(directory: str, loaded: LoadedModel, max_samples: Opti
     return images
 
 
+def _check_fashion_model(loaded: LoadedModel, what: str) -> None:
+    if loaded.source != FASHION_MNIST_MODEL and not loaded.source.startswith("zoo:"):
+        raise DataSourceError(f"{what} goes with --model {FASHION_MNIST_MODEL} or a zoo:NAME network")
+
+
+def _fashion_for(loaded: LoadedModel, x32: Tensor) -> Tensor:
+    """Preprocessed (N, 1, 32, 32) Fashion-MNIST at the model's input: the zoo's 3 x 64 for zoo:NAME."""
+    if loaded.source.startswith("zoo:"):
+        from ..models.zoo import to_zoo_size
+
+        return to_zoo_size(x32)
+    return x32
+
+
 # The real calibration sources named rather than given as a directory (``--real NAME``).
 NAMED_REAL_SOURCES = ("fashion-mnist", "skimage-photos", "noise")
 
@@ -74,9 +88,8 @@ def calibration_images(loaded: LoadedModel, calib: Optional[str], real: Optional
     if calib is not None:
         return synthetic_calibration(calib, loaded, max_samples), f"synthetic:{calib}"
     if real == "fashion-mnist":
-        if loaded.source != FASHION_MNIST_MODEL:
-            raise DataSourceError(f"--real fashion-mnist goes with --model {FASHION_MNIST_MODEL}")
-        return real_fashion_mnist(max_samples), "real:fashion-mnist-train"
+        _check_fashion_model(loaded, "--real fashion-mnist")
+        return _fashion_for(loaded, real_fashion_mnist(max_samples)), "real:fashion-mnist-train"
     if real == "noise":
         return gaussian_noise(loaded.input, max_samples), "gaussian-noise"
     if real == "skimage-photos":
@@ -96,10 +109,11 @@ def evaluation_images(loaded: LoadedModel, data: str,
         images = photo_crops(loaded.input)
         return (images[:max_images] if max_images else images), None
     if data == "fashion-mnist":
+        _check_fashion_model(loaded, "--data fashion-mnist")
         images_u8, labels = fashion_mnist.load_split(train=False)
         if max_images:
             images_u8, labels = images_u8[:max_images], labels[:max_images]
-        return fashion_mnist.preprocess(images_u8), labels
+        return _fashion_for(loaded, fashion_mnist.preprocess(images_u8)), labels
     if store.load_manifest(data) is not None:  # a `dsg generate` directory: fidelity on synthetic images
         return synthetic_calibration(data, loaded, max_images), None
     has_classes = os.path.isdir(data) and any(os.path.isdir(os.path.join(data, d)) for d in os.listdir(data))

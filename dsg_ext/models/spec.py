@@ -77,3 +77,28 @@ def check_device(device: str) -> str:
     elif dev.type != "cpu":
         raise ConfigError(f"device={device}: only cpu and cuda are supported", parameter="device")
     return device
+
+
+def load_state_dict_file(model: nn.Module, weights: str) -> None:
+    """Loads a state-dict file (safetensors, or a weights-only torch pickle) into ``model``; ModelSourceError
+    names a file that cannot be read or does not fit."""
+    import io
+
+    from .._utils.io import read_regular
+
+    data = read_regular(weights, ModelSourceError, "weights file")
+    try:
+        if weights.endswith(".safetensors"):
+            from safetensors.torch import load
+
+            state = load(data)
+        else:  # weights_only: a pickle naming anything but tensors and containers is refused, never run
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or foreign file, or a pickle that would run code
+        raise ModelSourceError(f"cannot read weights file {weights!r}: {e}") from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except Exception as e:
+        raise ModelSourceError(f"weights file {weights!r} does not fit the model: {e}") from e
