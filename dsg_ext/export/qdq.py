@@ -326,10 +326,32 @@ _MOVEMENT_OPS = {"QuantizeLinear", "DequantizeLinear", "Transpose", "Reshape", "
                  "Shape", "Gather", "Constant", "Identity", "Cast", "Slice"}
 
 
+# Ops that commute with a monotone affine map, so onnxruntime runs them on the stored integers when fed integers
+# (its NHWC max pool on uint8): integer compute, not float.
+_ORDER_OPS = {"MaxPool", "NhwcMaxPool"}
+
+
+def _integer_fed(nodes) -> set:
+    """Indices of the order ops whose input is an integer tensor: produced by QuantizeLinear, a QLinear op, a
+    QGemm with an output scale, or a data-movement op or order op fed one (the graph is topologically sorted)."""
+    integer, fed = set(), set()
+    for i, n in enumerate(nodes):
+        quantized_out = (n.op_type == "QuantizeLinear" or n.op_type.startswith("QLinear")
+                         or (n.op_type == "QGemm" and len(n.input) >= 8 and n.input[7]))
+        passes = (n.op_type in _ORDER_OPS or n.op_type in _MOVEMENT_OPS - {"DequantizeLinear", "Shape", "Cast"})
+        if quantized_out:
+            integer.update(n.output)
+        elif passes and n.input and n.input[0] in integer:
+            integer.update(n.output[:1])
+            if n.op_type in _ORDER_OPS:
+                fed.add(i)
+    return fed
+
+
 def runtime_report(path: str, threads: int = 1) -> Optional[Dict[str, Any]]:
     """What onnxruntime makes of an ONNX file: the node counts of its optimised graph (all
-    optimisations on, CPU), the compute nodes left in float (name and op), and Q/DQ nodes left. None
-    without onnxruntime."""
+    optimisations on, CPU), the compute nodes left in float (name and op; a max pool fed integers runs on
+    them and counts as integer), and Q/DQ nodes left. None without onnxruntime."""
     try:
         import onnx
         import onnxruntime as ort
@@ -346,8 +368,10 @@ def runtime_report(path: str, threads: int = 1) -> Optional[Dict[str, Any]]:
     counts: Dict[str, int] = {}
     for n in nodes:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    floats = [f"{n.op_type} {n.name}" for n in nodes
-              if not n.op_type.startswith(INTEGER_OPS_PREFIXES) and n.op_type not in _MOVEMENT_OPS]
+    on_integers = _integer_fed(nodes)
+    floats = [f"{n.op_type} {n.name}" for i, n in enumerate(nodes)
+              if not n.op_type.startswith(INTEGER_OPS_PREFIXES) and n.op_type not in _MOVEMENT_OPS
+              and i not in on_integers]
     return {"nodes": dict(sorted(counts.items())), "float_nodes": floats,
-            "integer_nodes": sum(v for k, v in counts.items() if k.startswith(INTEGER_OPS_PREFIXES)),
+            "integer_nodes": sum(v for k, v in counts.items() if k.startswith(INTEGER_OPS_PREFIXES)) + len(on_integers),
             "qdq_left": counts.get("QuantizeLinear", 0) + counts.get("DequantizeLinear", 0)}

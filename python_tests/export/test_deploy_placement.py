@@ -403,3 +403,22 @@ def test_the_export_check_tells_a_wrong_range_from_rounding_ties(resnet20):
     points[len(points) // 2].scale *= 0.1
     with pytest.raises(ExportError, match="differs from the quantized model"):
         _same_as_ours(q, deploy, calib)
+
+
+def test_a_max_pool_fed_integers_counts_as_integer_and_one_fed_floats_does_not(tmp_path):
+    """onnxruntime runs a max pool on uint8 when its input is quantized (NhwcMaxPool after the ResNet stem): the
+    record counts it with the integer nodes; the same pool in a float file stays a float node."""
+    from tiny_models import residual_net
+
+    from dsg_ext.export.qdq import runtime_report
+
+    model = residual_net()
+    calib = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    record = export_onnx(_deployed(model, calib), calib[:2], str(tmp_path / "q.onnx"))
+    nodes = record["runtime"]["nodes"]
+    assert nodes.get("NhwcMaxPool", 0) + nodes.get("MaxPool", 0) == 1
+    assert record["runtime"]["float_nodes"] == []
+    path = str(tmp_path / "fp.onnx")
+    torch.onnx.export(model, (calib[:1],), path, dynamo=True, verbose=False, external_data=False)
+    floats = runtime_report(path)["float_nodes"]
+    assert any("MaxPool" in f for f in floats), floats
