@@ -138,9 +138,9 @@ def deploy_module(qmodel: nn.Module) -> nn.Module:
     for name in wqs:
         plist = model.get_submodule(name).parametrizations.weight
         plist[0] = DQWeight(plist[0])
-    for _name, module in model.named_modules():
+    for _name, module in model.named_modules():  # an unreached one (a training-only head) passes values on
         if isinstance(getattr(module, "act_quant", None), ActQuantizer):
-            module.act_quant = ActQDQ(module.act_quant)
+            module.act_quant = nn.Identity() if module.act_quant.unreached else ActQDQ(module.act_quant)
     return model.eval()
 
 

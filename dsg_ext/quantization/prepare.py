@@ -16,13 +16,14 @@ import copy
 import dataclasses
 import fnmatch
 import functools
+import warnings
 from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..errors import ConfigError, InvalidDataError
+from ..errors import ConfigError, InvalidDataError, QuantizationError
 from .capture import batches
 from .config import QuantConfig, parse_bit_rules
 from .deploy import place
@@ -200,7 +201,9 @@ def calibrate(qmodel: nn.Module, images: Tensor, batch_size: int = 64, device: s
         batch_size: images per forward pass.
         device: where ``qmodel`` lives.
 
-    The ranges are observed with the weights already quantized.
+    The ranges are observed with the weights already quantized. A quantizer no image reached (a layer the
+    eval-mode forward never runs: GoogLeNet's auxiliary heads) is marked unreached and passes values on in
+    float; one warning names them.
     """
     if images.numel() == 0:
         raise InvalidDataError("no calibration images")
@@ -212,8 +215,16 @@ def calibrate(qmodel: nn.Module, images: Tensor, batch_size: int = 64, device: s
     try:
         for x in batches(images, batch_size):
             qmodel(x.to(device))
-        for q in quantizers.values():
-            q.finish_calibration()
+        unreached = [name for name, q in quantizers.items() if not q.saw_data]
+        if quantizers and len(unreached) == len(quantizers):
+            raise QuantizationError("no activation quantizer saw data during calibration (the model's forward "
+                                    "reaches none of its quantized layers)")
+        for name, q in quantizers.items():
+            q.mark_unreached() if name in unreached else q.finish_calibration()
+        if unreached:
+            warnings.warn(f"{len(unreached)} activation quantizers saw no calibration data (their layers are not "
+                          f"run by the eval-mode forward) and stay float: {', '.join(n or 'input' for n in unreached)}",
+                          stacklevel=2)
     finally:
         for q in quantizers.values():
             q.abort_calibration()

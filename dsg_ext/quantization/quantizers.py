@@ -198,6 +198,7 @@ class ActQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32))
         self.observer: Optional[Observer] = None
         self.calibrated = False
+        self.unreached = False  # calibration never reached it (a training-only head): it passes values on in float
         # Reconstruction only: QDrop (each element keeps its float value with probability drop_prob,
         # drawn from drop_generator) and LSQ (the step size learned as scale_param).
         self.drop_prob = 0.0
@@ -214,6 +215,8 @@ class ActQuantizer(nn.Module):
             return x
         if not self.calibrated:
             raise QuantizationError("activation quantizer used before calibration: run calibrate() first")
+        if self.unreached:
+            return x
         if self.scale_param is None:
             q = ops.fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax)
         else:  # LSQ: gradient of the step size scaled by 1 / sqrt(features * qmax)
@@ -234,7 +237,7 @@ class ActQuantizer(nn.Module):
         """Sets the quantization range directly (a saved file) and marks the quantizer calibrated."""
         self.scale.copy_(scale.reshape(()))
         self.zero_point.copy_(zero_point.reshape(()))
-        self.calibrated = True
+        self.calibrated, self.unreached = True, False
 
     def learn_scale(self) -> nn.Parameter:
         """Makes the step size a parameter (LSQ) until ``freeze_scale()``."""
@@ -256,6 +259,16 @@ class ActQuantizer(nn.Module):
 
     def abort_calibration(self) -> None:
         self.observer = None
+
+    @property
+    def saw_data(self) -> bool:
+        """Whether the calibration running now has shown it any value."""
+        return self.observer is not None and self.observer.lo is not None
+
+    def mark_unreached(self) -> None:
+        """Ends calibration for a quantizer no calibration image reached (a layer the eval-mode forward never
+        runs, such as GoogLeNet's auxiliary heads): calibrated, with no range; it passes values on in float."""
+        self.observer, self.calibrated, self.unreached = None, True, True
 
     def finish_calibration(self) -> None:
         if self.observer is None:

@@ -68,7 +68,8 @@ def save_quantized(qmodel: nn.Module, path: str, source: str, identity: str,
         tensors[f"{name}.act_zero_point"] = aq.zero_point.reshape(1).contiguous()
     meta = {"format": FORMAT_VERSION, "source": source, "model_identity": identity,
             "config": qmodel.dsg_quant_config, "order": qmodel.dsg_quant_order,
-            "weight_bits": {name: wq.bits for name, wq in weight_quantizers(qmodel).items()}, **(extra or {})}
+            "weight_bits": {name: wq.bits for name, wq in weight_quantizers(qmodel).items()},
+            "unreached": [name for name, aq in act_quantizers(qmodel).items() if aq.unreached], **(extra or {})}
     tensors = {k: v.cpu() for k, v in tensors.items()}
     meta["checksum"] = content_checksum(tensors, meta)
     atomic_write_bytes(path, save(tensors, metadata={"dsg_ext": json.dumps(meta)}))
@@ -196,11 +197,22 @@ def load_quantized(model: nn.Module, path: str, identity: str, example: Optional
                     layer.bias = nn.Parameter(torch.zeros(expected, dtype=w.dtype, device=w.device),
                                               requires_grad=False)
                 layer.bias.copy_(bias)
-        for name, aq in act_quantizers(qmodel).items():
-            scale = _tensor(tensors, f"{name}.act_scale", path)
-            zero_point = _tensor(tensors, f"{name}.act_zero_point", path)
-            if scale.numel() != 1 or zero_point.numel() != 1:
-                raise QuantizedFileError(f"{path}: activation range of {name!r} is not one scale and zero point")
-            _check_qparams(path, f"the activation range of {name!r}", scale, zero_point, aq.qmin, aq.qmax)
-            aq.load_range(scale, zero_point)
+        _load_act_ranges(qmodel, tensors, meta, path)
     return qmodel
+
+
+def _load_act_ranges(qmodel: nn.Module, tensors: Dict[str, Tensor], meta: Dict[str, Any], path: str) -> None:
+    """Each activation quantizer's range from the file, checked; the ones the file names unreached are marked so."""
+    unreached = meta.get("unreached") or []
+    if not isinstance(unreached, list) or not all(isinstance(n, str) for n in unreached):
+        raise QuantizedFileError(f"{path}: its list of unreached activation quantizers is not a list of names")
+    unreached = set(unreached)
+    for name, aq in act_quantizers(qmodel).items():
+        scale = _tensor(tensors, f"{name}.act_scale", path)
+        zero_point = _tensor(tensors, f"{name}.act_zero_point", path)
+        if scale.numel() != 1 or zero_point.numel() != 1:
+            raise QuantizedFileError(f"{path}: activation range of {name!r} is not one scale and zero point")
+        _check_qparams(path, f"the activation range of {name!r}", scale, zero_point, aq.qmin, aq.qmax)
+        aq.load_range(scale, zero_point)
+        if name in unreached:
+            aq.mark_unreached()

@@ -475,3 +475,69 @@ def test_photo_crops_are_deterministic_real_images():
     assert a.shape == (4, 3, 16, 16) and torch.equal(a, b)
     assert -2.0 - 1e-6 <= float(a.min()) and float(a.max()) <= 2.0 + 1e-6 and float(a.std()) > 0.1
     assert not torch.equal(a[0], a[1])
+
+
+@pytest.mark.parametrize("placement", ["input", "deploy"])
+def test_a_layer_the_eval_forward_never_runs_stays_float_and_the_rest_quantizes_saves_and_exports(tmp_path, placement):
+    """GoogLeNet's auxiliary heads run only in training: calibration names their quantizers and leaves them
+    float instead of refusing the model; the file keeps that, GPTQ rounds their weights to nearest, and the
+    exported file (an eval-mode trace) has no node of them."""
+    import warnings
+
+    from tiny_models import aux_head_net
+
+    from dsg_ext import gptq
+    from dsg_ext.export import export_onnx
+    from dsg_ext.models.spec import model_identity
+
+    model = aux_head_net()
+    x = torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+    extra = Q.TARGETS["onnxruntime"] if placement == "deploy" else {}
+    q = Q.quantize_model(model, Q.QuantConfig(**{**extra, "wbits": 8, "abits": 8}), x[:1])
+    with pytest.warns(UserWarning, match=r"saw no calibration data .* stay float: .*aux"):
+        Q.calibrate(q, x)
+    unreached = [n for n, aq in Q.act_quantizers(q).items() if aq.unreached]
+    assert unreached and all(n.startswith("aux") for n in unreached)
+    with pytest.warns(UserWarning, match=r"GPTQ: layer 'aux\.0' is not reached by the forward pass"):
+        records = gptq(q, x, progress=False)
+    assert {r["layer"]: r["kept"] for r in records}["aux.0"] == "nearest"
+    with torch.no_grad():
+        ours = q(x)
+    path = str(tmp_path / "q.safetensors")
+    Q.save_quantized(q, path, "tiny_models:aux_head_net", model_identity(model))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # loading warns about nothing
+        loaded = Q.load_quantized(aux_head_net(), path, model_identity(model), x[:1])
+    assert [n for n, aq in Q.act_quantizers(loaded).items() if aq.unreached] == unreached
+    with torch.no_grad():
+        assert torch.equal(loaded(x), ours)
+    record = export_onnx(loaded, x[:2], str(tmp_path / "q.onnx"))
+    assert record["runtime"] is None or all("aux" not in f for f in record["runtime"]["float_nodes"])
+
+
+def test_calibration_that_reaches_no_quantizer_is_refused():
+    class Detached(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = tiny_bn_net()
+
+        def forward(self, x):
+            return x.mean((1, 2, 3))
+
+    q = Q.quantize_model(Detached().eval(), Q.QuantConfig(wbits=8, abits=8), torch.zeros(1, 3, 12, 12))
+    with pytest.raises(QuantizationError, match="reaches none of its quantized layers"):
+        Q.calibrate(q, torch.randn(4, 3, 12, 12))
+
+
+def test_reconstruction_skips_a_unit_the_forward_never_runs_and_says_so():
+    from tiny_models import aux_head_net
+
+    model = aux_head_net()
+    x = torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    q = Q.quantize_model(model, Q.QuantConfig(wbits=4, abits=8), x[:1])
+    with pytest.warns(UserWarning, match="saw no calibration data"):
+        Q.calibrate(q, x)
+    with pytest.warns(UserWarning, match=r"reconstruction: 'aux\.0' is not reached"):
+        records = Q.reconstruct(q, model, x, Q.AdaRoundConfig(iterations=3, unit="layer"), progress=False)
+    assert [r["kind"] for r in records if r.get("unit", r.get("layer", "")).startswith("aux")] == ["unreached"] * 2
+    assert Q.reconstruction_summary(records)[0].startswith("AdaRound: ")

@@ -4,6 +4,7 @@ block by block -- the rounding of each unit's weights learned to reconstruct its
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -17,6 +18,10 @@ from ..prepare import act_quantizers, float_reference, float_weight, weight_quan
 from ..quantizers import ActQuantizer, WeightMode, WeightQuantizer
 from .engine import optimise_device, optimise_loop, reconstruction_loss, resolve_engine, scale_group
 from .second_order import gptq
+
+
+class Unreached(QuantizationError):
+    """A unit the forward pass never runs (a training-only head): nothing to reconstruct it on."""
 
 
 def unit_inputs(model: nn.Module, unit_name: str, images: Tensor, batch_size: int, device: str,
@@ -40,7 +45,7 @@ def unit_inputs(model: nn.Module, unit_name: str, images: Tensor, batch_size: in
     # prepend, so that the capture sees the raw input even when an activation quantizer hook exists
     forward_until(model, unit, grab, images, batch_size, device, prepend=True, with_kwargs=True)
     if not got:
-        raise QuantizationError(f"{unit_name!r} is never reached by the forward pass")
+        raise Unreached(f"{unit_name!r} is never reached by the forward pass")
     return torch.cat(got)
 
 
@@ -329,8 +334,13 @@ def reconstruct(qmodel: nn.Module, fp_model: nn.Module, images: Tensor, config: 
         if bar is not None:
             bar.set_postfix_str(f"{number}/{len(units)} {unit_name}")
         step = (lambda: bar.update(1)) if bar is not None else (lambda: None)
-        record, carry = _reconstruct_unit(qmodel, fp_model, unit_name, unit_layers, images, config, device, gen,
-                                          step, engine, carry if engine != "loop" else None)
+        try:
+            record, carry = _reconstruct_unit(qmodel, fp_model, unit_name, unit_layers, images, config, device, gen,
+                                              step, engine, carry if engine != "loop" else None)
+        except Unreached:  # a training-only head: its weights keep their start (nearest or GPTQ's)
+            warnings.warn(f"reconstruction: {unit_name!r} is not reached by the forward pass; its rounding is kept",
+                          stacklevel=2)
+            record, carry = {"unit": unit_name, "layers": unit_layers, "kind": "unreached"}, None
         records.append(record)
     if bar is not None:
         bar.close()
@@ -346,7 +356,7 @@ def reconstruction_summary(records: Sequence[Dict[str, Any]]) -> Tuple[str, Opti
     if not records:
         return "AdaRound: no layer", None
     one_shot = [r for r in records if r.get("kind") == "gptq"]
-    learned = [r for r in records if r.get("kind") != "gptq"]
+    learned = [r for r in records if r.get("kind") not in ("gptq", "unreached")]
     parts = []
     if one_shot:
         ratios = sorted(r["error"] / r["nearest_error"] for r in one_shot if (r["nearest_error"] or 0) > 0)

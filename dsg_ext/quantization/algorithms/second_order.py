@@ -125,8 +125,6 @@ def _collect(qmodel: nn.Module, name: str, images: Tensor, batch_size: int, devi
         raise StopForward
 
     forward_until(qmodel, layer, grab, images, batch_size, device)  # after the activation quantizer's pre-hook
-    if hessian.vectors == 0:
-        raise QuantizationError(f"layer {name!r} is never reached by the forward pass")
     return hessian
 
 
@@ -276,6 +274,11 @@ def gptq(qmodel: nn.Module, images: Tensor, config: Optional[GptqConfig] = None,
             records.append({**round_nearest(qmodel, name, config), "seconds": time.perf_counter() - start})
             continue
         hessian = _collect(qmodel, name, images, config.batch_size, device, plan[name])
+        if hessian.vectors == 0:  # not run by the eval-mode forward (a training-only head): nothing to compensate
+            warnings.warn(f"GPTQ: layer {name!r} is not reached by the forward pass: rounded to nearest", stacklevel=2)
+            records.append({**round_nearest(qmodel, name, config), "precision": "none (not reached)",
+                            "seconds": time.perf_counter() - start})
+            continue
         if hessian.vectors < hessian.dim:
             log(f"warning: {name}: {hessian.vectors} input vectors for an input dimension of {hessian.dim}: "
                 "its Hessian is rank-deficient (more calibration images help)")
