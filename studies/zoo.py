@@ -37,7 +37,10 @@ def _latency(name: str, weights, calib_args, rows: str, args) -> dict:
                str(args.repeat), "--json", out]
     if weights:
         command += ["--weights", weights]
-    subprocess.run(command, check=True, stdout=sys.stderr)
+    done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sys.stderr.write(done.stdout)  # the bench's table, as it printed it
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed (exit {done.returncode}): {done.stdout[-2000:]}")
     with open(out) as f:
         return json.load(f)
 
@@ -61,7 +64,7 @@ def measure(name: str, args) -> dict:
     if "synthesis_s" not in row:
         config = SynthesisConfig.from_recipe("recommended", iterations=args.iterations, batch_size=args.batch)
         start = time.perf_counter()
-        generate(f"zoo:{name}", data, config, args.samples, weights=weights, show_progress=False)
+        generate(f"zoo:{name}", data, config, args.samples, weights=weights, show_progress=False, image_size=None)
         row["synthesis_s"] = time.perf_counter() - start
         row["synthesis"] = {"recipe": "recommended", "samples": args.samples, "iterations": args.iterations,
                             "batch": args.batch}
