@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dsg_ext.data.fashion_mnist import load_split, preprocess
+from dsg_ext.data.fashion_mnist import augment, load_split, preprocess
 from dsg_ext.evaluation import topk_accuracy
 from dsg_ext.models.resnet20 import WEIGHTS, ResNet20
 
@@ -24,19 +24,6 @@ from dsg_ext.models.resnet20 import WEIGHTS, ResNet20
 def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor):
     """(top-1, top-5) % of the model in eval mode on uint8 Fashion-MNIST images."""
     return topk_accuracy(model.eval(), preprocess(images), labels, batch_size=1000)
-
-
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    n = x.shape[0]
-    padded = F.pad(x, (4, 4, 4, 4), value=float(x.min()))
-    dx, dy = torch.randint(0, 9, (2, n), generator=gen)
-    rows = torch.arange(32)[None, :] + dy[:, None]
-    cols = torch.arange(32)[None, :] + dx[:, None]
-    out = padded[torch.arange(n)[:, None, None, None], torch.arange(1)[None, :, None, None],
-                 rows[:, None, :, None], cols[:, None, None, :]]
-    flip = torch.rand(n, generator=gen) < 0.5
-    out[flip] = out[flip].flip(-1)
-    return out
 
 
 def main(argv=None) -> int:

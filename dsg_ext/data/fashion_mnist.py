@@ -68,3 +68,18 @@ def preprocess(images: Tensor) -> Tensor:
     x = images.float().div_(255.0).unsqueeze(1)
     x = F.pad(x, (2, 2, 2, 2), value=0.0)
     return (x - MEAN) / STD
+
+
+def augment(x: Tensor, gen: torch.Generator) -> Tensor:
+    """Training augmentation of preprocessed (N, 1, 32, 32) images: random 32-px crops of the 4-pixel-padded
+    images and horizontal flips (the ResNet-20's and the zoo's, scripts/train_*.py)."""
+    n = x.shape[0]
+    padded = F.pad(x, (4, 4, 4, 4), value=float(x.min()))
+    dx, dy = torch.randint(0, 9, (2, n), generator=gen)
+    rows = torch.arange(32)[None, :] + dy[:, None]
+    cols = torch.arange(32)[None, :] + dx[:, None]
+    out = padded[torch.arange(n)[:, None, None, None], torch.arange(1)[None, :, None, None],
+                 rows[:, None, :, None], cols[:, None, None, :]]
+    flip = torch.rand(n, generator=gen) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out

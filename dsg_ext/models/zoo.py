@@ -129,20 +129,6 @@ def to_zoo_size(x32: Tensor) -> Tensor:
     return F.interpolate(x32, size=IMAGE_SIZE, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1).contiguous()
 
 
-def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
-    """Random 32-px crops of the 4-pixel-padded images and horizontal flips (the ResNet-20's)."""
-    n = x.shape[0]
-    padded = F.pad(x, (4, 4, 4, 4), value=float(x.min()))
-    dx, dy = torch.randint(0, 9, (2, n), generator=gen)
-    rows = torch.arange(32)[None, :] + dy[:, None]
-    cols = torch.arange(32)[None, :] + dx[:, None]
-    out = padded[torch.arange(n)[:, None, None, None], torch.arange(1)[None, :, None, None],
-                 rows[:, None, :, None], cols[:, None, None, :]]
-    flip = torch.rand(n, generator=gen) < 0.5
-    out[flip] = out[flip].flip(-1)
-    return out
-
-
 def _loss(model: nn.Module, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
     out = model(x)
     if isinstance(out, tuple):  # GoogLeNet in training: (logits, aux2, aux1), the auxiliary losses weighted 0.3
@@ -191,7 +177,7 @@ def train(name: str, log: Callable[[str], None] = print, batch_size: int = 128, 
     """Trains a zoo network on Fashion-MNIST: AdamW (weight decay 0.05), one-cycle learning rate peaking at
     ``lr``, the entry's image budget, then BN statistics averaged over ``bn_images`` training images. Returns
     the model (eval mode) and its record (top-1 on the first ``test_images`` test images (all), seconds)."""
-    from ..data.fashion_mnist import load_split, preprocess
+    from ..data.fashion_mnist import augment, load_split, preprocess
 
     entry = _entry(name)
     model = build(name, seed)
@@ -209,7 +195,7 @@ def train(name: str, log: Callable[[str], None] = print, batch_size: int = 128, 
         seen = correct = 0
         for i in range(0, perm.numel(), batch_size):
             idx = perm[i:i + batch_size]
-            loss, logits = _loss(model, to_zoo_size(_augment(x_all[idx], gen)), train_y[idx])
+            loss, logits = _loss(model, to_zoo_size(augment(x_all[idx], gen)), train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
