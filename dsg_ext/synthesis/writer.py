@@ -20,7 +20,7 @@ from .._utils.io import atomic_write_json, check_output_dir, check_output_file, 
 from ..data import store as dataset
 from ..errors import ConfigError
 from ..models import LoadedModel, load_model
-from ..models.spec import check_device, probe_model
+from ..models.spec import check_device
 from .config import AUGMENT_ONLY_FIELDS, LATER_FIELDS, RANDOM_AUGMENTATIONS, SynthesisConfig
 from .diversity import diversity
 from .loop import per_sample_statistics, synthesize_batch
@@ -171,8 +171,7 @@ def generate(
                         trust_model_code=trust_model_code)
     config = dataclasses.replace(config, channels=loaded.input.channels, image_size=loaded.input.image_size)
     model = loaded.model.to(device)
-    _check_image_size(model, config, device, source)
-    layers = synthesis_layers(model, config.channels, config.image_size, device, source)
+    layers = synthesis_layers(model, config.channels, config.image_size, device, source)  # probes the model too
 
     identity = dataset_identity(loaded, config, num_samples)
     num_batches = math.ceil(num_samples / config.batch_size)
@@ -253,10 +252,6 @@ def generate(
         if preview:
             write_preview(images, loaded.input, preview)
     return manifest
-
-
-def _check_image_size(model, config: SynthesisConfig, device: str, source: str) -> None:
-    probe_model(model, torch.zeros(1, config.channels, config.image_size, config.image_size, device=device), source)
 
 
 def _finished(out: str, manifest: Optional[Dict[str, Any]], num_batches: int) -> bool:

@@ -180,20 +180,18 @@ def _searched_qparams(w: Tensor, wq: WeightQuantizer) -> None:
 
 
 @torch.no_grad()
-def round_nearest(qmodel: nn.Module, name: str, config: GptqConfig) -> Dict[str, Any]:
-    """Layer ``name`` rounded to nearest (with the scales GPTQ would use): a layer whose Hessian does not fit."""
+def round_nearest(qmodel: nn.Module, name: str, config: GptqConfig, why: str) -> Dict[str, Any]:
+    """Layer ``name`` rounded to nearest, with the scales GPTQ would use (a layer whose Hessian does not fit,
+    or that the forward never reaches: ``why``)."""
     layer, wq = qmodel.get_submodule(name), weight_quantizers(qmodel)[name]
     w = float_weight(qmodel, name).detach()
     if config.search_scales:
         _searched_qparams(w, wq)
-    groups, dim = layer_groups(layer)
-    wg = grouped_weight(layer, w.to(torch.float64))
-    scale, zp = _row_qparams(wq, groups, wg.shape[1])
-    real = wg / scale[..., None] + zp[..., None]
-    wq.store_int(torch.clamp(torch.round(real), wq.qmin, wq.qmax).reshape(w.shape).to(w.device), real.reshape(w.shape))
     wq.set_start_weight(None)
+    wq.finalize(w)
+    groups, dim = layer_groups(layer)
     return {"layer": name, "groups": groups, "input_dim": dim, "vectors": 0, "kept": "nearest",
-            "precision": "none (Hessian too large)", "error": None, "gptq_error": None, "nearest_error": None,
+            "precision": f"none ({why})", "error": None, "gptq_error": None, "nearest_error": None,
             "reported_error": None, "damping": None, "changed": 0.0}
 
 
@@ -271,12 +269,13 @@ def gptq(qmodel: nn.Module, images: Tensor, config: Optional[GptqConfig] = None,
     for name in names:
         start = time.perf_counter()
         if plan[name] is None:
-            records.append({**round_nearest(qmodel, name, config), "seconds": time.perf_counter() - start})
+            records.append({**round_nearest(qmodel, name, config, "Hessian too large"),
+                            "seconds": time.perf_counter() - start})
             continue
         hessian = _collect(qmodel, name, images, config.batch_size, device, plan[name])
         if hessian.vectors == 0:  # not run by the eval-mode forward (a training-only head): nothing to compensate
             warnings.warn(f"GPTQ: layer {name!r} is not reached by the forward pass: rounded to nearest", stacklevel=2)
-            records.append({**round_nearest(qmodel, name, config), "precision": "none (not reached)",
+            records.append({**round_nearest(qmodel, name, config, "not reached"),
                             "seconds": time.perf_counter() - start})
             continue
         if hessian.vectors < hessian.dim:
