@@ -66,6 +66,32 @@ class ActQDQ(nn.Module):
         return qd.dequantize_per_tensor(q, self.scale, self.zero_point, self.full[0], self.full[1], self.dtype)
 
 
+class HardSigmoidQDQ(nn.Module):
+    """A "hardsigmoid" point of the deployment placement as ops onnxruntime runs in integers: QLinearAdd of
+    its (quantized) input and a quantized constant 3, quantized at 6 times the point's step, read back at the
+    point's step: round((x + 3) / (6 s)) = round(hardsigmoid(x) / s) wherever hardsigmoid does not clip, and
+    the quantizer's range does the clipping where it starts at 0 and ends below 1 or within half a step above
+    it (hard-sigmoid's own range: what calibration gives). Any other range gets a Clip first, which onnxruntime
+    runs in float."""
+
+    def __init__(self, aq: ActQuantizer):
+        super().__init__()
+        self.qdq = ActQDQ(aq)
+        # hardsigmoid's 1 lands on the top level where the range ends at most half a step above 1
+        self.exact = int(aq.zero_point) == aq.qmin and (aq.qmax - int(aq.zero_point) - 0.5) * float(aq.scale) <= 1.0
+        self.register_buffer("three", torch.ones((), dtype=torch.uint8))  # 1 at step 3: the constant exactly
+
+    def forward(self, x: Tensor) -> Tensor:
+        qd, a = torch.ops.quantized_decomposed, self.qdq
+        y = x + qd.dequantize_per_tensor(self.three, 3.0, 0, 0, 255, torch.uint8)
+        if not self.exact:
+            y = torch.clamp(y, 0.0, 6.0)
+        q = qd.quantize_per_tensor(y, 6.0 * a.scale, a.zero_point, a.full[0], a.full[1], a.dtype)
+        if a.clip:
+            q = torch.clamp(q, a.qmin, a.qmax)
+        return qd.dequantize_per_tensor(q, a.scale, a.zero_point, a.full[0], a.full[1], a.dtype)
+
+
 class DQWeight(nn.Module):
     """A weight parametrization that ignores the float weight and returns DequantizeLinear of the
     integer weights (per output channel or per tensor)."""
@@ -135,6 +161,8 @@ def deploy_module(qmodel: nn.Module) -> nn.Module:
     for module in model.modules():  # a mirror repeats its source's range as a Q/DQ pair of its own
         if isinstance(module, QuantPoint) and module.mode == "mirror" and module.source is not None:
             module.export_qdq = ActQDQ(module.source.act_quant)
+        elif isinstance(module, QuantPoint) and module.kind == "hardsigmoid" and module.mode == "quant":
+            module.export_qdq = HardSigmoidQDQ(module.act_quant)
     for name in wqs:
         plist = model.get_submodule(name).parametrizations.weight
         plist[0] = DQWeight(plist[0])
@@ -323,7 +351,7 @@ def _global_pools(model_proto) -> int:
 # What onnxruntime runs in integer kernels, and the data-movement ops that are neither compute nor float.
 INTEGER_OPS_PREFIXES = ("QLinear", "QGemm", "ConvInteger", "MatMulInteger", "DynamicQuantize")
 _MOVEMENT_OPS = {"QuantizeLinear", "DequantizeLinear", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze",
-                 "Shape", "Gather", "Constant", "Identity", "Cast", "Slice"}
+                 "Shape", "Gather", "Constant", "Identity", "Cast", "Slice", "Split"}
 
 
 # Ops that commute with a monotone affine map, so onnxruntime runs them on the stored integers when fed integers

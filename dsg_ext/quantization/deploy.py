@@ -14,7 +14,10 @@ convolutions and residual sums float, so the runtime cannot fuse them.
   its direct children as leaves, and its ``forward`` replaced by the traced graph with *points*
   (``QuantPoint`` submodules) added: after each Conv2d / Linear and the activations that follow it
   (Identity left by BN folding, ReLU, ReLU6, Hardtanh, clamp, Dropout), after each add / concat /
-  average pool, before their inputs, and after shape ops and max pooling (which keep the grid). The
+  product of two tensors / average pool / sigmoid / leaky ReLU, before their inputs, and after shape
+  ops, max pooling and the pieces of a channel split (which keep the grid). Activations onnxruntime
+  has no integer kernel for are first rewritten into ones it has (``_decompose``: SiLU, hard-swish,
+  hard-sigmoid, a spatial mean). The
   module keeps its class, name, children and hooks (reconstruction finds its blocks as before);
   the trace is taken in eval mode with the non-tensor arguments of the example's forward.
 - one forward of the example decides what each point is, by following which tensors are already on
@@ -51,18 +54,39 @@ _CHAIN_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.hardtanh, torch.clamp, F.drop
 _CHAIN_METHODS = {"relu", "relu_", "clamp", "clamp_"}
 _MERGES = {operator.add, operator.iadd, torch.add, torch.cat, torch.concat}
 _MERGE_METHODS = {"add", "add_"}
-_POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d)
-_POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.avg_pool2d}
+# Products of two tensors (squeeze-excite's scale, SiLU's and hard-swish's x * gate): QLinearMul, broadcast too. A
+# product with a constant stays float in onnxruntime, so it is no merge (no requantization for nothing).
+_PRODUCTS = {operator.mul, operator.imul, torch.mul}
+_PRODUCT_METHODS = {"mul", "mul_"}
+# Ops with one quantized input and output: average pools (QLinearAveragePool / QLinearGlobalAveragePool), sigmoid
+# (QLinearSigmoid) and leaky ReLU (QLinearLeakyRelu), onnxruntime's lookup-table kernels.
+_POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Sigmoid, nn.LeakyReLU)
+_POOL_FUNCTIONS = {F.adaptive_avg_pool2d, F.avg_pool2d, torch.sigmoid, F.sigmoid, F.leaky_relu}
+_POOL_METHODS = {"sigmoid"}
 _SAME_MODULES = (nn.Flatten, nn.MaxPool2d)
-_SAME_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, F.max_pool2d}
-_SAME_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
+_SAME_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, F.max_pool2d, torch.transpose,
+                   torch.permute}
+_SAME_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze", "transpose", "permute", "contiguous"}
+# Ops whose outputs are pieces of their input (ShuffleNet's channel split): each piece keeps the input's grid.
+_SPLIT_FUNCTIONS = {torch.chunk, torch.split}
+_SPLIT_METHODS = {"chunk", "split"}
+# Activations without an integer kernel in onnxruntime, rewritten into ops that have one (see _decompose).
+_HARD_SIGMOID = ((nn.Hardsigmoid,), {F.hardsigmoid})
+_HARD_SWISH = ((nn.Hardswish,), {F.hardswish})
+_SILU = ((nn.SiLU,), {F.silu})
 
 
 class QuantPoint(nn.Module):
     """A tensor of the deployment graph that is on an integer grid. ``kind`` is where it sits
-    ("output" of an integer op, "input" of one, "same" grid as its input); ``mode``, set by ``place``'s
-    probe, is what it does: "quant" (its own ``act_quant``), "mirror" (its input's grid, identity in
-    torch; a Q/DQ pair with the source's range in the exported file) or "off" (identity)."""
+    ("output" of an integer op, "input" of one, "same" grid as its input, "hardsigmoid": the output of
+    hard-sigmoid applied to its quantized input); ``mode``, set by ``place``'s probe, is what it does:
+    "quant" (its own ``act_quant``), "mirror" (its input's grid, identity in torch; a Q/DQ pair with the
+    source's range in the exported file) or "off" (identity).
+
+    A "hardsigmoid" point computes ``act_quant(hardsigmoid(x))``. onnxruntime has no integer hard-sigmoid;
+    the exported file computes it as QLinearAdd(x, 3) quantized at 6 times the point's step
+    (``export.qdq.HardSigmoidQDQ``): the same integers, as relu6(x + 3) / 6 = hardsigmoid(x) and the
+    quantizer's range [0, <= 1] does the clipping."""
 
     def __init__(self, kind: str):
         super().__init__()
@@ -72,12 +96,14 @@ class QuantPoint(nn.Module):
 
     def forward(self, x: Tensor, grid_of: Optional[Tensor] = None) -> Tensor:
         """``grid_of``: for a "same" point, the op's input, whose grid the output ``x`` keeps."""
+        if self.export_qdq is not None:
+            return self.export_qdq(x)
+        if self.kind == "hardsigmoid":
+            x = F.hardsigmoid(x)
         if _PROBE is not None:
             return _PROBE.visit(self, x, x if grid_of is None else grid_of)
         if self.mode == "quant":
             return self.act_quant(x)
-        if self.export_qdq is not None:
-            return self.export_qdq(x)
         return x
 
     def extra_repr(self) -> str:
@@ -104,7 +130,7 @@ class _Probe:
         self.seen.add(id(point))
         src = self.source(grid_of)
         if first:
-            if point.kind == "output" or (point.kind == "input" and src is None):
+            if point.kind in ("output", "hardsigmoid") or (point.kind == "input" and src is None):
                 point.mode = "quant"
             elif point.kind == "same" and src is not None:
                 point.mode = "mirror"
@@ -129,18 +155,70 @@ def _kind(node: fx.Node, modules: Dict[str, nn.Module]):
             if isinstance(m, types_):
                 return kind
         return None
+    tensors = sum(isinstance(a, fx.Node) for a in node.args[:2])
     if node.op == "call_function":
         target = node.target
+        if target in _PRODUCTS:
+            return "merge" if tensors == 2 else None
         for kind, group in (("chain", _CHAIN_FUNCTIONS), ("merge", _MERGES), ("pool", _POOL_FUNCTIONS),
-                            ("same", _SAME_FUNCTIONS)):
+                            ("same", _SAME_FUNCTIONS), ("split", _SPLIT_FUNCTIONS)):
             if target in group:
                 return kind
         return None
     if node.op == "call_method":
-        for kind, group in (("chain", _CHAIN_METHODS), ("merge", _MERGE_METHODS), ("same", _SAME_METHODS)):
+        if node.target in _PRODUCT_METHODS:
+            return "merge" if tensors == 2 else None
+        for kind, group in (("chain", _CHAIN_METHODS), ("merge", _MERGE_METHODS), ("pool", _POOL_METHODS),
+                            ("same", _SAME_METHODS), ("split", _SPLIT_METHODS)):
             if node.target in group:
                 return kind
     return None
+
+
+def _matches(node: fx.Node, modules: Dict[str, nn.Module], group) -> bool:
+    module_types, functions = group
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), module_types)
+    return node.op == "call_function" and node.target in functions
+
+
+def _spatial_mean(node: fx.Node) -> Optional[bool]:
+    """For a mean over the two spatial axes (``x.mean((2, 3))``, ShuffleNet's head): whether it keeps them;
+    None for any other node. onnxruntime has no integer ReduceMean; it is a global average pool."""
+    if not ((node.op == "call_method" and node.target == "mean") or (node.op == "call_function"
+                                                                      and node.target is torch.mean)):
+        return None
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if not isinstance(dims, (list, tuple)) or sorted(dims) not in ([2, 3], [-2, -1]) or "dtype" in node.kwargs:
+        return None
+    return bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+
+
+def _decompose(graph: fx.Graph, modules: Dict[str, nn.Module], add_point: Callable) -> None:
+    """Rewrites the activations onnxruntime has no integer kernel for into ops it has one for, computing the
+    same function: hard-sigmoid -> a "hardsigmoid" point; hard-swish -> x * hardsigmoid(x); SiLU -> x *
+    sigmoid(x) (QLinearSigmoid, QLinearMul); a mean over the spatial axes -> a global average pool (and a
+    flatten where the axes go). The rewritten activation's input gets an "input" point shared by its uses."""
+    for node in list(graph.nodes):
+        keep = _spatial_mean(node)
+        if keep is not None:
+            with graph.inserting_before(node):
+                new = graph.call_function(F.adaptive_avg_pool2d, (node.args[0], 1))
+                if not keep:
+                    new = graph.call_function(torch.flatten, (new, 1))
+        elif any(_matches(node, modules, g) for g in (_HARD_SIGMOID, _HARD_SWISH, _SILU)) and node.args:
+            with graph.inserting_before(node):
+                x = add_point("input", node.args[0], "_in_" + node.name)
+                if _matches(node, modules, _HARD_SIGMOID):
+                    new = add_point("hardsigmoid", x, "_" + node.name)
+                elif _matches(node, modules, _HARD_SWISH):
+                    new = graph.call_function(operator.mul, (x, add_point("hardsigmoid", x, "_" + node.name)))
+                else:
+                    new = graph.call_function(operator.mul, (x, graph.call_function(torch.sigmoid, (x,))))
+        else:
+            continue
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
 
 
 def _chain_end(node: fx.Node, modules: Dict[str, nn.Module]) -> fx.Node:
@@ -160,47 +238,54 @@ def _rewrite(scope: nn.Module, concrete: Dict[str, Any], root: bool) -> int:
     for node, param in zip([n for n in graph.nodes if n.op == "placeholder"], params):
         node.target = param  # fx renames a specialised argument; the callers use its name
     modules = dict(scope.named_modules())
-    after: List[Tuple[str, fx.Node]] = []  # ("output" | "same", node the point follows)
+    count = 0
+
+    def add_point(kind: str, node: fx.Node, suffix: str = "", grid: Optional[fx.Node] = None) -> fx.Node:
+        nonlocal count
+        name = f"dsg_q_{node.name}{suffix}"
+        while hasattr(scope, name):
+            name += "_"
+        scope.add_module(name, QuantPoint(kind))
+        count += 1
+        return graph.call_module(name, (node, grid) if kind == "same" else (node,))
+
+    _decompose(graph, modules, add_point)
+    modules = dict(scope.named_modules())
+    # ("output" | "same", node the point follows, the node whose first input's grid a "same" point keeps)
+    after: List[Tuple[str, fx.Node, Optional[fx.Node]]] = []
     consumers: List[fx.Node] = []  # merges and pools: their tensor inputs get "input" points
     ends = set()
     for node in list(graph.nodes):
         kind = _kind(node, modules)
         if node.op == "placeholder" and root and not ends:
             ends.add(node)
-            after.append(("output", node))
+            after.append(("output", node, None))
         elif kind in ("layer", "merge", "pool"):
             if kind != "layer":
                 consumers.append(node)
             end = _chain_end(node, modules)
             if end not in ends and not (root and any(u.op == "output" for u in end.users)):
                 ends.add(end)
-                after.append(("output", end))
+                after.append(("output", end, None))
         elif kind == "same" and node.args and isinstance(node.args[0], fx.Node):
-            after.append(("same", node))
+            after.append(("same", node, node))
+        elif kind == "split" and node.args and isinstance(node.args[0], fx.Node):
+            after.extend(("same", piece, node) for piece in node.users
+                         if piece.op == "call_function" and piece.target is operator.getitem)
 
-    def add_point(kind: str, node: fx.Node, suffix: str = "") -> fx.Node:
-        name = f"dsg_q_{node.name}{suffix}"
-        while hasattr(scope, name):
-            name += "_"
-        scope.add_module(name, QuantPoint(kind))
-        return graph.call_module(name, (node, node.args[0]) if kind == "same" else (node,))
-
-    count = 0
-    for kind, node in after:
+    for kind, node, op in after:  # (an op's first input is read now: it may be a point added before)
         with graph.inserting_after(node):
-            point = add_point(kind, node)
+            point = add_point(kind, node, grid=op.args[0] if op is not None else None)
         node.replace_all_uses_with(point, delete_user_cb=lambda u, _p=point: u is not _p)
-        count += 1
     for consumer in consumers:
         group = consumer.args[0] if consumer.target in (torch.cat, torch.concat) else consumer.args[:2]
         for a in group if isinstance(group, (list, tuple)) else [group]:
             if not isinstance(a, fx.Node) or (a.op == "call_module" and a.target.startswith("dsg_q_")
-                                              and getattr(scope, a.target).kind == "output"):
+                                              and getattr(scope, a.target).kind != "same"):
                 continue
             with graph.inserting_before(consumer):
                 point = add_point("input", a, "_in_" + consumer.name)
             consumer.replace_input_with(a, point)
-            count += 1
     graph.lint()
     code = fx.GraphModule(scope, graph)
     object.__setattr__(scope, "forward", types.MethodType(type(code).forward, scope))

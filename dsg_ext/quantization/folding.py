@@ -30,7 +30,24 @@ class LayerLeafTracer(fx.Tracer):
     Conv2dStaticSamePadding) as leaves, so that BN folding sees them."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, QUANT_TYPES) or super().is_leaf_module(m, qualname)
+        return isinstance(m, QUANT_TYPES) or foldable(m) or super().is_leaf_module(m, qualname)
+
+
+def foldable(m: nn.Module) -> bool:
+    """A BatchNorm2d, or a subclass known to be one followed by modules of its own: timm's BatchNormAct2d
+    (batch norm, then its ``drop`` and ``act`` children)."""
+    if type(m) is nn.BatchNorm2d:
+        return True
+    return (isinstance(m, nn.BatchNorm2d) and type(m).__name__ == "BatchNormAct2d"
+            and isinstance(getattr(m, "drop", None), nn.Module) and isinstance(getattr(m, "act", None), nn.Module))
+
+
+def _after_folding(bn: nn.Module) -> nn.Module:
+    """What is left of a folded BN: nothing, or a norm-act's own dropout and activation (the activation alone
+    where the dropout is the Identity, so the deploy placement sees the ReLU right after the convolution)."""
+    if type(bn) is nn.BatchNorm2d:
+        return nn.Identity()
+    return bn.act if isinstance(bn.drop, nn.Identity) else nn.Sequential(bn.drop, bn.act)
 
 
 def scope_graphs(model: nn.Module) -> List[Tuple[str, fx.Graph]]:
@@ -48,7 +65,7 @@ def scope_graphs(model: nn.Module) -> List[Tuple[str, fx.Graph]]:
 
 def fold_batchnorm(model: nn.Module) -> List[Tuple[str, str]]:
     """Folds each BatchNorm2d that directly follows a Conv2d (its only user) into that convolution,
-    in place; the BN becomes Identity. Traces the model with torch.fx (Conv2d subclasses as leaves); a
+    in place; the BN becomes Identity (timm's BatchNormAct2d: its activation, after its dropout). Traces the model with torch.fx (Conv2d subclasses as leaves); a
     model that does not trace whole is traced module by module, skipping those that do not trace.
     Returns (conv, bn) pairs."""
     try:
@@ -64,7 +81,7 @@ def fold_batchnorm(model: nn.Module) -> List[Tuple[str, str]]:
             return f"{_p}.{target}" if _p else target
 
         for node in graph.nodes:
-            if node.op != "call_module" or not isinstance(modules.get(full(node.target)), nn.BatchNorm2d):
+            if node.op != "call_module" or not foldable(modules.get(full(node.target), nn.Identity())):
                 continue
             src = node.args[0]
             if (isinstance(src, fx.Node) and src.op == "call_module"
@@ -82,5 +99,5 @@ def fold_batchnorm(model: nn.Module) -> List[Tuple[str, str]]:
             new_bias = beta + (bias - bn.running_mean) * k
             conv.bias = nn.Parameter(new_bias)
             parent_name, _, attr = bn_name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, nn.Identity())
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, _after_folding(bn))
     return pairs

@@ -144,8 +144,90 @@ def test_reconstruction_runs_on_the_placement(tmp_path, resnet20):
     assert record["runtime"]["nodes"].get("QLinearConv") == 21
 
 
-class _SiluNet(nn.Module):
-    """A conv, then x * sigmoid(x) (an op the placement has no integer form for), then a conv."""
+class _MobileNet(nn.Module):
+    """The ops of MobileNetV3, EfficientNet, RegNetY and ShuffleNetV2 in one small network: hard-swish, SiLU,
+    squeeze-excite (average pool, ReLU, hard-sigmoid / sigmoid gate, broadcast product), a channel split,
+    concatenation and shuffle, and a mean over the spatial axes before the classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn_a, self.act_a = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Hardswish()
+        self.se_down, self.se_up, self.gate = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1), nn.Hardsigmoid()
+        self.b, self.bn_b, self.act_b = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.SiLU()
+        self.se2_down, self.se2_up = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.c, self.bn_c = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.act_a(self.bn_a(self.a(x)))
+        x = x * self.gate(self.se_up(torch.relu(self.se_down(nn.functional.adaptive_avg_pool2d(x, 1)))))
+        x = self.act_b(self.bn_b(self.b(x)))
+        x = x * torch.sigmoid(self.se2_up(nn.functional.silu(self.se2_down(x.mean((2, 3), keepdim=True)))))
+        left, right = x.chunk(2, dim=1)
+        x = torch.cat((left, torch.relu(self.bn_c(self.c(right)))), dim=1)
+        n, c, h, w = x.shape
+        x = torch.transpose(x.view(n, 2, c // 2, h, w), 1, 2).contiguous().view(n, c, h, w)
+        return self.fc(x.mean((2, 3)))
+
+
+def _trained_bn(model, x):
+    for bn in model.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.momentum = None
+    with torch.no_grad():
+        model.train()(x)
+    return model.eval()
+
+
+def test_hard_swish_silu_squeeze_excite_and_channel_shuffle_run_in_integer_kernels(tmp_path):
+    """No float node left: hard-swish as x * hardsigmoid(x) with hard-sigmoid as QLinearAdd(x, 3) at 6 times the
+    step, SiLU as QLinearSigmoid and QLinearMul, the squeeze-excite product as a broadcast QLinearMul, the mean as
+    QLinearGlobalAveragePool, the split and the shuffle on the integers; and the file computes our model."""
+    torch.manual_seed(0)
+    calib = torch.randn(64, 3, 12, 12)
+    model = _trained_bn(_MobileNet(), calib)
+    q = _deployed(model, calib)
+    assert q.dsg_deploy["own_input"] == [] and q.dsg_deploy["untraced"] == []
+    kinds = [m.kind for m in q.modules() if isinstance(m, QuantPoint) and m.mode == "quant"]
+    assert kinds.count("hardsigmoid") == 2  # the gate and hard-swish's own
+    path = str(tmp_path / "m.onnx")
+    record = export_onnx(q, calib[:2], path)
+    nodes = record["runtime"]["nodes"]
+    assert record["runtime"]["float_nodes"] == [], record["runtime"]["float_nodes"]
+    assert nodes.get("QLinearConv") == record["nodes"]["Conv"] == 7
+    assert nodes.get("QLinearMul") == 5 and nodes.get("QLinearSigmoid") == 3 and nodes.get("QLinearAdd") == 2
+    assert nodes.get("QLinearGlobalAveragePool") == 3 and nodes.get("QLinearConcat") == 1 and "Split" in nodes
+    assert record["runtime"]["qdq_left"] <= 2
+    with torch.no_grad():
+        ours, fp = q(calib), model(calib)
+    theirs = _run(path, "x", calib)
+    step = float((ours - fp).abs().mean())  # the quantization error: the file's differences are far smaller
+    assert float((theirs - ours).abs().mean()) <= 0.1 * step, (float((theirs - ours).abs().mean()), step)
+    assert float((theirs.argmax(1) == ours.argmax(1)).float().mean()) >= 0.95
+
+
+def test_the_exported_hard_sigmoid_gives_the_integers_of_our_quantized_hard_sigmoid():
+    """HardSigmoidQDQ (what the file computes) against act_quant(hardsigmoid(x)) on every input level, for
+    several ranges: equal but where float rounding meets a tie (one step at most)."""
+    from dsg_ext.export.qdq import HardSigmoidQDQ
+
+    torch.manual_seed(0)
+    for in_scale, in_zero, hi in ((0.05, 128, 1.0), (0.031, 100, 0.8), (0.013, 10, 1.0)):
+        aq = Q.ActQuantizer(8, False, lambda lo, hi_: Q.MinMaxObserver(lo, hi_, False))
+        aq.load_range(torch.tensor(hi / 255), torch.tensor(0))
+        x = (torch.arange(256.0) - in_zero) * in_scale
+        ours = aq(nn.functional.hardsigmoid(x))
+        export = HardSigmoidQDQ(aq)
+        assert export.exact
+        theirs = export(x)
+        steps = ((theirs - ours).abs() / aq.scale).round()
+        assert int(steps.max()) <= 1 and int((steps > 0).sum()) <= 2, (in_scale, int((steps > 0).sum()))
+    aq.load_range(torch.tensor(0.01), torch.tensor(10))  # a range below 0: the file clips first (in float)
+    assert not HardSigmoidQDQ(aq).exact
+
+
+class _GeluNet(nn.Module):
+    """A conv, then GELU (no integer kernel in onnxruntime, no integer form here), then a conv."""
 
     def __init__(self):
         super().__init__()
@@ -154,23 +236,23 @@ class _SiluNet(nn.Module):
         self.fc = nn.Linear(4, 3)
 
     def forward(self, x):
-        x = self.bn(self.a(x))
-        x = x * torch.sigmoid(x)
+        x = nn.functional.gelu(self.bn(self.a(x)))
         return self.fc(self.b(x).mean((2, 3)))
 
 
 def test_an_op_without_integer_form_stays_float_and_is_named(tmp_path):
-    model = _SiluNet().eval()
+    model = _GeluNet().eval()
     calib = torch.randn(16, 3, 12, 12)
     q = _deployed(model, calib)
-    assert q.dsg_deploy["own_input"] == ["b", "fc"]  # after the Mul / the float mean: their own input quantizers
+    assert q.dsg_deploy["own_input"] == ["b"]  # after the GELU: its own input quantizer
     with torch.no_grad():
         ours = q(calib)
     path = str(tmp_path / "m.onnx")
     record = export_onnx(q, calib[:2], path)
     floats = " ".join(record["runtime"]["float_nodes"])
-    assert "Mul" in floats and "Sigmoid" in floats
+    assert "Gelu" in floats or "Erf" in floats, floats
     assert record["runtime"]["nodes"].get("QLinearConv") == 2  # both convs still integer
+    assert record["runtime"]["nodes"].get("QLinearGlobalAveragePool") == 1  # the mean too
     theirs = _run(path, "x", calib)
     assert float((theirs.argmax(1) == ours.argmax(1)).float().mean()) >= 0.9
 

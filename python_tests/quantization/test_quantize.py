@@ -3,6 +3,7 @@ the `dsg quantize/eval/demo` commands (CPU)."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -106,6 +107,30 @@ def test_bn_folding_keeps_the_float_function():
         assert (q_nofold(x) - ref).norm() / ref.norm() < 0.03
     pairs = Q.fold_batchnorm(tiny_bn_net())
     assert pairs == [("0", "1"), ("3", "4"), ("6", "7")]
+
+
+def test_timm_batchnorm_act_folds_and_keeps_its_activation():
+    """timm's BatchNormAct2d (a BatchNorm2d subclass that applies its dropout and activation too) folds like a
+    BatchNorm2d; its activation stays, so the function is unchanged and the deploy placement sees it."""
+    norm_act = pytest.importorskip("timm.layers.norm_act")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), norm_act.BatchNormAct2d(8, act_layer=nn.ReLU),
+                          nn.Conv2d(8, 8, 3), norm_act.BatchNormAct2d(8, act_layer=nn.Hardswish, drop_layer=nn.Dropout),
+                          nn.Conv2d(8, 4, 1))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.5, 1.5), nn.init.uniform_(m.bias, -0.5, 0.5)
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+    model.eval()
+    x = images(4, seed=1)
+    with torch.no_grad():
+        ref = model(x)
+    folded = copy.deepcopy(model)
+    assert Q.fold_batchnorm(folded) == [("0", "1"), ("2", "3")]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert isinstance(folded[1], nn.ReLU) and isinstance(folded[3][1], nn.Hardswish)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), ref, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
