@@ -65,8 +65,9 @@ def scope_graphs(model: nn.Module) -> List[Tuple[str, fx.Graph]]:
 
 def fold_batchnorm(model: nn.Module) -> List[Tuple[str, str]]:
     """Folds each BatchNorm2d that directly follows a Conv2d (its only user) into that convolution,
-    in place; the BN becomes Identity (timm's BatchNormAct2d: its activation, after its dropout). Traces the model with torch.fx (Conv2d subclasses as leaves); a
-    model that does not trace whole is traced module by module, skipping those that do not trace.
+    in place; the BN becomes Identity (timm's BatchNormAct2d: its activation, after its dropout). Traces
+    the model with torch.fx (Conv2d subclasses as leaves); a model that does not trace whole is traced
+    module by module, skipping those that do not trace.
     Returns (conv, bn) pairs."""
     try:
         graphs = [("", LayerLeafTracer().trace(model))]
