@@ -234,3 +234,40 @@ def test_a_layer_whose_hessian_does_not_fit_is_rounded_to_nearest_and_the_rest_b
 
     summary, _ = reconstruction_summary([{**r, "kind": "gptq"} for r in records])
     assert summary.startswith(f"GPTQ: {len(names)} layers")
+
+
+@pytest.mark.parametrize("target", [None, "onnxruntime"])
+def test_blocks_give_their_layers_the_inputs_a_prefix_replay_gives_with_fewer_forwards(monkeypatch, target):
+    """Inside a block GPTQ takes each layer's inputs from a forward of the block alone (its inputs captured once,
+    or the previous block's outputs): the same integers as replaying the whole prefix for every layer, with far
+    fewer forwards of the model (a MobileNetV2: its 17 inverted residuals chain)."""
+    import importlib
+
+    import torchvision
+
+    reconstruct = importlib.import_module("dsg_ext.quantization.algorithms.reconstruct")
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(width_mult=0.25, num_classes=10)
+    images = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.train()(images)  # BN statistics of these images
+    model.eval()
+
+    def rounded():
+        config = (Q.QuantConfig.for_target(target, wbits=4, abits=8) if target
+                  else Q.QuantConfig(wbits=4, abits=8, first_last_bits=None, observer="minmax"))
+        qmodel = Q.quantize_model(model, config, example=images[:1])
+        Q.calibrate(qmodel, images)
+        calls = []
+        qmodel.register_forward_pre_hook(lambda *_: calls.append(1))
+        records = gptq(qmodel, images, GptqConfig(batch_size=5), progress=False, log=lambda _line: None)
+        ints = {n: wq.w_int.clone() for n, wq in Q.weight_quantizers(qmodel).items()}
+        return ints, [r["layer"] for r in records], len(calls)
+
+    blocked, order, forwards = rounded()
+    monkeypatch.setattr(reconstruct, "find_blocks", lambda qmodel: [])
+    replayed, replay_order, replay_forwards = rounded()
+    assert order == replay_order and len(order) == 53
+    assert [n for n in order if not torch.equal(blocked[n], replayed[n])] == []
+    assert replay_forwards == 53 * 3  # 12 images in batches of 5, for every layer
+    assert forwards < replay_forwards / 5, (forwards, replay_forwards)

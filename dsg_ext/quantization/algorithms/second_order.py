@@ -4,7 +4,11 @@ columns not rounded yet through the inverse Hessian of the layer's inputs, minim
 ||W X - W~ X||^2 + lambda ||W - W~||^2 (lambda: the dampening) in one pass, without iterations.
 
 Layers are taken in execution order, each with the inputs it receives from the already-rounded
-layers before it (activation quantizers included). Per group of a grouped / depthwise convolution
+layers before it (activation quantizers included). Inside a block (``find_blocks``: a ResNet's
+bottleneck, an inverted residual) the block's inputs are captured once and each layer's inputs come from
+a forward of the block alone; a block fed by the previous block's output (checked on the first images)
+takes that output, so a chain of blocks costs one forward of each block per layer, not a forward of
+the whole prefix per layer. Per group of a grouped / depthwise convolution
 the Hessian is its own (hessian.py). Dense linear algebra (Cholesky, inverse) is torch.linalg's;
 columns are updated lazily in blocks, optionally in descending order of the Hessian's diagonal
 (act-order).
@@ -21,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import ConfigError, InvalidDataError, QuantizationError
-from ..capture import StopForward, forward_until
+from ..capture import StopForward, batches, forward_until, hooks
 from ..config import GptqConfig
 from ..int16_pairs import pair_safe_scale
 from ..prepare import float_weight, weight_quantizers
@@ -34,6 +38,8 @@ DAMPING_RETRIES = 4  # each retry multiplies the dampening by 10
 # the damped copy or its factor, the inverse, the inverse's factor (act-order: one more, the permuted Hessian).
 PEAK_HESSIAN_COPIES = 4
 MEMORY_SHARE = 0.7  # of the memory available when rounding starts, for one layer's matrices
+CHAIN_CHECK_IMAGES = 4  # images a block's inputs are compared on with the previous block's outputs
+CACHE_SHARE = 0.25  # of the memory available, for a block's captured inputs and outputs (else prefix replays)
 
 
 def _inverse_cholesky(h: Tensor, damp: float) -> Tuple[Tensor, Tensor]:
@@ -126,6 +132,49 @@ def _collect(qmodel: nn.Module, name: str, images: Tensor, batch_size: int, devi
 
     forward_until(qmodel, layer, grab, images, batch_size, device)  # after the activation quantizer's pre-hook
     return hessian
+
+
+def _unit_hessian(unit: nn.Module, inputs: Tensor, kwargs: Dict[str, Any], layer: nn.Module, batch_size: int,
+                  device: str, dtype: torch.dtype) -> LayerHessian:
+    """The Hessian of what ``layer`` receives when its block ``unit`` runs on its captured ``inputs``."""
+    hessian = LayerHessian(layer, device, dtype)
+
+    def grab(_m, layer_inputs):
+        hessian.add(layer_inputs[0].detach())
+        raise StopForward
+
+    with hooks([layer.register_forward_pre_hook(grab)]), torch.no_grad():
+        for x in batches(inputs, batch_size):
+            try:
+                unit(x.to(device), **kwargs)
+            except StopForward:
+                pass
+    return hessian
+
+
+def _block_inputs(qmodel: nn.Module, unit_name: str, images: Tensor, batch_size: int, device: str,
+                  carry: Optional[Tuple[str, Tensor]]) -> Optional[Tuple[Tensor, Dict[str, Any]]]:
+    """(inputs for all images, keyword arguments) of block ``unit_name``: the previous block's outputs where
+    they are its inputs (checked on the first images), else captured by one forward; None where they cannot be
+    (a block taking several tensors, one the forward never reaches) or would not fit in CACHE_SHARE of the
+    memory: its layers then take their inputs by replaying the prefix."""
+    from ..._utils.memory import available_memory
+    from .reconstruct import _same, unit_inputs
+
+    try:
+        if carry is not None:
+            kw: Dict[str, Any] = {}
+            k = min(CHAIN_CHECK_IMAGES, images.shape[0])
+            if _same(unit_inputs(qmodel, unit_name, images[:k], k, device, kw), carry[1][:k]):
+                return carry[1], kw
+        one = unit_inputs(qmodel, unit_name, images[:1], 1, device)
+        available = available_memory(device)
+        if available is not None and 2 * one.numel() * one.element_size() * images.shape[0] > CACHE_SHARE * available:
+            return None
+        kw = {}
+        return unit_inputs(qmodel, unit_name, images, batch_size, device, kw), kw
+    except QuantizationError:  # several tensor inputs, or never reached
+        return None
 
 
 def _row_qparams(wq: WeightQuantizer, groups: int, rows: int) -> Tuple[Tensor, Tensor]:
@@ -265,28 +314,51 @@ def gptq(qmodel: nn.Module, images: Tensor, config: Optional[GptqConfig] = None,
         layer_groups(qmodel.get_submodule(name))
     names = [n for n in names if quantizers[n].mode is WeightMode.FAKE]  # not rounded yet
     plan = plan_precision(qmodel, names, config, device)
+    from .reconstruct import _units, find_blocks
+
     records = []
-    for name in names:
-        start = time.perf_counter()
-        if plan[name] is None:
-            records.append({**round_nearest(qmodel, name, config, "Hessian too large"),
-                            "seconds": time.perf_counter() - start})
-            continue
-        hessian = _collect(qmodel, name, images, config.batch_size, device, plan[name])
-        if hessian.vectors == 0:  # not run by the eval-mode forward (a training-only head): nothing to compensate
-            warnings.warn(f"GPTQ: layer {name!r} is not reached by the forward pass: rounded to nearest", stacklevel=2)
-            records.append({**round_nearest(qmodel, name, config, "not reached"),
-                            "seconds": time.perf_counter() - start})
-            continue
-        if hessian.vectors < hessian.dim:
-            log(f"warning: {name}: {hessian.vectors} input vectors for an input dimension of {hessian.dim}: "
-                "its Hessian is rank-deficient (more calibration images help)")
-        record = round_layer(qmodel, name, hessian, config)
-        record["seconds"] = time.perf_counter() - start
-        records.append(record)
-        if progress:
-            log(f"gptq {name}: {record['vectors']} vectors x {record['input_dim']} (groups {record['groups']}), "
-                f"error {record['gptq_error']:.4g} vs nearest {record['nearest_error']:.4g}"
-                + (" (nearest kept)" if record["kept"] == "nearest" else "") + ", "
-                f"{100 * record['changed']:.1f}% rounded otherwise, {record['seconds']:.2f} s")
+    carry: Optional[Tuple[str, Tensor]] = None  # (block, its outputs for all images): the next block's inputs?
+    for unit_name, unit_layers in _units(qmodel, names, find_blocks(qmodel)):
+        source = None
+        if unit_layers != [unit_name]:
+            source = _block_inputs(qmodel, unit_name, images, config.batch_size, device, carry)
+        carry = None
+        for name in unit_layers:
+            records.append(_round_one(qmodel, name, images, config, device, plan[name], log, progress,
+                                      None if source is None else (qmodel.get_submodule(unit_name), *source)))
+        if source is not None:
+            unit, (x, kw) = qmodel.get_submodule(unit_name), source
+            with torch.no_grad():
+                carry = (unit_name, torch.cat([unit(b.to(device), **kw) for b in batches(x, config.batch_size)]))
+            if not isinstance(carry[1], Tensor):
+                carry = None
     return records
+
+
+def _round_one(qmodel: nn.Module, name: str, images: Tensor, config: GptqConfig, device: str,
+               precision: Optional[torch.dtype], log: Callable[[str], None], progress: bool,
+               block: Optional[Tuple[nn.Module, Tensor, Dict[str, Any]]]) -> Dict[str, Any]:
+    """One layer's record: rounded by GPTQ on the inputs it receives (from its ``block``'s captured inputs, or
+    a forward of the model's prefix), or to nearest where its Hessian does not fit or it is never reached."""
+    start = time.perf_counter()
+    if precision is None:
+        return {**round_nearest(qmodel, name, config, "Hessian too large"), "seconds": time.perf_counter() - start}
+    if block is None:
+        hessian = _collect(qmodel, name, images, config.batch_size, device, precision)
+    else:
+        hessian = _unit_hessian(block[0], block[1], block[2], qmodel.get_submodule(name), config.batch_size,
+                                device, precision)
+    if hessian.vectors == 0:  # not run by the eval-mode forward (a training-only head): nothing to compensate
+        warnings.warn(f"GPTQ: layer {name!r} is not reached by the forward pass: rounded to nearest", stacklevel=3)
+        return {**round_nearest(qmodel, name, config, "not reached"), "seconds": time.perf_counter() - start}
+    if hessian.vectors < hessian.dim:
+        log(f"warning: {name}: {hessian.vectors} input vectors for an input dimension of {hessian.dim}: "
+            "its Hessian is rank-deficient (more calibration images help)")
+    record = round_layer(qmodel, name, hessian, config)
+    record["seconds"] = time.perf_counter() - start
+    if progress:
+        log(f"gptq {name}: {record['vectors']} vectors x {record['input_dim']} (groups {record['groups']}), "
+            f"error {record['gptq_error']:.4g} vs nearest {record['nearest_error']:.4g}"
+            + (" (nearest kept)" if record["kept"] == "nearest" else "") + ", "
+            f"{100 * record['changed']:.1f}% rounded otherwise, {record['seconds']:.2f} s")
+    return record
