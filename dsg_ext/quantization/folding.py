@@ -102,3 +102,30 @@ def fold_batchnorm(model: nn.Module) -> List[Tuple[str, str]]:
             parent_name, _, attr = bn_name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, _after_folding(bn))
     return pairs
+
+
+def batchnorm_as_convolution(model: nn.Module) -> List[str]:
+    """Turns each BatchNorm2d left after ``fold_batchnorm`` (one not fed by a convolution alone: DenseNet's
+    pre-activation BN after a concatenation, RepVGG's identity branch) into the same per-channel scale and
+    shift as a depthwise 1x1 convolution, in place (timm's BatchNormAct2d keeps its activation after it), so
+    that the deployment placement quantizes it and onnxruntime runs it as a QLinearConv instead of a float
+    BatchNormalization. Returns the names of the BNs turned."""
+    turned = []
+    with torch.no_grad():
+        for name, bn in list(model.named_modules()):
+            if not foldable(bn) or bn.running_mean is None or bn.running_var is None:
+                continue
+            std = torch.sqrt(bn.running_var + bn.eps)
+            gamma = bn.weight if bn.affine else torch.ones_like(std)
+            beta = bn.bias if bn.affine else torch.zeros_like(std)
+            channels = std.shape[0]
+            conv = nn.Conv2d(channels, channels, 1, groups=channels, bias=True).to(std.device, std.dtype)
+            conv.weight.copy_((gamma / std).view(-1, 1, 1, 1))
+            conv.bias.copy_(beta - bn.running_mean * gamma / std)
+            rest = _after_folding(bn)
+            parent_name, _, attr = name.rpartition(".")
+            replacement = conv if isinstance(rest, nn.Identity) else nn.Sequential(conv, rest)
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, replacement)
+            turned.append(name)
+    return turned
+

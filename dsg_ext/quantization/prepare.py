@@ -27,7 +27,7 @@ from ..errors import ConfigError, InvalidDataError, QuantizationError
 from .capture import batches
 from .config import QuantConfig, parse_bit_rules
 from .deploy import place
-from .folding import QUANT_TYPES, fold_batchnorm
+from .folding import QUANT_TYPES, batchnorm_as_convolution, fold_batchnorm
 from .int16_pairs import could_need_limit, kernel_pairs, pair_safe_scale, uint8_range
 from .observers import OBSERVERS
 from .quantizers import ActQuantizer, WeightMode, WeightQuantizer
@@ -98,6 +98,8 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None,
         p.requires_grad_(False)
     if config.fold_bn:
         fold_batchnorm(qmodel)
+        if config.act_placement == "deploy":  # what is left: a per-channel scale and shift the runtime runs in integers
+            batchnorm_as_convolution(qmodel)
     order = execution_order(qmodel, example)
     if not order:
         raise ConfigError("the model has no Conv2d or Linear layer to quantize")
@@ -169,11 +171,14 @@ def _limit_pairs(qmodel: nn.Module, order: List[str], fit_scales: bool) -> None:
 def float_reference(qmodel: nn.Module, fp_model: nn.Module) -> nn.Module:
     """The float model whose layers correspond to ``qmodel``'s one to one: ``fp_model`` itself, or a
     BN-folded copy of it when ``qmodel`` was built with ``fold_bn`` (an unfolded convolution's output
-    is its BatchNorm's input, not the folded layer's output)."""
+    is its BatchNorm's input, not the folded layer's output; the deployment placement's BNs left unfolded are
+    depthwise convolutions there too)."""
     if not getattr(qmodel, "dsg_quant_config", {}).get("fold_bn"):
         return fp_model
     folded = copy.deepcopy(fp_model).eval()
     fold_batchnorm(folded)
+    if qmodel.dsg_quant_config.get("act_placement") == "deploy":
+        batchnorm_as_convolution(folded)
     return folded
 
 

@@ -226,6 +226,49 @@ def test_the_exported_hard_sigmoid_gives_the_integers_of_our_quantized_hard_sigm
     assert not HardSigmoidQDQ(aq).exact
 
 
+class _PreActivationNet(nn.Module):
+    """DenseNet's pre-activation BatchNorm after a concatenation, and RepVGG's identity branch (a BatchNorm of
+    the block's input added to the convolutions' outputs): BNs no convolution feeds, which cannot fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.grow, self.bn_grow = nn.Conv2d(6, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.norm1 = nn.BatchNorm2d(10)  # after the concatenation
+        self.conv1 = nn.Conv2d(10, 8, 1)
+        self.dense, self.bn_dense = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.identity = nn.BatchNorm2d(8)  # RepVGG's identity branch
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        x = torch.cat((x, torch.relu(self.bn_grow(self.grow(x)))), dim=1)
+        x = self.conv1(torch.relu(self.norm1(x)))
+        x = torch.relu(self.bn_dense(self.dense(x)) + self.identity(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_batchnorm_no_convolution_feeds_runs_as_an_integer_depthwise_convolution(tmp_path):
+    torch.manual_seed(0)
+    calib = torch.randn(32, 3, 12, 12)
+    model = _trained_bn(_PreActivationNet(), calib)
+    folded = Q.float_reference(_deployed(model, calib), model)
+    assert isinstance(folded.norm1, nn.Conv2d) and folded.norm1.groups == 10 and isinstance(folded.identity, nn.Conv2d)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(calib), model(calib), rtol=1e-4, atol=1e-5)  # the same function
+    q = _deployed(model, calib)
+    assert {"norm1", "identity"} <= set(q.dsg_quant_order) and q.dsg_deploy["own_input"] == []
+    path = str(tmp_path / "m.onnx")
+    record = export_onnx(q, calib[:2], path)
+    nodes = record["runtime"]["nodes"]
+    assert record["runtime"]["float_nodes"] == [] and "BatchNormalization" not in nodes
+    assert nodes.get("QLinearConv") == record["nodes"]["Conv"] == 6
+    with torch.no_grad():
+        ours = q(calib)
+    theirs = _run(path, "x", calib)
+    assert float((theirs.argmax(1) == ours.argmax(1)).float().mean()) >= 0.95
+
+
 class _GeluNet(nn.Module):
     """A conv, then GELU (no integer kernel in onnxruntime, no integer form here), then a conv."""
 
