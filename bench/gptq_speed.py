@@ -46,19 +46,19 @@ def build(name: str, size: int, images: int, seed: int = 0):
 
 
 def run(qmodel, images, way: str, batch: int):
-    reconstruct = importlib.import_module("dsg_ext.quantization.algorithms.reconstruct")
+    units = importlib.import_module("dsg_ext.quantization.algorithms.units")
     q = copy.deepcopy(qmodel)
     forwards = []
     q.register_forward_pre_hook(lambda *_: forwards.append(1))
-    original = reconstruct.find_blocks
+    original = units.find_blocks
     if way == "replay":
-        reconstruct.find_blocks = lambda _qmodel: []
+        units.find_blocks = lambda _qmodel: []
     try:
         start = time.perf_counter()
         records = quant.gptq(q, images, quant.GptqConfig(batch_size=batch), progress=False, log=lambda _line: None)
         seconds = time.perf_counter() - start
     finally:
-        reconstruct.find_blocks = original
+        units.find_blocks = original
     ints = {n: wq.w_int.clone() for n, wq in quant.weight_quantizers(q).items()}
     return {"way": way, "seconds": seconds, "model_forwards": len(forwards), "layers": len(records),
             "layer_seconds": sum(r["seconds"] for r in records)}, ints

@@ -245,7 +245,7 @@ def test_blocks_give_their_layers_the_inputs_a_prefix_replay_gives_with_fewer_fo
 
     import torchvision
 
-    reconstruct = importlib.import_module("dsg_ext.quantization.algorithms.reconstruct")
+    units = importlib.import_module("dsg_ext.quantization.algorithms.units")
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v2(width_mult=0.25, num_classes=10)
     images = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -265,7 +265,7 @@ def test_blocks_give_their_layers_the_inputs_a_prefix_replay_gives_with_fewer_fo
         return ints, [r["layer"] for r in records], len(calls)
 
     blocked, order, forwards = rounded()
-    monkeypatch.setattr(reconstruct, "find_blocks", lambda qmodel: [])
+    monkeypatch.setattr(units, "find_blocks", lambda qmodel: [])
     replayed, replay_order, replay_forwards = rounded()
     assert order == replay_order and len(order) == 53
     assert [n for n in order if not torch.equal(blocked[n], replayed[n])] == []

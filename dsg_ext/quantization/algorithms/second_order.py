@@ -31,6 +31,7 @@ from ..int16_pairs import pair_safe_scale
 from ..prepare import float_weight, weight_quantizers
 from ..qparams import weight_qparams
 from ..quantizers import WeightMode, WeightQuantizer
+from . import units
 from .hessian import LayerHessian, grouped_weight, layer_groups
 
 DAMPING_RETRIES = 4  # each retry multiplies the dampening by 10
@@ -159,20 +160,18 @@ def _block_inputs(qmodel: nn.Module, unit_name: str, images: Tensor, batch_size:
     (a block taking several tensors, one the forward never reaches) or would not fit in CACHE_SHARE of the
     memory: its layers then take their inputs by replaying the prefix."""
     from ..._utils.memory import available_memory
-    from .reconstruct import _same, unit_inputs
-
     try:
         if carry is not None:
             kw: Dict[str, Any] = {}
             k = min(CHAIN_CHECK_IMAGES, images.shape[0])
-            if _same(unit_inputs(qmodel, unit_name, images[:k], k, device, kw), carry[1][:k]):
+            if units.same(units.unit_inputs(qmodel, unit_name, images[:k], k, device, kw), carry[1][:k]):
                 return carry[1], kw
-        one = unit_inputs(qmodel, unit_name, images[:1], 1, device)
+        one = units.unit_inputs(qmodel, unit_name, images[:1], 1, device)
         available = available_memory(device)
         if available is not None and 2 * one.numel() * one.element_size() * images.shape[0] > CACHE_SHARE * available:
             return None
         kw = {}
-        return unit_inputs(qmodel, unit_name, images, batch_size, device, kw), kw
+        return units.unit_inputs(qmodel, unit_name, images, batch_size, device, kw), kw
     except QuantizationError:  # several tensor inputs, or never reached
         return None
 
@@ -314,11 +313,9 @@ def gptq(qmodel: nn.Module, images: Tensor, config: Optional[GptqConfig] = None,
         layer_groups(qmodel.get_submodule(name))
     names = [n for n in names if quantizers[n].mode is WeightMode.FAKE]  # not rounded yet
     plan = plan_precision(qmodel, names, config, device)
-    from .reconstruct import _units, find_blocks
-
     records = []
     carry: Optional[Tuple[str, Tensor]] = None  # (block, its outputs for all images): the next block's inputs?
-    for unit_name, unit_layers in _units(qmodel, names, find_blocks(qmodel)):
+    for unit_name, unit_layers in units.units(qmodel, names, units.find_blocks(qmodel)):
         source = None
         if unit_layers != [unit_name]:
             source = _block_inputs(qmodel, unit_name, images, config.batch_size, device, carry)
