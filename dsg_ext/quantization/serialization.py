@@ -118,6 +118,12 @@ def read_quantized(path: str) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
     return tensors, meta
 
 
+# A file whose layers or activation quantizers the model does not have where the file has them.
+_EARLIER = ("Written for another variant of the model, or by a dsg_ext that placed them otherwise (the deployment "
+            "placement of 2026-12-08 gained integer forms for SiLU, hard-swish, squeeze-excite, spatial means, "
+            "channel splits and unfolded BatchNorm): quantize the model again")
+
+
 def _tensor(tensors: Dict[str, Tensor], key: str, path: str) -> Tensor:
     if key not in tensors:
         raise QuantizedFileError(f"{path}: missing tensor {key!r}")
@@ -156,7 +162,9 @@ def load_quantized(model: nn.Module, path: str, identity: str, example: Optional
             f"{identity[:12]}...; source {meta.get('source')!r})")
     qmodel = quantize_model(model, QuantConfig(**meta["config"]), example, fit_pair_scales=False)  # the file's scales
     if qmodel.dsg_quant_order != meta["order"] and set(qmodel.dsg_quant_order) != set(meta["order"]):
-        raise QuantizedFileError(f"{path}: its layers do not match the model's")
+        extra = sorted(set(qmodel.dsg_quant_order) - set(meta["order"]))
+        raise QuantizedFileError(f"{path}: its layers do not match the model's ({len(extra)} the file lacks"
+                                 + (f", e.g. {extra[0]!r}" if extra else "") + f"). {_EARLIER}")
     rebuilt = {name: wq.bits for name, wq in weight_quantizers(qmodel).items()}
     if "weight_bits" in meta and meta["weight_bits"] != rebuilt:
         differ = sorted(n for n in set(rebuilt) | set(meta["weight_bits"])
@@ -207,7 +215,12 @@ def _load_act_ranges(qmodel: nn.Module, tensors: Dict[str, Tensor], meta: Dict[s
     if not isinstance(unreached, list) or not all(isinstance(n, str) for n in unreached):
         raise QuantizedFileError(f"{path}: its list of unreached activation quantizers is not a list of names")
     unreached = set(unreached)
-    for name, aq in act_quantizers(qmodel).items():
+    placed = act_quantizers(qmodel)
+    stored = {key[: -len(".act_scale")] for key in tensors if key.endswith(".act_scale")}
+    for name, aq in placed.items():
+        if f"{name}.act_scale" not in tensors and stored - set(placed):  # quantizers placed elsewhere, not one lost
+            raise QuantizedFileError(f"{path}: missing tensor {name + '.act_scale'!r}: the file's activation "
+                                     f"quantizers sit elsewhere in the model. {_EARLIER}")
         scale = _tensor(tensors, f"{name}.act_scale", path)
         zero_point = _tensor(tensors, f"{name}.act_zero_point", path)
         if scale.numel() != 1 or zero_point.numel() != 1:

@@ -206,6 +206,23 @@ def test_hard_swish_silu_squeeze_excite_and_channel_shuffle_run_in_integer_kerne
     assert float((theirs.argmax(1) == ours.argmax(1)).float().mean()) >= 0.95
 
 
+def test_a_file_whose_quantizers_sit_elsewhere_says_to_quantize_again(tmp_path, monkeypatch):
+    """A file written before the integer forms (SiLU as a whole, no point after the product) no longer matches the
+    points placed now: the error says so and what to do, not only which tensor is missing."""
+    from dsg_ext.errors import QuantizedFileError
+    from dsg_ext.quantization import deploy
+
+    torch.manual_seed(0)
+    calib = torch.randn(16, 3, 12, 12)
+    model = _trained_bn(_MobileNet(), calib)
+    path = str(tmp_path / "q.safetensors")
+    monkeypatch.setattr(deploy, "_decompose", lambda *a: None)  # the placement as it was: activations left whole
+    Q.save_quantized(_deployed(model, calib), path, "mobile", "identity")
+    monkeypatch.undo()
+    with pytest.raises(QuantizedFileError, match="sit elsewhere.*quantize the model again"):
+        Q.load_quantized(model, path, "identity", calib[:1])
+
+
 def test_the_exported_hard_sigmoid_gives_the_integers_of_our_quantized_hard_sigmoid():
     """HardSigmoidQDQ (what the file computes) against act_quant(hardsigmoid(x)) on every input level, for
     several ranges: equal but where float rounding meets a tie (one step at most)."""
