@@ -96,6 +96,8 @@ class QuantPoint(nn.Module):
 
     def forward(self, x: Tensor, grid_of: Optional[Tensor] = None) -> Tensor:
         """``grid_of``: for a "same" point, the op's input, whose grid the output ``x`` keeps."""
+        if not isinstance(x, Tensor):  # a number the graph computes (x * x.size(1)): nothing to quantize
+            return x
         if self.export_qdq is not None:
             return self.export_qdq(x)
         if self.kind == "hardsigmoid":

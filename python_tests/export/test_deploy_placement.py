@@ -286,6 +286,28 @@ def test_batchnorm_no_convolution_feeds_runs_as_an_integer_depthwise_convolution
     assert float((theirs.argmax(1) == ours.argmax(1)).float().mean()) >= 0.95
 
 
+class _SizeArithmetic(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        y = y * y.size(1) + y.shape[2]  # products and sums with numbers the graph computes
+        return self.b(y).flatten(1)
+
+
+def test_arithmetic_with_numbers_the_graph_computes_passes_them_through(tmp_path):
+    x = torch.randn(8, 3, 9, 9)
+    model = _SizeArithmetic().eval()
+    q = _deployed(model, x)
+    with torch.no_grad():
+        ref, got = model(x), q(x)
+    assert float((got - ref).abs().max()) < 0.05 * float(ref.abs().max())
+    floats = export_onnx(q, x[:2], str(tmp_path / "m.onnx"))["runtime"]["float_nodes"]
+    assert [f.split()[0] for f in floats] == ["Mul", "Add"]  # a product with a number has no integer kernel
+
+
 class _GeluNet(nn.Module):
     """A conv, then GELU (no integer kernel in onnxruntime, no integer form here), then a conv."""
 
