@@ -71,8 +71,8 @@ class HardSigmoidQDQ(nn.Module):
     its (quantized) input and a quantized constant 3, quantized at 6 times the point's step, read back at the
     point's step: round((x + 3) / (6 s)) = round(hardsigmoid(x) / s) wherever hardsigmoid does not clip, and
     the quantizer's range does the clipping where it starts at 0 and ends below 1 or within half a step above
-    it (hard-sigmoid's own range: what calibration gives). Any other range gets a Clip first, which onnxruntime
-    runs in float."""
+    it (hard-sigmoid's own range: what calibration gives). Any other range gets a Clip to [0, 6] between the
+    addition and the quantization, which onnxruntime runs in float."""
 
     def __init__(self, aq: ActQuantizer):
         super().__init__()

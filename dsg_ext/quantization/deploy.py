@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .folding import QUANT_TYPES, LayerLeafTracer, ScopeTracer, scope_graphs  # noqa: F401 (the last two: deprecated here)
+from .folding import QUANT_TYPES, LayerLeafTracer, ScopeTracer, edge_layers, scope_graphs  # noqa: F401 (the last two: deprecated here)
 from .quantizers import ActQuantizer
 
 # Ops that keep a conv's output "the conv's output" for the runtime: absorbed into QLinearConv's
@@ -57,7 +57,7 @@ _MERGE_METHODS = {"add", "add_"}
 # Products of two tensors (squeeze-excite's scale, SiLU's and hard-swish's x * gate): QLinearMul, broadcast too. A
 # product with a constant stays float in onnxruntime, so it is no merge (no requantization for nothing).
 _PRODUCTS = {operator.mul, operator.imul, torch.mul}
-_PRODUCT_METHODS = {"mul", "mul_"}
+_PRODUCT_METHODS = {"mul"}  # not "mul_": an input point would gate its copy, and later readers of the tensor miss it
 # Ops with one quantized input and output: average pools (QLinearAveragePool / QLinearGlobalAveragePool), sigmoid
 # (QLinearSigmoid) and leaky ReLU (QLinearLeakyRelu), onnxruntime's lookup-table kernels.
 _POOL_MODULES = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.Sigmoid, nn.LeakyReLU)
@@ -157,7 +157,7 @@ def _kind(node: fx.Node, modules: Dict[str, nn.Module]):
             if isinstance(m, types_):
                 return kind
         return None
-    tensors = sum(isinstance(a, fx.Node) for a in node.args[:2])
+    tensors = sum(_activation(a) for a in node.args[:2])
     if node.op == "call_function":
         target = node.target
         if target in _PRODUCTS:
@@ -177,6 +177,27 @@ def _kind(node: fx.Node, modules: Dict[str, nn.Module]):
     return None
 
 
+_NUMBER_METHODS = {"size", "dim", "numel"}
+_NUMBER_FUNCTIONS = {getattr, operator.getitem, operator.pow, operator.mul, operator.truediv, operator.add,
+                     operator.sub, operator.floordiv}
+
+
+def _activation(a: Any) -> bool:
+    """Whether a graph value is an activation tensor: not a constant, not a module's parameter or buffer
+    (``x * self.gamma``: a weight, not an activation to quantize per tensor), not a number computed from a
+    shape (``x.size(1) ** -0.5``)."""
+    if not isinstance(a, fx.Node) or a.op == "get_attr":
+        return False
+    if a.op == "call_method" and a.target in _NUMBER_METHODS:
+        return False
+    if a.op == "call_function" and a.target in _NUMBER_FUNCTIONS and a.args:
+        if a.target is getattr:
+            return a.args[1] != "shape"
+        return any(_activation(b) for b in a.args[:2]) and not (a.target is operator.getitem
+                                                                and not _activation(a.args[0]))
+    return True
+
+
 def _matches(node: fx.Node, modules: Dict[str, nn.Module], group) -> bool:
     module_types, functions = group
     if node.op == "call_module":
@@ -191,7 +212,9 @@ def _spatial_mean(node: fx.Node) -> Optional[bool]:
                                                                       and node.target is torch.mean)):
         return None
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    if not isinstance(dims, (list, tuple)) or sorted(dims) not in ([2, 3], [-2, -1]) or "dtype" in node.kwargs:
+    # (2, 3) only: the axes of a 4-D (N, C, H, W) map (the input's rank is not known here; (-2, -1) is often
+    # a (B, N, C) tensor's, which a 2-D pool would not average alike)
+    if not isinstance(dims, (list, tuple)) or sorted(dims) != [2, 3] or "dtype" in node.kwargs:
         return None
     return bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
 
@@ -411,16 +434,16 @@ def place(model: nn.Module, example: Tensor, order: List[str], bits_for: Callabl
         _PROBE = None
         for h in handles:
             h.remove()
-    edge_holders = set()
+    edge_holders, edges = set(), set(edge_layers(model, order))
     own_input = []
-    for i, (name, layer) in enumerate(layers.items()):
+    for name, layer in layers.items():
         holder = probe.layer_source.get(name)
         if holder is None:
             own_input.append(name)
-            layer.act_quant = make_quantizer(bits_for(i in (0, len(order) - 1)))
+            layer.act_quant = make_quantizer(bits_for(name in edges))
             layer.register_forward_pre_hook(_act_pre_hook)
             holder = layer
-        elif i in (0, len(order) - 1):
+        elif name in edges:
             edge_holders.add(id(holder))
         object.__setattr__(layer, "_dsg_bias_input", holder)
         if layer.bias is not None:

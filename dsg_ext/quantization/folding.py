@@ -122,10 +122,18 @@ def batchnorm_as_convolution(model: nn.Module) -> List[str]:
             conv = nn.Conv2d(channels, channels, 1, groups=channels, bias=True).to(std.device, std.dtype)
             conv.weight.copy_((gamma / std).view(-1, 1, 1, 1))
             conv.bias.copy_(beta - bn.running_mean * gamma / std)
+            conv.dsg_from_batchnorm = True  # not the network's first or last layer (edge_layers)
             rest = _after_folding(bn)
             parent_name, _, attr = name.rpartition(".")
             replacement = conv if isinstance(rest, nn.Identity) else nn.Sequential(conv, rest)
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, replacement)
             turned.append(name)
     return turned
+
+
+def edge_layers(model: nn.Module, order: List[str]) -> Tuple[str, ...]:
+    """The first and last of ``order``'s layers that are the network's own (a BatchNorm turned into a
+    convolution by ``batchnorm_as_convolution`` is neither): the layers ``first_last_bits`` applies to."""
+    own = [n for n in order if not getattr(model.get_submodule(n), "dsg_from_batchnorm", False)] or order
+    return own[0], own[-1]
 

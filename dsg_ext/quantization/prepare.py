@@ -27,7 +27,7 @@ from ..errors import ConfigError, InvalidDataError, QuantizationError
 from .capture import batches
 from .config import QuantConfig, parse_bit_rules
 from .deploy import place
-from .folding import QUANT_TYPES, batchnorm_as_convolution, fold_batchnorm
+from .folding import QUANT_TYPES, batchnorm_as_convolution, edge_layers, fold_batchnorm
 from .int16_pairs import could_need_limit, kernel_pairs, pair_safe_scale, uint8_range
 from .observers import OBSERVERS
 from .quantizers import ActQuantizer, WeightMode, WeightQuantizer
@@ -104,7 +104,7 @@ def quantize_model(model: nn.Module, config: Optional[QuantConfig] = None,
     if not order:
         raise ConfigError("the model has no Conv2d or Linear layer to quantize")
     make_observer = functools.partial(OBSERVERS[config.observer].from_config, config)
-    edge = {order[0], order[-1]}
+    edge = set(edge_layers(qmodel, order))
     layer_wbits = rule_bits(qmodel, order, config.layer_wbits)
     for name in order:
         layer = qmodel.get_submodule(name)

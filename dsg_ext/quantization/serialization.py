@@ -162,9 +162,11 @@ def load_quantized(model: nn.Module, path: str, identity: str, example: Optional
             f"{identity[:12]}...; source {meta.get('source')!r})")
     qmodel = quantize_model(model, QuantConfig(**meta["config"]), example, fit_pair_scales=False)  # the file's scales
     if qmodel.dsg_quant_order != meta["order"] and set(qmodel.dsg_quant_order) != set(meta["order"]):
-        extra = sorted(set(qmodel.dsg_quant_order) - set(meta["order"]))
-        raise QuantizedFileError(f"{path}: its layers do not match the model's ({len(extra)} the file lacks"
-                                 + (f", e.g. {extra[0]!r}" if extra else "") + f"). {_EARLIER}")
+        lacks = sorted(set(qmodel.dsg_quant_order) - set(meta["order"]))
+        unknown = sorted(set(meta["order"]) - set(qmodel.dsg_quant_order))
+        named = [f"{len(names)} {what}, e.g. {names[0]!r}" for names, what in
+                 ((lacks, "the file lacks"), (unknown, "the model lacks")) if names]
+        raise QuantizedFileError(f"{path}: its layers do not match the model's ({'; '.join(named)}). {_EARLIER}")
     rebuilt = {name: wq.bits for name, wq in weight_quantizers(qmodel).items()}
     if "weight_bits" in meta and meta["weight_bits"] != rebuilt:
         differ = sorted(n for n in set(rebuilt) | set(meta["weight_bits"])

@@ -308,6 +308,38 @@ def test_arithmetic_with_numbers_the_graph_computes_passes_them_through(tmp_path
     assert [f.split()[0] for f in floats] == ["Mul", "Add"]  # a product with a number has no integer kernel
 
 
+class _Awkward(nn.Module):
+    """What the review found: an in-place gate (``a.mul_(g)``), a layer scale (a parameter times the activation),
+    a mean over the last two axes of a 3-D tensor, and a BatchNorm as the network's first op."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(3)
+        self.a, self.g = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.gamma = nn.Parameter(torch.full((1, 8, 1, 1), 1e-3))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        a = nn.functional.gelu(self.a(self.norm(x)))
+        a.mul_(torch.sigmoid(self.g(a)))
+        a = a + self.gamma * a
+        tokens = a.flatten(2).transpose(1, 2)  # (N, HW, C)
+        return self.fc(tokens.mean((-2, -1), keepdim=True).expand(-1, 1, 8).squeeze(1) + a.mean((2, 3)))
+
+
+def test_in_place_gates_layer_scales_token_means_and_a_leading_batchnorm():
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 8, 8)
+    model = _trained_bn(_Awkward(), x)
+    q = _deployed(model, x, wbits=4, first_last_bits=8)
+    assert q.dsg_quant_order[0] == "norm" and q.get_submodule("norm").dsg_from_batchnorm
+    bits = {n: wq.bits for n, wq in Q.weight_quantizers(q).items()}
+    assert bits["a"] == 8 and bits["fc"] == 8 and bits["norm"] == 4 and bits["g"] == 4  # the network's own edges
+    with torch.no_grad():
+        ref, got = model(x), q(x)
+    assert float((got - ref).abs().max()) < 0.1 * float(ref.abs().max()), float((got - ref).abs().max())
+
+
 class _GeluNet(nn.Module):
     """A conv, then GELU (no integer kernel in onnxruntime, no integer form here), then a conv."""
 

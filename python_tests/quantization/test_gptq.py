@@ -271,3 +271,40 @@ def test_blocks_give_their_layers_the_inputs_a_prefix_replay_gives_with_fewer_fo
     assert [n for n in order if not torch.equal(blocked[n], replayed[n])] == []
     assert replay_forwards == 53 * 3  # 12 images in batches of 5, for every layer
     assert forwards < replay_forwards / 5, (forwards, replay_forwards)
+
+
+class _PairBlock(nn.Module):
+    """A block returning a tuple (its output and a side value), read by the next module."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(x)))
+        return y, y.mean()
+
+
+class _First(nn.Module):
+    def forward(self, pair):
+        return pair[0] + pair[1]
+
+
+def test_gptq_rounds_blocks_that_return_a_tuple_as_a_prefix_replay_does(monkeypatch):
+    import importlib
+
+    units = importlib.import_module("dsg_ext.quantization.algorithms.units")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _PairBlock(), _First(), _PairBlock(), _First(),
+                          nn.Flatten(), nn.Linear(4 * 36, 3)).eval()
+    images = torch.randn(10, 3, 6, 6)
+
+    def rounded():
+        qmodel = Q.quantize_model(model, Q.QuantConfig(wbits=4, abits=8, first_last_bits=None), example=images[:1])
+        Q.calibrate(qmodel, images)
+        gptq(qmodel, images, GptqConfig(batch_size=4), progress=False, log=lambda _line: None)
+        return {n: wq.w_int.clone() for n, wq in Q.weight_quantizers(qmodel).items()}
+
+    blocked = rounded()
+    monkeypatch.setattr(units, "find_blocks", lambda qmodel: [])
+    assert all(torch.equal(blocked[n], w) for n, w in rounded().items())

@@ -160,15 +160,22 @@ def _block_inputs(qmodel: nn.Module, unit_name: str, images: Tensor, batch_size:
     (a block taking several tensors, one the forward never reaches) or would not fit in CACHE_SHARE of the
     memory: its layers then take their inputs by replaying the prefix."""
     from ..._utils.memory import available_memory
+
     try:
         if carry is not None:
             kw: Dict[str, Any] = {}
             k = min(CHAIN_CHECK_IMAGES, images.shape[0])
             if units.same(units.unit_inputs(qmodel, unit_name, images[:k], k, device, kw), carry[1][:k]):
                 return carry[1], kw
-        one = units.unit_inputs(qmodel, unit_name, images[:1], 1, device)
+        kw = {}
+        one = units.unit_inputs(qmodel, unit_name, images[:1], 1, device, kw)
+        with torch.no_grad():
+            out = qmodel.get_submodule(unit_name)(one, **kw)
+        per_image = one.numel() * one.element_size()
+        if isinstance(out, Tensor):
+            per_image += out.numel() * out.element_size()
         available = available_memory(device)
-        if available is not None and 2 * one.numel() * one.element_size() * images.shape[0] > CACHE_SHARE * available:
+        if available is not None and per_image * images.shape[0] > CACHE_SHARE * available:  # inputs and outputs
             return None
         kw = {}
         return units.unit_inputs(qmodel, unit_name, images, batch_size, device, kw), kw
@@ -315,7 +322,9 @@ def gptq(qmodel: nn.Module, images: Tensor, config: Optional[GptqConfig] = None,
     plan = plan_precision(qmodel, names, config, device)
     records = []
     carry: Optional[Tuple[str, Tensor]] = None  # (block, its outputs for all images): the next block's inputs?
-    for unit_name, unit_layers in units.units(qmodel, names, units.find_blocks(qmodel)):
+    blocks = units.find_blocks(qmodel)
+    plan_units = units.units(qmodel, names, blocks)
+    for position, (unit_name, unit_layers) in enumerate(plan_units):
         source = None
         if unit_layers != [unit_name]:
             source = _block_inputs(qmodel, unit_name, images, config.batch_size, device, carry)
@@ -323,12 +332,13 @@ def gptq(qmodel: nn.Module, images: Tensor, config: Optional[GptqConfig] = None,
         for name in unit_layers:
             records.append(_round_one(qmodel, name, images, config, device, plan[name], log, progress,
                                       None if source is None else (qmodel.get_submodule(unit_name), *source)))
-        if source is not None:
+        following = next((u for u, _ in plan_units[position + 1:]), None)
+        if source is not None and following is not None and following in blocks:  # what the next block may take
             unit, (x, kw) = qmodel.get_submodule(unit_name), source
             with torch.no_grad():
-                carry = (unit_name, torch.cat([unit(b.to(device), **kw) for b in batches(x, config.batch_size)]))
-            if not isinstance(carry[1], Tensor):
-                carry = None
+                outputs = [unit(b.to(device), **kw) for b in batches(x, config.batch_size)]
+            if all(isinstance(o, Tensor) for o in outputs):  # a block returning a tuple: no chain
+                carry = (unit_name, torch.cat(outputs))
     return records
 
 
@@ -340,11 +350,12 @@ def _round_one(qmodel: nn.Module, name: str, images: Tensor, config: GptqConfig,
     start = time.perf_counter()
     if precision is None:
         return {**round_nearest(qmodel, name, config, "Hessian too large"), "seconds": time.perf_counter() - start}
-    if block is None:
-        hessian = _collect(qmodel, name, images, config.batch_size, device, precision)
-    else:
+    hessian = None
+    if block is not None:
         hessian = _unit_hessian(block[0], block[1], block[2], qmodel.get_submodule(name), config.batch_size,
                                 device, precision)
+    if hessian is None or hessian.vectors == 0:  # (a layer its block's own forward does not run: the model's may)
+        hessian = _collect(qmodel, name, images, config.batch_size, device, precision)
     if hessian.vectors == 0:  # not run by the eval-mode forward (a training-only head): nothing to compensate
         warnings.warn(f"GPTQ: layer {name!r} is not reached by the forward pass: rounded to nearest", stacklevel=3)
         return {**round_nearest(qmodel, name, config, "not reached"), "seconds": time.perf_counter() - start}
