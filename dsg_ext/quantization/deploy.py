@@ -86,7 +86,7 @@ class QuantPoint(nn.Module):
     A "hardsigmoid" point computes ``act_quant(hardsigmoid(x))``. onnxruntime has no integer hard-sigmoid;
     the exported file computes it as QLinearAdd(x, 3) quantized at 6 times the point's step
     (``export.qdq.HardSigmoidQDQ``): the same integers, as relu6(x + 3) / 6 = hardsigmoid(x) and the
-    quantizer's range [0, <= 1] does the clipping."""
+    quantizer's range (from 0 to at most half a step above 1) does the clipping."""
 
     def __init__(self, kind: str):
         super().__init__()
@@ -157,11 +157,10 @@ def _kind(node: fx.Node, modules: Dict[str, nn.Module]):
             if isinstance(m, types_):
                 return kind
         return None
-    tensors = sum(_activation(a) for a in node.args[:2])
     if node.op == "call_function":
         target = node.target
         if target in _PRODUCTS:
-            return "merge" if tensors == 2 else None
+            return "merge" if _two_activations(node) else None
         for kind, group in (("chain", _CHAIN_FUNCTIONS), ("merge", _MERGES), ("pool", _POOL_FUNCTIONS),
                             ("same", _SAME_FUNCTIONS), ("split", _SPLIT_FUNCTIONS)):
             if target in group:
@@ -169,7 +168,7 @@ def _kind(node: fx.Node, modules: Dict[str, nn.Module]):
         return None
     if node.op == "call_method":
         if node.target in _PRODUCT_METHODS:
-            return "merge" if tensors == 2 else None
+            return "merge" if _two_activations(node) else None
         for kind, group in (("chain", _CHAIN_METHODS), ("merge", _MERGE_METHODS), ("pool", _POOL_METHODS),
                             ("same", _SAME_METHODS), ("split", _SPLIT_METHODS)):
             if node.target in group:
@@ -196,6 +195,11 @@ def _activation(a: Any) -> bool:
         return any(_activation(b) for b in a.args[:2]) and not (a.target is operator.getitem
                                                                 and not _activation(a.args[0]))
     return True
+
+
+def _two_activations(node: fx.Node) -> bool:
+    """A product of two activations (QLinearMul), not of an activation and a constant (float in onnxruntime)."""
+    return len(node.args) >= 2 and all(_activation(a) for a in node.args[:2])
 
 
 def _matches(node: fx.Node, modules: Dict[str, nn.Module], group) -> bool:

@@ -42,6 +42,18 @@ def foldable(m: nn.Module) -> bool:
             and isinstance(getattr(m, "drop", None), nn.Module) and isinstance(getattr(m, "act", None), nn.Module))
 
 
+def _scale_and_shift(bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(gamma / sqrt(var + eps), beta) of an eval-mode BN: it computes (x - mean) * scale + beta."""
+    std = torch.sqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.affine else torch.ones_like(std)
+    return gamma / std, bn.bias if bn.affine else torch.zeros_like(std)
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
 def _after_folding(bn: nn.Module) -> nn.Module:
     """What is left of a folded BN: nothing, or a norm-act's own dropout and activation (the activation alone
     where the dropout is the Identity, so the deploy placement sees the ReLU right after the convolution)."""
@@ -91,16 +103,12 @@ def fold_batchnorm(model: nn.Module) -> List[Tuple[str, str]]:
     with torch.no_grad():
         for conv_name, bn_name in pairs:
             conv, bn = modules[conv_name], modules[bn_name]
-            std = torch.sqrt(bn.running_var + bn.eps)
-            gamma = bn.weight if bn.affine else torch.ones_like(std)
-            beta = bn.bias if bn.affine else torch.zeros_like(std)
-            k = gamma / std
+            k, beta = _scale_and_shift(bn)
             conv.weight.mul_(k.view(-1, 1, 1, 1))
-            bias = conv.bias if conv.bias is not None else torch.zeros_like(std)
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(k)
             new_bias = beta + (bias - bn.running_mean) * k
             conv.bias = nn.Parameter(new_bias)
-            parent_name, _, attr = bn_name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, _after_folding(bn))
+            _replace(model, bn_name, _after_folding(bn))
     return pairs
 
 
@@ -115,18 +123,14 @@ def batchnorm_as_convolution(model: nn.Module) -> List[str]:
         for name, bn in list(model.named_modules()):
             if not foldable(bn) or bn.running_mean is None or bn.running_var is None:
                 continue
-            std = torch.sqrt(bn.running_var + bn.eps)
-            gamma = bn.weight if bn.affine else torch.ones_like(std)
-            beta = bn.bias if bn.affine else torch.zeros_like(std)
-            channels = std.shape[0]
-            conv = nn.Conv2d(channels, channels, 1, groups=channels, bias=True).to(std.device, std.dtype)
-            conv.weight.copy_((gamma / std).view(-1, 1, 1, 1))
-            conv.bias.copy_(beta - bn.running_mean * gamma / std)
+            k, beta = _scale_and_shift(bn)
+            channels = k.shape[0]
+            conv = nn.Conv2d(channels, channels, 1, groups=channels, bias=True).to(k.device, k.dtype)
+            conv.weight.copy_(k.view(-1, 1, 1, 1))
+            conv.bias.copy_(beta - bn.running_mean * k)
             conv.dsg_from_batchnorm = True  # not the network's first or last layer (edge_layers)
             rest = _after_folding(bn)
-            parent_name, _, attr = name.rpartition(".")
-            replacement = conv if isinstance(rest, nn.Identity) else nn.Sequential(conv, rest)
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, replacement)
+            _replace(model, name, conv if isinstance(rest, nn.Identity) else nn.Sequential(conv, rest))
             turned.append(name)
     return turned
 

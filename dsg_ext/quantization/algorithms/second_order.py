@@ -154,20 +154,19 @@ def _unit_hessian(unit: nn.Module, inputs: Tensor, kwargs: Dict[str, Any], layer
 
 
 def _block_inputs(qmodel: nn.Module, unit_name: str, images: Tensor, batch_size: int, device: str,
-                  carry: Optional[Tuple[str, Tensor]]) -> Optional[Tuple[Tensor, Dict[str, Any]]]:
+                  carry: Optional[Tensor]) -> Optional[Tuple[Tensor, Dict[str, Any]]]:
     """(inputs for all images, keyword arguments) of block ``unit_name``: the previous block's outputs where
     they are its inputs (checked on the first images), else captured by one forward; None where they cannot be
     (a block taking several tensors, one the forward never reaches) or would not fit in CACHE_SHARE of the
     memory: its layers then take their inputs by replaying the prefix."""
     from ..._utils.memory import available_memory
 
+    kw: Dict[str, Any] = {}  # the block's non-tensor keyword arguments, the same in every capture
     try:
         if carry is not None:
-            kw: Dict[str, Any] = {}
             k = min(CHAIN_CHECK_IMAGES, images.shape[0])
-            if units.same(units.unit_inputs(qmodel, unit_name, images[:k], k, device, kw), carry[1][:k]):
-                return carry[1], kw
-        kw = {}
+            if units.same(units.unit_inputs(qmodel, unit_name, images[:k], k, device, kw), carry[:k]):
+                return carry, kw
         one = units.unit_inputs(qmodel, unit_name, images[:1], 1, device, kw)
         with torch.no_grad():
             out = qmodel.get_submodule(unit_name)(one, **kw)
@@ -177,8 +176,7 @@ def _block_inputs(qmodel: nn.Module, unit_name: str, images: Tensor, batch_size:
         available = available_memory(device)
         if available is not None and per_image * images.shape[0] > CACHE_SHARE * available:  # inputs and outputs
             return None
-        kw = {}
-        return units.unit_inputs(qmodel, unit_name, images, batch_size, device, kw), kw
+        return units.unit_inputs(qmodel, unit_name, images, batch_size, device), kw
     except QuantizationError:  # several tensor inputs, or never reached
         return None
 
@@ -321,7 +319,7 @@ def gptq(qmodel: nn.Module, images: Tensor, config: Optional[GptqConfig] = None,
     names = [n for n in names if quantizers[n].mode is WeightMode.FAKE]  # not rounded yet
     plan = plan_precision(qmodel, names, config, device)
     records = []
-    carry: Optional[Tuple[str, Tensor]] = None  # (block, its outputs for all images): the next block's inputs?
+    carry: Optional[Tensor] = None  # the last block's outputs for all images: the next block's inputs?
     blocks = units.find_blocks(qmodel)
     plan_units = units.units(qmodel, names, blocks)
     for position, (unit_name, unit_layers) in enumerate(plan_units):
@@ -338,7 +336,7 @@ def gptq(qmodel: nn.Module, images: Tensor, config: Optional[GptqConfig] = None,
             with torch.no_grad():
                 outputs = [unit(b.to(device), **kw) for b in batches(x, config.batch_size)]
             if all(isinstance(o, Tensor) for o in outputs):  # a block returning a tuple: no chain
-                carry = (unit_name, torch.cat(outputs))
+                carry = torch.cat(outputs)
     return records
 
 
